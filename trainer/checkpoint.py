@@ -1,0 +1,109 @@
+"""DeepSpeed checkpoints that are either complete and named by ``latest``, or ignored.
+
+Layout under ``output_dir/checkpoints``::
+
+    step_200/                 DeepSpeed's files (model/optimizer shards, per ZeRO rank)
+    step_200/trainer_state/rank_0.pt ...   step, data position, RNG states of each rank
+    step_200/config.yaml      the resolved run config (makes the checkpoint self-contained)
+    latest                    "step_200": written last, atomically, after every rank finished
+
+A kill at any point of a save leaves ``latest`` naming the previous complete checkpoint; the
+half-written directory is removed when that step is saved again or pruned.
+
+    ckpt = CheckpointManager(root, keep_last=3)
+    ckpt.save(engine, step, trainer_state, config_yaml)
+    tag = ckpt.latest_tag(); trainer_state = ckpt.load(engine, tag)
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .dist import barrier, is_main
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step}"
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 3):
+        self.root, self.keep_last = Path(root), keep_last
+
+    def latest_tag(self) -> str | None:
+        path = self.root / "latest"
+        if not path.is_file():
+            return None
+        tag = path.read_text().strip()
+        if not (self.root / tag / "trainer_state").is_dir():
+            raise RuntimeError(f"{path} names {tag!r}, which is not a complete checkpoint")
+        return tag
+
+    def save(self, engine, step: int, trainer_state: dict, config_yaml: str, *, kill_before_latest: bool = False) -> str:
+        tag = tag_for(step)
+        tag_dir = self.root / tag
+        if is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # left by a save that was killed, or an older run: never trusted
+                shutil.rmtree(tag_dir)
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        state_dir = tag_dir / "trainer_state"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / f"rank_{rank}.pt.tmp"
+        torch.save(trainer_state, tmp)
+        os.replace(tmp, state_dir / f"rank_{rank}.pt")
+        if is_main():
+            atomic_write_text(tag_dir / "config.yaml", config_yaml)
+        barrier()
+        if kill_before_latest:  # fault injection (debug.kill_during_save_step): die mid-save
+            os.kill(os.getpid(), signal.SIGKILL)
+        if is_main():
+            atomic_write_text(self.root / "latest", tag)
+            self._prune(keep=tag)
+        barrier()
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted((int(m.group(1)), p) for p in self.root.iterdir()
+                      if p.is_dir() and (m := TAG_RE.match(p.name)))
+        complete = [p for _, p in tags if (p / "trainer_state").is_dir()]
+        for path in complete[: max(0, len(complete) - self.keep_last)]:
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, engine, tag: str, root: Path | None = None) -> dict:
+        root = Path(root or self.root)
+        path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        state_file = root / tag / "trainer_state" / f"rank_{rank}.pt"
+        if not state_file.is_file():
+            raise RuntimeError(f"{state_file} is missing: the checkpoint was written by a run with fewer "
+                               f"ranks; resume with the same world size")
+        return torch.load(state_file, weights_only=False)

@@ -1,0 +1,150 @@
+"""``python -m trainer VERB ...``: train, make-demo-data, eval, export-hf.
+
+User mistakes (bad config, missing paths, bad batch arithmetic) print one ``error:`` line and exit
+with status 2, before any process group or data loader starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import ConfigError, check_world, describe, load_config
+
+
+def _train(args) -> int:
+    from . import data as D
+    from .dist import launch_env
+    from .evaluate import load_zeroshot
+    from .losses import build_terms
+    from .engine import build_ds_config
+    from .model import preset_shape
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={'auto' if args.resume == 'latest' else args.resume}")
+    cfg = load_config(args.config, overrides)
+    le = launch_env()
+    check_world(cfg, le.world_size)
+    # Everything a user can get wrong is checked here, before the process group starts.
+    preset_shape(cfg.model)
+    build_terms(cfg.loss)
+    build_ds_config(cfg, le.world_size)
+    D.expand_shards(cfg.data.train_shards, "data.train_shards")
+    if cfg.data.val_shards:
+        D.expand_shards(cfg.data.val_shards, "data.val_shards")
+    if cfg.eval.zeroshot:
+        load_zeroshot(cfg.eval.zeroshot)
+    D.read_manifest(cfg.data.manifest)
+    tokenizer = D.load_tokenizer(cfg.tokenizer.path)
+    if cfg.loss.impl == "triton":
+        _require_triton()
+    from .train import run
+    return run(cfg, le, tokenizer)
+
+
+def _require_triton() -> None:
+    import torch
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("config key 'loss.impl' is 'triton' but there is no GPU; use chunked or auto "
+                          "(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)")
+
+
+def _make_demo_data(args) -> int:
+    from .demo_data import make_demo_data
+    try:
+        summary = make_demo_data(args.out, num_train=args.num_train, num_val=args.num_val,
+                                 noise_rate=args.noise_rate, seed=args.seed, num_text=args.num_text)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _eval(args) -> int:
+    from .data import load_tokenizer
+    from .dist import init_distributed, launch_env
+    from .evaluate import evaluate
+    from .export import checkpoint_config, load_trained_model
+
+    cfg, root, tag = checkpoint_config(args.checkpoint, args.overrides)
+    if not cfg.data.val_shards:
+        raise ConfigError("config key 'data.val_shards' is empty; nothing to evaluate on")
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    le = launch_env()
+    device = init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s) if le.world_size > 1 else _device()
+    model = load_trained_model(cfg, root, tag, tokenizer).to(device)
+    result = evaluate(model, cfg, tokenizer, le.rank, le.world_size, device)
+    result["step"] = int(tag.split("_")[-1])
+    if le.rank == 0:
+        print(json.dumps(result, indent=2))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=2)
+    return 0
+
+
+def _device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _export(args) -> int:
+    from .export import export_hf
+    out = export_hf(args.checkpoint, args.out)
+    print(out)
+    return 0
+
+
+def _bench(args) -> int:
+    if args.what == "loss":
+        from kernels.bench import main as bench_loss
+        return bench_loss(args.rest) or 0
+    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+    t = sub.add_parser("train", help="train (resumes automatically from output_dir's latest checkpoint)")
+    t.add_argument("--config", help="YAML config, e.g. trainer/configs/demo.yaml")
+    t.add_argument("--resume", help="'latest' (default when output_dir holds a checkpoint) or 'none'")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
+    m = sub.add_parser("make-demo-data", help="write the synthetic demo data set")
+    m.add_argument("--out", required=True)
+    m.add_argument("--num-train", type=int, default=10000)
+    m.add_argument("--num-val", type=int, default=1000)
+    m.add_argument("--num-text", type=int, default=4000)
+    m.add_argument("--noise-rate", type=float, default=0.0)
+    m.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval", help="zero-shot and retrieval evaluation of a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", help="also write the result JSON here")
+    e.add_argument("overrides", nargs="*")
+    x = sub.add_parser("export-hf", help="write a transformers CLIPModel/CLIPProcessor directory")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+    b = sub.add_parser("bench", help="benchmarks: bench loss [options]")
+    b.add_argument("what")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    if args.verb == "train" and args.help_config:
+        print("\n".join(describe()))
+        return 0
+    if args.verb == "train" and not args.config:
+        print("error: train needs --config FILE (e.g. trainer/configs/demo.yaml)", file=sys.stderr)
+        return 2
+    handlers = {"train": _train, "make-demo-data": _make_demo_data, "eval": _eval, "export-hf": _export,
+                "bench": _bench}
+    try:
+        return handlers[args.verb](args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,275 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, validated up front.
+
+    cfg = load_config("trainer/configs/demo.yaml", ["max_steps=100", "optim.lr=1e-3"])
+
+Every section is a dataclass; each field's ``help`` doubles as documentation. Unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError` naming the key and what is allowed;
+the CLI turns that into one line on stderr and exit status 2, before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or the command line (reported without a traceback)."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("tiny", "model shape: tiny | vit-b-32 | vit-b-16 | vit-l-14 (see trainer/model.py)")
+    image_size: int | None = _f(None, "override the preset's input resolution (pixels)")
+    context_length: int | None = _f(None, "override the preset's text context length (tokens)")
+    grad_checkpointing: bool = _f(False, "activation checkpointing in both towers (saves memory, costs a recompute)")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager", choices=("sdpa", "eager"))
+
+
+@dataclass
+class DataConfig:
+    train_shards: Any = _f(None, "training shards: a directory (all *.tar), a brace pattern, pipe: URL, or a list of those")
+    val_shards: Any = _f(None, "validation shards (same forms); empty disables evaluation")
+    manifest: str | None = _f(None, "optional file of kept sample keys (one per line); others are dropped")
+    train_num_samples: int = _f(10000, "samples per training epoch (the data stream is reseeded each epoch)", min=1)
+    batch_size: int = _f(64, "per-rank micro-batch size (pairs)", min=1)
+    workers: int = _f(2, "data loader worker processes per rank", min=0)
+    shuffle_buffer: int = _f(1000, "samples in the shuffle buffer of each worker", min=1)
+    crop_scale_min: float = _f(0.9, "RandomResizedCrop lower scale bound for training images", min=0.05, max=1.0)
+    image_mean: list = _f([0.48145466, 0.4578275, 0.40821073], "per-channel normalisation mean (CLIP's)")
+    image_std: list = _f([0.26862954, 0.26130258, 0.27577711], "per-channel normalisation std (CLIP's)")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = _f(None, "local directory that transformers.AutoTokenizer loads (never a hub name)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(5e-4, "peak learning rate", min=0.0)
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak (cosine floor)", min=0.0, max=1.0)
+    warmup_steps: int = _f(100, "linear warm-up steps", min=0)
+    weight_decay: float = _f(0.2, "AdamW weight decay (not applied to norms, biases, embeddings, logit scale)", min=0.0)
+    betas: list = _f([0.9, 0.98], "AdamW betas")
+    eps: float = _f(1e-6, "AdamW epsilon", min=0.0)
+    grad_clip: float = _f(1.0, "global gradient-norm clip (0 disables)", min=0.0)
+    impl: str = _f("auto", "optimizer implementation: auto | apex | deepspeed | torch (auto: apex if installed, else DeepSpeed FusedAdam on GPU, else torch)",
+                   choices=("auto", "apex", "deepspeed", "torch"))
+
+
+@dataclass
+class TrainConfig:
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
+    global_batch_size: int | None = _f(None, "if set, must equal data.batch_size * grad_accum_steps * world size")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss", min=1)
+
+
+@dataclass
+class LossConfig:
+    impl: str = _f("auto", "contrastive loss implementation", choices=("torch", "triton", "chunked", "auto"))
+    terms: dict = _f({"clip": 1.0}, "named loss terms and their weights (see trainer/losses.py)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str | None = _f(None, "DeepSpeed JSON file; default ds_configs/zero{zero_stage}.json")
+    zero_stage: int = _f(1, "ZeRO stage", min=0, max=3)
+    precision: str = _f("bf16", "training precision", choices=("bf16", "fp16", "fp32"))
+    offload: bool = _f(False, "ZeRO-3 with optimizer and parameters offloaded to CPU (ds_configs/zero3_offload.json)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(500, "save a checkpoint every N optimizer steps (and at the end)", min=1)
+    keep_last: int = _f(3, "complete checkpoints to keep", min=1)
+    resume: str = _f("auto", "auto: resume from output_dir's latest if present | none: refuse to reuse an output_dir with checkpoints | a checkpoint tag or path")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = _f(10, "write metrics every N optimizer steps", min=1)
+    tensorboard: bool = _f(True, "write TensorBoard event files under output_dir/tensorboard")
+    progress: bool = _f(True, "progress bar with ETA on rank 0")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _f(0, "evaluate every N steps (0: only at the end)", min=0)
+    zeroshot: str | None = _f(None, "zeroshot.json with classnames and templates; val samples' json carries 'label'")
+    batch_size: int = _f(128, "per-rank evaluation batch size", min=1)
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = _f(1800, "process-group timeout: a dead peer fails the job after this many seconds", min=10)
+    backend: str = _f("auto", "auto (nccl on GPU, gloo on CPU) | nccl | gloo", choices=("auto", "nccl", "gloo"))
+
+
+@dataclass
+class DebugConfig:
+    inject_nan_steps: list = _f([], "fault injection for tests: make the loss NaN at these optimizer steps")
+    kill_during_save_step: int | None = _f(None, "fault injection for tests: SIGKILL this process after writing checkpoint N but before marking it latest")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/default", "where checkpoints, metrics, TensorBoard and eval.json go")
+    seed: int = _f(0, "seed for weights, data order and augmentation")
+    max_steps: int = _f(1000, "optimizer steps to train", min=1)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_scalar(key: str, value, hint, meta: dict):
+    """Coerce/validate one leaf value against its annotation and metadata."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise ConfigError(f"config key '{key}' must not be empty")
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if base is Any:
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {base.__name__}; got {value!r} ({type(value).__name__})")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"config key '{key}' must be >= {meta['min']}; got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"config key '{key}' must be <= {meta['max']}; got {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping; got {raw!r}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        section = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {section}; allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_scalar(prefix + name, raw[name], hint, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: cannot parse value {text!r}: {err}") from None
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    cfg = _build(Config, apply_overrides(raw, list(overrides)))
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> None:
+    for name, weight in cfg.loss.terms.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            raise ConfigError(f"config key 'loss.terms.{name}' must be a non-negative number; got {weight!r}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1); got {cfg.optim.betas!r}")
+    if cfg.deepspeed.offload and cfg.deepspeed.zero_stage != 3:
+        raise ConfigError("config key 'deepspeed.offload' needs deepspeed.zero_stage=3; "
+                          f"got zero_stage={cfg.deepspeed.zero_stage}")
+    if len(cfg.data.image_mean) != 3 or len(cfg.data.image_std) != 3:
+        raise ConfigError("config keys 'data.image_mean' and 'data.image_std' must have 3 values each")
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """Batch arithmetic against the launched world (before any process group starts)."""
+    g = cfg.train.global_batch_size
+    local = cfg.data.batch_size * cfg.train.grad_accum_steps
+    if g is not None and g != local * world_size:
+        raise ConfigError(
+            f"train.global_batch_size({g}) != data.batch_size({cfg.data.batch_size}) * "
+            f"train.grad_accum_steps({cfg.train.grad_accum_steps}) * world size({world_size}) = "
+            f"{local * world_size}; launch {g // local if g % local == 0 else 'a matching number of'} "
+            f"ranks or change the batch keys")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """One line per key with its default and help text (used by ``train --help-config``)."""
+    lines = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,85 @@
+"""Checkpoint -> standard ``transformers`` directory, and checkpoint -> model for ``eval``.
+
+    python -m trainer export-hf --checkpoint runs/demo/checkpoints/step_600 --out runs/demo/hf
+    model = transformers.CLIPModel.from_pretrained("runs/demo/hf")
+    processor = transformers.CLIPProcessor.from_pretrained("runs/demo/hf")
+
+The fp32 weights are consolidated from the DeepSpeed checkpoint (any ZeRO stage) with
+DeepSpeed's own ``zero_to_fp32`` reader; the state dict is already ``CLIPModel``'s layout.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import Config, ConfigError, apply_overrides, _build, _cross_checks, to_dict
+from .model import ClipTrainModel, build_clip_config, preset_shape
+
+log = logging.getLogger("trainer")
+
+
+def resolve_checkpoint(path: str) -> tuple[Path, str]:
+    """Accept ``.../checkpoints/step_N``, ``.../checkpoints`` (uses ``latest``) or a run's ``output_dir``."""
+    p = Path(path)
+    if (p / "checkpoints" / "latest").is_file():
+        p = p / "checkpoints"
+    if (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    if not (p / "trainer_state").is_dir() or not (p / "config.yaml").is_file():
+        raise ConfigError(f"--checkpoint {path}: not a complete checkpoint (expected a step_N directory with "
+                          "trainer_state/ and config.yaml, or a directory with a 'latest' file)")
+    return p.parent, p.name
+
+
+def checkpoint_config(path: str, overrides: list[str] = ()) -> tuple[Config, Path, str]:
+    root, tag = resolve_checkpoint(path)
+    raw = yaml.safe_load((root / tag / "config.yaml").read_text())
+    cfg = _build(Config, apply_overrides(raw, list(overrides)))
+    _cross_checks(cfg)
+    return cfg, root, tag
+
+
+def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = root / tag
+    if any(tag_dir.glob("*optim_states.pt")):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:  # ZeRO stage 0: the module states hold every weight
+        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrainModel:
+    model = ClipTrainModel(build_clip_config(cfg.model, tokenizer))
+    missing, unexpected = model.load_state_dict(fp32_state_dict(root, tag), strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {root / tag} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return model.float().eval()
+
+
+def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None) -> Path:
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from .data import load_tokenizer
+
+    cfg, root, tag = checkpoint_config(checkpoint)
+    tokenizer = load_tokenizer(tokenizer_path or cfg.tokenizer.path)
+    trained = load_trained_model(cfg, root, tag, tokenizer)
+    hf = CLIPModel(trained.config)
+    hf.load_state_dict(trained.state_dict())
+    out_dir = Path(out)
+    hf.save_pretrained(out_dir)
+    size = preset_shape(cfg.model)["image_size"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                         image_mean=list(cfg.data.image_mean), image_std=list(cfg.data.image_std),
+                                         resample=3, do_center_crop=True, do_resize=True)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+    (out_dir / "trainer_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log.info("exported %s to %s", root / tag, out_dir)
+    return out_dir

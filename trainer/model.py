@@ -1,0 +1,106 @@
+"""CLIP towers from ``transformers``' config classes, randomly initialised (pre-training).
+
+    model = build_model(cfg.model, tokenizer)        # ClipTrainModel, a transformers.CLIPModel
+    img, txt, scale = model(pixel_values=x, input_ids=ids, attention_mask=mask)
+
+``ClipTrainModel`` subclasses ``transformers.CLIPModel`` and only changes ``forward``: it returns
+the L2-normalised embeddings and the exponentiated, clamped logit scale that the gathered loss
+needs. Its state dict is exactly ``CLIPModel``'s, so every checkpoint exports as a standard model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+from .config import ConfigError, ModelConfig
+
+MAX_LOGIT_SCALE = 100.0
+
+# Shapes of the CLIP paper's models (Radford et al. 2021, table 19/20); `tiny` is for CPUs.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(embed_dim=64, image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                 text_width=128, text_layers=4, text_heads=4, context_length=32),
+    "vit-b-32": dict(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
+                     vision_heads=12, text_width=512, text_layers=12, text_heads=8, context_length=77),
+    "vit-b-16": dict(embed_dim=512, image_size=224, patch_size=16, vision_width=768, vision_layers=12,
+                     vision_heads=12, text_width=512, text_layers=12, text_heads=8, context_length=77),
+    "vit-l-14": dict(embed_dim=768, image_size=224, patch_size=14, vision_width=1024, vision_layers=24,
+                     vision_heads=16, text_width=768, text_layers=12, text_heads=12, context_length=77),
+}
+
+
+def preset_shape(mc: ModelConfig) -> dict:
+    if mc.preset not in PRESETS:
+        raise ConfigError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}; got {mc.preset!r}")
+    shape = dict(PRESETS[mc.preset])
+    if mc.image_size is not None:
+        shape["image_size"] = mc.image_size
+    if mc.context_length is not None:
+        shape["context_length"] = mc.context_length
+    if shape["image_size"] % shape["patch_size"]:
+        raise ConfigError(f"config key 'model.image_size' ({shape['image_size']}) must be a multiple of the "
+                          f"preset's patch size ({shape['patch_size']})")
+    return shape
+
+
+def build_clip_config(mc: ModelConfig, tokenizer) -> CLIPConfig:
+    s = preset_shape(mc)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("tokenizer has no eos token; CLIP pools the text at its end-of-text token")
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=s["text_width"], intermediate_size=4 * s["text_width"],
+                          num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
+                          max_position_embeddings=s["context_length"], projection_dim=s["embed_dim"],
+                          pad_token_id=tokenizer.pad_token_id or 0, bos_token_id=tokenizer.bos_token_id or eos,
+                          eos_token_id=eos)
+    vision = CLIPVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_width"],
+                              intermediate_size=4 * s["vision_width"], num_hidden_layers=s["vision_layers"],
+                              num_attention_heads=s["vision_heads"], projection_dim=s["embed_dim"])
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=s["embed_dim"],
+                     logit_scale_init_value=math.log(1 / 0.07))
+    cfg._attn_implementation = mc.attn_implementation
+    return cfg
+
+
+class ClipTrainModel(CLIPModel):
+    """``CLIPModel`` whose forward returns what the contrastive step needs."""
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(out.pooler_output, dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        # Clamped in the forward, not on the parameter: under ZeRO the optimizer holds the fp32
+        # master copy, so clamping the module's copy after a step would be silently undone.
+        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, **_):
+        image = self.encode_image(pixel_values) if pixel_values is not None else None
+        text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        return image, text, self.scale()
+
+
+def build_model(mc: ModelConfig, tokenizer, seed: int) -> ClipTrainModel:
+    torch.manual_seed(seed)  # identical initial weights on every rank and every run
+    model = ClipTrainModel(build_clip_config(mc, tokenizer))
+    if mc.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, embeddings (token/position/class) or the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = (p.ndim < 2 or "norm" in name or name.endswith("bias") or "logit_scale" in name
+                or "token_embedding" in name or "position_embedding" in name or "class_embedding" in name)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,294 @@
+"""The training run: ``python -m trainer train --config FILE [key=value ...]``.
+
+``run(cfg, launch)`` builds everything, resumes from ``output_dir/checkpoints/latest`` if present,
+and loops: fetch micro-batches, ``train_step``, log, evaluate, checkpoint. The step itself is
+``train_step`` (forward, named loss terms, backward, optimizer step); everything periodic lives in
+the outer loop.
+
+Exit status: 0 finished; 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (re-run the
+same command to resume); 1 too many consecutive non-finite losses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from . import data as D
+from .checkpoint import CheckpointManager, atomic_write_text
+from .config import Config, to_dict
+from .dist import LaunchEnv, all_reduce_flags, barrier, hostname, init_distributed
+from .engine import build_ds_config, build_engine
+from .evaluate import evaluate
+from .losses import LossContext, build_terms, compute_loss
+from .metrics import MetricsLogger
+from .model import build_model, preset_shape
+
+log = logging.getLogger("trainer")
+EXIT_PREEMPTED = 75
+EXIT_BAD_LOSS = 1
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's pre-timeout signal) or SIGTERM (preemption): checkpoint, then exit 75."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+
+class TrainData:
+    """Micro-batches for this rank, epoch after epoch, with a resumable position."""
+
+    def __init__(self, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, position: dict):
+        self.cfg, self.decoder, self.rank, self.world = cfg, decoder, rank, world
+        self.urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
+        self.manifest = D.read_manifest(cfg.data.manifest)
+        self.per_epoch = max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world))
+        self.position = position or {"epoch": 0, "in_epoch": 0, "stream": {}, "skipped_before": 0}
+        self._it = None
+
+    def skipped_local(self) -> int:
+        """Corrupt samples this rank's workers skipped, all epochs so far."""
+        this_epoch = sum(int(v) for v in self.position["stream"].get("skipped", {}).values())
+        return self.position["skipped_before"] + this_epoch
+
+    def _loader(self):
+        d = self.cfg.data
+        stream = D.TrainStream(self.urls, self.decoder, batch_size=d.batch_size, seed=self.cfg.seed,
+                               epoch=self.position["epoch"], rank=self.rank, world=self.world, workers=d.workers,
+                               shuffle_buffer=d.shuffle_buffer, manifest=self.manifest,
+                               resume=self.position["stream"] or None)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=d.workers,
+                                                prefetch_factor=4 if d.workers else None))
+
+    def next(self) -> dict:
+        if self.position["in_epoch"] >= self.per_epoch:
+            self.position = {"epoch": self.position["epoch"] + 1, "in_epoch": 0, "stream": {},
+                             "skipped_before": self.skipped_local()}
+            self._it = None
+        if self._it is None:
+            self._it = self._loader()
+        batch = next(self._it)
+        D.position_after(batch, self.position["stream"], max(1, self.cfg.data.workers))
+        self.position["in_epoch"] += 1
+        return batch
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, inject_nan: bool):
+    """One optimizer step: forward/backward over ``grad_accum_steps`` good micro-batches.
+
+    A micro-batch whose loss is non-finite on any rank is dropped by every rank before backward
+    (so no rank enters a collective the others skip) and replaced by the next one; DeepSpeed's
+    accumulation boundary only counts the good ones. Returns ``(metrics, seconds waiting for data)``.
+    """
+    dtype = next(engine.module.parameters()).dtype
+    sums: dict[str, float] = {}
+    good, t_data = 0, 0.0
+    while good < cfg.train.grad_accum_steps:
+        t0 = time.perf_counter()
+        mb = next_batch()
+        t_data += time.perf_counter() - t0
+        image, text, scale = engine(pixel_values=mb["image"].to(engine.device, dtype),
+                                    input_ids=mb["input_ids"].to(engine.device),
+                                    attention_mask=mb["attention_mask"].to(engine.device))
+        total, parts = compute_loss(terms, LossContext(image, text, scale, step=step, impl=cfg.loss.impl))
+        if inject_nan and good == 0 and engine.global_rank == 0:
+            total, inject_nan = total * float("nan"), False
+        (any_bad,) = all_reduce_flags(0.0 if torch.isfinite(total).item() else 1.0)
+        if any_bad:
+            state["bad_total"] += 1
+            state["bad_streak"] += 1
+            log.warning("step %d: non-finite loss, micro-batch dropped (%d in a row)", step, state["bad_streak"])
+            if state["bad_streak"] >= cfg.train.max_bad_steps:
+                raise TooManyBadSteps(state["bad_streak"])
+            continue
+        state["bad_streak"] = 0
+        engine.backward(total)
+        engine.step()
+        good += 1
+        for name, value in {"loss": total, **parts}.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+    return {k: v / good for k, v in sums.items()}, t_data
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_run_files(cfg: Config, ds_config: dict, out: Path) -> str:
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", config_yaml)
+    atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
+    return config_yaml
+
+
+def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
+    """Train to ``max_steps`` (resuming when possible); returns the process exit status."""
+    stop = StopRequest()
+    device = init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
+    setup_logging(le.rank)
+    logging.getLogger("trainer").warning("rank %d/%d on %s (launcher: %s, device: %s)",
+                                         le.rank, le.world_size, hostname(), le.launcher, device)
+    out = Path(cfg.output_dir)
+    ds_config = build_ds_config(cfg, le.world_size)
+    config_yaml = write_run_files(cfg, ds_config, out) if le.rank == 0 else yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    engine, optimizer_name = build_engine(cfg, model, ds_config)
+    terms = build_terms(cfg.loss)
+    log.info("world_size=%d rank=%d zero_stage=%d precision=%s optimizer=%s params=%.2fM global_batch=%d",
+             le.world_size, le.rank, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, optimizer_name,
+             sum(p.numel() for p in model.parameters()) / 1e6, ds_config["train_batch_size"])
+
+    ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
+    state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+    tag = ckpt.latest_tag() if cfg.checkpoint.resume in ("auto", "latest") else None
+    if tag is not None:
+        state = ckpt.load(engine, tag)
+        _set_rng_state(state.pop("rng"))
+        log.info("resumed from %s (step %d)", ckpt.root / tag, state["step"])
+
+    shape = preset_shape(cfg.model)
+    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
+        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
+    train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"])
+    metrics_log = MetricsLogger(out, tensorboard=cfg.log.tensorboard, enabled=le.rank == 0, resume_step=state["step"])
+    global_batch = ds_config["train_batch_size"]
+
+    def save() -> None:
+        state["data"] = train_data.position
+        ckpt.save(engine, state["step"], {**state, "rng": _rng_state(), "world_size": le.world_size}, config_yaml,
+                  kill_before_latest=cfg.debug.kill_during_save_step == state["step"])
+
+    progress = _progress(cfg, le.rank, state["step"])
+    window = {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}}
+    status = 0
+    while state["step"] < cfg.max_steps:
+        t0 = time.perf_counter()
+        upcoming = state["step"] + 1
+        inject = upcoming in cfg.debug.inject_nan_steps and upcoming not in state["injected"]
+        if inject:
+            state["injected"].append(upcoming)
+        try:
+            metrics, t_data = train_step(engine, train_data.next, terms, cfg, upcoming, state, inject)
+        except TooManyBadSteps as err:
+            log.error("stopping: %s consecutive micro-batches with a non-finite loss (train.max_bad_steps=%d); "
+                      "lower optim.lr, check the data, or use deepspeed.precision=bf16", err, cfg.train.max_bad_steps)
+            status = EXIT_BAD_LOSS
+            break
+        state["step"] = upcoming
+        dt = time.perf_counter() - t0
+        _accumulate(window, metrics, dt, t_data)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
+            skipped = _skipped_total(train_data)
+            metrics_log.log(_window_metrics(window, engine, global_batch, state, skipped), state["step"])
+            window = {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}}
+        if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
+            run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
+        (stop_now,) = all_reduce_flags(float(stop.signum != 0))
+        if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now:
+            save()
+        if stop_now:
+            log.warning("stop requested by signal: checkpoint %s written; re-run the same command to resume",
+                        ckpt.root / f"step_{state['step']}")
+            status = EXIT_PREEMPTED
+            break
+    if status == 0:
+        run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
+    if progress is not None:
+        progress.close()
+    metrics_log.close()
+    barrier()
+    return status
+
+
+def _progress(cfg: Config, rank: int, initial: int):
+    if rank != 0 or not cfg.log.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=2.0)
+
+
+def _accumulate(window: dict, metrics: dict, dt: float, t_data: float) -> None:
+    window["t"] += dt
+    window["wait"] += t_data
+    window["steps"] += 1
+    for k, v in metrics.items():
+        window["sums"][k] = window["sums"].get(k, 0.0) + v
+
+
+def _window_metrics(window: dict, engine, global_batch: int, state: dict, skipped: int) -> dict:
+    n = max(1, window["steps"])
+    module = engine.module
+    with torch.no_grad():
+        scale = float(module.scale().float()) if not _zero3(engine) else _zero3_scale(module)
+    return {**{k: v / n for k, v in window["sums"].items()},
+            "lr": engine.get_lr()[0], "samples_per_s": global_batch * window["steps"] / max(window["t"], 1e-9),
+            "data_wait_frac": window["wait"] / max(window["t"], 1e-9), "logit_scale": scale,
+            "data/skipped": skipped, "bad_steps": state["bad_total"]}
+
+
+def _zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+def _zero3_scale(module) -> float:
+    import deepspeed
+    with deepspeed.zero.GatheredParameters([module.logit_scale]):
+        return float(module.scale().float())
+
+
+def _skipped_total(train_data: TrainData) -> int:
+    """Corrupt samples skipped by all ranks' workers so far."""
+    (total,) = all_reduce_flags(float(train_data.skipped_local()), op=torch.distributed.ReduceOp.SUM)
+    return int(total)
+
+
+def run_eval(cfg: Config, engine, tokenizer, metrics_log: MetricsLogger, step: int, out: Path, le: LaunchEnv):
+    if not cfg.data.val_shards:
+        return None
+    result = evaluate(engine.module, cfg, tokenizer, le.rank, le.world_size, device=engine.device)
+    result["step"] = step
+    if le.rank == 0:
+        metrics_log.log({k: v for k, v in result.items() if k != "step"}, step, prefix="eval")
+        atomic_write_text(out / "eval.json", json.dumps(result, indent=2))
+        log.info("eval step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "step"))
+    return result
