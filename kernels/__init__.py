@@ -1,28 +1,100 @@
 """Loss kernels for gathered-similarity contrastive training.
 
-    from kernels import gathered_clip_loss
+    from kernels import gathered_clip_loss, gathered_distill_loss
     loss = gathered_clip_loss(image_emb, text_emb, logit_scale, group=None, impl="auto")
+    out = gathered_distill_loss(image_emb, text_emb, logit_scale,
+                                self_distill_alpha=a_t, self_distill_mask=subset,   # METHODS 1
+                                teacher_image_emb=ema_image_emb, teacher_weight=1.0)  # METHODS 2
+    out.loss.backward(); log(out._asdict())
 
 ``image_emb`` / ``text_emb`` are this rank's L2-normalised embeddings ``[b, D]``;
 ``logit_scale`` is the already-exponentiated scale ``s``. The result is this rank's share of the
 symmetric loss: averaging gradients over ranks gives the full-batch gradient.
+
+``impl``: ``"torch"`` materialised-logits reference (reference.py); ``"chunked"`` the fused
+algorithm in plain torch (chunked.py, O(b + N) memory plus a bounded workspace); ``"triton"``
+the fused Triton kernels (triton_clip.py; CUDA tensors, or CPU under TRITON_INTERPRET=1);
+``"auto"`` Triton for CUDA tensors when triton imports, chunked otherwise.
 """
 from __future__ import annotations
 
 import torch
 
-from .reference import clip_loss_torch
+from .chunked import ChunkedBackend
+from .fused import WORKSPACE, fused_loss
+from .reference import clip_loss_torch, distill_loss_torch
+from .spec import DEFAULT_WORKSPACE_BYTES, DistillLoss, LossSpec
 
 IMPLS = ("torch", "triton", "chunked", "auto")
 
 
-def gathered_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                       *, group=None, impl: str = "auto") -> torch.Tensor:
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:   # not installed, or broken for this platform
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The concrete implementation ``impl`` stands for on ``device``."""
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    if impl in ("torch", "auto"):
+        raise ValueError(f"impl must be one of {IMPLS}. Got: {impl!r}")
+    if impl != "auto":
+        return impl
+    return "triton" if device.type == "cuda" and _triton_available() else "chunked"
+
+
+def _backend(impl: str):
+    if impl == "chunked":
+        return ChunkedBackend()
+    from .triton_launch import TritonBackend   # imported lazily: reads TRITON_INTERPRET once
+    return TritonBackend()
+
+
+def gathered_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                       *, group=None, impl: str = "auto",
+                       workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> torch.Tensor:
+    """This rank's share of the symmetric CLIP loss over the gathered batch (see module doc)."""
+    impl = resolve_impl(impl, image_emb.device)
+    if impl == "torch":
         return clip_loss_torch(image_emb, text_emb, logit_scale, group=group)
-    raise NotImplementedError(f"impl={impl!r} is not built yet")
+    loss, _ = fused_loss(image_emb, text_emb, logit_scale, backend=_backend(impl),
+                         spec=LossSpec(workspace_bytes=workspace_bytes), group=group)
+    return loss
 
 
-__all__ = ["gathered_clip_loss", "clip_loss_torch", "IMPLS"]
+def gathered_distill_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
+                          *, self_distill_alpha: float | None = None, self_distill_mask=None,
+                          self_distill_tau: float = 1.0, teacher_image_emb=None,
+                          teacher_weight: float = 1.0, teacher_text_grad: bool = False,
+                          group=None, impl: str = "auto",
+                          workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> DistillLoss:
+    """Contrastive loss with soft targets, in one streaming pass (fields: see ``DistillLoss``).
+
+    - ``self_distill_alpha`` (``a_t``; None = off): targets ``(1 - a_i) onehot_i + a_i p~_i``,
+      ``p~_i = softmax(stopgrad(S_i) / self_distill_tau)``, ``a_i = a_t * mask_i`` for the
+      subset ``self_distill_mask`` (bool ``[b]``; None = every row), both directions.
+    - ``teacher_image_emb`` (None = off): momentum teacher's image embeddings ``[b, D]``; adds
+      ``teacher_weight * KL(softmax(s Xbar Y^T) || softmax(s X Y^T))``, both directions, with the
+      text gradient stopped (ECLIPSE) unless ``teacher_text_grad``.
+    """
+    impl = resolve_impl(impl, image_emb.device)
+    kw = dict(self_distill_mask=self_distill_mask, teacher_image_emb=teacher_image_emb, group=group)
+    if impl == "torch":
+        return distill_loss_torch(image_emb, text_emb, logit_scale,
+                                  self_distill_alpha=self_distill_alpha,
+                                  self_distill_tau=self_distill_tau, teacher_weight=teacher_weight,
+                                  teacher_text_grad=teacher_text_grad, **kw)
+    if self_distill_tau <= 0:
+        raise ValueError(f"self_distill_tau must be > 0. Got: {self_distill_tau}")
+    spec = LossSpec(psd=self_distill_alpha is not None, inv_tau=1.0 / self_distill_tau,
+                    ecl=teacher_image_emb is not None, teacher_weight=float(teacher_weight),
+                    teacher_text_grad=teacher_text_grad, workspace_bytes=workspace_bytes)
+    loss, terms = fused_loss(image_emb, text_emb, logit_scale, backend=_backend(impl), spec=spec,
+                             self_distill_alpha=self_distill_alpha or 0.0, **kw)
+    return DistillLoss(loss, *terms.unbind(0))
+
+
+__all__ = ["gathered_clip_loss", "gathered_distill_loss", "clip_loss_torch", "distill_loss_torch",
+           "DistillLoss", "LossSpec", "IMPLS", "WORKSPACE", "resolve_impl"]

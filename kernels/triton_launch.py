@@ -1,0 +1,224 @@
+"""Host side of the Triton loss kernels: shape checks, tile configs, workspace sizing and the
+backend that ``fused.FusedGatheredLoss`` drives.
+
+    from kernels.triton_launch import clip_loss_triton
+    loss = clip_loss_triton(image_emb, text_emb, logit_scale)            # CUDA tensors
+    # CPU tensors: only with TRITON_INTERPRET=1 set before this module is first imported
+
+Workspace (``spec.workspace_bytes``): the forward's partial buffers plus the temporaries of
+their merge, and the backward's G panel(s), each stay under the budget; every buffer goes
+through ``fused.WORKSPACE`` so tests can check it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .fused import WORKSPACE, fused_loss
+from .spec import LossSpec
+from .stats import merge_partials, merge_two
+from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel
+
+INTERPRET = type(_clip_fwd_kernel).__name__ == "InterpretedFunction"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options; ``col_splits=None`` splits columns to fill the device."""
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    col_splits: int | None = None
+
+
+# GPU candidates for the built-in tuner (first = default); the interpreter uses small tiles.
+CANDIDATES = (TileConfig(), TileConfig(128, 64, 64, 4, 3), TileConfig(64, 128, 64, 4, 4),
+              TileConfig(128, 128, 32, 8, 4), TileConfig(64, 64, 64, 4, 3))
+INTERPRETER_CONFIG = TileConfig(32, 32, 32, 4, 1, col_splits=1)
+
+
+def _check(X: torch.Tensor, Y: torch.Tensor, XT: torch.Tensor | None) -> None:
+    if not (X.is_cuda or INTERPRET):
+        raise RuntimeError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           f"kernels.triton_launch is first imported. Got: device {X.device}")
+    if X.dtype not in _DTYPES or Y.dtype != X.dtype:
+        raise ValueError(f"embeddings must share one of {_DTYPES}. Got: {X.dtype} and {Y.dtype}")
+    if X.shape[1] != Y.shape[1] or (XT is not None and XT.shape != X.shape):
+        raise ValueError(f"X [b, D], Y [N, D], XT [b, D] expected. Got: {tuple(X.shape)}, "
+                         f"{tuple(Y.shape)}, {None if XT is None else tuple(XT.shape)}")
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    """fp32 dots in IEEE precision (matches torch's default, no TF32); half dots accumulate in
+    fp32 on a GPU, but the interpreter needs fp32 operands (KERNELS.md)."""
+    return {"CAST_F32": INTERPRET or dtype == torch.float32,
+            "IP": "ieee" if (INTERPRET or dtype == torch.float32) else "tf32"}
+
+
+def _sm_count(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_columns(b: int, N: int, cfg: TileConfig, device) -> tuple[int, int]:
+    """``(cols_per_split, splits)``: enough programs for ~2 waves when b is small."""
+    col_blocks = triton.cdiv(N, cfg.block_n)
+    want = cfg.col_splits or triton.cdiv(2 * _sm_count(device), triton.cdiv(b, cfg.block_m))
+    per = triton.cdiv(col_blocks, max(1, min(col_blocks, want))) * cfg.block_n
+    return per, triton.cdiv(N, per)
+
+
+def _forward_row_blocks(b: int, N: int, F: int, splits: int, cfg: TileConfig, budget: int) -> int:
+    """Row blocks per launch so that row partials + column partials + merge temporaries fit."""
+    row_bytes = F * 3 * splits * b * 4
+    per_rb = 2 * F * 3 * N * 4        # the buffers, and as much again for merge_partials
+    rb = (budget - row_bytes) // per_rb
+    if rb < 1:
+        raise ValueError(f"workspace_bytes={budget} is too small for the forward: needs at least "
+                         f"{row_bytes + per_rb} bytes. Got: b={b}, N={N}, families={F}")
+    return min(rb, triton.cdiv(b, cfg.block_m))
+
+
+def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
+    """Row statistics and this rank's column statistics, as ``((mx, sm), (mx, sm))``."""
+    _check(X, Y, XT)
+    b, D = X.shape
+    N, F = Y.shape[0], spec.families
+    per, splits = _split_columns(b, N, cfg, X.device)
+    rb = _forward_row_blocks(b, N, F, splits, cfg, spec.workspace_bytes)
+    phase = WORKSPACE.phase("forward")
+    row_mx = WORKSPACE.alloc(phase, (F, splits, b), torch.float32, X.device)
+    row_sm = WORKSPACE.alloc(phase, (F, 2, splits, b), torch.float32, X.device)
+    col_mx = WORKSPACE.alloc(phase, (F, rb, N), torch.float32, X.device)
+    col_sm = WORKSPACE.alloc(phase, (F, 2, rb, N), torch.float32, X.device)
+    WORKSPACE.note(phase, (col_mx.numel() + col_sm.numel()) * 4)   # merge temporaries
+    row_sm[0, 1].zero_()    # the student family has no value slot; keep it finite
+    col_sm[0, 1].zero_()
+    xt = XT if XT is not None else X
+    col = None
+    for r0 in range(0, b, rb * cfg.block_m):
+        r1 = min(b, r0 + rb * cfg.block_m)
+        nrb = triton.cdiv(r1 - r0, cfg.block_m)
+        _clip_fwd_kernel[(nrb, splits)](
+            X, Y, xt, s32, row_mx, row_sm, col_mx, col_sm, b, N, D, r0, r1, per, splits, rb,
+            X.stride(0), Y.stride(0), xt.stride(0), float(spec.inv_tau),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PSD=spec.psd,
+            ECL=spec.ecl, F_ECL=spec.f_ecl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_dot_flags(X.dtype))
+        part = merge_partials(col_mx[:, :nrb], col_sm[:, :, :nrb])
+        col = part if col is None else merge_two(col, part)
+    return merge_partials(row_mx, row_sm), col
+
+
+def panel_buffers(b: int, N: int, dtype, device, spec: LossSpec, cfg: TileConfig):
+    """Panel width (a multiple of BLOCK_N) and the G panel buffer(s), within the budget."""
+    n_panels = 2 if spec.split_gy else 1
+    elem = torch.empty((), dtype=dtype).element_size()
+    width = spec.workspace_bytes // (n_panels * b * elem) // cfg.block_n * cfg.block_n
+    if width < cfg.block_n:
+        raise ValueError(f"workspace_bytes={spec.workspace_bytes} is too small for one backward "
+                         f"panel of {n_panels} x [{b}, {cfg.block_n}] {dtype}. Got: b={b}")
+    width = min(width, triton.cdiv(N, cfg.block_n) * cfg.block_n)
+    phase = WORKSPACE.phase("backward")
+    gx = WORKSPACE.alloc(phase, (b, width), dtype, device)
+    gy = WORKSPACE.alloc(phase, (b, width), dtype, device) if spec.split_gy else None
+    return width, (gx, gy)
+
+
+def launch_grad_panel(X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0, p1,
+                      spec: LossSpec, bufs, cfg: TileConfig):
+    """Write columns ``p0:p1`` of G (and of G_y) into the panel buffers; return views."""
+    gx, gy = bufs
+    b, D = X.shape
+    w = p1 - p0
+    xt = XT if XT is not None else X
+    a_row = a_row if a_row is not None else lse_row   # unread without PSD
+    a_col = a_col if a_col is not None else lse_col
+    grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(w, cfg.block_n))
+    _clip_bwd_kernel[grid](
+        X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy if gy is not None else gx,
+        b, Y.shape[0], D, offset, p0, p1, X.stride(0), Y.stride(0), xt.stride(0), gx.stride(0),
+        float(spec.inv_tau), float(spec.teacher_weight),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PSD=spec.psd,
+        ECL=spec.ecl, F_ECL=spec.f_ecl, SPLIT_GY=gy is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **_dot_flags(X.dtype))
+    return gx[:, :w], (gy[:, :w] if gy is not None else gx[:, :w])
+
+
+class TritonBackend:
+    """Triton passes for ``fused.FusedGatheredLoss``.
+
+    ``config=None`` picks the interpreter's small tiles, or on a GPU times ``CANDIDATES`` once
+    per shape (``tune=True``) or takes the first (``tune=False``)."""
+
+    name = "triton"
+    _tuned: dict = {}
+
+    def __init__(self, config: TileConfig | None = None, tune: bool = True):
+        self.config, self.tune = config, tune
+
+    def _cfg(self, X, Y, XT, s32, spec) -> TileConfig:
+        if self.config is not None:
+            return self.config
+        if INTERPRET or not X.is_cuda or not self.tune:
+            return INTERPRETER_CONFIG if INTERPRET else CANDIDATES[0]
+        key = (X.shape[0], Y.shape[0], X.shape[1], X.dtype, spec.psd, spec.ecl, X.device)
+        if key not in self._tuned:
+            self._tuned[key] = _time_candidates(X, Y, XT, s32, spec)
+        return self._tuned[key]
+
+    def stats(self, X, Y, XT, s32, spec):
+        X, Y = X.contiguous(), Y.contiguous()
+        XT = XT.to(X.dtype).contiguous() if XT is not None else None
+        self._last = self._cfg(X, Y, XT, s32, spec)
+        return launch_forward(X, Y, XT, s32, spec, self._last)
+
+    def panels(self, b, N, dtype, device, spec):
+        return panel_buffers(b, N, dtype, device, spec, self._last)
+
+    def grad_panel(self, X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0, p1, spec,
+                   bufs):
+        XT = XT.to(X.dtype).contiguous() if XT is not None else None
+        return launch_grad_panel(X.contiguous(), Y.contiguous(), XT, s32, lse_row.contiguous(),
+                                 lse_col.contiguous(), a_row, a_col, offset, p0, p1, spec, bufs,
+                                 self._last)
+
+
+def _time_candidates(X, Y, XT, s32, spec) -> TileConfig:
+    """Pick the fastest forward tile config on this GPU (the backward kernel shares it)."""
+    best, best_ms = CANDIDATES[0], float("inf")
+    for cfg in CANDIDATES:
+        try:
+            launch_forward(X, Y, XT, s32, spec, cfg)          # compile + warm up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                launch_forward(X, Y, XT, s32, spec, cfg)
+            end.record()
+            torch.cuda.synchronize(X.device)
+            ms = start.elapsed_time(end)
+        except Exception:   # a config this GPU cannot run (shared memory, registers): skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
+
+
+def clip_loss_triton(image_emb, text_emb, logit_scale, *, group=None,
+                     workspace_bytes: int | None = None,
+                     config: TileConfig | None = None) -> torch.Tensor:
+    """``gathered_clip_loss(..., impl="triton")``: same value and gradients as the reference."""
+    spec = LossSpec() if workspace_bytes is None else LossSpec(workspace_bytes=workspace_bytes)
+    loss, _ = fused_loss(image_emb, text_emb, logit_scale, backend=TritonBackend(config),
+                         spec=spec, group=group)
+    return loss
+
+
+__all__ = ["TileConfig", "TritonBackend", "clip_loss_triton", "launch_forward",
+           "launch_grad_panel", "panel_buffers", "INTERPRET", "CANDIDATES"]
