@@ -1,0 +1,108 @@
+"""Test helpers for the loss kernels (used by tests/test_kernels*.py; importable by spawned ranks).
+
+    batch = make_batch(n=14, dim=24, seed=0)
+    full = run_case(batch, slice(0, 14), "torch", "clip")          # one process, whole batch
+    ranks = spawn_ranks([7, 7], batch_args, cases)                 # gloo ranks on CPU
+    assert rel_err(mean_over_ranks, full["loss"]) < 1e-5
+
+A case embeds raw features through a *shared* projection ``P`` (a stand-in for the towers), so
+"parameter gradients averaged over ranks equal the full-batch gradient" is checked on a real
+parameter, next to the per-sample feature gradients and the logit scale's gradient.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """``max|a - b| / max(max|b|, floor)`` in fp64 (b is the reference; ``floor`` turns it
+    into an absolute error where the reference is ~0, e.g. every gradient at b = 1)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
+
+
+def make_batch(n: int, dim: int, seed: int = 0, scale: float = 14.0, near_identical: bool = False,
+               mask_rate: float = 0.5) -> dict:
+    """A global batch of raw features, the shared projection, a scale and a subset mask."""
+    g = torch.Generator().manual_seed(seed)
+    fx, fy, fxt = (torch.randn(n, dim, generator=g) for _ in range(3))
+    if near_identical:   # every pair almost the same direction: logits all ~ scale
+        base = torch.randn(1, dim, generator=g)
+        fx, fy, fxt = (base + 1e-3 * f for f in (fx, fy, fxt))
+    return {"fx": fx, "fy": fy, "fxt": fxt,
+            "proj": torch.eye(dim) + 0.1 * torch.randn(dim, dim, generator=g),
+            "scale": torch.tensor(float(scale)),
+            "mask": torch.rand(n, generator=g) < mask_rate}
+
+
+DISTILL_KW = {"self_distill_alpha": 0.3, "self_distill_tau": 0.7, "teacher_weight": 0.8}
+
+
+def run_case(batch: dict, rows: slice, impl: str, kind: str, *, group=None,
+             dtype=torch.float32, grad_output: float = 1.0, workspace_bytes: int | None = None,
+             **overrides) -> dict:
+    """Forward + backward of one loss on ``rows`` of ``batch``; returns values and gradients."""
+    from . import gathered_clip_loss, gathered_distill_loss
+    fx = batch["fx"][rows].clone().requires_grad_()
+    fy = batch["fy"][rows].clone().requires_grad_()
+    proj = batch["proj"].clone().requires_grad_()
+    scale = batch["scale"].clone().requires_grad_()
+    x = F.normalize(fx @ proj, dim=1).to(dtype)
+    y = F.normalize(fy @ proj, dim=1).to(dtype)
+    ws = {} if workspace_bytes is None else {"workspace_bytes": workspace_bytes}
+    if kind == "clip":
+        loss = gathered_clip_loss(x, y, scale, group=group, impl=impl, **ws)
+        terms = loss.detach()[None]
+    else:
+        kw = dict(DISTILL_KW, self_distill_mask=batch["mask"][rows],
+                  teacher_image_emb=F.normalize(batch["fxt"][rows] @ batch["proj"], dim=1).to(dtype))
+        if kind == "self_distill":
+            kw.pop("teacher_image_emb")
+        elif kind == "teacher":
+            kw.pop("self_distill_alpha")
+        kw.update(overrides)
+        out = gathered_distill_loss(x, y, scale, group=group, impl=impl, **ws, **kw)
+        loss, terms = out.loss, torch.stack([t.detach().float() for t in out])
+    (loss.float() * grad_output).backward()
+    return {"loss": loss.detach().float(), "terms": terms.float(), "fx": fx.grad, "fy": fy.grad,
+            "proj": proj.grad, "scale": scale.grad}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, outdir: str, sizes: list, batch: dict,
+               cases: list, interpret: bool) -> None:
+    if interpret:   # before kernels.triton_launch is imported in this fresh process
+        os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        lo = sum(sizes[:rank])
+        rows = slice(lo, lo + sizes[rank])
+        results = {name: run_case(batch, rows, **case) for name, case in cases}
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(sizes: list, batch: dict, cases: list, interpret: bool = False) -> list[dict]:
+    """Run named ``cases`` (``[(name, run_case kwargs), ...]``) on ``len(sizes)`` gloo ranks;
+    rank r holds ``sizes[r]`` rows of ``batch``. Returns each rank's results."""
+    import torch.multiprocessing as mp
+    world = len(sizes)
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.start_processes(_rank_main, args=(world, free_port(), outdir, list(sizes), batch,
+                                             cases, interpret),
+                           nprocs=world, start_method="spawn")
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]

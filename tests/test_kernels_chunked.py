@@ -1,0 +1,116 @@
+"""The chunked (pure-torch fused) loss and the torch reference against a textbook fp64 loss.
+
+The textbook loss below materialises the full N x N logits of one process in fp64 and spells
+out METHODS.md sections 0-2 directly; it shares no code with kernels/ except the test batch.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kernels import gathered_clip_loss, gathered_distill_loss, resolve_impl
+from kernels.testing import DISTILL_KW, make_batch, rel_err, run_case
+
+KINDS = ("clip", "self_distill", "teacher", "distill")
+
+
+def textbook(batch: dict, kind: str, grad_output: float = 1.0, **overrides) -> dict:
+    """Full-batch loss and gradients in fp64 with materialised logits."""
+    fx, fy, proj, scale = (batch[k].double().clone().requires_grad_() for k in ("fx", "fy", "proj", "scale"))
+    x, y = F.normalize(fx @ proj, dim=1), F.normalize(fy @ proj, dim=1)
+    n = x.shape[0]
+    logits = scale * x @ y.T
+    eye = torch.eye(n, dtype=torch.float64)
+    kw = dict(DISTILL_KW, **overrides)
+    a = kw["self_distill_alpha"] * batch["mask"].double() if kind in ("self_distill", "distill") else torch.zeros(n, dtype=torch.float64)
+    tau = kw["self_distill_tau"]
+    rows_t = (1 - a)[:, None] * eye + a[:, None] * torch.softmax(logits.detach() / tau, 1)
+    cols_t = (1 - a)[:, None] * eye + a[:, None] * torch.softmax(logits.T.detach() / tau, 1)
+    loss = -((rows_t * torch.log_softmax(logits, 1)).sum() + (cols_t * torch.log_softmax(logits.T, 1)).sum()) / (2 * n)
+    if kind in ("teacher", "distill"):
+        xt = F.normalize(batch["fxt"].double() @ batch["proj"].double(), dim=1)
+        teacher = (scale * xt @ y.T).detach()
+        student = scale * x @ y.detach().T
+        def kl(t, s):
+            return (torch.softmax(t, 1) * (torch.log_softmax(t, 1) - torch.log_softmax(s, 1))).sum()
+        loss = loss + kw["teacher_weight"] * (kl(teacher, student) + kl(teacher.T, student.T)) / (2 * n)
+    (loss * grad_output).backward()
+    return {"loss": loss.detach(), "fx": fx.grad, "fy": fy.grad, "proj": proj.grad, "scale": scale.grad}
+
+
+def assert_matches(got: dict, want: dict, tol: float, what: str = "") -> None:
+    for key in ("loss", "fx", "fy", "proj", "scale"):
+        # relative where the reference is O(1); absolute near 0 (b = 1 has loss 0, and fp32
+        # logits of size `scale` carry ~scale * 6e-8 absolute error)
+        err = rel_err(got[key], want[key], floor=1.0 if key == "loss" else 1e-2)
+        assert err < tol, f"{what} {key}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_matches_textbook(kind):
+    batch = make_batch(23, 17, seed=1)
+    assert_matches(run_case(batch, slice(0, 23), "torch", kind), textbook(batch, kind), 2e-5, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,dim,scale,near,go", [
+    (1, 8, 14.0, False, 1.0),        # b = 1: the only column is the positive
+    (29, 13, 14.0, False, 2.5),      # odd sizes, grad_output != 1
+    (40, 33, 100.0, True, 1.0),      # extreme scale, near-identical embeddings
+])
+def test_chunked_matches_textbook(kind, n, dim, scale, near, go):
+    batch = make_batch(n, dim, seed=2, scale=scale, near_identical=near)
+    # a tiny workspace forces many column chunks and backward panels
+    got = run_case(batch, slice(0, n), "chunked", kind, grad_output=go, workspace_bytes=4 * n * 24 * 3)
+    tol = 3e-4 if near else 1e-5    # near-identical: fp32 logits of ~100 carry ~1e-5 absolute error
+    assert_matches(got, textbook(batch, kind, grad_output=go), tol, kind)
+    assert_matches(got, run_case(batch, slice(0, n), "torch", kind, grad_output=go), tol, "vs torch")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 40), dim=st.integers(2, 40), scale=st.floats(1.0, 100.0),
+       seed=st.integers(0, 2**16), chunk=st.integers(1, 48), kind=st.sampled_from(KINDS),
+       tau=st.sampled_from([0.5, 1.0, 2.0]), alpha=st.floats(0.0, 1.0))
+def test_chunked_property(n, dim, scale, seed, chunk, kind, tau, alpha):
+    # dim >= 2: at dim = 1 normalize() has zero gradient, so every gradient is pure roundoff
+    batch = make_batch(n, dim, seed=seed, scale=scale)
+    over = dict(self_distill_tau=tau, self_distill_alpha=alpha)
+    got = run_case(batch, slice(0, n), "chunked", kind, workspace_bytes=4 * n * 12 * chunk,
+                   **(over if kind != "clip" and kind != "teacher" else {}))
+    assert_matches(got, textbook(batch, kind, **over), 5e-5, f"{kind} n={n} dim={dim}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["clip", "distill"])
+def test_chunked_half_precision(dtype, kind):
+    batch = make_batch(31, 24, seed=3, scale=30.0)
+    got = run_case(batch, slice(0, 31), "chunked", kind, dtype=dtype)
+    assert_matches(got, textbook(batch, kind), 3e-2, f"{dtype} {kind}")
+
+
+def test_distill_terms_are_consistent():
+    batch = make_batch(19, 11, seed=4)
+    x = F.normalize(batch["fx"], dim=1)
+    y = F.normalize(batch["fy"], dim=1)
+    s = batch["scale"]
+    clip = gathered_clip_loss(x, y, s, impl="chunked")
+    off = gathered_distill_loss(x, y, s, self_distill_alpha=0.0, impl="chunked")
+    assert rel_err(off.contrastive, clip) < 1e-6 and rel_err(off.clip, clip) < 1e-6
+    same = gathered_distill_loss(x, y, s, teacher_image_emb=x, impl="chunked")
+    assert abs(same.teacher_kl.item()) < 1e-5      # KL(p || p) = 0
+    full = gathered_distill_loss(x, y, s, self_distill_alpha=1.0, self_distill_tau=1.0, impl="chunked")
+    # a = 1, tau = 1: every target is the model's own distribution -> loss = entropy = the CE term
+    assert rel_err(full.contrastive, full.self_distill_ce) < 1e-6
+
+
+def test_impl_choice_and_errors():
+    assert resolve_impl("auto", torch.device("cpu")) == "chunked"
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gathered_clip_loss(x, x, 1.0, impl="fast")
+    with pytest.raises(ValueError, match=r"Got: \(4, 8\) and \(3, 8\)"):
+        gathered_clip_loss(x, x[:3], 1.0, impl="chunked")
+    with pytest.raises(ValueError, match="workspace_bytes=8 is too small"):
+        gathered_clip_loss(x, x, 1.0, impl="chunked", workspace_bytes=8)
+    with pytest.raises(ValueError, match="self_distill_alpha must be in"):
+        gathered_distill_loss(x, x, 1.0, self_distill_alpha=1.5, impl="chunked")
