@@ -9,12 +9,18 @@ NPROC ?= 2
 
 venv: .venv/.installed
 
-# torch first: deepspeed is a source package whose build imports it.
+# torch first: deepspeed is a source package whose build imports it. DeepSpeed's CPU
+# shared-memory all-reduce op is compiled at install time (DS_BUILD_SHM_COMM=1): left to its JIT,
+# every process whose environment differs (PATH, srun) recompiles it for ~2 minutes at start-up.
+# --no-cache-dir so pip cannot reuse a cached deepspeed wheel built without the op.
 .venv/.installed: requirements.txt
 	test -d .venv || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $$(grep -E '^(torch|torchvision)==' requirements.txt)
-	$(PIP) install -q --no-build-isolation -r requirements.txt
+	grep -v '^deepspeed==' requirements.txt > .venv/requirements-nods.txt
+	$(PIP) install -q --no-build-isolation -r .venv/requirements-nods.txt
+	DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-build-isolation --no-cache-dir $$(grep -E '^deepspeed==' requirements.txt)
+	$(PY) -c "import deepspeed.git_version_info as g; assert g.installed_ops.get('deepspeed_shm_comm'), 'deepspeed shm op not precompiled'"
 	touch $@
 
 demo: venv
