@@ -15,6 +15,8 @@ symmetric loss: averaging gradients over ranks gives the full-batch gradient.
 algorithm in plain torch (chunked.py, O(b + N) memory plus a bounded workspace); ``"triton"``
 the fused Triton kernels (triton_clip.py; CUDA tensors, or CPU under TRITON_INTERPRET=1);
 ``"auto"`` Triton for CUDA tensors when triton imports, chunked otherwise.
+``workspace_bytes`` bounds the fused paths' workspace (None: 256 MiB for Triton, 64 MiB for
+chunked); memory is then O(b + N) floats plus that, never b x N.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from .chunked import ChunkedBackend
 from .fused import WORKSPACE, fused_loss
 from .reference import clip_loss_torch, distill_loss_torch
-from .spec import DEFAULT_WORKSPACE_BYTES, DistillLoss, LossSpec
+from .spec import DistillLoss, LossSpec
 
 IMPLS = ("torch", "triton", "chunked", "auto")
 
@@ -54,7 +56,7 @@ def _backend(impl: str):
 
 def gathered_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
                        *, group=None, impl: str = "auto",
-                       workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> torch.Tensor:
+                       workspace_bytes: int | None = None) -> torch.Tensor:
     """This rank's share of the symmetric CLIP loss over the gathered batch (see module doc)."""
     impl = resolve_impl(impl, image_emb.device)
     if impl == "torch":
@@ -69,7 +71,7 @@ def gathered_distill_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
                           self_distill_tau: float = 1.0, teacher_image_emb=None,
                           teacher_weight: float = 1.0, teacher_text_grad: bool = False,
                           group=None, impl: str = "auto",
-                          workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> DistillLoss:
+                          workspace_bytes: int | None = None) -> DistillLoss:
     """Contrastive loss with soft targets, in one streaming pass (fields: see ``DistillLoss``).
 
     - ``self_distill_alpha`` (``a_t``; None = off): targets ``(1 - a_i) onehot_i + a_i p~_i``,

@@ -5,7 +5,7 @@ Same math as fused.py / the Triton kernels: the forward streams over column chun
 this rank and the row statistics merge online); the backward recomputes column panels of the
 gradient matrix G and hands them to the shared GEMM loop. Chunk and panel widths come from the
 workspace budget, counting every ``[b, width]`` fp32 temporary alive at once, so the memory
-above the inputs is O(b + N) plus at most ``spec.workspace_bytes``.
+above the inputs is O(b + N) plus at most ``spec.workspace_bytes`` (default 64 MiB).
 
     from kernels.chunked import clip_loss_chunked
     loss = clip_loss_chunked(image_emb, text_emb, logit_scale, group=None)
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .fused import fused_loss
-from .spec import LossSpec
+from .spec import CPU_WORKSPACE_BYTES, LossSpec
 from .stats import merge_two
 
 _NEG_INF = float("-inf")
@@ -56,8 +56,8 @@ class ChunkedBackend:
     def stats(self, X, Y, XT, s32, spec: LossSpec):
         b, N = X.shape[0], Y.shape[0]
         # alive per column: z, t, (t - z), w, exp(w - m) for each of two directions
-        width = _width(b, N, 4 + 3 * int(spec.ecl) + int(spec.psd), spec.workspace_bytes,
-                       "forward")
+        width = _width(b, N, 4 + 3 * int(spec.ecl) + int(spec.psd),
+                       spec.budget(CPU_WORKSPACE_BYTES), "forward")
         x32 = X.float()
         xt32 = XT.float() if spec.ecl else None
         F = spec.families
@@ -87,7 +87,7 @@ class ChunkedBackend:
     def panels(self, b, N, dtype, device, spec: LossSpec):
         # alive per column: z, P, Q, G (+ P~ / Q~ temporaries, + t, Pbar/Qbar and G_y)
         temps = 4 + int(spec.psd) + 3 * int(spec.ecl)
-        return _width(b, N, temps, spec.workspace_bytes, "backward panel"), None
+        return _width(b, N, temps, spec.budget(CPU_WORKSPACE_BYTES), "backward panel"), None
 
     def grad_panel(self, X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0, p1, spec,
                    _bufs):
@@ -128,7 +128,7 @@ class ChunkedBackend:
 def clip_loss_chunked(image_emb, text_emb, logit_scale, *, group=None,
                       workspace_bytes: int | None = None) -> torch.Tensor:
     """``gathered_clip_loss(..., impl="chunked")``: same value and gradients as the reference."""
-    spec = LossSpec() if workspace_bytes is None else LossSpec(workspace_bytes=workspace_bytes)
-    loss, _ = fused_loss(image_emb, text_emb, logit_scale, backend=ChunkedBackend(), spec=spec,
+    loss, _ = fused_loss(image_emb, text_emb, logit_scale, backend=ChunkedBackend(),
+                         spec=LossSpec(workspace_bytes=workspace_bytes),
                          group=group)
     return loss

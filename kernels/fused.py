@@ -132,10 +132,10 @@ class FusedGatheredLoss(torch.autograd.Function):
         a_col = ctx.alpha * m_col if m_col is not None else None
         gy_sum, dY = backward_panels(ctx.backend, X, Y, XT, s32, lse_row, lse_col, a_row, a_col,
                                      layout, spec, coef * s32, ctx.needs_input_grad[1])
-        dX = (gy_sum * (coef * s32)).to(X.dtype) if ctx.needs_input_grad[0] else None
         d_scale = None
         if ctx.needs_input_grad[2]:
             d_scale = (coef * (X.float() * gy_sum).sum()).to(scale.dtype)
+        dX = gy_sum.mul_(coef * s32).to(X.dtype) if ctx.needs_input_grad[0] else None   # in place
         return dX, dY, d_scale, None, None, None, None, None, None, None
 
 

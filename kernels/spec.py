@@ -13,7 +13,8 @@ import torch
 
 from .gather import gathered_layout, world_info
 
-DEFAULT_WORKSPACE_BYTES = 256 << 20   # KERNELS.md: the backward panel stays under ~256 MB
+GPU_WORKSPACE_BYTES = 256 << 20   # KERNELS.md: the Triton backward panel stays under ~256 MB
+CPU_WORKSPACE_BYTES = 64 << 20    # the chunked path: CPU GEMMs need no wider chunks
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,11 @@ class LossSpec:
     ecl: bool = False
     teacher_weight: float = 1.0
     teacher_text_grad: bool = False   # ECLIPSE stops the KL's gradient at the text tower
-    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    workspace_bytes: int | None = None   # None: the backend's default
+
+    def budget(self, default: int) -> int:
+        """The workspace budget in bytes (``default`` when none was given)."""
+        return int(self.workspace_bytes) if self.workspace_bytes is not None else default
 
     @property
     def families(self) -> int:

@@ -106,3 +106,60 @@ def spawn_ranks(sizes: list, batch: dict, cases: list, interpret: bool = False) 
                                              cases, interpret),
                            nprocs=world, start_method="spawn")
         return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_extra_rss(impl: str, n: int, dim: int, *, kind: str = "clip", backward: bool = True,
+                   threads: int = 2) -> dict:
+    """Peak resident memory above the inputs for one forward (+ backward), in this process.
+
+    Method: make the inputs, reset the kernel's high-water mark (``echo 5 >
+    /proc/self/clear_refs`` sets VmHWM to the current RSS), run, read VmHWM. Extra = VmHWM -
+    RSS before the call, which counts every page the loss touched (logits, workspace,
+    gradients). Run it in a fresh process (``python -m kernels.testing rss IMPL N D``) so that
+    nothing else shares the high-water mark. Where clear_refs is not writable, the high-water
+    mark of the fresh process is used as is (an over-estimate of the extra, never an under-).
+    Set ``MALLOC_MMAP_THRESHOLD_`` in that process's environment to measure live memory rather
+    than glibc's heap caching (its dynamic mmap threshold otherwise keeps freed blocks of up to
+    32 MiB resident)."""
+    from . import gathered_clip_loss, gathered_distill_loss
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(n, dim, generator=g), dim=1).requires_grad_()
+    y = F.normalize(torch.randn(n, dim, generator=g), dim=1).requires_grad_()
+    xt = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+    s = torch.tensor(14.0, requires_grad=True)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    base = _rss_kib("VmRSS")
+    if kind == "clip":
+        loss = gathered_clip_loss(x, y, s, impl=impl)
+    else:
+        loss = gathered_distill_loss(x, y, s, self_distill_alpha=0.3, teacher_image_emb=xt,
+                                     impl=impl).loss
+    if backward:
+        loss.backward()
+    return {"impl": impl, "n": n, "dim": dim, "kind": kind, "backward": backward, "hwm_reset": reset,
+            "extra_bytes": (_rss_kib("VmHWM") - base) * 1024, "loss": loss.item()}
+
+
+if __name__ == "__main__":   # python -m kernels.testing rss IMPL N D [clip|distill] [fwd]
+    import json
+    import sys
+    if len(sys.argv) >= 5 and sys.argv[1] == "rss":
+        print(json.dumps(peak_extra_rss(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                        kind=sys.argv[5] if len(sys.argv) > 5 else "clip",
+                                        backward="fwd" not in sys.argv[6:])))
+    else:
+        raise SystemExit("usage: python -m kernels.testing rss IMPL N D [clip|distill] [fwd]")

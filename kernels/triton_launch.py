@@ -5,7 +5,7 @@ backend that ``fused.FusedGatheredLoss`` drives.
     loss = clip_loss_triton(image_emb, text_emb, logit_scale)            # CUDA tensors
     # CPU tensors: only with TRITON_INTERPRET=1 set before this module is first imported
 
-Workspace (``spec.workspace_bytes``): the forward's partial buffers plus the temporaries of
+Workspace (``spec.workspace_bytes``, default 256 MiB): the forward's partial buffers plus the temporaries of
 their merge, and the backward's G panel(s), each stay under the budget; every buffer goes
 through ``fused.WORKSPACE`` so tests can check it.
 """
@@ -17,7 +17,7 @@ import torch
 import triton
 
 from .fused import WORKSPACE, fused_loss
-from .spec import LossSpec
+from .spec import GPU_WORKSPACE_BYTES, LossSpec
 from .stats import merge_partials, merge_two
 from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel
 
@@ -91,7 +91,7 @@ def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
     b, D = X.shape
     N, F = Y.shape[0], spec.families
     per, splits = _split_columns(b, N, cfg, X.device)
-    rb = _forward_row_blocks(b, N, F, splits, cfg, spec.workspace_bytes)
+    rb = _forward_row_blocks(b, N, F, splits, cfg, spec.budget(GPU_WORKSPACE_BYTES))
     phase = WORKSPACE.phase("forward")
     row_mx = WORKSPACE.alloc(phase, (F, splits, b), torch.float32, X.device)
     row_sm = WORKSPACE.alloc(phase, (F, 2, splits, b), torch.float32, X.device)
@@ -120,9 +120,10 @@ def panel_buffers(b: int, N: int, dtype, device, spec: LossSpec, cfg: TileConfig
     """Panel width (a multiple of BLOCK_N) and the G panel buffer(s), within the budget."""
     n_panels = 2 if spec.split_gy else 1
     elem = torch.empty((), dtype=dtype).element_size()
-    width = spec.workspace_bytes // (n_panels * b * elem) // cfg.block_n * cfg.block_n
+    budget = spec.budget(GPU_WORKSPACE_BYTES)
+    width = budget // (n_panels * b * elem) // cfg.block_n * cfg.block_n
     if width < cfg.block_n:
-        raise ValueError(f"workspace_bytes={spec.workspace_bytes} is too small for one backward "
+        raise ValueError(f"workspace_bytes={budget} is too small for one backward "
                          f"panel of {n_panels} x [{b}, {cfg.block_n}] {dtype}. Got: b={b}")
     width = min(width, triton.cdiv(N, cfg.block_n) * cfg.block_n)
     phase = WORKSPACE.phase("backward")
@@ -214,9 +215,8 @@ def clip_loss_triton(image_emb, text_emb, logit_scale, *, group=None,
                      workspace_bytes: int | None = None,
                      config: TileConfig | None = None) -> torch.Tensor:
     """``gathered_clip_loss(..., impl="triton")``: same value and gradients as the reference."""
-    spec = LossSpec() if workspace_bytes is None else LossSpec(workspace_bytes=workspace_bytes)
     loss, _ = fused_loss(image_emb, text_emb, logit_scale, backend=TritonBackend(config),
-                         spec=spec, group=group)
+                         spec=LossSpec(workspace_bytes=workspace_bytes), group=group)
     return loss
 
 
