@@ -1,0 +1,279 @@
+"""Benchmark of the gathered contrastive loss: forward + backward time and peak memory.
+
+    python -m kernels.bench --b 4096 --dim 512 --dtype fp32 --out bench/results
+    python -m kernels.bench --b 32768 65536 --dim 512 1024 --dtype bf16      # on a GPU
+    torchrun --nproc_per_node 8 -m kernels.bench --b 8192 --dim 512           # b per rank
+
+Implementations: ``torch`` (materialised-logits reference), ``open_clip`` (open_clip's
+``ClipLoss(local_loss=True, gather_with_grad=True)``, the baseline users know), ``chunked`` and
+``triton`` (the fused paths; triton only on CUDA). A ``cublas_gemm`` row times ``X @ Y^T`` of the
+same shape and dtype on the same device: the roofline the Triton row's ``vs_gemm`` is read
+against. ``tflops`` counts the fused algorithm's work, 8 b N D (forward GEMM, backward
+recompute, dX and dY GEMMs), for every loss row, so rows compare as time.
+
+Peak memory of one forward + backward: on CUDA ``max_memory_allocated`` above what was
+allocated before the call; on CPU, in a fresh process per implementation, VmHWM above the RSS
+before the call, after resetting the mark through /proc/self/clear_refs, with glibc's mmap
+threshold pinned to 1 MiB so that RSS tracks live memory rather than heap caching. Rows are long format (one per shape x impl), written as
+CSV and JSON lines, each with device, date, git commit and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IMPLS = ("torch", "open_clip", "chunked", "triton")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--b", type=int, nargs="+", default=[2048], help="local batch per rank")
+    p.add_argument("--dim", type=int, nargs="+", default=[512], help="embedding dim D")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--workspace-bytes", type=int, default=None)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default="bench/results", help="directory for the CSV and JSONL files")
+    p.add_argument("--tag", default="loss", help="file name prefix")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)   # internal, see _Memory
+    return p.parse_args(argv)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loss_fn(impl: str, workspace_bytes, world: int, rank: int):
+    """``fn(x, y, s) -> loss`` for one implementation (None where it cannot run here)."""
+    from . import gathered_clip_loss
+    if impl == "open_clip":
+        try:
+            from open_clip.loss import ClipLoss
+        except ImportError:
+            return None
+        return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    kw = {} if impl == "torch" or workspace_bytes is None else {"workspace_bytes": workspace_bytes}
+    return lambda x, y, s: gathered_clip_loss(x, y, s, impl=impl, **kw)
+
+
+class _Memory:
+    """Peak bytes above the level before ``start()`` (see module docstring)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def _kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return self._kib("VmHWM") * 1024 - self.base
+
+
+def _inputs(b, dim, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = F.normalize(torch.randn(b, dim, device=device, generator=g), dim=1).to(dtype)
+    y = F.normalize(torch.randn(b, dim, device=device, generator=g), dim=1).to(dtype)
+    return x.requires_grad_(), y.requires_grad_(), torch.tensor(14.0, device=device, requires_grad=True)
+
+
+def _percentiles(ms: list[float]) -> dict:
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+    return {"ms_p20": q[1], "ms_p50": statistics.median(ms), "ms_p80": q[7]}
+
+
+def _time(step, device, reps, warmup) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _cpu_peak(impl, b, dim, args) -> int:
+    """Peak RSS above the inputs of one forward + backward, in a fresh process."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), WORLD_SIZE="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "kernels.bench", "--memory-probe", impl, "--b", str(b), "--dim",
+           str(dim), "--device", "cpu", "--dtype", args.dtype or "fp32"]
+    if args.workspace_bytes is not None:
+        cmd += ["--workspace-bytes", str(args.workspace_bytes)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
+
+
+def _probe(args) -> int:
+    """``--memory-probe IMPL``: print this process's peak for one step (CPU, see _cpu_peak)."""
+    device, dtype = torch.device("cpu"), DTYPES[args.dtype or "fp32"]
+    fn = _loss_fn(args.memory_probe, args.workspace_bytes, 1, 0)
+    x, y, s = _inputs(args.b[0], args.dim[0], dtype, device, seed=0)
+    mem = _Memory(device)
+    mem.start()
+    fn(x, y, s).backward()
+    print(json.dumps({"peak_mem_bytes": mem.peak()}))
+    return 0
+
+
+def bench_impl(impl, b, dim, dtype, device, args, world, rank) -> dict:
+    """One row: forward + backward of ``impl`` (or a status saying why it did not run)."""
+    if impl == "triton" and device.type != "cuda":
+        return {"status": "skipped: triton needs a CUDA device"}
+    fn = _loss_fn(impl, args.workspace_bytes, world, rank)
+    if fn is None:
+        return {"status": f"skipped: {impl} is not installed"}
+    x, y, s = _inputs(b, dim, dtype, device, seed=rank)
+
+    def step():
+        x.grad = y.grad = s.grad = None
+        fn(x, y, s).backward()
+    try:
+        if device.type == "cuda" or world > 1:
+            mem = _Memory(device)
+            mem.start()
+            step()                   # also the first warm-up (compiles / tunes Triton)
+            peak = mem.peak()
+        else:
+            peak = _cpu_peak(impl, b, dim, args)
+        ms = _time(step, device, args.reps, args.warmup)
+    except torch.OutOfMemoryError:
+        return {"status": "oom"}
+    n = b * world
+    row = {"status": "ok", "peak_mem_bytes": peak, **_percentiles(ms)}
+    row["tflops"] = 8 * b * n * dim / (row["ms_p50"] * 1e-3) / 1e12
+    return row
+
+
+def bench_gemm(b, dim, dtype, device, args, world) -> dict:
+    """The roofline: ``X @ Y^T`` for X [b, D], Y [N, D] in the same dtype on the same device."""
+    x = torch.randn(b, dim, device=device, dtype=dtype)
+    y = torch.randn(b * world, dim, device=device, dtype=dtype)
+    ms = _time(lambda: x @ y.T, device, args.reps, args.warmup)
+    row = {"status": "ok", **_percentiles(ms)}
+    row["tflops"] = 2 * b * b * world * dim / (row["ms_p50"] * 1e-3) / 1e12
+    return row
+
+
+def _init_dist(device) -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def write_rows(rows: list[dict], out: Path, stem: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.jsonl"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(json_path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return csv_path, json_path
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    if args.memory_probe:
+        return _probe(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    impls = [i for i in args.impls.split(",") if i]
+    bad = sorted(set(impls) - set(IMPLS))
+    if bad:
+        raise SystemExit(f"--impls: unknown {bad}; choose from {IMPLS}")
+    rank, world = _init_dist(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    common = {"device": _device_name(device), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "commit": _commit(), "dtype": next(k for k, v in DTYPES.items() if v == dtype),
+              "world": world, "torch": torch.__version__,
+              "command": " ".join(["python -m kernels.bench", *(argv if argv is not None else sys.argv[1:])])}
+    rows = []
+    for b in args.b:
+        for dim in args.dim:
+            shape = {"b": b, "n": b * world, "dim": dim}
+            gemm = bench_gemm(b, dim, dtype, device, args, world)
+            rows.append({**common, **shape, "impl": "cublas_gemm" if device.type == "cuda" else "torch_gemm", **gemm})
+            for impl in impls:
+                row = {**common, **shape, "impl": impl, **bench_impl(impl, b, dim, dtype, device, args, world, rank)}
+                if row.get("status") == "ok":
+                    row["vs_gemm"] = row["tflops"] / gemm["tflops"]
+                rows.append(row)
+                if rank == 0:
+                    print(json.dumps({k: row.get(k) for k in ("b", "n", "dim", "impl", "status", "ms_p50", "peak_mem_bytes", "tflops", "vs_gemm")}), flush=True)
+    if rank == 0:
+        stem = f"{args.tag}_{device.type}_{common['dtype']}_{_dt.date.today().isoformat()}"
+        for p in write_rows(rows, Path(args.out), stem):
+            print(f"wrote {p}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
