@@ -20,6 +20,8 @@ chunked); memory is then O(b + N) floats plus that, never b x N.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .chunked import ChunkedBackend
@@ -28,6 +30,20 @@ from .reference import clip_loss_torch, distill_loss_torch
 from .spec import DistillLoss, LossSpec
 
 IMPLS = ("torch", "triton", "chunked", "auto")
+log = logging.getLogger("kernels")
+_announced: set = set()
+
+
+def _announce(asked: str, impl: str, device: torch.device) -> None:
+    """Say once per process which implementation a request resolved to (``auto`` hides it)."""
+    note = ""
+    if impl == "triton":
+        from .triton_launch import INTERPRET
+        note = " (Triton interpreter)" if INTERPRET else ""
+    key = (asked, impl, device.type, note)
+    if key not in _announced:
+        _announced.add(key)
+        log.info("contrastive loss: impl=%s resolved to %s on %s%s", asked, impl, device.type, note)
 
 
 def _triton_available() -> bool:
@@ -42,9 +58,11 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     """The concrete implementation ``impl`` stands for on ``device``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}. Got: {impl!r}")
-    if impl != "auto":
-        return impl
-    return "triton" if device.type == "cuda" and _triton_available() else "chunked"
+    resolved = impl
+    if impl == "auto":
+        resolved = "triton" if device.type == "cuda" and _triton_available() else "chunked"
+    _announce(impl, resolved, device)
+    return resolved
 
 
 def _backend(impl: str):
