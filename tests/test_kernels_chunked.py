@@ -30,7 +30,7 @@ def textbook(batch: dict, kind: str, grad_output: float = 1.0, **overrides) -> d
     if kind in ("teacher", "distill"):
         xt = F.normalize(batch["fxt"].double() @ batch["proj"].double(), dim=1)
         teacher = (scale * xt @ y.T).detach()
-        student = scale * x @ y.detach().T
+        student = scale * x @ (y if kw.get("teacher_text_grad") else y.detach()).T
         def kl(t, s):
             return (torch.softmax(t, 1) * (torch.log_softmax(t, 1) - torch.log_softmax(s, 1))).sum()
         loss = loss + kw["teacher_weight"] * (kl(teacher, student) + kl(teacher.T, student.T)) / (2 * n)
@@ -78,6 +78,15 @@ def test_chunked_property(n, dim, scale, seed, chunk, kind, tau, alpha):
     got = run_case(batch, slice(0, n), "chunked", kind, workspace_bytes=4 * n * 12 * chunk,
                    **(over if kind != "clip" and kind != "teacher" else {}))
     assert_matches(got, textbook(batch, kind, **over), 5e-5, f"{kind} n={n} dim={dim}")
+
+
+def test_chunked_teacher_text_grad():
+    """With ``teacher_text_grad`` the KL's gradient also reaches the text tower (one panel)."""
+    batch = make_batch(21, 10, seed=5)
+    got = run_case(batch, slice(0, 21), "chunked", "distill", teacher_text_grad=True)
+    assert_matches(got, textbook(batch, "distill", teacher_text_grad=True), 1e-5)
+    stopped = textbook(batch, "distill")
+    assert rel_err(got["fy"], stopped["fy"]) > 1e-3    # and it differs from the default
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -65,6 +65,11 @@ else:
         assert_matches(got, textbook(batch, kind, grad_output=go), tol, kind)
         assert_matches(got, run_case(batch, slice(0, n), "torch", kind, grad_output=go), tol, "vs torch")
 
+    def test_triton_teacher_text_grad():
+        batch = make_batch(21, 10, seed=5)
+        got = run_case(batch, slice(0, 21), "triton", "distill", teacher_text_grad=True, grad_output=0.7)
+        assert_matches(got, textbook(batch, "distill", teacher_text_grad=True, grad_output=0.7), 1e-5)
+
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("kind", ["clip", "distill"])
     def test_triton_half_precision(dtype, kind):
