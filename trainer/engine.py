@@ -89,33 +89,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, on_gpu: bool):
         f"torch.optim.AdamW({'fused' if on_gpu else 'foreach'})"
 
 
-def _patch_scalar_broadcast() -> None:
-    """DeepSpeed 0.19.8 broadcasts each parameter as ``p.data.view(torch.uint8)``, which raises for a
-    0-dim parameter (CLIP's ``logit_scale``). Broadcast those as shape ``[1]`` and restore the shape;
-    this runs before the optimizer is wrapped, so no flat buffer has captured the parameter yet."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine._broadcast_model
-    if getattr(original, "_scalar_safe", False):
-        return
-
-    def broadcast_model(self):
-        scalars = [p for p in self.module.parameters() if p.dim() == 0]
-        for p in scalars:
-            p.data = p.data.reshape(1)
-        try:
-            original(self)
-        finally:
-            for p in scalars:
-                p.data = p.data.reshape(())
-    broadcast_model._scalar_safe = True
-    DeepSpeedEngine._broadcast_model = broadcast_model
-
-
 def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
     import deepspeed
 
-    _patch_scalar_broadcast()
 
     on_gpu = torch.cuda.is_available()
     optimizer, name = build_optimizer(cfg, model, on_gpu)

@@ -66,7 +66,18 @@ def build_clip_config(mc: ModelConfig, tokenizer) -> CLIPConfig:
 
 
 class ClipTrainModel(CLIPModel):
-    """``CLIPModel`` whose forward returns what the contrastive step needs."""
+    """``CLIPModel`` whose forward returns what the contrastive step needs.
+
+    ``logit_scale`` is held with shape ``[1]``: DeepSpeed 0.19.8 broadcasts and partitions
+    parameters as ``p.data.view(torch.uint8)``, which raises for 0-dim tensors (engine broadcast,
+    ZeRO-3 init). State-dict hooks keep the standard 0-dim ``transformers`` layout on the outside.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit_scale = torch.nn.Parameter(self.logit_scale.data.reshape(1))
+        self._register_state_dict_hook(_logit_scale_to_scalar)
+        self._register_load_state_dict_pre_hook(_logit_scale_from_scalar)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
@@ -78,12 +89,25 @@ class ClipTrainModel(CLIPModel):
     def scale(self) -> torch.Tensor:
         # Clamped in the forward, not on the parameter: under ZeRO the optimizer holds the fp32
         # master copy, so clamping the module's copy after a step would be silently undone.
-        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp().reshape(())
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, **_):
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
         return image, text, self.scale()
+
+
+def _logit_scale_to_scalar(module, state_dict, prefix, local_metadata):
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].numel() == 1:  # ZeRO-3 partitions are empty: leave them
+        state_dict[key] = state_dict[key].reshape(())
+    return state_dict
+
+
+def _logit_scale_from_scalar(state_dict, prefix, *args):
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
 
 
 def build_model(mc: ModelConfig, tokenizer, seed: int) -> ClipTrainModel:

@@ -1,0 +1,78 @@
+"""Shared fixtures: a small demo data set (made once per session) and a trainer launcher."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from trainer.demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo-data")
+    make_demo_data(out, num_train=768, num_val=96, num_text=40, seed=0, shard_size=128)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_overrides(data: Path, out: Path) -> list[str]:
+    return [f"output_dir={out}", f"data.train_shards={data}/train", f"data.val_shards={data}/val",
+            f"tokenizer.path={data}/tokenizer", f"eval.zeroshot={data}/zeroshot.json"]
+
+
+def trainer_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **extra}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def trainer_cmd(args: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [PY, "-m", "trainer", *args]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+            "-m", "trainer", *args]
+
+
+def run_trainer(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """Run ``python -m trainer ARGS`` (under torchrun when nproc > 1) and capture its output."""
+    return subprocess.run(trainer_cmd(args, nproc), cwd=ROOT, env=trainer_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_trainer(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:
+    """Start the trainer in its own process group (so a test can SIGKILL all of it)."""
+    return subprocess.Popen(trainer_cmd(args, nproc), cwd=ROOT, env=trainer_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def check(proc: subprocess.CompletedProcess, code: int = 0) -> str:
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == code, f"exit {proc.returncode} (wanted {code})\n{text[-6000:]}"
+    return text
