@@ -106,7 +106,8 @@ class FusedGatheredLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, Y, scale, XT, m_row, m_col, alpha, spec, layout, backend):
-        with torch.no_grad():
+        # statistics stay fp32 even inside an autocast region
+        with torch.no_grad(), torch.autocast(X.device.type, enabled=False):
             s32 = scale.detach().float()
             (rmx, rsm), (cmx, csm) = backend.stats(X, Y, XT, s32, spec)
             cmx, csm = allreduce_stats(cmx, csm, layout)
@@ -130,8 +131,9 @@ class FusedGatheredLoss(torch.autograd.Function):
         coef = g_loss.float() * layout.norm
         a_row = ctx.alpha * m_row if m_row is not None else None
         a_col = ctx.alpha * m_col if m_col is not None else None
-        gy_sum, dY = backward_panels(ctx.backend, X, Y, XT, s32, lse_row, lse_col, a_row, a_col,
-                                     layout, spec, coef * s32, ctx.needs_input_grad[1])
+        with torch.autocast(X.device.type, enabled=False):
+            gy_sum, dY = backward_panels(ctx.backend, X, Y, XT, s32, lse_row, lse_col, a_row,
+                                         a_col, layout, spec, coef * s32, ctx.needs_input_grad[1])
         d_scale = None
         if ctx.needs_input_grad[2]:
             d_scale = (coef * (X.float() * gy_sum).sum()).to(scale.dtype)
