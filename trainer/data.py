@@ -110,15 +110,20 @@ class _Counter:
 
 
 def _raw_samples(urls, counter: _Counter, manifest, max_empty_shards: int = 100) -> Iterator[dict]:
-    """Samples shard by shard (never grouped across shard boundaries), filtered by the manifest."""
+    """Samples shard by shard (never grouped across shard boundaries), filtered by the manifest.
+    A shard that yields no sample at all (empty, or unreadable from the start) counts as skipped."""
     empty = 0
     for url in urls:
-        n = 0
+        n_raw = n_kept = 0
+        errors_before = counter.skipped
         for sample in tariterators.tarfile_samples([{"url": url}], handler=counter.handler):
+            n_raw += 1
             if manifest is None or sample["__key__"] in manifest:
-                n += 1
+                n_kept += 1
                 yield sample
-        empty = 0 if n else empty + 1
+        if n_raw == 0 and counter.skipped == errors_before:
+            counter.handler(ValueError("shard holds no sample", url))
+        empty = 0 if n_kept else empty + 1
         if empty >= max_empty_shards:  # resampling would otherwise spin forever
             raise RuntimeError(f"no usable sample in the last {empty} shard reads (last: {url}); "
                                "the shards are unreadable or data.manifest keeps none of their keys")
@@ -200,7 +205,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         consumed = int(self.resume["consumed"].get(str(w), 0))
         for _ in range(consumed):  # resume: skip raw samples already trained on, undecoded
             next(samples)
-        images, captions = [], []
+        images, captions, keys = [], [], []
         for sample in samples:
             consumed += 1
             try:
@@ -210,10 +215,11 @@ class TrainStream(torch.utils.data.IterableDataset):
                 continue
             images.append(pixels)
             captions.append(caption)
+            keys.append(sample["__key__"])
             if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), **self.decoder.tokenize(captions),
+                yield {"image": torch.stack(images), **self.decoder.tokenize(captions), "keys": keys,
                        "worker": w, "consumed": consumed, "skipped": counter.skipped}
-                images, captions = [], []
+                images, captions, keys = [], [], []
 
 
 def position_after(batch_meta: dict, state: dict, n_logical: int) -> dict:
@@ -238,7 +244,11 @@ def eval_batches(urls: list[str], decoder: SampleDecoder, batch_size: int, rank:
                  world: int) -> Iterator[dict]:
     """This rank's share of the validation set, in order, as batches with ``label``."""
     counter = _Counter()
-    images, captions, labels = [], [], []
+    images, captions, labels, keys = [], [], [], []
+
+    def batch():
+        return {"image": torch.stack(images), **decoder.tokenize(captions), "label": torch.tensor(labels),
+                "keys": list(keys)}
     for sample in _eval_samples(urls, rank, world, counter):
         try:
             pixels, caption, label = decoder(sample)
@@ -248,11 +258,12 @@ def eval_batches(urls: list[str], decoder: SampleDecoder, batch_size: int, rank:
         images.append(pixels)
         captions.append(caption)
         labels.append(label)
+        keys.append(sample["__key__"])
         if len(images) == batch_size:
-            yield {"image": torch.stack(images), **decoder.tokenize(captions), "label": torch.tensor(labels)}
-            images, captions, labels = [], [], []
+            yield batch()
+            images, captions, labels, keys = [], [], [], []
     if images:
-        yield {"image": torch.stack(images), **decoder.tokenize(captions), "label": torch.tensor(labels)}
+        yield batch()
 
 
 def load_tokenizer(path: str | None):

@@ -1,0 +1,110 @@
+"""Model presets, parameter groups, the DeepSpeed config files and their resolution."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPModel
+
+from trainer.config import load_config
+from trainer.engine import DS_DIR, build_ds_config, lr_lambda
+from trainer.model import ClipTrainModel, build_clip_config, build_model, param_groups
+
+
+class Tok:  # the few tokenizer attributes the model needs
+    eos_token_id, pad_token_id, bos_token_id = 3, 0, 2
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("preset, millions", [("vit-b-32", 151.28), ("vit-b-16", 149.62), ("vit-l-14", 427.62)])
+def test_presets_have_the_clip_paper_sizes(preset, millions):
+    """Parameter counts of OpenAI's CLIP models (vocab 49408, context 77), built on the meta device."""
+    cfg = load_config(None, [f"model.preset={preset}"])
+    with torch.device("meta"):
+        model = ClipTrainModel(build_clip_config(cfg.model, Tok(49408)))
+    n = sum(p.numel() for p in model.parameters())
+    assert n / 1e6 == pytest.approx(millions, abs=0.02)
+
+
+def test_state_dict_is_the_transformers_layout_and_forward_is_normalised():
+    cfg = load_config("trainer/configs/demo.yaml")
+    model = build_model(cfg.model, Tok(500), seed=0)
+    reference = CLIPModel(model.config)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)  # logit_scale included: 0-dim
+    assert ours["logit_scale"].item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+    reference.load_state_dict(ours)
+    x, ids = torch.randn(3, 3, 64, 64), torch.randint(4, 500, (3, 32))
+    ids[:, 10] = 3
+    img, txt, scale = model(pixel_values=x, input_ids=ids)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(3)) and torch.allclose(txt.norm(dim=-1), torch.ones(3))
+    want = torch.nn.functional.normalize(reference.get_image_features(pixel_values=x).pooler_output, dim=-1)
+    torch.testing.assert_close(img, want)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(500.0))
+    assert model.scale().item() == pytest.approx(100.0)  # clamped in the forward
+
+
+def test_param_groups_exclude_norms_biases_embeddings_and_scale():
+    cfg = load_config("trainer/configs/demo.yaml")
+    model = build_model(cfg.model, Tok(500), seed=0)
+    decay, no_decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "logit_scale" in nd and "text_model.embeddings.token_embedding.weight" in nd
+    assert "vision_model.embeddings.class_embedding" in nd and "text_model.final_layer_norm.weight" in nd
+    assert "vision_model.encoder.layers.0.self_attn.q_proj.bias" in nd
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight" in d and "visual_projection.weight" in d
+    assert len(d) + len(nd) == len(list(model.parameters())) and decay["weight_decay"] == 0.2
+
+
+# DeepSpeed silently ignores misspelled top-level keys: pin what our files may contain.
+ALLOWED_TOP = {"zero_optimization", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown"}
+ALLOWED_ZERO = {"stage", "overlap_comm", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size",
+                "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "stage3_gather_16bit_weights_on_model_save", "offload_optimizer", "offload_param"}
+
+
+@pytest.mark.parametrize("path", sorted(DS_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_ds_config_files_use_known_keys_only(path: Path):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    ds = json.loads(path.read_text())
+    assert set(ds) <= ALLOWED_TOP, set(ds) - ALLOWED_TOP
+    assert set(ds["zero_optimization"]) <= ALLOWED_ZERO
+    assert "cpu_offload" not in json.dumps(ds)  # deprecated spelling
+    DeepSpeedZeroConfig(**ds["zero_optimization"])  # DeepSpeed's own schema accepts it
+    stage = ds["zero_optimization"]["stage"]
+    assert path.name in (f"zero{stage}.json", "zero3_offload.json")
+
+
+def test_resolved_ds_config_takes_batch_clip_precision_from_trainer_config():
+    cfg = load_config("trainer/configs/demo.yaml", ["data.batch_size=24", "train.grad_accum_steps=3",
+                                                      "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
+                                                      "deepspeed.precision=fp16"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 24 * 3 * 4 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
+    off = build_ds_config(load_config(None, ["deepspeed.zero_stage=3", "deepspeed.offload=true"]), 1)
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and off["bf16"]["enabled"]
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_the_floor():
+    cfg = load_config(None, ["max_steps=110", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
