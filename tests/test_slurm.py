@@ -321,16 +321,17 @@ def test_array_job_runs_every_index(cluster, jobs_dir):
 @pytest.mark.timeout(600)
 def test_bad_input_fails_fast_with_a_clear_message(cluster, demo_data, jobs_dir, deepspeed_ops):
     one_node = ["-N", "1", *CPU_NODE_ARGS]
+    two_nodes = ["-N", "2", *CPU_NODE_ARGS]
     cases = {
         "missing-config": ([*one_node, TRAIN, "configs/no-such-config.yaml"],
                            "config file 'configs/no-such-config.yaml' not found"),
-        "missing-data": ([*one_node, TRAIN, CONFIG, *overrides(demo_data, jobs_dir / "run-bad-data",
-                                                             **{"data.train_shards": "/nonexistent/shards"})],
+        "missing-data": ([*two_nodes, TRAIN, CONFIG, *overrides(demo_data, jobs_dir / "run-bad-data",
+                                                              **{"data.train_shards": "/nonexistent/shards"})],
                          "'data.train_shards': no shard matches '/nonexistent/shards'"),
-        # the config demands 2 ranks (global batch 32 = 16 per rank x 2); the job has 1 task
-        "too-few-tasks": ([*one_node, TRAIN, CONFIG, *overrides(demo_data, jobs_dir / "run-bad-world",
-                                                              **{"train.global_batch_size": 32})],
-                          "train.global_batch_size(32) != data.batch_size(16)"),
+        # the config demands 4 ranks (global batch 64 = 16 per rank x 4); the job has 2 tasks
+        "too-few-tasks": ([*two_nodes, TRAIN, CONFIG, *overrides(demo_data, jobs_dir / "run-bad-world",
+                                                               **{"train.global_batch_size": 64})],
+                          "train.global_batch_size(64) != data.batch_size(16)"),
     }
     jobs = {name: submit(cluster, jobs_dir, args, name) for name, (args, _) in cases.items()}
     for name, (job, log) in jobs.items():
@@ -339,6 +340,7 @@ def test_bad_input_fails_fast_with_a_clear_message(cluster, demo_data, jobs_dir,
         assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "2:0", (name, text[-2000:])
         assert cases[name][1] in text, (name, text[-2000:])
         assert "Traceback" not in text, (name, text[-2000:])
+        assert "rejected its input" in text or name == "missing-config", (name, text[-2000:])
         assert "requeue" not in rec.get("Reason", "").lower() and rec["Restarts"] == "0"
         assert runtime_s(rec) <= 240, (name, rec["RunTime"])  # python start-up only, no training
         if name == "missing-config":
