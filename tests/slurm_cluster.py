@@ -57,6 +57,15 @@ def missing_requirements() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the daemon gets SIGTERM if the test process dies without tearing down."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _free_ports(n: int) -> list[int]:
     socks, ports = [], []
     try:
@@ -206,7 +215,7 @@ class SlurmCluster:
         env = dict(self.env)
         self._procs[name] = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
 
     def _check_alive(self) -> None:

@@ -55,6 +55,12 @@ def test_scripts_parse_and_header_defaults():
     assert "--time" in opts
 
 
+def test_missing_binaries_skip_with_install_hint(monkeypatch):
+    monkeypatch.setattr(sc, "_which", lambda name: None if name in ("slurmd", "munged") else "/bin/true")
+    reason = sc.missing_requirements()
+    assert "slurmd" in reason and "munged" in reason and "apt-get install -y slurm-wlm munge" in reason
+
+
 def test_pipeline_dry_run_chains_with_afterok():
     out = subprocess.run(
         [str(SLURM_DIR / "pipeline.sh"), "--dry-run", "--after", "41",
