@@ -33,6 +33,14 @@ def gathered_layout(local_rows: int, group=None, device=None) -> tuple[int, list
     return sum(sizes[:rank]), sizes
 
 
+def _all_gather_flat(out: torch.Tensor, local: torch.Tensor, group) -> None:
+    # torch 2.14 renamed all_gather_into_tensor (now a deprecation warning on every call).
+    if hasattr(dist, "all_gather_single"):
+        dist.all_gather_single(out, local, group=group)
+    else:
+        dist.all_gather_into_tensor(out, local, group=group)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor, group, sizes: list[int]):
@@ -42,7 +50,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         padded = local.new_zeros((max_rows,) + tuple(local.shape[1:]))
         padded[: local.shape[0]] = local
         out = local.new_empty((world * max_rows,) + tuple(local.shape[1:]))
-        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        _all_gather_flat(out, padded.contiguous(), group)
         if all(s == max_rows for s in sizes):
             return out
         return torch.cat([out[r * max_rows: r * max_rows + s] for r, s in enumerate(sizes)])

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import data_overrides, run_trainer
 from trainer.config import ConfigError, check_world, describe, load_config
 
 DEMO = "trainer/configs/demo.yaml"
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
 
 
 def test_overrides_are_typed_and_nested():
@@ -59,6 +61,10 @@ def test_every_key_is_documented():
     (["--config", DEMO, "train.global_batch_size=512"], "error: train.global_batch_size(512) != data.batch_size(64)"),
     (["--config", DEMO, "tokenizer.path=/nonexistent/tok"], "error: config key 'tokenizer.path': directory not found"),
     (["--config", DEMO, "model.preset=vit-h-14"], "error: config key 'model.preset' must be one of tiny, vit-b-32"),
+    pytest.param(["--config", DEMO, "deepspeed.precision=fp16"],
+                 "error: config key 'deepspeed.precision' is fp16, which DeepSpeed's cpu", marks=CPU_ONLY),
+    pytest.param(["--config", DEMO, "loss.impl=triton"], "error: config key 'loss.impl' is 'triton' but there is no GPU",
+                 marks=CPU_ONLY),
 ])
 def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(demo_data, tmp_path, args, message):
     good = data_overrides(demo_data, tmp_path / "out")

@@ -108,3 +108,19 @@ def test_schedule_is_linear_warmup_then_cosine_to_the_floor():
     assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    cfg = load_config("trainer/configs/demo.yaml")
+    x, ids = torch.randn(4, 3, 64, 64), torch.randint(4, 500, (4, 32))
+    ids[:, 12] = 3
+    grads = []
+    for ckpt in (False, True):
+        cfg.model.grad_checkpointing = ckpt
+        model = build_model(cfg.model, Tok(500), seed=0).train()
+        img, txt, scale = model(pixel_values=x, input_ids=ids)
+        (scale * img @ txt.T).logsumexp(1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)

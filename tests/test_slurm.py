@@ -99,10 +99,11 @@ def demo_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deepspeed_ops():
-    """Build DeepSpeed's CPU shared-memory comm op once, here, before the jobs need it.
+    """Load DeepSpeed's CPU shared-memory comm op once, here, before the jobs need it.
 
-    Otherwise the first training job compiles it inside its ranks (minutes on a busy machine),
-    while the other ranks wait at the rendezvous.
+    `make` installs it precompiled (instant); a DeepSpeed installed without DS_BUILD_SHM_COMM=1
+    would otherwise JIT-compile it inside the first job's ranks (minutes on a busy machine) while
+    the other ranks wait at the rendezvous.
     """
     subprocess.run([sys.executable, "-c", "import importlib; importlib.import_module('deepspeed.comm.torch').build_shm_op()"],
                    check=True, cwd=REPO, capture_output=True, timeout=JOB_TIMEOUT)
@@ -243,9 +244,6 @@ def test_preempted_job_requeues_and_resumes_identically(cluster, demo_data, jobs
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS}"
 
 
-@pytest.mark.xfail(reason="trainer: DataLoader workers die on the SIGTERM that SLURM sends to every process "
-                          "of the step, which crashes the rank before it checkpoints (needs a worker_init_fn "
-                          "that ignores SIGTERM/SIGUSR1); see slurm/README.md", strict=False)
 @pytest.mark.timeout(JOB_TIMEOUT + 200)
 def test_scancel_saves_a_checkpoint_and_does_not_requeue(cluster, demo_data, jobs_dir, deepspeed_ops):
     """Plain scancel: SIGTERM to every process of the job (as at a time limit or preemption).

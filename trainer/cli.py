@@ -40,6 +40,7 @@ def _train(args) -> int:
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
     if cfg.loss.impl == "triton":
         _require_triton()
+    _check_precision(cfg)
     from .train import run
     return run(cfg, le, tokenizer)
 
@@ -49,6 +50,20 @@ def _require_triton() -> None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("config key 'loss.impl' is 'triton' but there is no GPU; use chunked or auto "
                           "(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)")
+
+
+def _check_precision(cfg) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if cfg.deepspeed.precision == "fp16" and not acc.is_fp16_supported():
+        raise ConfigError(f"config key 'deepspeed.precision' is fp16, which DeepSpeed's {acc.device_name()} "
+                          "accelerator does not support; use bf16 or fp32")
+    if cfg.deepspeed.precision == "bf16" and acc.device_name() == "cpu":
+        import logging
+        logging.getLogger("trainer").warning(
+            "deepspeed.precision=bf16 on CPU: without bf16 units (most CPUs) its matmuls run far slower "
+            "than fp32; trainer/configs/demo.yaml uses fp32")
 
 
 def _make_demo_data(args) -> int:
@@ -111,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config, e.g. trainer/configs/demo.yaml")
     t.add_argument("--resume", help="'latest' (default when output_dir holds a checkpoint) or 'none'")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    # The `deepspeed` launcher appends --local_rank=N; the rank comes from the environment anyway.
+    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
     m = sub.add_parser("make-demo-data", help="write the synthetic demo data set")
     m.add_argument("--out", required=True)

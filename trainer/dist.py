@@ -27,24 +27,32 @@ class LaunchEnv:
     launcher: str
 
 
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
 def _first_slurm_host() -> str:
+    """Address of the allocation's first node (its NodeAddr: node names need not resolve)."""
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
-        return out[0] if out else "127.0.0.1"
-    except (OSError, subprocess.SubprocessError):
+        first = _scontrol("show", "hostnames", nodelist).split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0]
+    try:
+        fields = dict(f.split("=", 1) for f in _scontrol("show", "node", "-o", first).split() if "=" in f)
+        return fields.get("NodeAddr", first)
+    except (OSError, subprocess.SubprocessError):
+        return first
 
 
 def launch_env() -> LaunchEnv:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "slurm" if "SLURM_PROCID" in env else "torchrun/deepspeed"
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                         "torchrun/deepspeed")
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),

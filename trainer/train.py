@@ -50,6 +50,14 @@ class StopRequest:
         self.signum = signum
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """SLURM signals every process of a job step, loader workers included; torch's worker handler
+    would die on a SIGTERM that is not from its parent and take the rank down before it can
+    checkpoint. Only the main process acts on USR1/TERM/INT."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TrainData:
     """Micro-batches for this rank, epoch after epoch, with a resumable position."""
 
@@ -73,6 +81,7 @@ class TrainData:
                                shuffle_buffer=d.shuffle_buffer, manifest=self.manifest,
                                resume=self.position["stream"] or None)
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=d.workers,
+                                                worker_init_fn=_ignore_stop_signals,
                                                 prefetch_factor=4 if d.workers else None))
 
     def next(self) -> dict:
@@ -162,8 +171,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     stop = StopRequest()
     device = init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
     setup_logging(le.rank)
-    logging.getLogger("trainer").warning("rank %d/%d on %s (launcher: %s, device: %s)",
-                                         le.rank, le.world_size, hostname(), le.launcher, device)
+    logging.getLogger("trainer").warning("rank %d/%d on %s (launcher: %s, device: %s)", le.rank, le.world_size,
+                                         os.environ.get("SLURMD_NODENAME", hostname()), le.launcher, device)
     out = Path(cfg.output_dir)
     ds_config = build_ds_config(cfg, le.world_size)
     config_yaml = write_run_files(cfg, ds_config, out) if le.rank == 0 else yaml.safe_dump(to_dict(cfg), sort_keys=False)
