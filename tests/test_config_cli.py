@@ -66,13 +66,24 @@ def test_every_key_is_documented():
     pytest.param(["--config", DEMO, "loss.impl=triton"], "error: config key 'loss.impl' is 'triton' but there is no GPU",
                  marks=CPU_ONLY),
 ])
-def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(demo_data, tmp_path, args, message):
+def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(demo_data, tmp_path, capsys, args, message):
+    """In-process through trainer.cli.main (the code `python -m trainer` runs); see the subprocess test below."""
+    from trainer.cli import main
+
     good = data_overrides(demo_data, tmp_path / "out")
-    proc = run_trainer(["train", *args[:2], *good, *args[2:]] if len(args) > 2 else ["train", *args, *good])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    argv = ["train", *args[:2], *good, *args[2:]] if len(args) > 2 else ["train", *args, *good]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_real_process_exits_2_with_one_line(demo_data, tmp_path):
+    proc = run_trainer(["train", "--config", DEMO, *data_overrides(demo_data, tmp_path / "out"), "optim.lrr=1"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: unknown config key 'optim.lrr' in optim; allowed: betas, eps, grad_clip, impl, lr, min_lr_ratio, "
+        "warmup_steps, weight_decay"]
 
 
 def test_demo_data_bad_arguments_exit_2(tmp_path):

@@ -166,3 +166,18 @@ def test_zero_stages_give_the_same_losses(baseline, demo_data, tmp_path, stage):
     # Note: max_steps=4 changes the cosine horizon, but steps 1..3 are in warm-up, and step 4's
     # loss is computed before the 4th update.
     assert got == pytest.approx(want, rel=2e-4)
+
+
+def test_resume_none_refuses_an_output_dir_with_checkpoints(baseline, demo_data):
+    proc = run_trainer(train_args(demo_data, baseline, "--resume", "none"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "checkpoint.resume is 'none' but" in proc.stderr and "already holds checkpoints" in proc.stderr
+
+
+def test_branching_from_a_checkpoint_path_continues_its_losses(baseline, demo_data, tmp_path):
+    out = tmp_path / "branch"
+    start = baseline / "checkpoints" / "step_8"
+    text = check(run_trainer(train_args(demo_data, out, f"checkpoint.resume={start}"), nproc=2))
+    assert f"resumed from {start} (step 8)" in text
+    assert sorted(losses(out)) == [9, 10, 11, 12]
+    assert losses(out) == pytest.approx({s: v for s, v in losses(baseline).items() if s > 8}, rel=1e-5, abs=1e-6)

@@ -37,6 +37,7 @@ def _train(args) -> int:
     if cfg.eval.zeroshot:
         load_zeroshot(cfg.eval.zeroshot)
     D.read_manifest(cfg.data.manifest)
+    _check_resume(cfg)
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
     if cfg.loss.impl == "triton":
         _require_triton()
@@ -50,6 +51,19 @@ def _require_triton() -> None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("config key 'loss.impl' is 'triton' but there is no GPU; use chunked or auto "
                           "(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)")
+
+
+def _check_resume(cfg) -> None:
+    from pathlib import Path
+
+    resume = cfg.checkpoint.resume
+    latest = Path(cfg.output_dir) / "checkpoints" / "latest"
+    if resume == "none" and latest.is_file():
+        raise ConfigError(f"checkpoint.resume is 'none' but {latest.parent} already holds checkpoints; "
+                          "use a new output_dir, or resume with --resume latest")
+    if resume not in ("auto", "latest", "none"):
+        from .export import resolve_checkpoint
+        resolve_checkpoint(resume)  # a path that is not a complete checkpoint is a ConfigError
 
 
 def _check_precision(cfg) -> None:

@@ -94,7 +94,7 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = _f(500, "save a checkpoint every N optimizer steps (and at the end)", min=1)
     keep_last: int = _f(3, "complete checkpoints to keep", min=1)
-    resume: str = _f("auto", "auto: resume from output_dir's latest if present | none: refuse to reuse an output_dir with checkpoints | a checkpoint tag or path")
+    resume: str = _f("auto", "auto (= latest): resume from output_dir's latest checkpoint if present | none: start fresh, refusing an output_dir that holds checkpoints | a checkpoint path (step_N directory) to continue from")
 
 
 @dataclass

@@ -185,11 +185,16 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
     state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
-    tag = ckpt.latest_tag() if cfg.checkpoint.resume in ("auto", "latest") else None
+    root, tag = ckpt.root, None
+    if cfg.checkpoint.resume in ("auto", "latest"):
+        tag = ckpt.latest_tag()
+    elif cfg.checkpoint.resume != "none":  # an explicit checkpoint, e.g. to branch a run
+        from .export import resolve_checkpoint
+        root, tag = resolve_checkpoint(cfg.checkpoint.resume)
     if tag is not None:
-        state = ckpt.load(engine, tag)
+        state = ckpt.load(engine, tag, root=root)
         _set_rng_state(state.pop("rng"))
-        log.info("resumed from %s (step %d)", ckpt.root / tag, state["step"])
+        log.info("resumed from %s (step %d)", root / tag, state["step"])
 
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
