@@ -27,7 +27,7 @@ demo: venv
 	bash scripts/demo.sh $(DEMO_DIR) $(DEMO_OUT) $(NPROC)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs
