@@ -43,7 +43,7 @@ def test_state_dict_is_the_transformers_layout_and_forward_is_normalised():
     assert all(ours[k].shape == theirs[k].shape for k in ours)  # logit_scale included: 0-dim
     assert ours["logit_scale"].item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
     reference.load_state_dict(ours)
-    x, ids = torch.randn(3, 3, 64, 64), torch.randint(4, 500, (3, 32))
+    x, ids = torch.randn(3, 3, 64, 64), torch.randint(4, 500, (3, cfg.model.context_length))
     ids[:, 10] = 3
     img, txt, scale = model(pixel_values=x, input_ids=ids)
     assert torch.allclose(img.norm(dim=-1), torch.ones(3)) and torch.allclose(txt.norm(dim=-1), torch.ones(3))
@@ -112,7 +112,7 @@ def test_schedule_is_linear_warmup_then_cosine_to_the_floor():
 
 def test_activation_checkpointing_gives_the_same_gradients():
     cfg = load_config("trainer/configs/demo.yaml")
-    x, ids = torch.randn(4, 3, 64, 64), torch.randint(4, 500, (4, 32))
+    x, ids = torch.randn(4, 3, 64, 64), torch.randint(4, 500, (4, cfg.model.context_length))
     ids[:, 12] = 3
     grads = []
     for ckpt in (False, True):
