@@ -166,6 +166,22 @@ def write_run_files(cfg: Config, ds_config: dict, out: Path) -> str:
     return config_yaml
 
 
+def resume_state(cfg: Config, ckpt: CheckpointManager, engine) -> dict:
+    """Load the checkpoint ``checkpoint.resume`` selects into the engine; return the trainer state."""
+    root, tag = ckpt.root, None
+    if cfg.checkpoint.resume in ("auto", "latest"):
+        tag = ckpt.latest_tag()
+    elif cfg.checkpoint.resume != "none":  # an explicit checkpoint, e.g. to branch a run
+        from .export import resolve_checkpoint
+        root, tag = resolve_checkpoint(cfg.checkpoint.resume)
+    if tag is None:
+        return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+    state = ckpt.load(engine, tag, root=root)
+    _set_rng_state(state.pop("rng"))
+    log.info("resumed from %s (step %d)", root / tag, state["step"])
+    return state
+
+
 def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     """Train to ``max_steps`` (resuming when possible); returns the process exit status."""
     stop = StopRequest()
@@ -184,17 +200,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
              sum(p.numel() for p in model.parameters()) / 1e6, ds_config["train_batch_size"])
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
-    state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
-    root, tag = ckpt.root, None
-    if cfg.checkpoint.resume in ("auto", "latest"):
-        tag = ckpt.latest_tag()
-    elif cfg.checkpoint.resume != "none":  # an explicit checkpoint, e.g. to branch a run
-        from .export import resolve_checkpoint
-        root, tag = resolve_checkpoint(cfg.checkpoint.resume)
-    if tag is not None:
-        state = ckpt.load(engine, tag, root=root)
-        _set_rng_state(state.pop("rng"))
-        log.info("resumed from %s (step %d)", root / tag, state["step"])
+    state = resume_state(cfg, ckpt, engine)
 
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
