@@ -111,3 +111,12 @@ def test_eval_split_covers_every_sample_once(demo_data, world):
     assert len(flat) == len(set(flat)) == 96
     labels = [int(lab) for b in D.eval_batches(urls, dec, 50, 0, 1) for lab in b["label"]]
     assert len(labels) == 96 and min(labels) >= 0 and max(labels) < 36
+
+
+def test_pipe_urls_stream_the_same_samples_as_files(demo_data):
+    """`pipe:` shards (as for object stores: `pipe:aws s3 cp s3://... -`) read like local files."""
+    shard = sorted((demo_data / "val").glob("*.tar"))[0]
+    dec = decoder(demo_data, train=False)
+    by_file = [k for b in D.eval_batches([str(shard)], dec, 16, 0, 1) for k in b["keys"]]
+    by_pipe = [k for b in D.eval_batches([f"pipe:cat {shard}"], dec, 16, 0, 1) for k in b["keys"]]
+    assert by_pipe == by_file and len(by_file) == 96
