@@ -76,13 +76,9 @@ def embed_split(model, batches, dummy: dict, device, dtype):
             imgs.append(img.float())
             txts.append(txt.float())
             labels.append(batch["label"].to(device))
-    d = dummy_dim(model)
-    cat = (lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape, device=device))
-    return cat(imgs, (0, d)), cat(txts, (0, d)), (torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
-
-
-def dummy_dim(model) -> int:
-    return model.config.projection_dim
+    def cat(parts, dtype=torch.float32, width=(model.config.projection_dim,)):
+        return torch.cat(parts) if parts else torch.zeros((0, *width), dtype=dtype, device=device)
+    return cat(imgs), cat(txts), cat(labels, torch.long, ())
 
 
 def recall_at(sim: torch.Tensor, ks=(1, 5, 10)) -> dict[int, float]:
