@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import Config, ConfigError, apply_overrides, _build, _cross_checks, to_dict
+from .config import Config, ConfigError, load_config, to_dict
 from .model import ClipTrainModel, build_clip_config, preset_shape
 
 log = logging.getLogger("trainer")
@@ -36,10 +36,7 @@ def resolve_checkpoint(path: str) -> tuple[Path, str]:
 
 def checkpoint_config(path: str, overrides: list[str] = ()) -> tuple[Config, Path, str]:
     root, tag = resolve_checkpoint(path)
-    raw = yaml.safe_load((root / tag / "config.yaml").read_text())
-    cfg = _build(Config, apply_overrides(raw, list(overrides)))
-    _cross_checks(cfg)
-    return cfg, root, tag
+    return load_config(root / tag / "config.yaml", overrides), root, tag
 
 
 def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -158,12 +158,10 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def write_run_files(cfg: Config, ds_config: dict, out: Path) -> str:
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def write_run_files(config_yaml: str, ds_config: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", config_yaml)
     atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
-    return config_yaml
 
 
 def resume_state(cfg: Config, ckpt: CheckpointManager, engine) -> dict:
@@ -191,7 +189,9 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                                          os.environ.get("SLURMD_NODENAME", hostname()), le.launcher, device)
     out = Path(cfg.output_dir)
     ds_config = build_ds_config(cfg, le.world_size)
-    config_yaml = write_run_files(cfg, ds_config, out) if le.rank == 0 else yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if le.rank == 0:
+        write_run_files(config_yaml, ds_config, out)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     engine, optimizer_name = build_engine(cfg, model, ds_config)
     terms = build_terms(cfg.loss)
@@ -215,7 +215,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                   kill_before_latest=cfg.debug.kill_during_save_step == state["step"])
 
     progress = _progress(cfg, le.rank, state["step"])
-    window = {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}}
+    window = _new_window()
     status = 0
     while state["step"] < cfg.max_steps:
         t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
             skipped = _skipped_total(train_data)
             metrics_log.log(_window_metrics(window, engine, global_batch, state, skipped), state["step"])
-            window = {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}}
+            window = _new_window()
         if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
             run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
         (stop_now,) = all_reduce_flags(float(stop.signum != 0))
@@ -267,6 +267,11 @@ def _progress(cfg: Config, rank: int, initial: int):
                 file=sys.stderr, mininterval=2.0)
 
 
+def _new_window() -> dict:
+    """Sums over the steps since the last log line."""
+    return {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}}
+
+
 def _accumulate(window: dict, metrics: dict, dt: float, t_data: float) -> None:
     window["t"] += dt
     window["wait"] += t_data
@@ -277,22 +282,16 @@ def _accumulate(window: dict, metrics: dict, dt: float, t_data: float) -> None:
 
 def _window_metrics(window: dict, engine, global_batch: int, state: dict, skipped: int) -> dict:
     n = max(1, window["steps"])
-    module = engine.module
-    with torch.no_grad():
-        scale = float(module.scale().float()) if not _zero3(engine) else _zero3_scale(module)
     return {**{k: v / n for k, v in window["sums"].items()},
             "lr": engine.get_lr()[0], "samples_per_s": global_batch * window["steps"] / max(window["t"], 1e-9),
-            "data_wait_frac": window["wait"] / max(window["t"], 1e-9), "logit_scale": scale,
+            "data_wait_frac": window["wait"] / max(window["t"], 1e-9), "logit_scale": _logit_scale(engine.module),
             "data/skipped": skipped, "bad_steps": state["bad_total"]}
 
 
-def _zero3(engine) -> bool:
-    return engine.zero_optimization_stage() == 3
-
-
-def _zero3_scale(module) -> float:
+def _logit_scale(module) -> float:
     import deepspeed
-    with deepspeed.zero.GatheredParameters([module.logit_scale]):
+    # Gathers the partitioned parameter under ZeRO-3; a no-op for every other stage.
+    with torch.no_grad(), deepspeed.zero.GatheredParameters([module.logit_scale]):
         return float(module.scale().float())
 
 
