@@ -61,17 +61,34 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
 
 
+def select_device(local_rank: int) -> torch.device:
+    """The accelerator this rank drives, chosen from the devices it can see.
+
+    With one GPU bound per task (``srun --gpus-per-task=1``) every task sees one device, so
+    ``LOCAL_RANK`` (0..tasks per node - 1) is not a valid ordinal; the ordinal is taken modulo the
+    visible count, i.e. 0 there and ``LOCAL_RANK`` when every task sees every GPU of the node.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_distributed(le: LaunchEnv, backend: str = "auto", timeout_s: int = 1800) -> torch.device:
-    """Export the torch.distributed variables DeepSpeed expects and start the process group."""
+    """Export the torch.distributed variables DeepSpeed expects and start the process group.
+
+    DeepSpeed takes its device ordinal from ``LOCAL_RANK`` (``set_device(LOCAL_RANK)`` in the
+    engine, ``device_id`` for NCCL), so ``LOCAL_RANK`` is exported as the ordinal chosen by
+    :func:`select_device`; the launcher's value stays in ``TRAINER_LAUNCH_LOCAL_RANK``.
+    """
     import deepspeed
 
-    os.environ.update(RANK=str(le.rank), WORLD_SIZE=str(le.world_size), LOCAL_RANK=str(le.local_rank),
+    device = select_device(le.local_rank)
+    os.environ.update(RANK=str(le.rank), WORLD_SIZE=str(le.world_size),
+                      LOCAL_RANK=str(device.index if device.type == "cuda" else le.local_rank),
+                      TRAINER_LAUNCH_LOCAL_RANK=str(le.local_rank),
                       MASTER_ADDR=le.master_addr, MASTER_PORT=str(le.master_port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(le.local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
@@ -83,19 +100,46 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+# Every collective of the trainer goes through the helpers below (tests/test_dist.py fails on a
+# direct torch.distributed collective anywhere else in trainer/ or kernels/, the kernels' own
+# gather and statistics excepted: their tensors are the loss inputs, already on the device).
+# NCCL only moves tensors that live on the current CUDA device; gloo takes CPU tensors. Tensors
+# are moved to the backend's communication device and the result comes back where it came from.
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the current CUDA device under NCCL, else the CPU."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce ``t`` (``op``: sum | max | min) across the world; returns a new tensor on
+    ``t``'s device. Without a process group it returns a copy of ``t``."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t.clone()
+    buf = t.detach().to(comm_device(), copy=True).contiguous()
+    dist.all_reduce(buf, op=_OPS[op])
+    return buf.to(t.device)
+
+
+def all_reduce_flags(*flags: float, op: str = "max") -> list[float]:
+    """One small all-reduce for several per-step numbers (MAX by default)."""
+    return all_reduce(torch.tensor(flags, dtype=torch.float64), op).tolist()
+
+
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_flags(*flags: float, op=None) -> list[float]:
-    """One small all-reduce for several per-step flags (MAX by default)."""
-    t = torch.tensor(flags, dtype=torch.float64)
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=op or dist.ReduceOp.MAX)
-    return t.cpu().tolist()
+        if "nccl" in str(dist.get_backend()).lower():
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def hostname() -> str:

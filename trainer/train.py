@@ -297,7 +297,7 @@ def _logit_scale(module) -> float:
 
 def _skipped_total(train_data: TrainData) -> int:
     """Corrupt samples skipped by all ranks' workers so far."""
-    (total,) = all_reduce_flags(float(train_data.skipped_local()), op=torch.distributed.ReduceOp.SUM)
+    (total,) = all_reduce_flags(float(train_data.skipped_local()), op="sum")
     return int(total)
 
 
