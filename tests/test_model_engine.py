@@ -124,3 +124,38 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_logit_scale_pushed_past_the_bound_comes_back():
+    """Above ln(100) the clamp used to zero the gradient both ways, so the scale could never
+    come back down; now the gradient that lowers it passes, the one that raises it does not."""
+    cfg = load_config("trainer/configs/demo.yaml")
+    model = build_model(cfg.model, Tok(500), seed=0)
+    bound = math.log(100.0)
+    with torch.no_grad():
+        model.logit_scale.fill_(bound + 0.5)
+    model.scale().backward()  # d exp(min(x, b)) / dx at the bound, passed straight through
+    assert model.scale().item() == pytest.approx(100.0)
+    assert model.logit_scale.grad.item() == pytest.approx(100.0)
+    model.logit_scale.grad = None
+    (-model.scale()).backward()  # would push it further up: blocked
+    assert model.logit_scale.grad.item() == 0.0
+    # A loss that wants a low scale (mismatched pairs) brings the parameter back below the bound.
+    model.logit_scale.grad = None
+    opt = torch.optim.AdamW([model.logit_scale], lr=0.05, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=-1)
+    for _ in range(40):
+        logits = model.scale() * img @ txt.T
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(16))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.logit_scale.item() < bound - 0.3
+    # Below the bound it is an ordinary exp: autograd's gradient equals the closed form.
+    with torch.no_grad():
+        model.logit_scale.fill_(1.0)
+    model.logit_scale.grad = None
+    model.scale().backward()
+    assert model.logit_scale.grad.item() == pytest.approx(math.e, rel=1e-6)

@@ -88,13 +88,34 @@ class ClipTrainModel(CLIPModel):
 
     def scale(self) -> torch.Tensor:
         # Clamped in the forward, not on the parameter: under ZeRO the optimizer holds the fp32
-        # master copy, so clamping the module's copy after a step would be silently undone.
-        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp().reshape(())
+        # master copy, so clamping the module's copy after a step would be silently undone. The
+        # clamp lets through the gradient that points back below the bound, so a scale pushed
+        # past ln(100) comes back as soon as the loss asks for a lower one (open_clip clamps the
+        # parameter after each step, to the same effect).
+        return _ClampReturnable.apply(self.logit_scale, math.log(MAX_LOGIT_SCALE)).exp().reshape(())
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, **_):
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
         return image, text, self.scale()
+
+
+class _ClampReturnable(torch.autograd.Function):
+    """``min(x, bound)`` whose gradient is zero above the bound only where it would push ``x``
+    further up (descent direction ``-grad`` > 0); a plain clamp zeroes it in both directions,
+    leaving a parameter above the bound stuck there for good."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bound: float):
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+        return x.clamp(max=bound)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        stuck = (x > ctx.bound) & (grad < 0)
+        return torch.where(stuck, torch.zeros_like(grad), grad), None
 
 
 def _logit_scale_to_scalar(module, state_dict, prefix, local_metadata):
