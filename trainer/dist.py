@@ -57,7 +57,7 @@ def launch_env() -> LaunchEnv:
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                          env.get("MASTER_ADDR") or _first_slurm_host(),
-                         int(env.get("MASTER_PORT") or 29500 + job % 10000), "slurm")
+                         int(env.get("MASTER_PORT") or __import__("trainer.ports").ports.derive_port(job)), "slurm")
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
 
 
