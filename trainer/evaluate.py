@@ -3,9 +3,17 @@
     result = evaluate(model, cfg, tokenizer, rank, world, device)
     # {"zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", ..., "num_samples"}
 
-Each rank embeds its share of the validation set; top-k counts are summed across ranks and the
-embeddings gathered for retrieval. Every rank runs the same number of forward passes (a rank
-whose share is exhausted runs a discarded dummy batch), which ZeRO-3's parameter gathering needs.
+Each rank embeds its share of the validation set; top-k counts are summed across ranks. For
+retrieval the embeddings are gathered (``[N, D]``, never the ``N x N`` similarity matrix): each
+rank ranks its own images against all texts and its own texts against all images, in blocks of
+at most ``RETRIEVAL_BLOCK_ROWS`` rows, so a rank holds at most ``block x N`` scores at a time, and
+the hit counts are summed across ranks. Ties count against the model: a query's match ranks below
+every other candidate with an equal score (repeated captions do not inflate R@k).
+
+Every rank runs the same number of forward passes (a rank whose share is exhausted runs a
+discarded dummy batch), which ZeRO-3's parameter gathering needs. Every collective goes through
+``trainer.dist`` (tensors moved to the backend's communication device: NCCL needs CUDA tensors)
+or the kernels' ``all_gather_with_grad`` (whose tensors are the embeddings, on the model device).
 """
 from __future__ import annotations
 
@@ -14,16 +22,17 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from kernels.gather import all_gather_with_grad
+from kernels.gather import all_gather_with_grad, world_info
 
 from . import data as D
 from .config import Config, ConfigError
-from .dist import all_reduce_flags
+from .dist import all_reduce, all_reduce_flags
 from .model import preset_shape
 
 log = logging.getLogger("trainer")
+RECALL_KS = (1, 5, 10)
+RETRIEVAL_BLOCK_ROWS = 1024  # query rows scored at once: a rank holds at most this many x N scores
 
 
 def load_zeroshot(path: str) -> tuple[list[str], list[str]]:
@@ -81,11 +90,59 @@ def embed_split(model, batches, dummy: dict, device, dtype):
     return cat(imgs), cat(txts), cat(labels, torch.long, ())
 
 
-def recall_at(sim: torch.Tensor, ks=(1, 5, 10)) -> dict[int, float]:
-    """Row i's match is column i; R@k = fraction of rows whose match ranks in the top k."""
-    target = sim.diagonal().unsqueeze(1)
-    rank = (sim > target).sum(1)  # number of columns scoring strictly higher than the match
-    return {k: (rank < k).float().mean().item() for k in ks}
+@torch.no_grad()
+def retrieval_hits(queries: torch.Tensor, keys: torch.Tensor, offset: int, ks=RECALL_KS,
+                   block_rows: int | None = None) -> torch.Tensor:
+    """Hit counts ``[len(ks)]`` (float64, CPU) of ``queries`` ``[b, D]`` against ``keys`` ``[N, D]``.
+
+    Query ``i``'s match is key ``offset + i``; its rank is the number of *other* keys scoring at
+    least as high (ties count against the model), and it is a hit at ``k`` when that rank is
+    below ``k``. Scored ``block_rows`` (default ``RETRIEVAL_BLOCK_ROWS``) queries at a time: at
+    most ``block_rows x N`` scores exist.
+    """
+    block_rows = max(1, block_rows or RETRIEVAL_BLOCK_ROWS)
+    n = keys.shape[0]
+    hits = torch.zeros(len(ks), dtype=torch.float64)
+    keys_t = keys.T
+    for start in range(0, queries.shape[0], block_rows):
+        block = queries[start:start + block_rows]
+        rows = torch.arange(block.shape[0], device=block.device)
+        cols = rows + (offset + start)
+        sim = block @ keys_t                              # [B, N]
+        target = sim[rows, cols]                          # a copy (advanced indexing)
+        sim[rows, cols] = float("-inf")                   # the match itself does not count
+        rank = (sim >= target[:, None]).sum(1)
+        rank = torch.where(torch.isnan(target), torch.full_like(rank, n), rank)  # a NaN score never hits
+        hits += torch.stack([(rank < k).sum() for k in ks]).to("cpu", torch.float64)
+        del sim
+    return hits
+
+
+@torch.no_grad()
+def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
+                     block_rows: int | None = None) -> dict:
+    """Image->text and text->image R@k over every rank's pairs, from this rank's ``[b, D]`` pairs.
+
+    Returns ``{"i2t_r1": ..., "t2i_r1": ..., "num_samples": N}``; the same on every rank.
+    """
+    rank, world = world_info()
+    sizes = [img.shape[0]]
+    if world > 1:  # every rank's row count (its rows sit at sum(sizes[:rank]) in the gathered order)
+        mine = torch.zeros(world, dtype=torch.long)
+        mine[rank] = img.shape[0]
+        sizes = [int(v) for v in all_reduce(mine, "sum").tolist()]
+    offset, n = sum(sizes[:rank]), sum(sizes)
+    all_img = all_gather_with_grad(img, sizes=sizes) if world > 1 else img
+    all_txt = all_gather_with_grad(txt, sizes=sizes) if world > 1 else txt
+    hits = torch.cat([retrieval_hits(img, all_txt, offset, ks, block_rows),    # i2t: my images, all texts
+                      retrieval_hits(txt, all_img, offset, ks, block_rows)])   # t2i: my texts, all images
+    hits = all_reduce(hits, "sum")
+    result = {}
+    for d, direction in enumerate(("i2t", "t2i")):
+        for j, k in enumerate(ks):
+            result[f"{direction}_r{k}"] = hits[d * len(ks) + j].item() / max(1, n)
+    result["num_samples"] = n
+    return result
 
 
 def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> dict:
@@ -106,15 +163,9 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> di
         valid = labels >= 0
         hits = torch.tensor([float((top5[:, 0] == labels)[valid].sum()), float((top5 == labels[:, None]).any(1)[valid].sum()),
                              float(valid.sum())], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(hits)
+        hits = all_reduce(hits, "sum")
         result.update(zeroshot_top1=hits[0].item() / max(1, hits[2].item()),
                       zeroshot_top5=hits[1].item() / max(1, hits[2].item()))
-    all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
-    sim = all_img @ all_txt.T
-    for direction, s in (("i2t", sim), ("t2i", sim.T)):
-        for k, v in recall_at(s).items():
-            result[f"{direction}_r{k}"] = v
-    result["num_samples"] = all_img.shape[0]
+    result.update(retrieval_recall(img, txt))
     model.train(was_training)
     return result
