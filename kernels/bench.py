@@ -214,11 +214,18 @@ def bench_gemm(b, dim, dtype, device, args, world) -> dict:
 
 
 def _init_dist(device) -> tuple[int, int]:
+    """Start the process group: NCCL for CUDA (each rank on its own GPU, chosen before the
+    group starts, so that every collective's tensors are on the device NCCL drives), gloo for
+    CPU. The loss's collectives put their tensors on ``kernels.gather.comm_device``."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # one GPU per task (srun --gpus-per-task=1) sees a single device: ordinal modulo visible
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

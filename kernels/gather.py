@@ -7,6 +7,10 @@ reduce-scatter SUM; gloo has no reduce-scatter, so there it is an all-reduce SUM
 
     >>> rows = all_gather_with_grad(local_emb, group)   # [N, D], differentiable
     >>> offset, sizes = gathered_layout(local_emb.shape[0], group)
+
+Every collective here (and in stats.py) hands the backend tensors on its communication device
+(``comm_device``): NCCL only moves CUDA tensors, gloo is used with CPU tensors. Inputs on another
+device are copied there and the results come back to the input's device.
 """
 from __future__ import annotations
 
@@ -21,12 +25,55 @@ def world_info(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _device_backends(group=None) -> dict[str, str]:
+    """Device type -> backend name of ``group``: ``{"cuda": "nccl"}``, ``{"cpu": "gloo",
+    "cuda": "gloo"}``, ``{"cpu": "gloo", "cuda": "nccl"}`` (a mixed default group), ..."""
+    cfg = (dist.get_backend_config(group) if hasattr(dist, "get_backend_config")
+           else dist.get_backend(group))
+    cfg = str(cfg).lower()
+    if ":" in cfg:
+        return dict(part.split(":", 1) for part in cfg.split(",") if ":" in part)
+    # a bare name (older torch): the device types that name is the default backend for
+    types = [d for d, b in dist.Backend.default_device_backend_map.items() if b == cfg]
+    return {d: cfg for d in types or ["cpu"]}
+
+
+def comm_device(group=None, like=None) -> torch.device:
+    """The device a collective's tensors must live on for ``group``'s backend.
+
+    ``like`` (the input's device) when the backend moves that device's tensors itself (CUDA
+    under NCCL, CPU under gloo); otherwise the backend's device: the current CUDA device under
+    NCCL (also for CPU inputs, or no ``like``), the CPU under gloo (also for CUDA inputs, which
+    gloo does not gather). Without a process group: ``like`` (or the CPU)."""
+    like = torch.device(like) if like is not None else None
+    if not (dist.is_available() and dist.is_initialized()):
+        return like or torch.device("cpu")
+    backends = _device_backends(group)
+    if like is not None and like.type != "cpu" and backends.get(like.type, "gloo") != "gloo":
+        return like
+    if like is not None and like.type == "cpu" and "cpu" in backends:
+        return like
+    for dev, name in backends.items():
+        if dev != "cpu" and name != "gloo":
+            return torch.device(dev, getattr(torch, dev).current_device())
+    return torch.device("cpu")
+
+
+def _backend_name(group, device: torch.device) -> str:
+    """The backend that moves ``device``'s tensors in ``group`` (e.g. gloo, nccl)."""
+    backends = _device_backends(group)
+    return backends.get(device.type, next(iter(backends.values())))
+
+
 def gathered_layout(local_rows: int, group=None, device=None) -> tuple[int, list[int]]:
-    """This rank's row offset in the gathered tensor and every rank's row count."""
+    """This rank's row offset in the gathered tensor and every rank's row count.
+
+    The row counts travel in a tensor on ``comm_device(group, device)`` (``device``: the
+    embeddings' device; None picks the backend's device)."""
     rank, world = world_info(group)
     if world == 1:
         return 0, [local_rows]
-    sizes = torch.zeros(world, dtype=torch.long, device=device)
+    sizes = torch.zeros(world, dtype=torch.long, device=comm_device(group, device))
     sizes[rank] = local_rows
     dist.all_reduce(sizes, group=group)
     sizes = sizes.tolist()
@@ -45,28 +92,30 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor, group, sizes: list[int]):
         rank, world = world_info(group)
-        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
+        comm = comm_device(group, local.device)
+        ctx.group, ctx.sizes, ctx.rank, ctx.comm, ctx.home = group, sizes, rank, comm, local.device
         max_rows = max(sizes)
-        padded = local.new_zeros((max_rows,) + tuple(local.shape[1:]))
+        rest = tuple(local.shape[1:])
+        padded = torch.zeros((max_rows,) + rest, dtype=local.dtype, device=comm)
         padded[: local.shape[0]] = local
-        out = local.new_empty((world * max_rows,) + tuple(local.shape[1:]))
-        _all_gather_flat(out, padded.contiguous(), group)
-        if all(s == max_rows for s in sizes):
-            return out
-        return torch.cat([out[r * max_rows: r * max_rows + s] for r, s in enumerate(sizes)])
+        out = torch.empty((world * max_rows,) + rest, dtype=local.dtype, device=comm)
+        _all_gather_flat(out, padded, group)
+        if not all(s == max_rows for s in sizes):
+            out = torch.cat([out[r * max_rows: r * max_rows + s] for r, s in enumerate(sizes)])
+        return out.to(local.device)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(ctx.comm).contiguous()
         offset = sum(ctx.sizes[: ctx.rank])
         rows = ctx.sizes[ctx.rank]
         uniform = all(s == rows for s in ctx.sizes)
-        if uniform and dist.get_backend(ctx.group) != "gloo":
+        if uniform and _backend_name(ctx.group, ctx.comm) != "gloo":   # gloo: no reduce-scatter
             grad_local = grad_out.new_empty((rows,) + tuple(grad_out.shape[1:]))
             dist.reduce_scatter_tensor(grad_local, grad_out, op=dist.ReduceOp.SUM, group=ctx.group)
-            return grad_local, None, None
+            return grad_local.to(ctx.home), None, None
         dist.all_reduce(grad_out, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad_out[offset: offset + rows].clone(), None, None
+        return grad_out[offset: offset + rows].to(ctx.home, copy=True), None, None
 
 
 def all_gather_with_grad(local: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:

@@ -74,6 +74,7 @@ class Layout:
 
     @classmethod
     def of(cls, local_rows: int, group=None, device=None) -> "Layout":
+        """``device``: the embeddings' (the row counts travel on ``gather.comm_device``)."""
         rank, world = world_info(group)
         offset, sizes = gathered_layout(local_rows, group, device=device)
         return cls(group, rank, world, offset, tuple(int(s) for s in sizes))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .gather import comm_device
 from .spec import Layout, LossSpec
 
 
@@ -41,14 +42,20 @@ def merge_two(a: tuple, b: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def allreduce_stats(mx: torch.Tensor, sm: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column statistics over every rank's rows: MAX, then a rescaled SUM (2 all-reduces)."""
+    """Column statistics over every rank's rows: MAX, then a rescaled SUM (2 all-reduces).
+
+    The reduced tensors live on the backend's communication device (``gather.comm_device``);
+    the results come back to ``mx``'s device."""
     if layout.world == 1:
         return mx, sm
+    home = mx.device
+    comm = comm_device(layout.group, home)
+    mx = mx.to(comm)
     top = mx.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=layout.group)
-    scaled = sm * torch.exp(mx - top).nan_to_num_(nan=0.0).unsqueeze(1)
+    scaled = sm.to(comm) * torch.exp(mx - top).nan_to_num_(nan=0.0).unsqueeze(1)
     dist.all_reduce(scaled, op=dist.ReduceOp.SUM, group=layout.group)
-    return top, scaled
+    return top.to(home), scaled.to(home)
 
 
 def finalize(mx: torch.Tensor, sm: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, dict]:
