@@ -1,5 +1,5 @@
 """Evaluation: retrieval recall (ties count against the model, row blocks, across ranks), every
-collective through trainer.dist.
+collective through trainer.dist, and the `eval` verb on 1 and 2 ranks against the in-training eval.
 
 Exact comparisons use integer-valued embeddings: their dot products are exact in fp32, so ties
 are real ties whatever the summation order, and blocked, distributed and full-matrix recall must
@@ -7,7 +7,9 @@ agree to the last bit.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -17,10 +19,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import data_overrides, free_port
-from test_train_e2e import CONFIG
+from conftest import check, data_overrides, free_port, run_trainer
+from test_train_e2e import CONFIG, FAST
 
 KS = (1, 5, 10)
+TINY_STEPS = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,3 +286,52 @@ def test_evaluate_scores_in_row_blocks(demo_data, tmp_path, monkeypatch):
     assert all(torch.Size(s).numel() < n * n for s in products), sorted(set(products))
     assert all(s[0] <= 8 for s in products if len(s) == 2 and s[1] == n), sorted(set(products))
     assert (8, n) in products   # the blocks were seen (the recorder works)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval verb against the in-training eval; eval.every_steps (a tiny 2-rank run, shared)
+
+
+def tiny_run(demo_data: Path, tmp_path_factory) -> Path:
+    """A 2-rank, 4-step run with an eval every 2 steps and a checkpoint at step 4; made once per
+    session (tests/test_export.py uses it too)."""
+    out = tmp_path_factory.getbasetemp() / "tiny-eval-run"
+    done = out / "tiny-run-complete"
+    if not done.is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        check(run_trainer(["train", "--config", CONFIG, *data_overrides(demo_data, out), *FAST,
+                           f"max_steps={TINY_STEPS}", "eval.every_steps=2", "checkpoint.every_steps=4"], nproc=2))
+        done.write_text("ok\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_data, tmp_path_factory) -> Path:
+    return tiny_run(demo_data, tmp_path_factory)
+
+
+EVAL_KEYS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+             "num_samples")
+
+
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_eval_verb_matches_in_training_eval(tiny, tmp_path, nproc):
+    out = tmp_path / "eval.json"
+    check(run_trainer(["eval", "--checkpoint", str(tiny / "checkpoints"), "--out", str(out)], nproc=nproc))
+    got, during = json.loads(out.read_text()), json.loads((tiny / "eval.json").read_text())
+    assert during["step"] == TINY_STEPS and got["step"] == TINY_STEPS and during["num_samples"] == 96
+    for key in EVAL_KEYS:
+        assert got[key] == pytest.approx(during[key], abs=1e-6), key
+
+
+def test_periodic_eval_is_logged_to_tensorboard(tiny):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tiny / "tensorboard"))
+    acc.Reload()
+    during = json.loads((tiny / "eval.json").read_text())
+    assert during["step"] == TINY_STEPS
+    for key in EVAL_KEYS[:-1]:
+        events = acc.Scalars(f"eval/{key}")
+        assert [e.step for e in events] == [2, 4], key
+        assert events[-1].value == pytest.approx(during[key], abs=1e-6), key
