@@ -6,6 +6,9 @@
 
 The fp32 weights are consolidated from the DeepSpeed checkpoint (any ZeRO stage) with
 DeepSpeed's own ``zero_to_fp32`` reader; the state dict is already ``CLIPModel``'s layout.
+The exported tokenizer's ``model_max_length`` is the trainer's context length (the text tower's
+positions), so ``processor(text=..., padding=True, truncation=True)`` truncates exactly as the
+trainer does (keeping the end-of-text token) and long captions give the trainer's embeddings.
 """
 from __future__ import annotations
 
@@ -72,10 +75,14 @@ def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None) -> P
     hf.load_state_dict(trained.state_dict())
     out_dir = Path(out)
     hf.save_pretrained(out_dir)
-    size = preset_shape(cfg.model)["image_size"]
+    shape = preset_shape(cfg.model)
+    size = shape["image_size"]
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                          image_mean=list(cfg.data.image_mean), image_std=list(cfg.data.image_std),
                                          resample=3, do_center_crop=True, do_resize=True)
+    # The trainer tokenizes with max_length=context_length (trainer.data.SampleDecoder.tokenize);
+    # the tokenizer directory's own model_max_length (e.g. CLIP's 77) may exceed the text tower.
+    tokenizer.model_max_length = shape["context_length"]
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
     (out_dir / "trainer_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info("exported %s to %s", root / tag, out_dir)
