@@ -76,3 +76,31 @@ def check(proc: subprocess.CompletedProcess, code: int = 0) -> str:
     text = proc.stdout + proc.stderr
     assert proc.returncode == code, f"exit {proc.returncode} (wanted {code})\n{text[-6000:]}"
     return text
+
+
+# ------------------------------------------------------------- SLURM tests that did not run
+# tests/test_slurm.py skips its cluster tests where slurm-wlm/munge (or root) are missing; a "12
+# skipped" at the end of `make test` is easy to miss, so say it in the summary. CI sets
+# TRAINER_REQUIRE_SLURM=1 (.ci/run), under which those tests fail instead (tests/slurm_cluster.py).
+SLURM_INSTALL = "apt-get install -y slurm-wlm munge"
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "SLURM" in _skip_reason(r)]
+    if not skipped:
+        return
+    tr = terminalreporter
+    tr.section("SLURM TESTS SKIPPED", sep="!", red=True, bold=True)
+    tr.line(f"{len(skipped)} SLURM test(s) did not run, so slurm/*.sbatch and slurm/pipeline.sh are untested "
+            "on this machine:", red=True, bold=True)
+    for reason in sorted({_skip_reason(r) for r in skipped}):
+        tr.line(f"  {reason}", red=True)
+    tr.line(f"To run them: as root, `{SLURM_INSTALL}`, then `make test` (or "
+            "`.venv/bin/python -m pytest -q tests/test_slurm.py`) again.", bold=True)
+    tr.line("CI sets TRAINER_REQUIRE_SLURM=1, under which they fail instead of skipping.")

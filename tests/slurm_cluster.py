@@ -10,12 +10,13 @@ whose environment carries this cluster's marker (job steps and their tasks).
 Nothing else on the machine is touched.
 
 Needs Debian's ``slurm-wlm`` and ``munge`` (``apt-get install slurm-wlm
-munge``) and root (slurmd must run as root to launch jobs).  Use
-``missing_requirements()`` to skip tests where they are absent.
+munge``) and root (slurmd must run as root to launch jobs).  Call
+``skip_or_fail_without_cluster()`` in a test or fixture to skip where they are
+absent, or to fail there when ``TRAINER_REQUIRE_SLURM=1`` (CI sets it: a CI
+machine that cannot run the SLURM tests is broken, not exempt).
 
-Job ids start at a random ``FirstJobId``, so that the trainer's default
-``MASTER_PORT`` (29500 + job id % 10000) lands on a port unlikely to be used
-by anything else on the machine.
+Job ids start at a random ``FirstJobId``, so that successive test sessions
+derive different rendezvous ports from them (``trainer/ports.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
+REQUIRE_ENV = "TRAINER_REQUIRE_SLURM"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel", "squeue")
 INSTALL_HINT = "install them with `apt-get install -y slurm-wlm munge` (Debian/Ubuntu; needs root)"
 MARKER = "CLIP_TEST_SLURM_CLUSTER"
@@ -41,9 +43,13 @@ FINAL_STATES = {
 }
 
 
+# Searched after PATH: the daemons live in sbin, which a non-root PATH often lacks.
+SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
 def _which(name: str) -> str | None:
     return shutil.which(name) or next(
-        (str(p) for d in ("/usr/sbin", "/sbin", "/usr/local/sbin") if (p := Path(d) / name).exists()), None
+        (str(p) for d in SBIN_DIRS if (p := Path(d) / name).exists()), None
     )
 
 
@@ -55,6 +61,24 @@ def missing_requirements() -> str | None:
     if os.geteuid() != 0:
         return "the SLURM test cluster needs root (slurmd launches jobs as root here)"
     return None
+
+
+def slurm_required() -> bool:
+    """Whether the SLURM tests must run here (``TRAINER_REQUIRE_SLURM`` set to anything but 0/false/no)."""
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail_without_cluster() -> None:
+    """In a test or fixture: skip where no test cluster can start; fail instead under TRAINER_REQUIRE_SLURM=1."""
+    reason = missing_requirements()
+    if not reason:
+        return
+    import pytest
+
+    if slurm_required():
+        pytest.fail(f"{reason}. {REQUIRE_ENV}=1 is set, so the SLURM tests fail here instead of skipping",
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 def _die_with_parent() -> None:

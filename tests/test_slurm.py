@@ -3,7 +3,8 @@
 The module starts munged, slurmctld and two slurmd "nodes" on loopback (tests/slurm_cluster.py),
 submits real jobs to them and tears everything down afterwards. Skipped, with the command that
 installs them, where the SLURM/munge binaries are missing (``apt-get install slurm-wlm munge``)
-or where we are not root.
+or where we are not root; `make test` then says so in its summary (tests/conftest.py), and under
+``TRAINER_REQUIRE_SLURM=1`` (CI) those tests fail instead.
 
 Training jobs use the demo config on a tiny demo data set (512 train / 64 val samples, batch 16
 per rank, a few steps) on 2 CPU "nodes" with one task each.
@@ -75,12 +76,35 @@ def test_pipeline_dry_run_chains_with_afterok():
     assert out[2].rstrip().endswith("b.yaml")
 
 
+@pytest.mark.parametrize("required", [False, True], ids=["default", "TRAINER_REQUIRE_SLURM=1"])
+def test_missing_slurm_is_reported_or_fails_when_required(tmp_path, required):
+    """Without slurm on PATH: a loud summary and a skip; with TRAINER_REQUIRE_SLURM=1, an error."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "no_slurm_here.py").write_text(  # sbin is searched after PATH: hide it too
+        "import slurm_cluster\nslurm_cluster.SBIN_DIRS = ()\n")
+    env = {k: v for k, v in os.environ.items() if k != sc.REQUIRE_ENV}
+    env.update(PATH=str(tmp_path / "bin"), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO / 'tests'}")
+    if required:
+        env[sc.REQUIRE_ENV] = "1"
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no_slurm_here",
+                        "tests/test_slurm.py::test_array_job_runs_every_index"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    out = p.stdout + p.stderr
+    assert "SLURM/munge binaries not found" in out, out
+    if required:
+        assert p.returncode == 1, out
+        assert "1 error" in out and "skipped" not in out, out
+        assert f"{sc.REQUIRE_ENV}=1 is set" in out, out
+    else:
+        assert p.returncode == 0, out
+        assert "1 skipped" in out, out
+        assert "SLURM TESTS SKIPPED" in out and "apt-get install -y slurm-wlm munge" in out, out
+
+
 # ------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = sc.missing_requirements()
-    if reason:
-        pytest.skip(reason)
+    sc.skip_or_fail_without_cluster()
     c = sc.SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=1, cred_expire_s=10)
     c.start()
     try:
