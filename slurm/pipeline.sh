@@ -13,11 +13,13 @@
 # Prints the job ids, one per line, in order (stage descriptions go to stderr).
 # If a submission fails, the stages already submitted are cancelled.
 #
-# Example: train -> grow -> train
+# Example: train -> eval -> train on (the third stage resumes from the run's latest checkpoint)
 #   slurm/pipeline.sh \
-#     -N 2 slurm/train.sbatch configs/small.yaml output_dir=runs/s1 :: \
-#     -N 1 slurm/run.sbatch python -m trainer grow --checkpoint runs/s1/checkpoints/latest --out runs/s2-init :: \
-#     -N 4 slurm/train.sbatch configs/big.yaml output_dir=runs/s2
+#     -N 2 slurm/train.sbatch trainer/configs/demo.yaml output_dir=runs/p1 max_steps=2000 :: \
+#     -N 1 slurm/run.sbatch python -m trainer eval --checkpoint runs/p1 --out runs/p1/eval-2000.json :: \
+#     -N 2 slurm/train.sbatch trainer/configs/demo.yaml output_dir=runs/p1 max_steps=4000
+# Model growth (train -> grow -> train, with a `python -m trainer grow` stage in the middle) is what
+# the growth issue adds; the `grow` verb does not exist yet.
 #
 # Options:
 #   --after JOBID  the first stage also waits for JOBID (append a pipeline to a running job)

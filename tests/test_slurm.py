@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +26,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slurm_cluster as sc  # noqa: E402
+
+from trainer.cli import build_parser  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = REPO / "slurm"
@@ -66,7 +70,7 @@ def test_pipeline_dry_run_chains_with_afterok():
     out = subprocess.run(
         [str(SLURM_DIR / "pipeline.sh"), "--dry-run", "--after", "41",
          "-N", "2", TRAIN, "a.yaml", "output_dir=runs/s1", "::",
-         "-N", "1", RUN, "python", "-m", "trainer", "grow", "::",
+         "-N", "1", RUN, "python", "-m", "trainer", "eval", "::",
          "-N", "2", TRAIN, "b.yaml"],
         capture_output=True, text=True, check=True, cwd=REPO).stdout.splitlines()
     assert len(out) == 3
@@ -74,6 +78,55 @@ def test_pipeline_dry_run_chains_with_afterok():
     assert "--dependency=afterok:STAGE1" in out[1] and "--kill-on-invalid-dep=yes" in out[1]
     assert "--dependency=afterok:STAGE2" in out[2]
     assert out[2].rstrip().endswith("b.yaml")
+
+
+def _example_stages(text: str) -> list[list[str]]:
+    """The stages of the first multi-line `slurm/pipeline.sh \\` example in ``text`` (comment or Markdown)."""
+    lines = [re.sub(r"^#\s?", "", line).strip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("slurm/pipeline.sh") and line.endswith("\\"))
+    cmd = []
+    for line in lines[start:]:
+        cmd.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    argv = shlex.split(" ".join(cmd))[1:]
+    stages, cur = [], []
+    for a in argv:
+        if a == "::":
+            stages.append(cur)
+            cur = []
+        else:
+            cur.append(a)
+    return stages + [cur]
+
+
+def test_documented_pipeline_examples_are_runnable():
+    """The examples in pipeline.sh's header and slurm/README.md use only verbs and files that exist."""
+    readme = (SLURM_DIR / "README.md").read_text()
+    section = readme.split("## Pipelines", 1)[1].split("\n## ", 1)[0]
+    header = (SLURM_DIR / "pipeline.sh").read_text().split("\nset -u", 1)[0]
+    for where, text in (("slurm/README.md", section), ("slurm/pipeline.sh", header)):
+        stages = _example_stages(text)
+        assert len(stages) >= 2, where
+        verbs = []
+        for stage in stages:
+            script = next(a for a in stage if a.startswith("slurm/"))
+            assert (REPO / script).is_file(), (where, script)
+            rest = stage[stage.index(script) + 1:]
+            if script == TRAIN:
+                assert (REPO / rest[0]).is_file(), (where, rest[0])
+                load_config(REPO / rest[0], rest[1:])  # ConfigError on an unknown key
+                args = ["train", "--config", *rest]
+            else:
+                assert rest[:3] == ["python", "-m", "trainer"], (where, rest)
+                args = rest[3:]
+            verbs.append(build_parser().parse_args(args).verb)  # SystemExit on an unknown verb/option
+        assert verbs[0] == "train" and "grow" not in verbs, (where, verbs)
+        argv = [a for stage in stages for a in (*stage, "::")][:-1]
+        out = subprocess.run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", *argv],
+                             capture_output=True, text=True, check=True, cwd=REPO)
+        assert len(out.stdout.splitlines()) == len(stages)
+        assert "grow" in text  # the growth stage is named as what the growth issue adds
 
 
 @pytest.mark.parametrize("required", [False, True], ids=["default", "TRAINER_REQUIRE_SLURM=1"])
@@ -322,6 +375,21 @@ def test_pipeline_runs_stages_in_order_and_stops_after_a_failure(cluster, jobs_d
     assert cluster.wait_done(bad, 120)["ExitCode"] == "3:0"
     assert cluster.wait_done(dependent, 60)["JobState"] == "CANCELLED"
     assert "never" not in stamp.read_text()
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_eval_stage_after_training(cluster, jobs_dir, reference_run):
+    """The documented pipeline's second stage: run.sbatch `python -m trainer eval --checkpoint RUN_DIR`."""
+    result = jobs_dir / "ref-eval.json"
+    stage = ["-N", "1", "--cpus-per-task", "1", "--output", str(jobs_dir / "eval-%j.out"), RUN,
+             "python", "-m", "trainer", "eval", "--checkpoint", str(reference_run["out"]), "--out", str(result)]
+    p = cluster.run([str(SLURM_DIR / "pipeline.sh"), "--after", str(reference_run["job"]), *stage],
+                    cwd=REPO, env={"PYTHON": sys.executable})
+    job = int(p.stdout)
+    rec = cluster.wait_done(job, 240)
+    text = read(jobs_dir / f"eval-{job}.out")
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", text[-3000:]
+    assert json.loads(result.read_text())["step"] == MAX_STEPS
 
 
 @pytest.mark.timeout(300)
