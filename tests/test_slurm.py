@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slurm_cluster as sc  # noqa: E402
 
+from trainer import ports  # noqa: E402
 from trainer.cli import build_parser  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
@@ -269,6 +271,11 @@ def test_two_node_training_run(reference_run):
     assert re.search(r"world_size=2 rank=0\b", log)
     assert re.search(r"rank 1/2 on ", log)
     assert "MASTER_ADDR=127.0.0.1" in log
+    # the rendezvous port: derived from the job id, outside the ephemeral range
+    port = int(re.search(r"MASTER_PORT=(\d+)", log).group(1))
+    assert port in [ports.derive_port(reference_run["job"], a) for a in range(ports.MAX_ATTEMPTS)]
+    lo, hi = ports.ephemeral_range()
+    assert 1024 < port and not lo <= port <= hi
     assert "training finished" in log
     # metrics for every step, checkpoints, TensorBoard events, eval
     m = metrics(out)
@@ -319,6 +326,30 @@ def test_preempted_job_requeues_and_resumes_identically(cluster, demo_data, jobs
     for step in range(1, MAX_STEPS + 1):
         assert m[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-6), step
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS}"
+
+
+@pytest.mark.timeout(JOB_TIMEOUT + 120)
+def test_busy_rendezvous_port_is_skipped(cluster, demo_data, jobs_dir, deepspeed_ops):
+    """A listening socket holds the job's attempt-0 port on the master node: the job takes the next one."""
+    out = jobs_dir / "run-busy-port"
+    job, log = submit(cluster, jobs_dir, ["--hold", "-N", "2", *CPU_NODE_ARGS, TRAIN, CONFIG,
+                                          *overrides(demo_data, out, max_steps=2)], "busyport")
+    busy = ports.derive_port(job, 0)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy))  # MASTER_ADDR of the test cluster
+        holder.listen(1)
+        assert not ports.port_is_free(busy)
+        cluster.run(["scontrol", "release", str(job)])
+        rec = cluster.wait_done(job, JOB_TIMEOUT)
+    text = read(log)
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", text[-3000:]
+    assert f"trainer.ports: port {busy} (job {job}, attempt 0) is in use" in text, text[-3000:]
+    used = int(re.search(r"MASTER_PORT=(\d+)", text).group(1))
+    assert used != busy and used in [ports.derive_port(job, a) for a in range(1, ports.MAX_ATTEMPTS)]
+    lo, hi = ports.ephemeral_range()
+    assert 1024 < used and not lo <= used <= hi
+    assert f"MASTER_PORT {used}: free on " in text
+    assert "training finished" in text and sorted(metrics(out)) == [1, 2]
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 200)
