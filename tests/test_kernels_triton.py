@@ -48,7 +48,8 @@ else:
     import kernels.triton_launch as TL
     from kernels import WORKSPACE
     from kernels.testing import make_batch, run_case
-    from test_kernels_chunked import KINDS, assert_matches, textbook
+    from test_kernels_chunked import (KINDS, TERM_CASES, assert_matches,
+                                      check_terms_against_reference, textbook)
 
     assert TL.INTERPRET, "child must run with TRITON_INTERPRET=1"
 
@@ -69,6 +70,11 @@ else:
         batch = make_batch(21, 10, seed=5)
         got = run_case(batch, slice(0, 21), "triton", "distill", teacher_text_grad=True, grad_output=0.7)
         assert_matches(got, textbook(batch, "distill", teacher_text_grad=True, grad_output=0.7), 1e-5)
+
+    @pytest.mark.parametrize("case", TERM_CASES)
+    def test_triton_terms_match_reference(case):
+        """Each named term and the gradients against the materialised-logits reference."""
+        check_terms_against_reference("triton", case)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("kind", ["clip", "distill"])
