@@ -38,12 +38,15 @@ def textbook(batch: dict, kind: str, grad_output: float = 1.0, **overrides) -> d
     return {"loss": loss.detach(), "fx": fx.grad, "fy": fy.grad, "proj": proj.grad, "scale": scale.grad}
 
 
-def assert_matches(got: dict, want: dict, tol: float, what: str = "") -> None:
+def assert_matches(got: dict, want: dict, tol: float, what: str = "", atol: float = 0.0) -> None:
+    """Relative error below ``tol`` where the reference is O(1), absolute near 0 (b = 1 has
+    loss 0, and fp32 logits of size `scale` carry ~scale * 6e-8 absolute error); ``atol``
+    also accepts an absolute error up to that (see test_chunked_property)."""
     for key in ("loss", "fx", "fy", "proj", "scale"):
-        # relative where the reference is O(1); absolute near 0 (b = 1 has loss 0, and fp32
-        # logits of size `scale` carry ~scale * 6e-8 absolute error)
         err = rel_err(got[key], want[key], floor=1.0 if key == "loss" else 1e-2)
-        assert err < tol, f"{what} {key}: relative error {err:.2e} >= {tol:.0e}"
+        diff = (got[key].double() - want[key].double()).abs().max().item()
+        assert err < tol or diff <= atol, \
+            f"{what} {key}: relative error {err:.2e} >= {tol:.0e}, absolute {diff:.2e} > {atol:.1e}"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -77,7 +80,13 @@ def test_chunked_property(n, dim, scale, seed, chunk, kind, tau, alpha):
     over = dict(self_distill_tau=tau, self_distill_alpha=alpha)
     got = run_case(batch, slice(0, n), "chunked", kind, workspace_bytes=4 * n * 12 * chunk,
                    **(over if kind != "clip" and kind != "teacher" else {}))
-    assert_matches(got, textbook(batch, kind, **over), 5e-5, f"{kind} n={n} dim={dim}")
+    # Gradients of ~1e-4..1e-2 (b = 2..3 at scale ~80: one logit dominates each softmax) carry
+    # an absolute error of up to ~1.4 * scale * 2^-24 on the fused path (likely its per-line
+    # lse: one fp32 number of size ~scale, whose rounding exp(S - lse) inherits), i.e. 5e-4
+    # relative with the 1e-2 floor, where the reference stays under 5e-5: such draws
+    # failed now and then. Allow 8 * scale * 2^-24 absolute on top of the relative 5e-5.
+    assert_matches(got, textbook(batch, kind, **over), 5e-5, f"{kind} n={n} dim={dim}",
+                   atol=8 * scale * 2.0 ** -24)
 
 
 def test_chunked_teacher_text_grad():
