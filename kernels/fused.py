@@ -24,6 +24,8 @@ k, s and the incoming gradient are applied to the GEMM outputs in fp32.
 """
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from .gather import all_gather_with_grad
@@ -32,38 +34,49 @@ from .stats import allreduce_stats, assemble, finalize
 
 
 class WorkspaceLog:
-    """Every workspace buffer a launcher allocates, by phase, so tests can check the budget.
+    """What the launchers planned to allocate, in bounded memory (it lives for the whole run).
+
+    Each launcher call opens a phase (``phase``) and adds its buffers (``alloc``) and the
+    temporaries torch ops make next to them (``note``). Kept: the last ``keep`` launches as
+    ``records`` (label, bytes), the launch count and the largest launch since ``reset``.
 
         WORKSPACE.reset(); loss.backward(); assert WORKSPACE.peak_bytes() <= budget
     """
 
-    def __init__(self):
-        self.records: list[tuple[str, int]] = []
-        self._calls = 0
+    def __init__(self, keep: int = 8):
+        self.records: deque = deque(maxlen=keep)   # [label, bytes] of the last launches
+        self.launches = 0
+        self._peak = 0
 
     def reset(self) -> None:
         self.records.clear()
+        self._peak = 0
 
     def phase(self, name: str) -> str:
         """A fresh label for one launcher call's buffers (they live together)."""
-        self._calls += 1
-        return f"{name}:{self._calls}"
+        self.launches += 1
+        label = f"{name}:{self.launches}"
+        self.records.append([label, 0])
+        return label
+
+    def _add(self, phase: str, nbytes: int) -> None:
+        if not self.records or self.records[-1][0] != phase:   # not the open launch: reopen it
+            self.records.append([phase, 0])
+        self.records[-1][1] += int(nbytes)
+        self._peak = max(self._peak, self.records[-1][1])
 
     def alloc(self, phase: str, shape, dtype, device) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=device)
-        self.records.append((phase, t.numel() * t.element_size()))
+        self._add(phase, t.numel() * t.element_size())
         return t
 
     def note(self, phase: str, nbytes: int) -> None:
         """Account for temporaries that torch ops make next to the buffers of ``phase``."""
-        self.records.append((phase, int(nbytes)))
+        self._add(phase, nbytes)
 
     def peak_bytes(self) -> int:
-        """Largest total over one phase (buffers of one phase live together)."""
-        per: dict[str, int] = {}
-        for phase, n in self.records:
-            per[phase] = per.get(phase, 0) + n
-        return max(per.values(), default=0)
+        """Largest total of one launch (its buffers live together) since ``reset``."""
+        return self._peak
 
 
 WORKSPACE = WorkspaceLog()
