@@ -41,6 +41,17 @@ def merge_two(a: tuple, b: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return merge_partials(torch.stack([a[0], b[0]], 1), torch.stack([a[1], b[1]], 2))
 
 
+def merge_into(acc: tuple, part: tuple) -> None:
+    """Merge complete statistics ``part`` into ``acc`` in place (both ``(mx [F, L], sm [F, 2, L])``
+    of disjoint pieces); temporaries: three ``[F, L]`` tensors at most."""
+    amx, asm = acc
+    pmx, psm = part
+    top = torch.maximum(amx, pmx)
+    asm.mul_(torch.exp(amx - top).nan_to_num_(nan=0.0).unsqueeze(1))
+    asm.addcmul_(psm, torch.exp(pmx - top).nan_to_num_(nan=0.0).unsqueeze(1))
+    amx.copy_(top)
+
+
 def allreduce_stats(mx: torch.Tensor, sm: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Column statistics over every rank's rows: MAX, then a rescaled SUM (2 all-reduces).
 

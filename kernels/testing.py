@@ -4,6 +4,7 @@
     full = run_case(batch, slice(0, 14), "torch", "clip")          # one process, whole batch
     ranks = spawn_ranks([7, 7], batch_args, cases)                 # gloo ranks on CPU
     assert rel_err(mean_over_ranks, full["loss"]) < 1e-5
+    meter = AllocationMeter(); launch = meter.wrap(launch)         # tensor bytes it allocates
 
 A case embeds raw features through a *shared* projection ``P`` (a stand-in for the towers), so
 "parameter gradients averaged over ranks equal the full-batch gradient" is checked on a real
@@ -11,9 +12,11 @@ parameter, next to the per-sample feature gradients and the logit scale's gradie
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tempfile
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -72,6 +75,69 @@ def run_case(batch: dict, rows: slice, impl: str, kind: str, *, group=None,
     (loss.float() * grad_output).backward()
     return {"loss": loss.detach().float(), "terms": terms.float(), "fx": fx.grad, "fy": fy.grad,
             "proj": proj.grad, "scale": scale.grad}
+
+
+class AllocationMeter:
+    """Bytes of tensor storage that torch ops allocate inside ``wrap``-ped functions: how many
+    are alive now (``live``) and at most (``peak``), however long they live after the call.
+
+        meter = AllocationMeter()
+        launch = meter.wrap(launch_forward)    # every storage a torch op creates inside it
+        launch(...); assert meter.peak <= budget
+
+    A ``TorchDispatchMode`` sees every aten op, factory functions included; an output whose
+    storage was not among the op's inputs (tensors or storages: views, in-place ops and
+    ``set_`` share them) is a new allocation, counted until the storage is freed (a weakref
+    finalizer). Not seen: memory an op uses internally and frees before returning, and
+    memory that is not a torch tensor (the Triton interpreter's numpy tiles: registers and
+    shared memory on a GPU)."""
+
+    def __init__(self):
+        self.live = self.peak = self.allocations = 0
+        self._sizes: dict[int, int] = {}
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def _mode(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        meter = self
+
+        def storage(x):
+            if isinstance(x, torch.Tensor):
+                return x.untyped_storage()
+            if isinstance(x, torch.TypedStorage):
+                return x._untyped_storage
+            return x if isinstance(x, torch.UntypedStorage) else None
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                old = {id(s) for s in map(storage, tree_leaves((args, kwargs))) if s is not None}
+                out = func(*args, **kwargs)
+                for s in map(storage, tree_leaves(out)):
+                    if s is None or id(s) in old or id(s) in meter._sizes or s.nbytes() == 0:
+                        continue
+                    old.add(id(s))
+                    meter._sizes[id(s)] = s.nbytes()
+                    weakref.finalize(s, meter._free, id(s))
+                    meter.live += s.nbytes()
+                    meter.allocations += 1
+                    meter.peak = max(meter.peak, meter.live)
+                return out
+        return _Mode()
+
+    def wrap(self, fn):
+        """``fn`` with every torch op inside it metered."""
+        @functools.wraps(fn)
+        def metered(*args, **kwargs):
+            with self._mode():
+                return fn(*args, **kwargs)
+        return metered
 
 
 def free_port() -> int:

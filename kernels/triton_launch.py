@@ -5,9 +5,11 @@ backend that ``fused.FusedGatheredLoss`` drives.
     loss = clip_loss_triton(image_emb, text_emb, logit_scale)            # CUDA tensors
     # CPU tensors: only with TRITON_INTERPRET=1 set before this module is first imported
 
-Workspace (``spec.workspace_bytes``, default 256 MiB): the forward's partial buffers plus the temporaries of
-their merge, and the backward's G panel(s), each stay under the budget; every buffer goes
-through ``fused.WORKSPACE`` so tests can check it.
+Workspace (``spec.workspace_bytes``, default 256 MiB): everything a launcher allocates stays
+under the budget - in the forward the partial buffers, the temporaries of their merges and the
+statistics it returns (``forward_bytes``), in the backward the G panel(s). Each launch notes its
+planned bytes in ``fused.WORKSPACE``; tests/test_kernels_triton.py measures the tensor bytes
+the launchers actually allocate against both.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import triton
 
 from .fused import WORKSPACE, fused_loss
 from .spec import GPU_WORKSPACE_BYTES, LossSpec
-from .stats import merge_partials, merge_two
+from .stats import merge_into, merge_partials
 from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel
 
 INTERPRET = type(_clip_fwd_kernel).__name__ == "InterpretedFunction"
@@ -74,15 +76,31 @@ def _split_columns(b: int, N: int, cfg: TileConfig, device) -> tuple[int, int]:
     return per, triton.cdiv(N, per)
 
 
+def forward_bytes(b: int, N: int, F: int, splits: int, rb: int) -> int:
+    """Peak bytes ``launch_forward`` allocates with ``rb`` row blocks of column partials per
+    launch (fp32 floats, F families, S = splits), the larger of two moments:
+
+    - merging a launch's column partials (``merge_partials``) while the row partials (3FSb),
+      the column partials (3F rb N), the column statistics so far (3FN) and the merge's
+      temporaries (3F rb N) and outputs (3FN) are alive: 3FSb + 6F rb N + 6FN. (Merging
+      those outputs into the statistics so far, in place, needs 3FN of temporaries: less.)
+    - merging the row partials, column buffers freed: row partials (3FSb), the column
+      statistics (3FN), the merge's temporaries (3FSb) and outputs (3Fb).
+    """
+    merge_cols = 3 * F * splits * b + 6 * F * rb * N + 6 * F * N
+    merge_rows = 6 * F * splits * b + 3 * F * b + 3 * F * N
+    return 4 * max(merge_cols, merge_rows)
+
+
 def _forward_row_blocks(b: int, N: int, F: int, splits: int, cfg: TileConfig, budget: int) -> int:
-    """Row blocks per launch so that row partials + column partials + merge temporaries fit."""
-    row_bytes = F * 3 * splits * b * 4
-    per_rb = 2 * F * 3 * N * 4        # the buffers, and as much again for merge_partials
-    rb = (budget - row_bytes) // per_rb
-    if rb < 1:
+    """Row blocks of column partials per launch: as many as fit in the budget."""
+    least = forward_bytes(b, N, F, splits, 1)
+    if least > budget:
         raise ValueError(f"workspace_bytes={budget} is too small for the forward: needs at least "
-                         f"{row_bytes + per_rb} bytes. Got: b={b}, N={N}, families={F}")
-    return min(rb, triton.cdiv(b, cfg.block_m))
+                         f"{least} bytes. Got: b={b}, N={N}, families={F}")
+    # each further row block adds 6FN floats to the column merge's moment
+    rb = 1 + (budget - 4 * (3 * F * splits * b + 12 * F * N)) // (4 * 6 * F * N)
+    return max(1, min(rb, triton.cdiv(b, cfg.block_m)))
 
 
 def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
@@ -97,7 +115,8 @@ def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
     row_sm = WORKSPACE.alloc(phase, (F, 2, splits, b), torch.float32, X.device)
     col_mx = WORKSPACE.alloc(phase, (F, rb, N), torch.float32, X.device)
     col_sm = WORKSPACE.alloc(phase, (F, 2, rb, N), torch.float32, X.device)
-    WORKSPACE.note(phase, (col_mx.numel() + col_sm.numel()) * 4)   # merge temporaries
+    # merge temporaries and the statistics returned (see forward_bytes)
+    WORKSPACE.note(phase, forward_bytes(b, N, F, splits, rb) - 4 * 3 * F * (splits * b + rb * N))
     row_sm[0, 1].zero_()    # the student family has no value slot; keep it finite
     col_sm[0, 1].zero_()
     xt = XT if XT is not None else X
@@ -112,14 +131,19 @@ def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
             ECL=spec.ecl, F_ECL=spec.f_ecl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **_dot_flags(X.dtype))
         part = merge_partials(col_mx[:, :nrb], col_sm[:, :, :nrb])
-        col = part if col is None else merge_two(col, part)
+        if col is None:
+            col = part
+        else:
+            merge_into(col, part)
+        del part
+    del col_mx, col_sm     # before the row merge's temporaries
     return merge_partials(row_mx, row_sm), col
 
 
 def panel_buffers(b: int, N: int, dtype, device, spec: LossSpec, cfg: TileConfig):
     """Panel width (a multiple of BLOCK_N) and the G panel buffer(s), within the budget."""
     n_panels = 2 if spec.split_gy else 1
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     budget = spec.budget(GPU_WORKSPACE_BYTES)
     width = budget // (n_panels * b * elem) // cfg.block_n * cfg.block_n
     if width < cfg.block_n:
@@ -220,5 +244,5 @@ def clip_loss_triton(image_emb, text_emb, logit_scale, *, group=None,
     return loss
 
 
-__all__ = ["TileConfig", "TritonBackend", "clip_loss_triton", "launch_forward",
+__all__ = ["TileConfig", "TritonBackend", "clip_loss_triton", "forward_bytes", "launch_forward",
            "launch_grad_panel", "panel_buffers", "INTERPRET", "CANDIDATES"]

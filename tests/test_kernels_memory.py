@@ -8,7 +8,8 @@ memory rather than glibc's heap caching (without it the chunked path shows ~300 
 ~160 MB here, still under a tenth). The reference is measured over its forward pass only (its
 two N x N logits and their log-softmax outputs are alive there), which is a lower bound on its
 fwd+bwd peak and keeps this test ~1.5 min on two cores; the chunked path runs forward + backward.
-The Triton path's workspace budget is checked in test_kernels_triton.py (buffers it allocates).
+The Triton path's workspace budget is checked in test_kernels_triton.py (the tensor bytes its
+launchers allocate, measured under the interpreter with kernels.testing.AllocationMeter).
 """
 import json
 import os

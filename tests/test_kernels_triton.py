@@ -43,11 +43,13 @@ if not CHILD:
         assert "REFUSED impl='triton' needs CUDA tensors" in r.stdout, r.stdout + r.stderr
 
 else:
+    import gc
+
     import torch
 
     import kernels.triton_launch as TL
     from kernels import WORKSPACE
-    from kernels.testing import make_batch, run_case
+    from kernels.testing import AllocationMeter, make_batch, run_case
     from test_kernels_chunked import (KINDS, TERM_CASES, assert_matches,
                                       check_terms_against_reference, textbook)
 
@@ -84,36 +86,90 @@ else:
         assert_matches(got, textbook(batch, kind, grad_output=0.5), 3e-2, f"{dtype} {kind}")
 
     class _Counted:
-        """Counts launches of a kernel (``kernel[grid](...)``)."""
+        """Counts launches of a kernel (``kernel[grid](...)``), and runs the cyclic garbage
+        collector after each: the interpreter copies a launch's arguments in a closure that
+        refers to itself (triton's ``GridExecutor._init_args_hst``), a reference cycle that
+        keeps every buffer the launch was given alive until the collector runs. A compiled
+        launch holds no such references, so memory is measured without them."""
 
         def __init__(self, kernel):
             self.kernel, self.launches = kernel, 0
 
         def __getitem__(self, grid):
             self.launches += 1
-            return self.kernel[grid]
 
-    @pytest.mark.parametrize("kind", ["clip", "distill"])
-    def test_workspace_stays_under_budget(kind, monkeypatch):
-        """Small tiles, 3 column splits and a tight budget: several forward launches and
-        backward panels; every buffer the launcher allocates is within the budget."""
-        n, dim = 45, 20
-        cfg = TL.TileConfig(16, 16, 16, 1, 1, col_splits=3)
-        monkeypatch.setattr(TL, "INTERPRETER_CONFIG", cfg)
+            def launch(*args, **kwargs):
+                out = self.kernel[grid](*args, **kwargs)
+                gc.collect()
+                return out
+            return launch
+
+    def _meter_launchers(monkeypatch) -> AllocationMeter:
+        """Meter every tensor the launchers allocate (forward launcher, backward panels and
+        panel launches), however long it lives after the call."""
+        meter = AllocationMeter()
+        for name in ("launch_forward", "panel_buffers", "launch_grad_panel"):
+            monkeypatch.setattr(TL, name, meter.wrap(getattr(TL, name)))
+        return meter
+
+    def _small_tiles(monkeypatch):
+        """16-wide tiles and 3 column splits: b = N = 45 has 3 row blocks and 3 column panels."""
+        monkeypatch.setattr(TL, "INTERPRETER_CONFIG", TL.TileConfig(16, 16, 16, 1, 1, col_splits=3))
         fwd, bwd = _Counted(TL._clip_fwd_kernel), _Counted(TL._clip_bwd_kernel)
         monkeypatch.setattr(TL, "_clip_fwd_kernel", fwd)
         monkeypatch.setattr(TL, "_clip_bwd_kernel", bwd)
-        families = 1 if kind == "clip" else 3
-        panels = 1 if kind == "clip" else 2
-        # forward: row partials + one row block of column partials (and its merge temporaries)
-        budget = max(families * 3 * 3 * n * 4 + 2 * families * 3 * n * 4,
-                     panels * n * 16 * 4) + 64
-        batch = make_batch(n, dim, seed=9)
+        return fwd, bwd
+
+    # b = N = 45, S = 3 splits, F families: the forward needs at least 4 * max(3FSb + 12FN,
+    # 6FSb + 3Fb + 3FN) bytes (4320 for clip, 12960 for distill; forward_bytes), each further
+    # row block of column partials per launch 24FN more (clip 5000: two per launch).
+    @pytest.mark.parametrize("kind,budget", [("clip", 4400), ("clip", 5000), ("distill", 13000)])
+    def test_workspace_stays_under_budget(kind, budget, monkeypatch):
+        """Tight budgets force several forward launches and backward panels. Measured: the
+        peak of tensor bytes the launchers allocated (AllocationMeter: every torch allocation
+        inside them, alive at once, including merge temporaries and the statistics they
+        return) is within the budget, and within what the launchers planned (WORKSPACE)."""
+        fwd, bwd = _small_tiles(monkeypatch)
+        meter = _meter_launchers(monkeypatch)
+        batch = make_batch(45, 20, seed=9)
         WORKSPACE.reset()
-        got = run_case(batch, slice(0, n), "triton", kind, workspace_bytes=budget)
-        assert 0 < WORKSPACE.peak_bytes() <= budget, (WORKSPACE.records, budget)
+        got = run_case(batch, slice(0, 45), "triton", kind, workspace_bytes=budget)
         assert fwd.launches >= 2 and bwd.launches >= 2, (fwd.launches, bwd.launches)
+        assert 0 < meter.peak <= budget, (meter.peak, budget)
+        assert meter.peak <= WORKSPACE.peak_bytes() <= budget, (meter.peak, list(WORKSPACE.records))
+        gc.collect()
+        assert meter.live == 0, meter.live        # nothing the launchers made outlives the step
         assert_matches(got, textbook(batch, kind), 1e-5, kind)
+
+    def test_workspace_check_sees_an_over_budget_launcher(monkeypatch):
+        """The check is the memory, not the launcher's word: a forward launcher that holds one
+        unannounced buffer as large as the slack fails it, though its plan is unchanged."""
+        budget = 4400
+        real = TL.launch_forward
+
+        def greedy(*args, **kwargs):
+            spare = torch.empty(budget // 4 + 1)   # noqa: F841  (alive during the launch)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(TL, "launch_forward", greedy)
+        _small_tiles(monkeypatch)
+        meter = _meter_launchers(monkeypatch)
+        WORKSPACE.reset()
+        run_case(make_batch(45, 20, seed=9), slice(0, 45), "triton", "clip", workspace_bytes=budget)
+        assert WORKSPACE.peak_bytes() <= budget < meter.peak, (WORKSPACE.peak_bytes(), meter.peak)
+
+    def test_bookkeeping_stays_bounded_over_many_steps(monkeypatch):
+        """40 steps (80 launcher calls): the workspace log keeps a fixed number of records and
+        nothing the launchers allocated is still alive."""
+        meter = _meter_launchers(monkeypatch)
+        batch = make_batch(8, 8, seed=2)
+        WORKSPACE.reset()
+        before = WORKSPACE.launches
+        for _ in range(40):
+            run_case(batch, slice(0, 8), "triton", "distill")
+        assert len(WORKSPACE.records) <= 8, len(WORKSPACE.records)
+        assert WORKSPACE.launches - before == 80
+        gc.collect()     # the interpreter's argument copies (see _Counted)
+        assert meter.live == 0 and meter.allocations >= 80 * 2, (meter.live, meter.allocations)
 
     def test_workspace_too_small_is_refused():
         batch = make_batch(8, 8, seed=1)
