@@ -90,6 +90,35 @@ def test_corrupt_samples_and_unreadable_shards_are_skipped_and_counted(demo_data
     assert td.skipped_local() > 4  # the garbage shard was drawn more than once, and 4 bad jpgs
 
 
+def test_resume_counts_each_corrupt_sample_once(demo_data, tmp_path):
+    """The replay after a restart meets the interrupted run's unreadable shards again; the skipped
+    count must continue from the saved one, not add the replay's errors to it."""
+    import copy
+
+    bad_dir = tmp_path / "train"
+    bad_dir.mkdir()
+    for shard in sorted((demo_data / "train").glob("*.tar"))[:2]:
+        shutil.copy(shard, bad_dir)
+    for i in range(6):  # garbage is drawn often, before and after the restart point
+        (bad_dir / f"zz-garbage{i}.tar").write_bytes(b"\x17not a tar file" * 1000)
+    cfg = make_cfg(demo_data, f"data.train_shards={bad_dir}", "data.workers=2", "data.train_num_samples=100000")
+    dec = decoder(demo_data)
+
+    def counts(td, n):
+        out = []
+        for _ in range(n):
+            td.next()
+            out.append(td.skipped_local())
+        return out
+    full = counts(TrainData(cfg, dec, rank=0, world=1, position=None), 40)
+    assert full[19] > 0 and full[-1] > full[19]
+    first = TrainData(cfg, dec, rank=0, world=1, position=None)
+    take(first, 20)
+    resumed = TrainData(cfg, dec, rank=0, world=1, position=copy.deepcopy(first.position))
+    assert resumed.skipped_local() == full[19]
+    assert counts(resumed, 20) == full[20:]
+
+
 def test_manifest_keeps_only_listed_keys(demo_data, tmp_path):
     keep = [f"train_{i:08d}" for i in range(0, 768, 3)]
     manifest = tmp_path / "kept.txt"

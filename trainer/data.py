@@ -199,12 +199,16 @@ class TrainStream(torch.utils.data.IterableDataset):
         w = self._logical_worker()
         base = (self.seed, self.epoch, self.rank, w)
         shard_rng, shuffle_rng = random.Random(_seed("shards", *base)), random.Random(_seed("shuffle", *base))
-        counter = _Counter(int(self.resume["skipped"].get(str(w), 0)))
+        counter = _Counter()
         urls = iter(lambda: shard_rng.choice(self.urls), None)  # resampled, with replacement
         samples = _shuffled(_raw_samples(urls, counter, self.manifest), self.shuffle_buffer, shuffle_rng)
         consumed = int(self.resume["consumed"].get(str(w), 0))
         for _ in range(consumed):  # resume: skip raw samples already trained on, undecoded
             next(samples)
+        # The replay read exactly the raw data the interrupted run had read when it saved, so it
+        # met the same unreadable entries again; the saved count already holds them (and the
+        # corrupt samples it decoded), so it replaces the replay's count instead of adding to it.
+        counter.skipped = int(self.resume["skipped"].get(str(w), 0))
         images, captions, keys = [], [], []
         for sample in samples:
             consumed += 1
