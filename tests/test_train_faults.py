@@ -1,7 +1,10 @@
 """Faults during training through the real CLI: non-finite losses and corrupt data."""
 from __future__ import annotations
 
+import math
 import shutil
+
+import pytest
 
 from conftest import check, data_overrides, read_metrics, run_trainer
 
@@ -10,22 +13,60 @@ FAST = ["model.context_length=24", "data.batch_size=16", "data.workers=1", "data
         "checkpoint.every_steps=100"]
 
 
-def test_non_finite_loss_on_one_rank_is_skipped_by_all_and_counted(demo_data, tmp_path):
-    out = tmp_path / "nan"
-    text = check(run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
-                              *FAST, "max_steps=5", "debug.inject_nan_steps=[3]"], nproc=2))
+def nan_run(demo_data, out, *extra):
+    return run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
+                        *FAST, "max_steps=5", "debug.inject_nan_steps=[3]", *extra], nproc=2)
+
+
+@pytest.fixture(scope="module")
+def nan_in_loss(demo_data, tmp_path_factory):
+    """2 ranks, ZeRO-1: rank 0's loss is NaN at step 3 (the reference for where else a NaN arises)."""
+    out = tmp_path_factory.mktemp("nan-loss")
+    return out, check(nan_run(demo_data, out))
+
+
+def test_non_finite_loss_on_one_rank_is_skipped_by_all_and_counted(nan_in_loss):
+    out, text = nan_in_loss
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]  # step 3 was retried with the next micro-batch
-    assert [m["bad_steps"] for m in metrics] == [0, 0, 1, 1, 1]
+    assert [m["bad_microbatches"] for m in metrics] == [0, 0, 1, 1, 1]
     assert all(m["loss"] == m["loss"] for m in metrics)  # no NaN reached the metrics
     assert "step 3: non-finite loss, micro-batch dropped (1 in a row)" in text
 
 
-def test_too_many_consecutive_bad_steps_stop_the_run_with_a_message(demo_data, tmp_path):
+@pytest.mark.parametrize("where, stage", [("forward", 1), ("grad", 1), ("grad", 3), ("grad", 0)])
+def test_nan_in_the_forward_or_only_in_the_gradients_is_dropped_like_a_nan_loss(nan_in_loss, demo_data, tmp_path,
+                                                                              where, stage):
+    """A NaN that arises inside rank 0's vision tower, or a finite loss whose gradients are NaN on
+    rank 0 only: every rank drops the micro-batch, no weight or optimizer moment moves, and the run
+    continues exactly as when the loss itself was NaN. DeepSpeed checks gradients itself only for
+    some stages (ZeRO-1/2 here); ZeRO-3 and stage 0 in fp32 rely on the trainer's guard."""
+    out = tmp_path / f"{where}-{stage}"
+    text = check(nan_run(demo_data, out, f"debug.inject_nan_where={where}", f"deepspeed.zero_stage={stage}"))
+    got, want = read_metrics(out), read_metrics(nan_in_loss[0])
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5]
+    assert [m["bad_microbatches"] for m in got] == [0, 0, 1, 1, 1]
+    assert all(math.isfinite(m["loss"]) for m in got)
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], rel=2e-4)
+    if where == "grad":
+        assert "step 3: non-finite gradients, update skipped and its 1 micro-batch(es) dropped" in text
+    else:
+        assert "step 3: non-finite loss, micro-batch dropped" in text
+
+
+def test_renamed_key_is_a_clear_error(demo_data, tmp_path):
+    proc = run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, tmp_path / "r"),
+                        "train.max_bad_steps=3"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "config key 'train.max_bad_steps' was renamed to train.max_bad_microbatches" in proc.stderr
+
+
+def test_too_many_consecutive_bad_microbatches_stop_the_run_with_a_message(demo_data, tmp_path):
     proc = run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, tmp_path / "s"),
-                        *FAST, "max_steps=8", "debug.inject_nan_steps=[2]", "train.max_bad_steps=1"], nproc=1)
+                        *FAST, "max_steps=8", "debug.inject_nan_steps=[2]", "train.max_bad_microbatches=1"], nproc=1)
     assert proc.returncode == 1
-    assert "stopping: 1 consecutive micro-batches with a non-finite loss (train.max_bad_steps=1)" in proc.stderr
+    assert ("stopping: 1 consecutive micro-batches dropped for a non-finite loss or gradient "
+            "(train.max_bad_microbatches=1)") in proc.stderr
     assert [m["step"] for m in read_metrics(tmp_path / "s")] == [1]
 
 

@@ -23,11 +23,20 @@ import signal
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import yaml
 
-from .dist import barrier, is_main
+from .config import ConfigError
+from .dist import barrier, is_main, rank as this_rank
 
 TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,11 +46,56 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` that is on disk (data and name) before it returns, or not there at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def requeued() -> bool:
+    """A SLURM job that was requeued (preempted, or its node failed) and runs again."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def resume_source(cfg) -> tuple[Path, str] | None:
+    """The checkpoint a run starts from, as ``(root, tag)``, or None for a fresh start.
+
+    The run's own ``output_dir/checkpoints/latest`` wins once it exists, whatever
+    ``checkpoint.resume`` says: a run branched from another run's checkpoint that is killed or
+    requeued continues from its own newest checkpoint, not from the branch point (which would
+    truncate its metrics and overwrite its newer checkpoints). ``resume=none`` refuses an
+    output_dir with checkpoints (the CLI says so) except in a requeued SLURM job.
+    """
+    own = CheckpointManager(Path(cfg.output_dir) / "checkpoints")
+    tag = own.latest_tag()
+    if tag is not None and (cfg.checkpoint.resume != "none" or requeued()):
+        return own.root, tag
+    if cfg.checkpoint.resume not in ("auto", "latest", "none"):
+        from .export import resolve_checkpoint
+        return resolve_checkpoint(cfg.checkpoint.resume)
+    return None
+
+
+def check_resumable(root: Path, tag: str, world_size: int, workers: int) -> None:
+    """A checkpoint resumes exactly only with the world size and loader workers that wrote it
+    (the data position is per rank and per worker); anything else is a ConfigError naming both."""
+    where = Path(root) / tag
+    ranks = len(list((where / "trainer_state").glob("rank_*.pt")))
+    if ranks != world_size:
+        raise ConfigError(f"cannot resume from {where}: it was written by world size {ranks}, this run has "
+                          f"world size {world_size}; resume with {ranks} ranks (elastic resume is not supported)")
+    saved = (yaml.safe_load((where / "config.yaml").read_text()) or {}).get("data", {}).get("workers")
+    if saved is not None and int(saved) != workers:
+        raise ConfigError(f"cannot resume from {where}: it was written with data.workers={saved}, this run has "
+                          f"data.workers={workers}; resume with data.workers={saved}")
 
 
 def tag_for(step: int) -> str:
@@ -70,12 +124,12 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
         barrier()
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = this_rank()
         state_dir = tag_dir / "trainer_state"
         state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / f"rank_{rank}.pt.tmp"
-        torch.save(trainer_state, tmp)
-        os.replace(tmp, state_dir / f"rank_{rank}.pt")
+        # Durable before the barrier: `latest` must never name a checkpoint whose per-rank state
+        # a crash of the file system's cache could still lose.
+        atomic_torch_save(trainer_state, state_dir / f"rank_{rank}.pt")
         if is_main():
             atomic_write_text(tag_dir / "config.yaml", config_yaml)
         barrier()
@@ -101,7 +155,7 @@ class CheckpointManager:
                                          load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = this_rank()
         state_file = root / tag / "trainer_state" / f"rank_{rank}.pt"
         if not state_file.is_file():
             raise RuntimeError(f"{state_file} is missing: the checkpoint was written by a run with fewer "

@@ -37,7 +37,7 @@ def _train(args) -> int:
     if cfg.eval.zeroshot:
         load_zeroshot(cfg.eval.zeroshot)
     D.read_manifest(cfg.data.manifest)
-    _check_resume(cfg)
+    _check_resume(cfg, le.world_size)
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
     if cfg.loss.impl == "triton":
         _require_triton()
@@ -53,17 +53,18 @@ def _require_triton() -> None:
                           "(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)")
 
 
-def _check_resume(cfg) -> None:
+def _check_resume(cfg, world_size: int) -> None:
     from pathlib import Path
 
-    resume = cfg.checkpoint.resume
+    from .checkpoint import check_resumable, requeued, resume_source
+
     latest = Path(cfg.output_dir) / "checkpoints" / "latest"
-    if resume == "none" and latest.is_file():
+    if cfg.checkpoint.resume == "none" and latest.is_file() and not requeued():
         raise ConfigError(f"checkpoint.resume is 'none' but {latest.parent} already holds checkpoints; "
                           "use a new output_dir, or resume with --resume latest")
-    if resume not in ("auto", "latest", "none"):
-        from .export import resolve_checkpoint
-        resolve_checkpoint(resume)  # a path that is not a complete checkpoint is a ConfigError
+    source = resume_source(cfg)  # a path that is not a complete checkpoint is a ConfigError
+    if source is not None:
+        check_resumable(*source, world_size, cfg.data.workers)
 
 
 def _check_precision(cfg) -> None:

@@ -73,7 +73,7 @@ class OptimConfig:
 class TrainConfig:
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     global_batch_size: int | None = _f(None, "if set, must equal data.batch_size * grad_accum_steps * world size")
-    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss", min=1)
+    max_bad_microbatches: int = _f(5, "stop after this many consecutive micro-batches dropped for a non-finite loss or gradient (an optimizer step whose accumulated gradients are non-finite drops all its micro-batches)", min=1)
 
 
 @dataclass
@@ -119,7 +119,8 @@ class DistConfig:
 
 @dataclass
 class DebugConfig:
-    inject_nan_steps: list = _f([], "fault injection for tests: make the loss NaN at these optimizer steps")
+    inject_nan_steps: list = _f([], "fault injection for tests: a NaN on rank 0 at these optimizer steps (first micro-batch)")
+    inject_nan_where: str = _f("loss", "where the injected NaN arises: loss (the finished loss) | forward (inside the vision tower) | grad (the gradient only; the loss stays finite)", choices=("loss", "forward", "grad"))
     kill_during_save_step: int | None = _f(None, "fault injection for tests: SIGKILL this process after writing checkpoint N but before marking it latest")
 
 
@@ -177,12 +178,18 @@ def _check_scalar(key: str, value, hint, meta: dict):
     return value
 
 
+RENAMED = {"train.max_bad_steps": "train.max_bad_microbatches (it counts micro-batches, not optimizer steps)"}
+
+
 def _build(cls, raw: dict, prefix: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping; got {raw!r}")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
+    for name in unknown:
+        if prefix + name in RENAMED:
+            raise ConfigError(f"config key '{prefix}{name}' was renamed to {RENAMED[prefix + name]}")
     if unknown:
         section = prefix.rstrip(".") or "top level"
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {section}; allowed: {', '.join(sorted(fields))}")

@@ -24,11 +24,12 @@ import torch
 import yaml
 
 from . import data as D
-from .checkpoint import CheckpointManager, atomic_write_text
+from .checkpoint import CheckpointManager, atomic_write_text, check_resumable, resume_source
 from .config import Config, to_dict
-from .dist import LaunchEnv, all_reduce_flags, barrier, hostname, init_distributed
+from .dist import LaunchEnv, all_reduce, all_reduce_flags, barrier, hostname, init_distributed
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate
+from .faults import GradGuard, NanInjector, skip_update
 from .losses import LossContext, build_terms, compute_loss
 from .metrics import MetricsLogger
 from .model import build_model, preset_shape
@@ -101,41 +102,62 @@ class TooManyBadSteps(RuntimeError):
     pass
 
 
-def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, inject_nan: bool):
+def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, guard: GradGuard,
+               inject: NanInjector):
     """One optimizer step: forward/backward over ``grad_accum_steps`` good micro-batches.
 
     A micro-batch whose loss is non-finite on any rank is dropped by every rank before backward
-    (so no rank enters a collective the others skip) and replaced by the next one; DeepSpeed's
-    accumulation boundary only counts the good ones. Returns ``(metrics, seconds waiting for data)``.
+    (so no rank enters a collective the others skip) and replaced by the next one. If the loss was
+    finite but a gradient was not, every rank skips the update and the step starts over with new
+    micro-batches (see trainer/faults.py). Returns ``(metrics, seconds waiting for data)``.
     """
     dtype = next(engine.module.parameters()).dtype
     sums: dict[str, float] = {}
     good, t_data = 0, 0.0
+    guard.reset()
     while good < cfg.train.grad_accum_steps:
         t0 = time.perf_counter()
         mb = next_batch()
         t_data += time.perf_counter() - t0
+        fault = inject.where if good == 0 and inject.due(step) else None
+        hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
         image, text, scale = engine(pixel_values=mb["image"].to(engine.device, dtype),
                                     input_ids=mb["input_ids"].to(engine.device),
                                     attention_mask=mb["attention_mask"].to(engine.device))
+        if hook is not None:
+            hook.remove()
+        if fault == "grad":
+            NanInjector.poison_grad(image)
         total, parts = compute_loss(terms, LossContext(image, text, scale, step=step, impl=cfg.loss.impl))
-        if inject_nan and good == 0 and engine.global_rank == 0:
-            total, inject_nan = total * float("nan"), False
+        if fault == "loss":
+            total = total * float("nan")
         (any_bad,) = all_reduce_flags(0.0 if torch.isfinite(total).item() else 1.0)
         if any_bad:
-            state["bad_total"] += 1
-            state["bad_streak"] += 1
-            log.warning("step %d: non-finite loss, micro-batch dropped (%d in a row)", step, state["bad_streak"])
-            if state["bad_streak"] >= cfg.train.max_bad_steps:
-                raise TooManyBadSteps(state["bad_streak"])
+            _count_bad(state, 1, cfg, f"step {step}: non-finite loss, micro-batch dropped")
             continue
-        state["bad_streak"] = 0
         engine.backward(total)
-        engine.step()
         good += 1
+        state["bad_streak"] = 0
         for name, value in {"loss": total, **parts}.items():
             sums[name] = sums.get(name, 0.0) + value.item()
+        if good == cfg.train.grad_accum_steps and all_reduce_flags(guard.flag())[0]:
+            with skip_update(engine):
+                engine.step()
+            _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
+                                         f"its {good} micro-batch(es) dropped")
+            sums, good = {}, 0
+            guard.reset()
+            continue
+        engine.step()
     return {k: v / good for k, v in sums.items()}, t_data
+
+
+def _count_bad(state: dict, n: int, cfg: Config, what: str) -> None:
+    state["bad_total"] += n
+    state["bad_streak"] += n
+    log.warning("%s (%d in a row)", what, state["bad_streak"])
+    if state["bad_streak"] >= cfg.train.max_bad_microbatches:
+        raise TooManyBadSteps(state["bad_streak"])
 
 
 def _rng_state() -> dict:
@@ -164,16 +186,13 @@ def write_run_files(config_yaml: str, ds_config: dict, out: Path) -> None:
     atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
 
 
-def resume_state(cfg: Config, ckpt: CheckpointManager, engine) -> dict:
-    """Load the checkpoint ``checkpoint.resume`` selects into the engine; return the trainer state."""
-    root, tag = ckpt.root, None
-    if cfg.checkpoint.resume in ("auto", "latest"):
-        tag = ckpt.latest_tag()
-    elif cfg.checkpoint.resume != "none":  # an explicit checkpoint, e.g. to branch a run
-        from .export import resolve_checkpoint
-        root, tag = resolve_checkpoint(cfg.checkpoint.resume)
-    if tag is None:
+def resume_state(cfg: Config, ckpt: CheckpointManager, engine, world_size: int) -> dict:
+    """Load the checkpoint :func:`resume_source` selects into the engine; return the trainer state."""
+    source = resume_source(cfg)
+    if source is None:
         return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+    root, tag = source
+    check_resumable(root, tag, world_size, cfg.data.workers)
     state = ckpt.load(engine, tag, root=root)
     _set_rng_state(state.pop("rng"))
     log.info("resumed from %s (step %d)", root / tag, state["step"])
@@ -200,7 +219,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
              sum(p.numel() for p in model.parameters()) / 1e6, ds_config["train_batch_size"])
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
-    state = resume_state(cfg, ckpt, engine)
+    state = resume_state(cfg, ckpt, engine, le.world_size)
 
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
@@ -214,20 +233,20 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         ckpt.save(engine, state["step"], {**state, "rng": _rng_state(), "world_size": le.world_size}, config_yaml,
                   kill_before_latest=cfg.debug.kill_during_save_step == state["step"])
 
+    guard = GradGuard(engine.module)
+    inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, state["injected"])
     progress = _progress(cfg, le.rank, state["step"])
     window = _new_window()
     status = 0
     while state["step"] < cfg.max_steps:
         t0 = time.perf_counter()
         upcoming = state["step"] + 1
-        inject = upcoming in cfg.debug.inject_nan_steps and upcoming not in state["injected"]
-        if inject:
-            state["injected"].append(upcoming)
         try:
-            metrics, t_data = train_step(engine, train_data.next, terms, cfg, upcoming, state, inject)
+            metrics, t_data = train_step(engine, train_data.next, terms, cfg, upcoming, state, guard, inject)
         except TooManyBadSteps as err:
-            log.error("stopping: %s consecutive micro-batches with a non-finite loss (train.max_bad_steps=%d); "
-                      "lower optim.lr, check the data, or use deepspeed.precision=bf16", err, cfg.train.max_bad_steps)
+            log.error("stopping: %s consecutive micro-batches dropped for a non-finite loss or gradient "
+                      "(train.max_bad_microbatches=%d); lower optim.lr, check the data, or use "
+                      "deepspeed.precision=bf16", err, cfg.train.max_bad_microbatches)
             status = EXIT_BAD_LOSS
             break
         state["step"] = upcoming
@@ -237,8 +256,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
         if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
-            skipped = _skipped_total(train_data)
-            metrics_log.log(_window_metrics(window, engine, global_batch, state, skipped), state["step"])
+            metrics_log.log(_window_metrics(window, engine, global_batch, state, train_data, le.world_size),
+                            state["step"])
             window = _new_window()
         if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
             run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
@@ -280,12 +299,22 @@ def _accumulate(window: dict, metrics: dict, dt: float, t_data: float) -> None:
         window["sums"][k] = window["sums"].get(k, 0.0) + v
 
 
-def _window_metrics(window: dict, engine, global_batch: int, state: dict, skipped: int) -> dict:
+def _window_metrics(window: dict, engine, global_batch: int, state: dict, train_data: TrainData,
+                    world: int) -> dict:
+    """The logged values of the steps since the last log line, for the whole global batch.
+
+    Each rank's loss (and each term) is its share, defined so that the mean over ranks is the
+    global-batch value (that is what DeepSpeed's gradient averaging optimises); one all-reduce
+    here, at log time, sums the shares and the ranks' skipped-sample counts.
+    """
     n = max(1, window["steps"])
-    return {**{k: v / n for k, v in window["sums"].items()},
+    names = sorted(window["sums"])  # the same order on every rank
+    local = [window["sums"][k] / n for k in names] + [float(train_data.skipped_local())]
+    *shares, skipped = all_reduce(torch.tensor(local, dtype=torch.float64), "sum").tolist()
+    return {**{k: v / world for k, v in zip(names, shares)},
             "lr": engine.get_lr()[0], "samples_per_s": global_batch * window["steps"] / max(window["t"], 1e-9),
             "data_wait_frac": window["wait"] / max(window["t"], 1e-9), "logit_scale": _logit_scale(engine.module),
-            "data/skipped": skipped, "bad_steps": state["bad_total"]}
+            "data/skipped": int(skipped), "bad_microbatches": state["bad_total"]}
 
 
 def _logit_scale(module) -> float:
@@ -293,12 +322,6 @@ def _logit_scale(module) -> float:
     # Gathers the partitioned parameter under ZeRO-3; a no-op for every other stage.
     with torch.no_grad(), deepspeed.zero.GatheredParameters([module.logit_scale]):
         return float(module.scale().float())
-
-
-def _skipped_total(train_data: TrainData) -> int:
-    """Corrupt samples skipped by all ranks' workers so far."""
-    (total,) = all_reduce_flags(float(train_data.skipped_local()), op="sum")
-    return int(total)
 
 
 def run_eval(cfg: Config, engine, tokenizer, metrics_log: MetricsLogger, step: int, out: Path, le: LaunchEnv):

@@ -1,0 +1,101 @@
+"""Non-finite values in a step: detect them on any rank, agree, and leave the weights untouched.
+
+Two places a step can go non-finite:
+
+- the loss (NaN/inf in a forward, on any rank; the gathered loss spreads it to every rank):
+  ``train_step`` drops that micro-batch before its backward on every rank;
+- the gradients of a finite loss (an overflow inside the backward): :class:`GradGuard` watches
+  every parameter's gradient as autograd produces it, and at the accumulation boundary all ranks
+  agree (one all-reduce) whether to apply the step; if not, :func:`skip_update` lets DeepSpeed
+  finish its step bookkeeping (gradients cleared, partitions untouched) without the optimizer
+  moving a weight or a moment, as its own fp16 overflow path does.
+
+DeepSpeed only checks gradients itself for some stages and precisions (ZeRO-1/2 bf16, or fp32
+with clipping; the bf16 optimizer of stage 0), never for ZeRO-3 in bf16/fp32; the guard makes
+every stage behave alike.
+
+    guard = GradGuard(engine.module)
+    guard.reset()                      # at the start of each optimizer step
+    ... engine.backward(loss) ...
+    if all_reduce_flags(guard.flag())[0]:
+        with skip_update(engine):
+            engine.step()
+
+Fault injection for tests (``debug.inject_nan_steps``, ``debug.inject_nan_where``) lives here too.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class GradGuard:
+    """Records, without a host sync, whether any parameter received a non-finite gradient."""
+
+    def __init__(self, module: torch.nn.Module):
+        self._bad = None
+        self._handles = [p.register_hook(self._check) for p in module.parameters() if p.requires_grad]
+
+    def _check(self, grad: torch.Tensor) -> None:
+        bad = ~torch.isfinite(grad).all()
+        self._bad = bad if self._bad is None else self._bad | bad.to(self._bad.device)
+
+    def reset(self) -> None:
+        self._bad = None
+
+    def flag(self) -> float:
+        """1.0 if a non-finite gradient was seen since :meth:`reset` (one host sync)."""
+        return float(self._bad.item()) if self._bad is not None else 0.0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def skip_update(engine):
+    """``engine.step()`` inside this block clears the gradients but updates nothing.
+
+    The wrapped optimizer's ``step`` becomes a no-op that reports an overflow, so DeepSpeed's
+    engine counts a skipped step and does not advance the lr schedule, exactly as when its own
+    overflow check fires (which may happen first; then the no-op is never called).
+    """
+    outer = engine.optimizer
+    inner = getattr(outer, "optimizer", outer)  # ZeRO / bf16 wrappers hold the torch optimizer
+
+    def no_update(*_args, **_kwargs):
+        outer.overflow = True
+
+    inner.step = no_update
+    try:
+        yield
+    finally:
+        del inner.step  # the instance attribute shadowed the class's method
+        if outer is inner:  # a bare torch optimizer: nobody else resets the flag
+            outer.overflow = False
+
+
+class NanInjector:
+    """Test-only faults on rank 0, at the first micro-batch of the configured steps."""
+
+    def __init__(self, steps, where: str, rank: int, done: list):
+        self.steps, self.where, self.rank, self.done = set(steps), where, rank, done
+
+    def due(self, step: int) -> bool:
+        if step in self.steps and step not in self.done:
+            self.done.append(step)  # checkpointed with the trainer state: once per step, ever
+            return self.rank == 0
+        return False
+
+    @staticmethod
+    def forward_hook(module: torch.nn.Module):
+        """A NaN that arises inside the vision tower (its last layer norm's output)."""
+        def poison(_mod, _inp, out):
+            return out * float("nan")
+        return module.vision_model.post_layernorm.register_forward_hook(poison)
+
+    @staticmethod
+    def poison_grad(tensor: torch.Tensor) -> None:
+        """A finite loss whose backward yields non-finite gradients (from ``tensor`` down)."""
+        tensor.register_hook(lambda g: g * float("nan"))
