@@ -64,8 +64,27 @@ def start_trainer(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the launcher and every process under it, as a node failure would.
+
+    torchrun starts its ranks in sessions of their own, so killing the launcher's process group
+    alone leaves the ranks training on as orphans (an earlier version of this helper did that)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
 
 
 def read_metrics(out: Path) -> list[dict]:
