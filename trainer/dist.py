@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .ports import derive_port
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -57,7 +59,7 @@ def launch_env() -> LaunchEnv:
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                          env.get("MASTER_ADDR") or _first_slurm_host(),
-                         int(env.get("MASTER_PORT") or __import__("trainer.ports").ports.derive_port(job)), "slurm")
+                         int(env.get("MASTER_PORT") or derive_port(job)), "slurm")
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
 
 
