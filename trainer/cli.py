@@ -131,7 +131,15 @@ def _bench(args) -> int:
     if args.what == "loss":
         from kernels.bench import main as bench_loss
         return bench_loss(args.rest) or 0
-    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss")
+    if args.what == "train":
+        from .bench_train import main as bench_train
+        return bench_train(args.rest) or 0
+    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train")
+
+
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+    return run_sweep(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-hf", help="write a transformers CLIPModel/CLIPProcessor directory")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
-    b = sub.add_parser("bench", help="benchmarks: bench loss [options]")
+    s = sub.add_parser("sweep", help="train every (variant, seed) of a variants file; table and plots")
+    s.add_argument("--config", required=True, help="base config (YAML)")
+    s.add_argument("--variants", required=True, help="YAML: {name: {key: value, ...}, ..., seeds: [0, 1]}")
+    s.add_argument("--out", required=True, help="sweep directory: runs/, results.jsonl, table.md, *.png")
+    s.add_argument("--slurm", action="store_true", help="submit each run with slurm/train.sbatch and wait")
+    s.add_argument("--nproc", type=int, default=2, help="ranks per run under torchrun (default 2)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    b = sub.add_parser("bench", help="benchmarks: bench loss|train [options]")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -174,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: train needs --config FILE (e.g. trainer/configs/demo.yaml)", file=sys.stderr)
         return 2
     handlers = {"train": _train, "make-demo-data": _make_demo_data, "eval": _eval, "export-hf": _export,
-                "bench": _bench}
+                "bench": _bench, "sweep": _sweep}
     try:
         return handlers[args.verb](args)
     except ConfigError as err:
