@@ -1,0 +1,335 @@
+"""``python -m trainer sweep`` end to end, through the real command line on the demo data set.
+
+One 2-variant x 2-seed sweep (tiny runs: 4 steps, one process each) is shared by the tests that
+read its outputs; the interrupted run, the bad key and the SLURM sweep have small sweeps of their
+own. Every test asserts on values: the rows against each run's eval.json and metrics.jsonl, the
+table's numbers recomputed from the rows, the PNGs decoded, files left untouched on a re-run.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, check, kill_group, read_metrics, run_trainer, start_trainer
+
+CONFIG = "trainer/configs/demo.yaml"
+# FAST of tests/test_train_e2e.py with one loader worker: small and quick.
+FAST = ["model.context_length=24", "data.batch_size=16", "data.workers=1", "data.shuffle_buffer=64",
+        "data.train_num_samples=192", "optim.warmup_steps=3", "optim.lr=2e-3", "log.every_steps=1",
+        "log.progress=false", "eval.batch_size=32"]
+STEPS = 4
+SEEDS = [0, 1]
+# `lowlr` names its override as a nested section: it must change optim.lr only, not the whole
+# optim section (warmup_steps=3 from the sweep's arguments must survive).
+VARIANTS = {"seeds": SEEDS, "baseline": {}, "lowlr": {"optim": {"lr": 2.0e-4}}}
+PNGS = ("loss.png", "zeroshot_top1.png", "top1_vs_time.png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ACC_KEYS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
+
+
+def data_args(data: Path) -> list[str]:
+    return [f"data.train_shards={data}/train", f"data.val_shards={data}/val", f"tokenizer.path={data}/tokenizer",
+            f"eval.zeroshot={data}/zeroshot.json"]
+
+
+def sweep_args(variants: Path, out: Path, data: Path, *extra, nproc: int = 1, slurm: bool = False) -> list[str]:
+    launch = ["--slurm"] if slurm else ["--nproc", str(nproc)]
+    return ["sweep", "--config", CONFIG, "--variants", str(variants), "--out", str(out), *launch,
+            *data_args(data), *FAST, f"max_steps={STEPS}", "eval.every_steps=2", "checkpoint.every_steps=2", *extra]
+
+
+def write_variants(path: Path, variants: dict) -> Path:
+    path.write_text(yaml.safe_dump(variants, sort_keys=False))
+    return path
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return [out / "runs" / v / f"seed{s}" for v in ("baseline", "lowlr") for s in SEEDS]
+
+
+@pytest.fixture(scope="module")
+def sweep(demo_data, tmp_path_factory):
+    """The shared sweep: baseline and lowlr, seeds 0 and 1, 4 steps each, evaluated every 2 steps."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    variants = write_variants(tmp / "variants.yaml", VARIANTS)
+    out = tmp / "out"
+    t0 = time.monotonic()
+    text = check(run_trainer(sweep_args(variants, out, demo_data)))
+    return {"out": out, "variants": variants, "log": text, "seconds": time.monotonic() - t0, "data": demo_data}
+
+
+# ------------------------------------------------------------------------- the shared sweep
+
+def test_results_rows_match_each_runs_outputs(sweep):
+    out, rows = sweep["out"], read_rows(sweep["out"])
+    assert [(r["variant"], r["seed"]) for r in rows] == [("baseline", 0), ("baseline", 1), ("lowlr", 0), ("lowlr", 1)]
+    from trainer.config import load_config
+    from trainer.data import load_tokenizer
+    from trainer.model import build_model
+
+    for row, run_dir in zip(rows, run_dirs(out)):
+        assert Path(row["run_dir"]) == run_dir
+        ev = json.loads((run_dir / "eval.json").read_text())
+        assert ev["step"] == STEPS
+        for key, value in ev.items():  # every figure of the final eval.json, unchanged
+            assert row[key] == value, key
+        metrics = read_metrics(run_dir)
+        assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+        assert row["samples_per_s"] == pytest.approx(statistics.median(m["samples_per_s"] for m in metrics))
+        assert row["steps"] == STEPS and row["final_loss"] == pytest.approx(metrics[-1]["loss"])
+        meta = json.loads((run_dir / "sweep.json").read_text())
+        assert meta["status"] == "finished" and len(meta["attempts"]) == 1 and meta["attempts"][0]["rc"] == 0
+        assert row["wall_s"] == meta["wall_s"] == pytest.approx(sum(a["wall_s"] for a in meta["attempts"]))
+        assert 0 < row["wall_s"] < sweep["seconds"]
+        assert row["attempts"] == 1 and row["config_hash"] == meta["config_hash"]
+        # The run is the ordinary train command with the variant's overrides, its seed and run dir.
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["seed"] == row["seed"] and Path(cfg["output_dir"]) == run_dir and cfg["max_steps"] == STEPS
+        assert cfg["optim"]["lr"] == (2e-4 if row["variant"] == "lowlr" else 2e-3)
+        assert cfg["optim"]["warmup_steps"] == 3 and cfg["optim"]["weight_decay"] == 0.1  # rest of optim kept
+        assert row["overrides"] == ({"optim.lr": 2e-4} if row["variant"] == "lowlr" else {})
+        log = (run_dir / "train.log").read_text()
+        assert "-m trainer train --config trainer/configs/demo.yaml" in log and f"seed={row['seed']}" in log
+        # Exact parameter count, and the trainer's own log line agrees.
+        c = load_config(run_dir / "config.yaml")
+        want = sum(p.numel() for p in build_model(c.model, load_tokenizer(c.tokenizer.path), 0).parameters())
+        assert row["params"] == want
+        logged = float(re.search(r"params=([\d.]+)M", log).group(1))
+        assert abs(row["params"] / 1e6 - logged) < 0.006
+    # The variants really differ, and seeds differ within a variant.
+    losses = {(r["variant"], r["seed"]): r["final_loss"] for r in rows}
+    assert len(set(losses.values())) == 4
+
+
+def _main_table(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| variant | n |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    body = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        body[cells[0].strip("`")] = cells
+    return header, body
+
+
+def test_table_numbers_recomputed_from_rows(sweep):
+    text = (sweep["out"] / "table.md").read_text()
+    rows = read_rows(sweep["out"])
+    header, body = _main_table(text)
+    assert list(body) == ["baseline", "lowlr"]
+    assert "mean ± sample standard deviation" in text and "percentage points" in text and "ratio" in text
+    col = {name: i for i, name in enumerate(header)}
+
+    def stats(variant, key):
+        values = [r[key] for r in rows if r["variant"] == variant]
+        return statistics.fmean(values), statistics.stdev(values)
+
+    labels = {"zeroshot_top1": "zero-shot top-1", "zeroshot_top5": "zero-shot top-5", "i2t_r1": "I→T R@1",
+              "t2i_r1": "T→I R@1"}
+    for variant in body:
+        assert body[variant][col["n"]] == "2"
+        for key in ACC_KEYS:
+            mean, sd = stats(variant, key)
+            assert body[variant][col[f"{labels[key]} %"]] == f"{100 * mean:.1f} ± {100 * sd:.1f}", (variant, key)
+        mean, sd = stats(variant, "samples_per_s")
+        assert body[variant][col["samples/s"]] == f"{mean:.1f} ± {sd:.1f}"
+    # The relative columns: differences of the means in points, throughput as a ratio.
+    for key in ACC_KEYS:
+        cell = body["lowlr"][col[f"Δ {labels[key]} (pt)"]]
+        want = 100 * (stats("lowlr", key)[0] - stats("baseline", key)[0])
+        assert re.fullmatch(r"[+-]\d+\.\d", cell), cell
+        assert float(cell) == pytest.approx(want, abs=0.05 + 1e-9), key
+        assert body["baseline"][col[f"Δ {labels[key]} (pt)"]] == "—"
+    ratio = body["lowlr"][col["samples/s ÷ baseline"]]
+    want = stats("lowlr", "samples_per_s")[0] / stats("baseline", "samples_per_s")[0]
+    assert ratio.endswith("×") and float(ratio[:-1]) == pytest.approx(want, abs=0.005 + 1e-9)
+    assert body["baseline"][col["samples/s ÷ baseline"]] == "1.00×"
+    params = rows[0]["params"]
+    assert body["baseline"][col["params"]] == f"{params / 1e6:.2f}M"
+    # Every run has its line, and the verdict names the best variant by mean zero-shot top-1.
+    for r in rows:
+        assert f"| `{r['variant']}` | {r['seed']} | {100 * r['zeroshot_top1']:.1f} |" in text
+    best = max(("baseline", "lowlr"), key=lambda v: stats(v, "zeroshot_top1")[0])
+    assert f"Highest mean zero-shot top-1: `{best}`" in text
+    for png in PNGS:
+        assert f"]({png})" in text
+
+
+def test_plots_are_valid_pngs(sweep):
+    import matplotlib.image as mpimg
+    from PIL import Image
+
+    for name in PNGS:
+        path = sweep["out"] / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+        pixels = mpimg.imread(path)
+        assert pixels.ndim == 3 and pixels.shape[0] > 0 and pixels.shape[1] > 0
+        assert pixels.std() > 0.01  # something was drawn
+
+
+def test_zeroshot_curve_read_from_tensorboard(sweep):
+    """The zero-shot plot's data: eval/zeroshot_top1 at every eval.every_steps and at the end."""
+    from trainer.sweep import eval_curve
+
+    for run_dir in run_dirs(sweep["out"]):
+        curve = eval_curve(run_dir)
+        assert [step for step, _, _ in curve] == [2, STEPS]
+        ev = json.loads((run_dir / "eval.json").read_text())
+        assert curve[-1][2] == pytest.approx(ev["zeroshot_top1"], abs=1e-6)
+        assert curve[0][1] < curve[1][1]  # wall times, in order
+
+
+def test_rerun_skips_finished_runs_and_regenerates_reports(sweep):
+    out = sweep["out"]
+    watched = [p for d in run_dirs(out) for p in (d / "sweep.json", d / "eval.json", d / "metrics.jsonl",
+                                                  d / "checkpoints" / "latest", d / "train.log")]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched}
+    rows_before = read_rows(out)
+    for name in ("table.md", "results.jsonl", *PNGS):
+        (out / name).unlink()
+    t0 = time.monotonic()
+    text = check(run_trainer(sweep_args(sweep["variants"], out, sweep["data"])))
+    seconds = time.monotonic() - t0
+    for d in run_dirs(out):
+        name = f"{d.parent.name}/{d.name}"
+        assert re.search(rf"{name}: finished earlier .*; skipped", text), text[-3000:]
+    assert "starting" not in text and "resuming" not in text
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in watched} == before  # nothing touched
+    assert read_rows(out) == rows_before  # same rows, wall times included
+    for name in ("table.md", *PNGS):
+        assert (out / name).stat().st_size > 0
+    assert seconds < sweep["seconds"] / 2  # no training happened
+
+
+def test_changed_variant_refuses_existing_run_dir(sweep, tmp_path):
+    """A variant whose config changed would mix two configs in one directory: exit 2, nothing touched."""
+    out = sweep["out"]
+    variants = write_variants(tmp_path / "changed.yaml", {**VARIANTS, "lowlr": {"optim.lr": 3.0e-4}})
+    meta = out / "runs" / "lowlr" / "seed0" / "sweep.json"
+    before = meta.stat().st_mtime_ns
+    proc = run_trainer(sweep_args(variants, out, sweep["data"]))
+    text = check(proc, 2)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: run directory ") and str(out / "runs" / "lowlr" / "seed0") in line, text[-2000:]
+    assert "optim.lr" in line and "0.0002" in line and "0.0003" in line
+    assert meta.stat().st_mtime_ns == before
+    # The launch is part of the config: other ranks per run, other global batch.
+    proc = run_trainer(sweep_args(sweep["variants"], out, sweep["data"], nproc=2))
+    assert proc.returncode == 2 and "launch.nproc: 1 there, 2 now" in proc.stderr
+
+
+# ------------------------------------------------------------------------- sweeps of their own
+
+def test_bad_key_fails_before_anything_runs(demo_data, tmp_path):
+    variants = write_variants(tmp_path / "bad.yaml", {"baseline": {}, "typo": {"optim.lrr": 1.0e-4}})
+    out = tmp_path / "out"
+    proc = run_trainer(sweep_args(variants, out, demo_data))
+    check(proc, 2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: variant 'typo': unknown config key 'optim.lrr'"), errors
+    assert not out.exists()  # no sweep directory, so no run directory either
+    # A key of the right name but a bad value names the variant too, and nothing is created.
+    variants = write_variants(tmp_path / "bad2.yaml", {"baseline": {}, "big": {"model": {"preset": "huge"}}})
+    proc = run_trainer(sweep_args(variants, out, demo_data))
+    assert proc.returncode == 2 and "error: variant 'big': config key 'model.preset' must be one of" in proc.stderr
+    assert not out.exists()
+
+
+def test_interrupted_run_is_resumed_not_restarted(demo_data, tmp_path):
+    """SIGKILL the sweep and its trainer (2 ranks under torchrun) mid-run; the same command continues
+    that run from its latest checkpoint, and its wall time adds up over both attempts."""
+    long_steps = 20
+    variants = write_variants(tmp_path / "long.yaml", {"long": {"max_steps": long_steps}})
+    out = tmp_path / "out"
+    args = sweep_args(variants, out, demo_data, "eval.every_steps=10", nproc=2)
+    run_dir = out / "runs" / "long" / "seed0"
+    latest = run_dir / "checkpoints" / "latest"
+    proc = start_trainer(args, TRAINER_SWEEP_HEARTBEAT_S="0.5")
+    deadline = time.time() + 300
+    while not latest.is_file():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.1)
+    kill_group(proc)
+    killed_at = int(latest.read_text().strip().removeprefix("step_"))
+    assert 2 <= killed_at < long_steps
+    assert not (run_dir / "eval.json").exists() or \
+        json.loads((run_dir / "eval.json").read_text())["step"] < long_steps
+    first = json.loads((run_dir / "sweep.json").read_text())
+    assert first["status"] == "running" and len(first["attempts"]) == 1 and first["attempts"][0]["wall_s"] > 0
+
+    text = check(run_trainer(args))
+    assert f"long/seed0: resuming from checkpoints/step_{killed_at}" in text, text[-3000:]
+    log = (run_dir / "train.log").read_text()
+    second = log.split("===== sweep attempt 2")[1]
+    assert re.search(rf"resumed from \S+/checkpoints/step_{killed_at} \(step {killed_at}\)", second), second[-3000:]
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, long_steps + 1))  # each step once
+    meta = json.loads((run_dir / "sweep.json").read_text())
+    assert meta["status"] == "finished" and [a["rc"] for a in meta["attempts"]][1:] == [0]
+    assert meta["attempts"][0]["wall_s"] == first["attempts"][0]["wall_s"]
+    assert meta["wall_s"] == pytest.approx(sum(a["wall_s"] for a in meta["attempts"]))
+    (row,) = read_rows(out)
+    assert row["attempts"] == 2 and row["wall_s"] == meta["wall_s"] and row["step"] == long_steps
+    assert row["zeroshot_top1"] == json.loads((run_dir / "eval.json").read_text())["zeroshot_top1"]
+
+
+@pytest.mark.timeout(600)
+def test_slurm_sweep_waits_through_a_requeue(demo_data, tmp_path):
+    """--slurm on a real SLURM cluster (tests/slurm_cluster.py): the job is preempted (USR1 to the
+    batch shell: checkpoint, exit 75, requeue) and the sweep keeps waiting for the same job id."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import slurm_cluster as sc
+
+    sc.skip_or_fail_without_cluster()
+    variants = write_variants(tmp_path / "one.yaml", {"baseline": {"max_steps": 30}})
+    out = tmp_path / "out"
+    run_dir = out / "runs" / "baseline" / "seed0"
+    args = sweep_args(variants, out, demo_data, "eval.every_steps=10", "dist.timeout_s=300", slurm=True)
+    with sc.SlurmCluster(tmp_path / "slurm", nodes=1, cpus_per_node=2, cred_expire_s=10) as cluster:
+        env = {**cluster.env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TRAINER_SWEEP_POLL_S": "1",
+               "TRAINER_SWEEP_SBATCH_ARGS": "-N 1 --ntasks-per-node 1 --gpus-per-node 0 --cpus-per-task 1"}
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 400
+            while not (run_dir / "checkpoints" / "latest").is_file():
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                assert time.time() < deadline, "no checkpoint within 400 s"
+                time.sleep(0.2)
+            job = json.loads((run_dir / "sweep.json").read_text())["slurm_job"]
+            cluster.run(["scancel", "--batch", "--signal=USR1", job])
+            text, _ = proc.communicate(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, text[-4000:]
+        assert cluster.job(job)["Restarts"] == "1"
+    assert f"baseline/seed0: submitted SLURM job {job}" in text
+    assert f"baseline/seed0: finished (SLURM job {job} COMPLETED" in text
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert f"requeueing job {job}" in log and "resumed from" in log and "training finished" in log
+    meta = json.loads((run_dir / "sweep.json").read_text())
+    assert meta["slurm_jobs"] == [job] and meta["status"] == "finished"
+    assert len(meta["attempts"]) == 2 and all(a["job"] == job and a["wall_s"] >= 0 for a in meta["attempts"])
+    (row,) = read_rows(out)
+    assert row["step"] == 30 and row["attempts"] == 2
+    assert row["zeroshot_top1"] == json.loads((run_dir / "eval.json").read_text())["zeroshot_top1"]
