@@ -1,0 +1,133 @@
+"""``python -m trainer bench train`` end to end: open_clip's step, the bare loop and ours on 2 CPU
+ranks, a few steps of the tiny preset on the session's demo data set.
+
+One benchmark run (2 warm-up + 6 timed steps, 16 pairs per rank) is shared by the tests that read
+its rows; a short ``--profile timers`` run checks that each suspected overhead is booked where it
+happens, and bad arguments are refused before any rank starts.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from conftest import check, run_trainer
+
+CONFIG = "trainer/configs/demo.yaml"
+STEPS, WARMUP, BATCH, WORLD = 6, 2, 16, 2
+# A gentle lr: the loss falls from the initial logit scale's over-confident start without the
+# spike a 2e-3 peak gives in the first steps.
+FAST = [f"data.batch_size={BATCH}", "data.workers=1", "data.shuffle_buffer=64", "optim.warmup_steps=3",
+        "optim.lr=5e-4", "model.context_length=24"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def data_args(data: Path) -> list[str]:
+    return [f"data.train_shards={data}/train", f"tokenizer.path={data}/tokenizer", "data.val_shards=null"]
+
+
+def bench_args(out: Path, data: Path, *extra: str, steps: int = STEPS, warmup: int = WARMUP) -> list[str]:
+    return ["bench", "train", "--config", CONFIG, "--steps", str(steps), "--warmup", str(warmup), "--nproc",
+            str(WORLD), "--out", str(out), "--tag", "t", *extra, *data_args(data), *FAST]
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["impl"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def bench(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train")
+    text = check(run_trainer(bench_args(out, demo_data), timeout=300))
+    return {"out": out, "rows": read_rows(out / "train_t.jsonl"), "log": text, "data": demo_data}
+
+
+def test_every_implementation_runs_and_learns(bench):
+    rows = bench["rows"]
+    assert list(rows) == ["openclip", "bare", "ours"]
+    for impl, r in rows.items():
+        losses = r["losses"]
+        assert len(losses) == WARMUP + STEPS, impl
+        assert r["loss_first"] == losses[0] and r["loss_last"] == losses[-1]
+        assert statistics.mean(losses[-3:]) < statistics.mean(losses[:3]) - 0.05, (impl, losses)
+        assert r["loss_last"] < r["loss_first"], (impl, losses)
+        for key in ("device", "date", "command", "commit", "peak_mem_mb"):
+            assert r[key], (impl, key)
+        assert r["peak_mem_mb"] > 0 and len(r["peak_mem_mb_per_rank"]) == WORLD
+
+
+def test_samples_per_s_is_steps_times_global_batch_over_measured_time(bench):
+    for impl, r in bench["rows"].items():
+        assert (r["world"], r["global_batch"], r["steps"]) == (WORLD, BATCH * WORLD, STEPS)
+        assert r["samples_per_s"] == pytest.approx(r["steps"] * r["global_batch"] / r["measured_s"], rel=1e-12)
+        assert r["step_ms"] == pytest.approx(1e3 * r["measured_s"] / r["steps"], rel=1e-12)
+        # The phases are booked inside the two barriers that bound the measured time.
+        split = sum(r[f"{p}_ms"] for p in ("data", "forward", "backward", "optimizer", "other"))
+        assert 0.6 * r["step_ms"] < split <= 1.01 * r["step_ms"], impl
+        assert min(r[f"{p}_ms"] for p in ("forward", "backward", "optimizer")) > 0, impl
+
+
+def test_openclip_model_has_our_parameter_count(bench):
+    from trainer.bench_train import build_openclip_model
+    from trainer.config import load_config
+    from trainer.data import load_tokenizer
+    from trainer.model import build_model, preset_shape
+
+    data = bench["data"]
+    cfg = load_config(CONFIG, data_args(data) + FAST)
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    ours = sum(p.numel() for p in build_model(cfg.model, tokenizer, 0).parameters())
+    theirs = sum(p.numel() for p in build_openclip_model(preset_shape(cfg.model), tokenizer).parameters())
+    assert theirs == ours
+    assert {r["params"] for r in bench["rows"].values()} == {ours}
+
+
+def test_bare_loop_is_our_step_without_the_engine(bench):
+    """Same weights, data, loss, AdamW, schedule and clip in fp32: the bare loop's losses are ours."""
+    rows = bench["rows"]
+    assert rows["bare"]["losses"] == pytest.approx(rows["ours"]["losses"], rel=1e-4)
+    assert rows["openclip"]["losses"][0] != pytest.approx(rows["ours"]["losses"][0], rel=1e-4)  # its own init
+
+
+def test_markdown_table_and_plot(bench):
+    out, rows = bench["out"], bench["rows"]
+    md = (out / "train_t.md").read_text()
+    for impl, r in rows.items():
+        assert f"| {impl} | {r['samples_per_s']:.1f} | {r['step_ms']:.1f} |" in md
+    for other in ("openclip", "bare"):
+        ratio = rows["ours"]["samples_per_s"] / rows[other]["samples_per_s"]
+        assert f"ours / {other}: **{ratio:.2f}x** samples/s" in md
+    assert "load average" in md and rows["ours"]["command"] in md
+    png = out / "train_t.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_profile_timers_book_each_suspect_where_it_happens(demo_data, tmp_path):
+    """ours: one finite-loss flag, one GradGuard flag and one stop flag per step, one hook per
+    parameter; the bare loop has none of them; both call gathered_layout once per loss."""
+    check(run_trainer(bench_args(tmp_path, demo_data, "--impls", "bare,ours", "--profile", "timers",
+                                 steps=2, warmup=1), timeout=300))
+    rows = read_rows(tmp_path / "train_t.jsonl")
+    ours, bare = rows["ours"]["suspects"], rows["bare"]["suspects"]
+    for key in ("finite_item", "finite_flag", "guard_item", "guard_flag", "stop_flag", "layout"):
+        assert ours[key]["calls_per_step"] == 1, key
+    assert ours["term_item"]["calls_per_step"] == 2  # the total and the clip term
+    assert ours["guard_hooks"]["calls_per_step"] == 142  # every parameter tensor of the tiny model
+    assert bare["layout"]["calls_per_step"] == 1
+    assert all(bare[k]["calls_per_step"] == 0 for k in bare if k not in ("layout", "flag_latency_ms"))
+    assert ours["flag_latency_ms"] > 0
+    assert "Suspected overheads" in (tmp_path / "train_t.md").read_text()
+
+
+def test_bad_arguments_exit_2_before_any_rank(demo_data, tmp_path):
+    proc = run_trainer(bench_args(tmp_path, demo_data, "--impls", "ours,nope"), timeout=120)
+    assert proc.returncode == 2 and "error: --impls" in proc.stderr, proc.stderr[-2000:]
+    proc = run_trainer(bench_args(tmp_path, demo_data, "model.nope=1"), timeout=120)
+    assert proc.returncode == 2 and "model.nope" in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
