@@ -128,6 +128,24 @@ def test_profile_timers_book_each_suspect_where_it_happens(demo_data, tmp_path):
 def test_bad_arguments_exit_2_before_any_rank(demo_data, tmp_path):
     proc = run_trainer(bench_args(tmp_path, demo_data, "--impls", "ours,nope"), timeout=120)
     assert proc.returncode == 2 and "error: --impls" in proc.stderr, proc.stderr[-2000:]
+    proc = run_trainer(bench_args(tmp_path, demo_data, "--rounds", "0"), timeout=120)
+    assert proc.returncode == 2 and "--rounds" in proc.stderr, proc.stderr[-2000:]
     proc = run_trainer(bench_args(tmp_path, demo_data, "model.nope=1"), timeout=120)
     assert proc.returncode == 2 and "model.nope" in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def test_with_rounds_a_row_is_the_median_round():
+    """--rounds N: each impl's row is its median round by samples/s, with every round's value kept."""
+    from trainer.bench_train import PHASES, _row
+
+    def result(measured_s, rnd):
+        return {"impl": "ours", "steps": 10, "global_batch": 128, "measured_s": measured_s, "round": rnd,
+                "phase_ms": dict.fromkeys(PHASES, 1.0), "peak_mem_mb_per_rank": [1.0, 2.0], "losses": [5.0, 4.0],
+                "loadavg_before": f"{rnd}.00"}
+    meta = {"date": "d", "commit": "c", "tag": "t", "command": "x"}
+    row = _row([result(4.0, 1), result(2.0, 2), result(8.0, 3)], meta)
+    assert row["round"] == 1 and row["rounds"] == 3
+    assert row["samples_per_s"] == pytest.approx(10 * 128 / 4.0)
+    assert row["samples_per_s_rounds"] == pytest.approx([320.0, 640.0, 160.0])
+    assert row["loadavg_rounds"] == ["1.00", "2.00", "3.00"] and row["peak_mem_mb"] == 2.0

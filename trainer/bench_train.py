@@ -66,6 +66,8 @@ def _args(argv):
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default=None, help="file names train_<tag>.*; default DEVICE_PRESET_DATE")
+    p.add_argument("--rounds", type=int, default=1, help="run the impls this many times, alternating the order; "
+                   "each row is its median round (on a shared machine)")
     p.add_argument("--profile", choices=("timers", "cprofile"), default=None)
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -84,18 +86,19 @@ def main(argv=None) -> int:
     bad = sorted(set(impls) - set(IMPLS))
     if bad or not impls:
         raise ConfigError(f"--impls: unknown {bad or impls}; choose from {','.join(IMPLS)}")
-    if args.steps < 1 or args.warmup < 0 or args.nproc < 1:
-        raise ConfigError("--steps must be >= 1, --warmup >= 0 and --nproc >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.nproc < 1 or args.rounds < 1:
+        raise ConfigError("--steps, --nproc and --rounds must be >= 1, --warmup >= 0")
     cfg = _check_config(args)
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tag = args.tag or f"{device}_{cfg.model.preset}_{_dt.date.today().isoformat()}"
     command = "python -m trainer bench train " + shlex.join(argv)
     uptime_before = _uptime()
-    results = []
+    results = {impl: [] for impl in impls}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        for impl in impls:
-            results.append(_launch(impl, args, Path(tmp)))
+        for rnd in range(args.rounds):  # alternate the order, so no impl always runs first
+            for impl in impls if rnd % 2 == 0 else impls[::-1]:
+                results[impl].append(_launch(impl, args, Path(tmp), rnd))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for impl in impls:
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
                 shutil.copy(prof, out / f"train_{tag}_cprofile_{impl}.txt")
     meta = {"tag": tag, "command": command, "commit": _commit(), "uptime_before": uptime_before,
             "uptime_after": _uptime(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    rows = [_row(r, meta) for r in results]
+    rows = [_row(results[impl], meta) for impl in impls]
     paths = _write(rows, meta, out)
     for r in rows:
         print(json.dumps({k: r[k] for k in ("impl", "samples_per_s", "step_ms", "peak_mem_mb", "loss_first",
@@ -138,9 +141,10 @@ def _overrides(args, output_dir) -> list[str]:
             "log.progress=false"]
 
 
-def _launch(impl: str, args, tmp: Path) -> dict:
+def _launch(impl: str, args, tmp: Path, rnd: int) -> dict:
     """One implementation under torchrun; returns rank 0's result (exits 1 on a failed run)."""
     result = tmp / f"{impl}.json"
+    result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_port", str(_free_port()), "-m", "trainer.bench_train", "--worker", impl,
            "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -148,8 +152,8 @@ def _launch(impl: str, args, tmp: Path) -> dict:
            *_overrides(args, tmp / f"run_{impl}")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "TOKENIZERS_PARALLELISM": "false"}
-    print(f"bench train: {impl} ({args.nproc} ranks, {args.warmup} + {args.steps} steps) ...", file=sys.stderr,
-          flush=True)
+    print(f"bench train: {impl} ({args.nproc} ranks, {args.warmup} + {args.steps} steps, round {rnd + 1} of "
+          f"{args.rounds}) ...", file=sys.stderr, flush=True)
     load = _loadavg()
     t0 = time.monotonic()
     with open(tmp / f"{impl}.log", "w+") as log:
@@ -160,7 +164,7 @@ def _launch(impl: str, args, tmp: Path) -> dict:
         sys.stderr.write(text[-6000:])
         raise SystemExit(f"bench train: {impl} failed (exit {code}); its output is above")
     out = json.loads(result.read_text())
-    out.update(loadavg_before=load, loadavg_after=_loadavg(), wall_s=round(time.monotonic() - t0, 1))
+    out.update(loadavg_before=load, loadavg_after=_loadavg(), wall_s=round(time.monotonic() - t0, 1), round=rnd + 1)
     return out
 
 
@@ -719,7 +723,10 @@ def _write_pstats(profiler, path: Path, args) -> None:
 
 # ============================================================================ results
 
-def _row(r: dict, meta: dict) -> dict:
+def _row(rounds: list[dict], meta: dict) -> dict:
+    """An impl's row: its median round by samples/s (the upper median for an even count)."""
+    speed = [r["steps"] * r["global_batch"] / r["measured_s"] for r in rounds]
+    r = rounds[sorted(range(len(rounds)), key=speed.__getitem__)[len(rounds) // 2]]
     ph = r["phase_ms"]
     row = {"impl": r["impl"], "samples_per_s": r["steps"] * r["global_batch"] / r["measured_s"],
            "step_ms": 1e3 * r["measured_s"] / r["steps"], **{f"{k}_ms": ph[k] for k in PHASES},
@@ -727,8 +734,9 @@ def _row(r: dict, meta: dict) -> dict:
     keep = ("params", "measured_s", "steps", "warmup", "global_batch", "batch_per_rank", "grad_accum", "world",
             "precision", "preset", "optimizer", "loss_impl", "peak_mem_mb_per_rank", "losses", "cpu_ms_per_step",
             "loader_cpu_ms_per_step", "threads_per_rank", "loadavg_before", "loadavg_after", "wall_s", "profile",
-            "suspects", "device", "torch")
+            "suspects", "device", "torch", "round")
     row.update({k: r[k] for k in keep if k in r})
+    row.update(rounds=len(rounds), samples_per_s_rounds=speed, loadavg_rounds=[x["loadavg_before"] for x in rounds])
     row.update(date=meta["date"], commit=meta["commit"], tag=meta["tag"], command=meta["command"])
     return row
 
@@ -770,7 +778,7 @@ def _markdown(rows: list[dict], meta: dict, png: str) -> str:
              f"- steps: {r0['warmup']} warm-up + {r0['steps']} timed (lr schedule over those "
              f"{r0['warmup'] + r0['steps']})",
              f"- machine load (`uptime`): before `{meta['uptime_before']}`; after `{meta['uptime_after']}`",
-             ]
+             _rounds_line(rows)]
     if r0.get("profile"):
         lines.append(f"- **profiled run (`--profile {r0['profile']}`): the instrumentation slows every step; "
                      "read the times relative to each other, not as throughput**")
@@ -806,6 +814,14 @@ def _markdown(rows: list[dict], meta: dict, png: str) -> str:
         lines += _suspect_table(rows)
     lines += [f"![samples/s and per-step split]({png})", ""]
     return "\n".join(lines)
+
+
+def _rounds_line(rows: list[dict]) -> str:
+    if rows[0]["rounds"] == 1:
+        return "- runs: one after the other, in the order of the table (load at each start in the table)"
+    each = "; ".join(f"{r['impl']} " + ", ".join(f"{v:.1f}" for v in r["samples_per_s_rounds"]) for r in rows)
+    return (f"- runs: {rows[0]['rounds']} rounds, the order reversed every other round; each row is that impl's "
+            f"median round by samples/s. samples/s of every round: {each}")
 
 
 def _suspect_table(rows: list[dict]) -> list[str]:
