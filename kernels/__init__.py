@@ -74,13 +74,15 @@ def _backend(impl: str):
 
 def gathered_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
                        *, group=None, impl: str = "auto",
-                       workspace_bytes: int | None = None) -> torch.Tensor:
-    """This rank's share of the symmetric CLIP loss over the gathered batch (see module doc)."""
+                       workspace_bytes: int | None = None, sizes=None) -> torch.Tensor:
+    """This rank's share of the symmetric CLIP loss over the gathered batch (see module doc).
+
+    ``sizes``: every rank's row count, if the caller knows it (saves a collective per call)."""
     impl = resolve_impl(impl, image_emb.device)
     if impl == "torch":
-        return clip_loss_torch(image_emb, text_emb, logit_scale, group=group)
+        return clip_loss_torch(image_emb, text_emb, logit_scale, group=group, sizes=sizes)
     loss, _ = fused_loss(image_emb, text_emb, logit_scale, backend=_backend(impl),
-                         spec=LossSpec(workspace_bytes=workspace_bytes), group=group)
+                         spec=LossSpec(workspace_bytes=workspace_bytes), group=group, sizes=sizes)
     return loss
 
 
@@ -89,7 +91,7 @@ def gathered_distill_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
                           self_distill_tau: float = 1.0, teacher_image_emb=None,
                           teacher_weight: float = 1.0, teacher_text_grad: bool = False,
                           group=None, impl: str = "auto",
-                          workspace_bytes: int | None = None) -> DistillLoss:
+                          workspace_bytes: int | None = None, sizes=None) -> DistillLoss:
     """Contrastive loss with soft targets, in one streaming pass (fields: see ``DistillLoss``).
 
     - ``self_distill_alpha`` (``a_t``; None = off): targets ``(1 - a_i) onehot_i + a_i p~_i``,
@@ -100,7 +102,7 @@ def gathered_distill_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
       text gradient stopped (ECLIPSE) unless ``teacher_text_grad``.
     """
     impl = resolve_impl(impl, image_emb.device)
-    kw = dict(self_distill_mask=self_distill_mask, teacher_image_emb=teacher_image_emb, group=group)
+    kw = dict(self_distill_mask=self_distill_mask, teacher_image_emb=teacher_image_emb, group=group, sizes=sizes)
     if impl == "torch":
         return distill_loss_torch(image_emb, text_emb, logit_scale,
                                   self_distill_alpha=self_distill_alpha,

@@ -156,7 +156,7 @@ class FusedGatheredLoss(torch.autograd.Function):
 
 def fused_loss(image_emb, text_emb, logit_scale, *, backend, spec: LossSpec = LossSpec(),
                group=None, teacher_image_emb=None, self_distill_alpha: float = 0.0,
-               self_distill_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+               self_distill_mask=None, sizes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather the texts (with gradients) and run the fused loss on ``backend``.
 
         loss, terms = fused_loss(img, txt, scale, backend=ChunkedBackend(), spec=LossSpec())
@@ -164,7 +164,7 @@ def fused_loss(image_emb, text_emb, logit_scale, *, backend, spec: LossSpec = Lo
     check_embeddings(image_emb, text_emb, teacher_image_emb)
     if spec.ecl and teacher_image_emb is None:
         raise ValueError("spec.ecl needs teacher_image_emb. Got: None")
-    layout = Layout.of(image_emb.shape[0], group, device=image_emb.device)
+    layout = Layout.of(image_emb.shape[0], group, device=image_emb.device, sizes=sizes)
     texts = all_gather_with_grad(text_emb, group, list(layout.sizes))
     scale = as_scale(logit_scale, image_emb)
     m_row = m_col = None

@@ -65,12 +65,20 @@ def _backend_name(group, device: torch.device) -> str:
     return backends.get(device.type, next(iter(backends.values())))
 
 
-def gathered_layout(local_rows: int, group=None, device=None) -> tuple[int, list[int]]:
+def gathered_layout(local_rows: int, group=None, device=None, sizes=None) -> tuple[int, list[int]]:
     """This rank's row offset in the gathered tensor and every rank's row count.
 
     The row counts travel in a tensor on ``comm_device(group, device)`` (``device``: the
-    embeddings' device; None picks the backend's device)."""
+    embeddings' device; None picks the backend's device). A caller that knows every rank's
+    count (a trainer whose micro-batches all have the same size) passes ``sizes`` and saves
+    that all-reduce and its host sync; they are checked against this rank's rows."""
     rank, world = world_info(group)
+    if sizes is not None:
+        sizes = [int(n) for n in sizes]
+        if len(sizes) != world or sizes[rank] != local_rows:
+            raise ValueError(f"sizes={sizes} do not describe this group: world {world}, rank {rank} "
+                             f"has {local_rows} rows")
+        return sum(sizes[:rank]), sizes
     if world == 1:
         return 0, [local_rows]
     sizes = torch.zeros(world, dtype=torch.long, device=comm_device(group, device))

@@ -20,14 +20,14 @@ from .spec import DistillLoss, as_scale, check_alpha, check_embeddings, subset_m
 
 
 def clip_loss_torch(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                    *, group=None) -> torch.Tensor:
+                    *, group=None, sizes=None) -> torch.Tensor:
     """This rank's share of the symmetric contrastive loss (see module docstring)."""
     if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
         raise ValueError(f"image_emb and text_emb must both be [b, D]; got {tuple(image_emb.shape)} "
                          f"and {tuple(text_emb.shape)}")
     _, world = world_info(group)
     b = image_emb.shape[0]
-    offset, sizes = gathered_layout(b, group, device=image_emb.device)
+    offset, sizes = gathered_layout(b, group, device=image_emb.device, sizes=sizes)
     all_images = all_gather_with_grad(image_emb, group, sizes)   # [N, D]
     all_texts = all_gather_with_grad(text_emb, group, sizes)     # [N, D]
     labels = torch.arange(offset, offset + b, device=image_emb.device)
@@ -55,7 +55,7 @@ def _teacher_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def distill_loss_torch(image_emb, text_emb, logit_scale, *, self_distill_alpha=None,
                        self_distill_mask=None, self_distill_tau: float = 1.0,
                        teacher_image_emb=None, teacher_weight: float = 1.0,
-                       teacher_text_grad: bool = False, group=None) -> DistillLoss:
+                       teacher_text_grad: bool = False, group=None, sizes=None) -> DistillLoss:
     """Materialised-logits reference of ``gathered_distill_loss`` (METHODS.md sections 1, 2).
 
     Both directions per rank: local images vs all texts and local texts vs all images.
@@ -66,7 +66,7 @@ def distill_loss_torch(image_emb, text_emb, logit_scale, *, self_distill_alpha=N
     check_embeddings(image_emb, text_emb, teacher_image_emb)
     _, world = world_info(group)
     b = image_emb.shape[0]
-    offset, sizes = gathered_layout(b, group, device=image_emb.device)
+    offset, sizes = gathered_layout(b, group, device=image_emb.device, sizes=sizes)
     k = world / (2.0 * sum(sizes))
     s = as_scale(logit_scale, image_emb).float()
     x, y = image_emb.float(), text_emb.float()

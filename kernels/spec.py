@@ -73,10 +73,11 @@ class Layout:
         return self.world / (2.0 * self.total)
 
     @classmethod
-    def of(cls, local_rows: int, group=None, device=None) -> "Layout":
-        """``device``: the embeddings' (the row counts travel on ``gather.comm_device``)."""
+    def of(cls, local_rows: int, group=None, device=None, sizes=None) -> "Layout":
+        """``device``: the embeddings' (the row counts travel on ``gather.comm_device``);
+        ``sizes``: every rank's row count when the caller knows it (no collective then)."""
         rank, world = world_info(group)
-        offset, sizes = gathered_layout(local_rows, group, device=device)
+        offset, sizes = gathered_layout(local_rows, group, device=device, sizes=sizes)
         return cls(group, rank, world, offset, tuple(int(s) for s in sizes))
 
 

@@ -186,3 +186,20 @@ def test_impl_choice_and_errors():
         gathered_clip_loss(x, x, 1.0, impl="chunked", workspace_bytes=8)
     with pytest.raises(ValueError, match="self_distill_alpha must be in"):
         gathered_distill_loss(x, x, 1.0, self_distill_alpha=1.5, impl="chunked")
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_known_sizes_skip_the_layout_exchange_and_are_checked(impl):
+    """A caller that passes every rank's row count gets the same loss; wrong counts are refused."""
+    from kernels import gathered_clip_loss
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    s = torch.tensor(10.0)
+    want = gathered_clip_loss(x, y, s, impl=impl)
+    assert gathered_clip_loss(x, y, s, impl=impl, sizes=(6,)).item() == want.item()
+    with pytest.raises(ValueError, match="do not describe this group"):
+        gathered_clip_loss(x, y, s, impl=impl, sizes=(5,))
+    with pytest.raises(ValueError, match="do not describe this group"):
+        gathered_clip_loss(x, y, s, impl=impl, sizes=(6, 6))

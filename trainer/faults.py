@@ -17,7 +17,7 @@ every stage behave alike.
     guard = GradGuard(engine.module)
     guard.reset()                      # at the start of each optimizer step
     ... engine.backward(loss) ...
-    if all_reduce_flags(guard.flag())[0]:
+    if all_reduce(guard.flag(device), "max").item():
         with skip_update(engine):
             engine.step()
 
@@ -44,9 +44,11 @@ class GradGuard:
     def reset(self) -> None:
         self._bad = None
 
-    def flag(self) -> float:
-        """1.0 if a non-finite gradient was seen since :meth:`reset` (one host sync)."""
-        return float(self._bad.item()) if self._bad is not None else 0.0
+    def flag(self, device) -> torch.Tensor:
+        """1.0 if a non-finite gradient was seen since :meth:`reset`, as a device scalar (no sync)."""
+        if self._bad is None:
+            return torch.zeros((), device=device)
+        return self._bad.to(device, torch.float32)
 
     def remove(self) -> None:
         for h in self._handles:

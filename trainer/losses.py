@@ -28,12 +28,14 @@ class LossContext:
     step: int
     impl: str = "auto"
     group: object = None
+    sizes: tuple | None = None     # every rank's rows, when known (saves a collective per loss)
     extras: dict = field(default_factory=dict)
 
 
 def clip_term(ctx: LossContext) -> torch.Tensor:
     """Symmetric contrastive loss over the gathered global batch (METHODS.md section 0)."""
-    return gathered_clip_loss(ctx.image_emb, ctx.text_emb, ctx.logit_scale, group=ctx.group, impl=ctx.impl)
+    return gathered_clip_loss(ctx.image_emb, ctx.text_emb, ctx.logit_scale, group=ctx.group, impl=ctx.impl,
+                              sizes=ctx.sizes)
 
 
 TERMS: dict[str, Callable[[LossContext], torch.Tensor]] = {"clip": clip_term}

@@ -26,7 +26,7 @@ import yaml
 from . import data as D
 from .checkpoint import CheckpointManager, atomic_write_text, check_resumable, resume_source
 from .config import Config, to_dict
-from .dist import LaunchEnv, all_reduce, all_reduce_flags, barrier, hostname, init_distributed
+from .dist import LaunchEnv, all_reduce, barrier, hostname, init_distributed
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate
 from .faults import GradGuard, NanInjector, skip_update
@@ -103,53 +103,60 @@ class TooManyBadSteps(RuntimeError):
 
 
 def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, guard: GradGuard,
-               inject: NanInjector):
+               inject: NanInjector, stop_flag):
     """One optimizer step: forward/backward over ``grad_accum_steps`` good micro-batches.
 
     A micro-batch whose loss is non-finite on any rank is dropped by every rank before backward
     (so no rank enters a collective the others skip) and replaced by the next one. If the loss was
     finite but a gradient was not, every rank skips the update and the step starts over with new
-    micro-batches (see trainer/faults.py). Returns ``(metrics, seconds waiting for data)``.
+    micro-batches (see trainer/faults.py). One small all-reduce per micro-batch (is the loss finite
+    everywhere?) and one at the boundary (gradients finite everywhere? a stop signal anywhere?);
+    the logged values stay on the device until log time. Returns ``(metrics, data wait s, stop)``.
     """
     dtype = next(engine.module.parameters()).dtype
-    sums: dict[str, float] = {}
+    sizes = (cfg.data.batch_size,) * engine.dp_world_size  # training micro-batches are always full
+    sums: dict[str, torch.Tensor] = {}
     good, t_data = 0, 0.0
     guard.reset()
-    while good < cfg.train.grad_accum_steps:
+    while True:
         t0 = time.perf_counter()
         mb = next_batch()
         t_data += time.perf_counter() - t0
         fault = inject.where if good == 0 and inject.due(step) else None
         hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
-        image, text, scale = engine(pixel_values=mb["image"].to(engine.device, dtype),
-                                    input_ids=mb["input_ids"].to(engine.device),
-                                    attention_mask=mb["attention_mask"].to(engine.device))
+        image, text, scale = engine(pixel_values=mb["image"].to(engine.device, dtype, non_blocking=True),
+                                    input_ids=mb["input_ids"].to(engine.device, non_blocking=True),
+                                    attention_mask=mb["attention_mask"].to(engine.device, non_blocking=True))
         if hook is not None:
             hook.remove()
         if fault == "grad":
             NanInjector.poison_grad(image)
-        total, parts = compute_loss(terms, LossContext(image, text, scale, step=step, impl=cfg.loss.impl))
+        ctx = LossContext(image, text, scale, step=step, impl=cfg.loss.impl, sizes=sizes)
+        total, parts = compute_loss(terms, ctx)
         if fault == "loss":
             total = total * float("nan")
-        (any_bad,) = all_reduce_flags(0.0 if torch.isfinite(total).item() else 1.0)
-        if any_bad:
+        if all_reduce((~torch.isfinite(total.detach())).float().reshape(1), "max").item():
             _count_bad(state, 1, cfg, f"step {step}: non-finite loss, micro-batch dropped")
             continue
         engine.backward(total)
         good += 1
         state["bad_streak"] = 0
         for name, value in {"loss": total, **parts}.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
-        if good == cfg.train.grad_accum_steps and all_reduce_flags(guard.flag())[0]:
-            with skip_update(engine):
-                engine.step()
-            _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
-                                         f"its {good} micro-batch(es) dropped")
-            sums, good = {}, 0
-            guard.reset()
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        if good < cfg.train.grad_accum_steps:
+            engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
             continue
-        engine.step()
-    return {k: v / good for k, v in sums.items()}, t_data
+        flags = torch.stack([guard.flag(total.device), torch.tensor(stop_flag(), device=total.device)])
+        grads_bad, stop_now = all_reduce(flags, "max").tolist()
+        if not grads_bad:
+            engine.step()
+            return {k: v / good for k, v in sums.items()}, t_data, bool(stop_now)
+        with skip_update(engine):
+            engine.step()
+        _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
+                                     f"its {good} micro-batch(es) dropped")
+        sums, good = {}, 0
+        guard.reset()
 
 
 def _count_bad(state: dict, n: int, cfg: Config, what: str) -> None:
@@ -242,7 +249,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         t0 = time.perf_counter()
         upcoming = state["step"] + 1
         try:
-            metrics, t_data = train_step(engine, train_data.next, terms, cfg, upcoming, state, guard, inject)
+            metrics, t_data, stop_now = train_step(engine, train_data.next, terms, cfg, upcoming, state, guard,
+                                                   inject, lambda: float(stop.signum != 0))
         except TooManyBadSteps as err:
             log.error("stopping: %s consecutive micro-batches dropped for a non-finite loss or gradient "
                       "(train.max_bad_microbatches=%d); lower optim.lr, check the data, or use "
@@ -254,14 +262,14 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         _accumulate(window, metrics, dt, t_data)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
         if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
-            metrics_log.log(_window_metrics(window, engine, global_batch, state, train_data, le.world_size),
-                            state["step"])
+            logged = _window_metrics(window, engine, global_batch, state, train_data, le.world_size)
+            metrics_log.log(logged, state["step"])
+            if progress is not None:
+                progress.set_postfix(loss=f"{logged['loss']:.3f}")
             window = _new_window()
         if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
             run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
-        (stop_now,) = all_reduce_flags(float(stop.signum != 0))
         if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now:
             save()
         if stop_now:
@@ -309,8 +317,9 @@ def _window_metrics(window: dict, engine, global_batch: int, state: dict, train_
     """
     n = max(1, window["steps"])
     names = sorted(window["sums"])  # the same order on every rank
-    local = [window["sums"][k] / n for k in names] + [float(train_data.skipped_local())]
-    *shares, skipped = all_reduce(torch.tensor(local, dtype=torch.float64), "sum").tolist()
+    local = torch.stack([window["sums"][k].double().reshape(()) / n for k in names])
+    local = torch.cat([local, local.new_tensor([float(train_data.skipped_local())])])
+    *shares, skipped = all_reduce(local, "sum").tolist()  # the window's one host sync
     return {**{k: v / world for k, v in zip(names, shares)},
             "lr": engine.get_lr()[0], "samples_per_s": global_batch * window["steps"] / max(window["t"], 1e-9),
             "data_wait_frac": window["wait"] / max(window["t"], 1e-9), "logit_scale": _logit_scale(engine.module),
