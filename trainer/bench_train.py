@@ -419,13 +419,13 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
 
     def step(n: int):
         t0 = time.perf_counter()
-        metrics, t_data = T.train_step(engine, next_batch, terms, cfg, n, state, guard, inject)
+        metrics, t_data, _ = T.train_step(engine, next_batch, terms, cfg, n, state, guard, inject,
+                                          lambda: float(stop.signum != 0))  # run()'s stop check rides along
         state["step"] = n
         T._accumulate(window[0], metrics, time.perf_counter() - t0, t_data)
         if n % cfg.log.every_steps == 0 or n == cfg.max_steps:
             metrics_log.log(T._window_metrics(window[0], engine, global_batch, state, data, le.world_size), n)
             window[0] = T._new_window()
-        T.all_reduce_flags(float(stop.signum != 0))  # run()'s stop-signal check, every step
         return metrics["loss"]
     return step, {"params": params, "optimizer": optimizer_name, "loss_impl": _loss_impl(cfg, device),
                   "close": metrics_log.close}
@@ -614,12 +614,12 @@ BUILDERS = {"openclip": _build_openclip, "bare": _build_bare, "ours": _build_our
 SUSPECTS = {
     "layout": "gathered_layout: all-reduce + .tolist() of batch sizes (per loss call)",
     "finite_item": "finite-loss check: isfinite(loss).item()",
-    "finite_flag": "finite-loss check: all_reduce_flags",
+    "finite_flag": "finite-loss check: all_reduce",
     "term_item": ".item() per loss term after backward",
     "guard_hooks": "GradGuard hooks: isfinite(grad).all() per parameter",
     "guard_item": "GradGuard.flag(): .item() at the boundary",
-    "guard_flag": "GradGuard boundary: all_reduce_flags",
-    "stop_flag": "run(): stop-signal all_reduce_flags",
+    "guard_flag": "boundary all_reduce: GradGuard flag + stop signal (one call)",
+    "stop_flag": "run(): stop-signal all_reduce (before the speed work; now rides with guard_flag)",
     "window": "run(): window metrics at log steps (all-reduce, logit scale)",
 }
 
@@ -695,9 +695,8 @@ def _instrument() -> Suspects:
 
     def flag_label(frame):
         line = _caller_line(frame)
-        return "finite_flag" if "isfinite" in line else "guard_flag" if "guard" in line else \
-            "stop_flag" if "stop" in line else None
-    T.all_reduce_flags = s.wrap(T.all_reduce_flags, flag_label)
+        return "finite_flag" if "isfinite" in line else "guard_flag" if "grads_bad" in line else None
+    T.all_reduce = s.wrap(T.all_reduce, flag_label)
 
     def item_label(frame):
         name = frame.f_code.co_name
