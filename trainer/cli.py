@@ -16,27 +16,13 @@ from .config import ConfigError, check_world, describe, load_config
 def _train(args) -> int:
     from . import data as D
     from .dist import launch_env
-    from .evaluate import load_zeroshot
-    from .losses import build_terms
-    from .engine import build_ds_config
-    from .model import preset_shape
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={'auto' if args.resume == 'latest' else args.resume}")
     cfg = load_config(args.config, overrides)
     le = launch_env()
-    check_world(cfg, le.world_size)
-    # Everything a user can get wrong is checked here, before the process group starts.
-    preset_shape(cfg.model)
-    build_terms(cfg.loss)
-    build_ds_config(cfg, le.world_size)
-    D.expand_shards(cfg.data.train_shards, "data.train_shards")
-    if cfg.data.val_shards:
-        D.expand_shards(cfg.data.val_shards, "data.val_shards")
-    if cfg.eval.zeroshot:
-        load_zeroshot(cfg.eval.zeroshot)
-    D.read_manifest(cfg.data.manifest)
+    check_run_inputs(cfg, le.world_size)
     _check_resume(cfg, le.world_size)
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
     if cfg.loss.impl == "triton":
@@ -44,6 +30,28 @@ def _train(args) -> int:
     _check_precision(cfg)
     from .train import run
     return run(cfg, le, tokenizer)
+
+
+def check_run_inputs(cfg, world: int | None) -> None:
+    """Everything in a run's config a user can get wrong, checked before any process group starts
+    (``train`` and ``sweep`` both call it; ``world=None`` skips the batch arithmetic)."""
+    from . import data as D
+    from .engine import build_ds_config
+    from .evaluate import load_zeroshot
+    from .losses import build_terms
+    from .model import preset_shape
+
+    if world is not None:
+        check_world(cfg, world)
+    preset_shape(cfg.model)
+    build_terms(cfg.loss)
+    build_ds_config(cfg, world or 1)
+    D.expand_shards(cfg.data.train_shards, "data.train_shards")
+    if cfg.data.val_shards:
+        D.expand_shards(cfg.data.val_shards, "data.val_shards")
+    if cfg.eval.zeroshot:
+        load_zeroshot(cfg.eval.zeroshot)
+    D.read_manifest(cfg.data.manifest)
 
 
 def _require_triton() -> None:

@@ -212,25 +212,10 @@ def _override_key(item: str) -> str:
 
 
 def _check_like_train(cfg: Config, world: int | None) -> None:
-    """What ``train`` checks before it starts a process group (trainer/cli.py ``_train``), minus the
-    resume check (the sweep checks its run directories itself)."""
-    from . import data as D
-    from .engine import build_ds_config
-    from .evaluate import load_zeroshot
-    from .losses import build_terms
-    from .model import preset_shape
-
-    if world is not None:
-        check_world(cfg, world)
-    preset_shape(cfg.model)
-    build_terms(cfg.loss)
-    build_ds_config(cfg, world or 1)
-    D.expand_shards(cfg.data.train_shards, "data.train_shards")
-    if cfg.data.val_shards:
-        D.expand_shards(cfg.data.val_shards, "data.val_shards")
-    if cfg.eval.zeroshot:
-        load_zeroshot(cfg.eval.zeroshot)
-    D.read_manifest(cfg.data.manifest)
+    """What ``train`` checks before it starts a process group, minus the resume check (the sweep
+    checks its run directories itself)."""
+    from .cli import check_run_inputs
+    check_run_inputs(cfg, world)
 
 
 _PARAMS: dict[str, int] = {}
