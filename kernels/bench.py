@@ -243,6 +243,35 @@ def write_rows(rows: list[dict], out: Path, stem: str) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
+def plot_scaling(rows: list[dict], path: Path) -> Path:
+    """Time (p50) and peak memory against N per impl, log-log: O(N) vs O(N^2) at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in dict.fromkeys(r["impl"] for r in ok):
+        pts = sorted((r["n"], r) for r in ok if r["impl"] == impl)
+        ax_t.plot([n for n, _ in pts], [r["ms_p50"] for _, r in pts], "o-", label=impl)
+        mem = [(n, r["peak_mem_bytes"] / 2**20) for n, r in pts if r.get("peak_mem_bytes")]
+        if mem:
+            ax_m.plot(*zip(*mem), "o-", label=impl)
+    dims = sorted({r["dim"] for r in ok})
+    for ax, title, unit in ((ax_t, "fwd+bwd time (p50)", "ms"), (ax_m, "peak extra memory", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("global batch N")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{title}, D={','.join(map(str, dims))}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     if args.memory_probe:
@@ -277,6 +306,8 @@ def main(argv=None) -> int:
         stem = f"{args.tag}_{device.type}_{common['dtype']}_{_dt.date.today().isoformat()}"
         for p in write_rows(rows, Path(args.out), stem):
             print(f"wrote {p}")
+        if len({r["n"] for r in rows}) > 1:
+            print(f"wrote {plot_scaling(rows, Path(args.out) / f'{stem}.png')}")
     if world > 1:
         dist.destroy_process_group()
     return 0
