@@ -251,12 +251,13 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
 
     ok = [r for r in rows if r.get("status") == "ok"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for impl in dict.fromkeys(r["impl"] for r in ok):
-        pts = sorted((r["n"], r) for r in ok if r["impl"] == impl)
-        ax_t.plot([n for n, _ in pts], [r["ms_p50"] for _, r in pts], "o-", label=impl)
+    for i, impl in enumerate(dict.fromkeys(r["impl"] for r in ok)):
+        pts = sorted(((r["n"], r) for r in ok if r["impl"] == impl), key=lambda t: t[0])
+        style = dict(color=f"C{i}", marker="o", label=impl)  # one colour per impl in both panels
+        ax_t.plot([n for n, _ in pts], [r["ms_p50"] for _, r in pts], **style)
         mem = [(n, r["peak_mem_bytes"] / 2**20) for n, r in pts if r.get("peak_mem_bytes")]
         if mem:
-            ax_m.plot(*zip(*mem), "o-", label=impl)
+            ax_m.plot(*zip(*mem), **style)
     dims = sorted({r["dim"] for r in ok})
     for ax, title, unit in ((ax_t, "fwd+bwd time (p50)", "ms"), (ax_m, "peak extra memory", "MiB")):
         ax.set_xscale("log", base=2)

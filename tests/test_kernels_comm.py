@@ -113,7 +113,8 @@ def test_loss_collectives_on_cuda_under_nccl(monkeypatch, impl, kind, device, ra
     b, sizes = 6, [6, 5] if ragged else [6, 6]
     real = G.gathered_layout
 
-    def layout(local_rows, grp=None, device=None):
+    def layout(local_rows, grp=None, device=None, **known):
+        assert known.get("sizes") is None  # the loss was not told the sizes: they must be exchanged
         with pytest.raises(_SizesTaken):
             real(local_rows, grp, device=device)      # records the row counts' device
         return 0, sizes                               # what the all-reduce would have given
