@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.gather import all_gather_with_grad, world_info
+from kernels.gather import all_gather_with_grad, gathered_layout
 
 from . import data as D
 from .config import Config, ConfigError
@@ -125,15 +125,10 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
 
     Returns ``{"i2t_r1": ..., "t2i_r1": ..., "num_samples": N}``; the same on every rank.
     """
-    rank, world = world_info()
-    sizes = [img.shape[0]]
-    if world > 1:  # every rank's row count (its rows sit at sum(sizes[:rank]) in the gathered order)
-        mine = torch.zeros(world, dtype=torch.long)
-        mine[rank] = img.shape[0]
-        sizes = [int(v) for v in all_reduce(mine, "sum").tolist()]
-    offset, n = sum(sizes[:rank]), sum(sizes)
-    all_img = all_gather_with_grad(img, sizes=sizes) if world > 1 else img
-    all_txt = all_gather_with_grad(txt, sizes=sizes) if world > 1 else txt
+    offset, sizes = gathered_layout(img.shape[0], device=img.device)  # this rank's rows sit at offset
+    n = sum(sizes)
+    all_img = all_gather_with_grad(img, sizes=sizes)
+    all_txt = all_gather_with_grad(txt, sizes=sizes)
     hits = torch.cat([retrieval_hits(img, all_txt, offset, ks, block_rows),    # i2t: my images, all texts
                       retrieval_hits(txt, all_img, offset, ks, block_rows)])   # t2i: my texts, all images
     hits = all_reduce(hits, "sum")
