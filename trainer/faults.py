@@ -35,7 +35,9 @@ class GradGuard:
 
     def __init__(self, module: torch.nn.Module):
         self._bad = None
-        self._handles = [p.register_hook(self._check) for p in module.parameters() if p.requires_grad]
+        for p in module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._check)
 
     def _check(self, grad: torch.Tensor) -> None:
         bad = ~torch.isfinite(grad).all()
@@ -49,10 +51,6 @@ class GradGuard:
         if self._bad is None:
             return torch.zeros((), device=device)
         return self._bad.to(device, torch.float32)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 @contextlib.contextmanager

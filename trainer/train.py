@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from . import data as D
-from .checkpoint import CheckpointManager, atomic_write_text, check_resumable, resume_source
+from .checkpoint import CheckpointManager, atomic_write_text, resume_source
 from .config import Config, to_dict
 from .dist import LaunchEnv, all_reduce, barrier, hostname, init_distributed
 from .engine import build_ds_config, build_engine
@@ -193,13 +193,13 @@ def write_run_files(config_yaml: str, ds_config: dict, out: Path) -> None:
     atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
 
 
-def resume_state(cfg: Config, ckpt: CheckpointManager, engine, world_size: int) -> dict:
-    """Load the checkpoint :func:`resume_source` selects into the engine; return the trainer state."""
+def resume_state(cfg: Config, ckpt: CheckpointManager, engine) -> dict:
+    """Load the checkpoint :func:`resume_source` selects into the engine; return the trainer state.
+    (The CLI has checked it against this world size and worker count before any process group.)"""
     source = resume_source(cfg)
     if source is None:
         return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
     root, tag = source
-    check_resumable(root, tag, world_size, cfg.data.workers)
     state = ckpt.load(engine, tag, root=root)
     _set_rng_state(state.pop("rng"))
     log.info("resumed from %s (step %d)", root / tag, state["step"])
@@ -226,7 +226,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
              sum(p.numel() for p in model.parameters()) / 1e6, ds_config["train_batch_size"])
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
-    state = resume_state(cfg, ckpt, engine, le.world_size)
+    state = resume_state(cfg, ckpt, engine)
 
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
