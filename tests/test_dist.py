@@ -144,3 +144,34 @@ def test_comm_device_follows_the_backend(monkeypatch):
     assert D.comm_device() == torch.device("cuda", 2)
     monkeypatch.setattr(D.dist, "get_backend", lambda *a: "gloo")
     assert D.comm_device() == torch.device("cpu")
+
+
+WRAP = """import sys, torch.distributed as dist
+from trainer.cli import main
+rc = main(sys.argv[1:])
+print(f"exit {rc}, process group alive after main: {dist.is_initialized()}")
+"""
+
+
+def test_train_and_eval_end_their_process_group(demo_data, tmp_path):
+    """A finished run destroys its process group before the interpreter exits: left to
+    finalization, gloo aborted now and then ("terminate called without an active exception",
+    SIGABRT) after a successful run, which SLURM reports as a failed step (pytorch#190489)."""
+    from conftest import PY, ROOT, check, data_overrides, free_port, trainer_env
+    import subprocess
+
+    wrap = tmp_path / "wrap.py"
+    wrap.write_text(WRAP)
+    out = tmp_path / "run"
+
+    def torchrun(*args):
+        return check(subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                     str(free_port()), str(wrap), *args], cwd=ROOT, env=trainer_env(),
+                                    capture_output=True, text=True, timeout=600))
+
+    text = torchrun("train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
+                    "model.context_length=24", "data.batch_size=16", "data.workers=0", "log.progress=false",
+                    "data.train_num_samples=64", "eval.every_steps=0", "max_steps=2")
+    assert text.count("exit 0, process group alive after main: False") == 2, text[-3000:]
+    text = torchrun("eval", "--checkpoint", str(out / "checkpoints"))
+    assert text.count("exit 0, process group alive after main: False") == 2, text[-3000:]

@@ -232,7 +232,7 @@ def _worker(args) -> int:
 
     from . import data as D
     from .config import load_config
-    from .dist import barrier, launch_env
+    from .dist import barrier, launch_env, shutdown
     from .model import preset_shape
     from .train import TrainData, setup_logging
 
@@ -283,7 +283,7 @@ def _worker(args) -> int:
         if profiler is not None:
             _write_pstats(profiler, Path(args.result).with_suffix(".prof.txt"), args)
     data._it = None  # shut the loader workers down before the group goes
-    barrier()
+    shutdown()
     return 0
 
 

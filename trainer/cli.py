@@ -102,7 +102,7 @@ def _make_demo_data(args) -> int:
 
 def _eval(args) -> int:
     from .data import load_tokenizer
-    from .dist import init_distributed, launch_env
+    from .dist import init_distributed, launch_env, shutdown
     from .evaluate import evaluate
     from .export import checkpoint_config, load_trained_model
 
@@ -120,6 +120,7 @@ def _eval(args) -> int:
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(result, fh, indent=2)
+    shutdown()
     return 0
 
 

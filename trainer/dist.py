@@ -144,5 +144,18 @@ def barrier() -> None:
             dist.barrier()
 
 
+def shutdown() -> None:
+    """End the process group once every rank is done with it (call on the success paths only).
+
+    Without it gloo's worker threads outlive the interpreter's finalization and the process can
+    abort at exit ("terminate called without an active exception", SIGABRT: pytorch#190489),
+    turning a finished run into a failed SLURM step; NCCL warns and may block its peers. After an
+    exception it is not called: a rank that raised would wait here for peers that never come.
+    """
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def hostname() -> str:
     return socket.gethostname()

@@ -26,7 +26,7 @@ import yaml
 from . import data as D
 from .checkpoint import CheckpointManager, atomic_write_text, resume_source
 from .config import Config, to_dict
-from .dist import LaunchEnv, all_reduce, barrier, hostname, init_distributed
+from .dist import LaunchEnv, all_reduce, hostname, init_distributed, shutdown
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate
 from .faults import GradGuard, NanInjector, skip_update
@@ -282,7 +282,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     if progress is not None:
         progress.close()
     metrics_log.close()
-    barrier()
+    shutdown()
     return status
 
 
