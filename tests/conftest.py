@@ -52,9 +52,18 @@ def trainer_cmd(args: list[str], nproc: int = 1) -> list[str]:
 
 
 def run_trainer(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """Run ``python -m trainer ARGS`` (under torchrun when nproc > 1) and capture its output."""
-    return subprocess.run(trainer_cmd(args, nproc), cwd=ROOT, env=trainer_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    """Run ``python -m trainer ARGS`` (under torchrun when nproc > 1) and capture its output.
+    On a timeout the launcher and every rank under it are killed (no orphans left training)."""
+    cmd = trainer_cmd(args, nproc)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{(out + err)[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def start_trainer(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:

@@ -83,3 +83,14 @@ def test_corrupt_shard_is_skipped_and_counted_in_metrics(demo_data, tmp_path):
     metrics = read_metrics(out)
     assert len(metrics) == 12 and metrics[-1]["data/skipped"] >= 1
     assert all(a["data/skipped"] <= b["data/skipped"] for a, b in zip(metrics, metrics[1:]))
+
+
+def test_an_exception_on_one_rank_ends_the_job_instead_of_hanging(demo_data, tmp_path):
+    """Rank 0 raises mid-run with loader workers alive. The workers ignore SIGTERM (so SLURM's
+    signal leaves them running while the rank checkpoints); multiprocessing's exit handler used
+    to SIGTERM-and-join them forever, so the failed rank never exited and the job hung."""
+    proc = run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, tmp_path / "r"),
+                        *FAST, "max_steps=6", "debug.raise_at_step=2"], nproc=2, timeout=180)
+    assert proc.returncode != 0
+    assert "debug.raise_at_step: injected failure after step 2" in proc.stderr
+    assert [m["step"] for m in read_metrics(tmp_path / "r")] == [1]   # raised before step 2 was logged

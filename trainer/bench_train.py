@@ -122,13 +122,13 @@ def _check_config(args):
     from . import data as D
     from .config import check_world, load_config
     from .engine import build_ds_config
-    from .losses import build_terms
+    from .losses import build_terms, method_terms
     from .model import preset_shape
 
     cfg = load_config(args.config, _overrides(args, "check"))
     check_world(cfg, args.nproc)
     preset_shape(cfg.model)
-    build_terms(cfg.loss)
+    build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, args.nproc)
     D.expand_shards(cfg.data.train_shards, "data.train_shards")
     D.read_manifest(cfg.data.manifest)
@@ -390,7 +390,7 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
     from . import train as T
     from .engine import build_ds_config, build_engine
     from .faults import GradGuard, NanInjector
-    from .losses import build_terms
+    from .losses import build_terms, method_terms
     from .metrics import MetricsLogger
     from .model import build_model
 
@@ -398,7 +398,7 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
     model = build_model(cfg.model, tokenizer, cfg.seed)
     params = sum(p.numel() for p in model.parameters())
     engine, optimizer_name = build_engine(cfg, model, ds_config)
-    terms = build_terms(cfg.loss)
+    terms = build_terms(cfg.loss, method_terms(cfg))
     guard = GradGuard(engine.module)
     inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, [])
     state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}

@@ -38,13 +38,15 @@ def check_run_inputs(cfg, world: int | None) -> None:
     from . import data as D
     from .engine import build_ds_config
     from .evaluate import load_zeroshot
-    from .losses import build_terms
+    from .losses import build_terms, method_terms
     from .model import preset_shape
 
     if world is not None:
         check_world(cfg, world)
-    preset_shape(cfg.model)
-    build_terms(cfg.loss)
+    from .methods import eclipse
+
+    eclipse.check(cfg, preset_shape(cfg.model)["vision_layers"])
+    build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, world or 1)
     D.expand_shards(cfg.data.train_shards, "data.train_shards")
     if cfg.data.val_shards:
@@ -103,7 +105,7 @@ def _make_demo_data(args) -> int:
 def _eval(args) -> int:
     from .data import load_tokenizer
     from .dist import init_distributed, launch_env, shutdown
-    from .evaluate import evaluate
+    from .evaluate import evaluate_all
     from .export import checkpoint_config, load_trained_model
 
     cfg, root, tag = checkpoint_config(args.checkpoint, args.overrides)
@@ -113,7 +115,7 @@ def _eval(args) -> int:
     le = launch_env()
     device = init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s) if le.world_size > 1 else _device()
     model = load_trained_model(cfg, root, tag, tokenizer).to(device)
-    result = evaluate(model, cfg, tokenizer, le.rank, le.world_size, device)
+    result = evaluate_all(model, cfg, tokenizer, le.rank, le.world_size, device)
     result["step"] = int(tag.split("_")[-1])
     if le.rank == 0:
         print(json.dumps(result, indent=2))
@@ -131,7 +133,7 @@ def _device():
 
 def _export(args) -> int:
     from .export import export_hf
-    out = export_hf(args.checkpoint, args.out)
+    out = export_hf(args.checkpoint, args.out, which=args.which)
     print(out)
     return 0
 
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-hf", help="write a transformers CLIPModel/CLIPProcessor directory")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--which", choices=("student", "teacher"), default="student",
+                   help="image tower to export: the trained one, or ECLIPSE's momentum teacher (shared text tower)")
     s = sub.add_parser("sweep", help="train every (variant, seed) of a variants file; table and plots")
     s.add_argument("--config", required=True, help="base config (YAML)")
     s.add_argument("--variants", required=True, help="YAML: {name: {key: value, ...}, ..., seeds: [0, 1]}")

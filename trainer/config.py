@@ -121,7 +121,22 @@ class DistConfig:
 class DebugConfig:
     inject_nan_steps: list = _f([], "fault injection for tests: a NaN on rank 0 at these optimizer steps (first micro-batch)")
     inject_nan_where: str = _f("loss", "where the injected NaN arises: loss (the finished loss) | forward (inside the vision tower) | grad (the gradient only; the loss stays finite)", choices=("loss", "forward", "grad"))
+    raise_at_step: int | None = _f(None, "fault injection for tests: rank 0 raises an exception after this optimizer step (a failing rank must exit, not hang)")
     kill_during_save_step: int | None = _f(None, "fault injection for tests: SIGKILL this process after writing checkpoint N but before marking it latest")
+
+
+@dataclass
+class EclipseConfig:
+    enabled: bool = _f(False, "ECLIPSE (METHODS.md 2): momentum image teacher, shared text tower, expedited student, KL term 'teacher_kl'")
+    momentum: float = _f(0.995, "EMA momentum m of the teacher (theta_bar <- m theta_bar + (1 - m) theta), every optimizer step", min=0.0, max=1.0)
+    momentum_final: float | None = _f(None, "if set, m follows a cosine from eclipse.momentum to this value at max_steps")
+    keep_rate: float = _f(0.7, "student's token keep rate after the schedule (EViT: fraction of patch tokens kept per drop layer; random: fraction kept at the input)", min=0.05, max=1.0)
+    keep_warmup_steps: int | None = _f(None, "steps at keep rate 1 before the cosine down to keep_rate (default: optim.warmup_steps)", min=0)
+    drop_layers: list = _f([], "0-indexed vision layers that drop tokens (EViT); empty: EViT's relative depths 4/12, 7/12, 10/12")
+    fuse_tokens: bool = _f(True, "EViT: fuse the dropped tokens into one, weighted by the class token's attention")
+    expedite: str = _f("evit", "how the student saves compute: evit (token reorganisation) | random (FLIP patch dropout at the input) | none", choices=("evit", "random", "none"))
+    kl_weight: float = _f(1.0, "lambda: weight of KL(teacher || student) ('teacher_kl'), both directions", min=0.0)
+    text_stop_grad: bool = _f(True, "the KL term's gradient stops at the shared text embeddings (ECLIPSE)")
 
 
 @dataclass
@@ -140,6 +155,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eclipse: EclipseConfig = field(default_factory=EclipseConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

@@ -164,3 +164,17 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> di
     result.update(retrieval_recall(img, txt))
     model.train(was_training)
     return result
+
+
+def evaluate_all(model, cfg: Config, tokenizer, rank: int, world: int, device) -> dict:
+    """:func:`evaluate` for every view the enabled method defines: the model as trained (the plain
+    keys; an ECLIPSE student at full capacity), the expedited student (``fast/...``) and the
+    momentum teacher (``teacher/...``)."""
+    from .methods.eclipse import eval_views, keep_rate
+
+    result: dict = {}
+    for prefix, view, rate in eval_views(model, cfg):
+        with keep_rate(model, rate):
+            one = evaluate(view, cfg, tokenizer, rank, world, device)
+        result.update({prefix + k: v for k, v in one.items() if not (prefix and k == "num_samples")})
+    return result

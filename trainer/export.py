@@ -54,8 +54,17 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrainModel:
+    """The checkpoint's model in fp32, eval mode; with ECLIPSE on, ``model.teacher`` holds the
+    momentum teacher (from the ranks' fp32 EMA shadows, see trainer/methods/eclipse.py)."""
+    from .methods import attach
+    from .methods.eclipse import PREFIX, teacher_state_dict
+
     model = ClipTrainModel(build_clip_config(cfg.model, tokenizer))
-    missing, unexpected = model.load_state_dict(fp32_state_dict(root, tag), strict=False)
+    attach(model, cfg)
+    sd = {k: v for k, v in fp32_state_dict(root, tag).items() if not k.startswith(PREFIX)}
+    if cfg.eclipse.enabled:
+        sd.update({PREFIX + k: v for k, v in teacher_state_dict(root, tag).items()})
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {root / tag} does not match the model: missing {missing[:5]}, "
@@ -63,7 +72,21 @@ def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrai
     return model.float().eval()
 
 
-def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None) -> Path:
+def clip_state_dict(model: ClipTrainModel, which: str = "student") -> dict[str, torch.Tensor]:
+    """``CLIPModel``'s state dict of ``model`` with the student's image tower or, for
+    ``which="teacher"``, the ECLIPSE teacher's (the text tower is shared)."""
+    from .methods.eclipse import PREFIX
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(PREFIX)}
+    if which == "teacher":
+        if not hasattr(model, "teacher"):
+            raise ConfigError("--which teacher: this checkpoint has no momentum teacher (eclipse.enabled was off)")
+        sd.update(model.teacher.state_dict())
+    return sd
+
+
+def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None, which: str = "student") -> Path:
+    """Write ``out`` as a standard ``CLIPModel`` + ``CLIPProcessor``; ``which``: student | teacher
+    (ECLIPSE's momentum image tower with the shared text tower)."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from .data import load_tokenizer
@@ -72,7 +95,7 @@ def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None) -> P
     tokenizer = load_tokenizer(tokenizer_path or cfg.tokenizer.path)
     trained = load_trained_model(cfg, root, tag, tokenizer)
     hf = CLIPModel(trained.config)
-    hf.load_state_dict(trained.state_dict())
+    hf.load_state_dict(clip_state_dict(trained, which))
     out_dir = Path(out)
     hf.save_pretrained(out_dir)
     shape = preset_shape(cfg.model)
@@ -85,5 +108,5 @@ def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None) -> P
     tokenizer.model_max_length = shape["context_length"]
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
     (out_dir / "trainer_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log.info("exported %s to %s", root / tag, out_dir)
+    log.info("exported %s (%s) to %s", root / tag, which, out_dir)
     return out_dir

@@ -5,8 +5,12 @@ back-propagates ``sum(weight * term)``. New methods (self-distillation, momentum
 text-only language modelling) register a term here and read what they need from ``LossContext``
 (``ctx.extras`` carries what a teacher object computed for this step).
 
-    terms = build_terms(cfg.loss)                  # validates names
-    total, parts = compute_loss(terms, ctx)        # parts: {"clip": tensor(...)}
+    terms = build_terms(cfg.loss, method_terms(cfg))   # validates names
+    total, parts = compute_loss(terms, ctx)            # parts: {"clip": tensor(...), ...}
+
+Terms that methods add (``teacher_kl`` of ECLIPSE) are not separate passes: with any of them on,
+``clip`` and they come out of one ``kernels.gathered_distill_loss`` call (one streaming pass over
+the gathered similarities), ``total = w_clip * (contrastive + (w_kl / w_clip) * teacher_kl)``.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from kernels import gathered_clip_loss
+from kernels import gathered_clip_loss, gathered_distill_loss
 
 from .config import ConfigError, LossConfig
 
@@ -38,20 +42,54 @@ def clip_term(ctx: LossContext) -> torch.Tensor:
                               sizes=ctx.sizes)
 
 
+def _in_the_streaming_pass(ctx: LossContext) -> torch.Tensor:
+    raise RuntimeError("computed by compute_loss's single gathered_distill_loss pass")
+
+
 TERMS: dict[str, Callable[[LossContext], torch.Tensor]] = {"clip": clip_term}
+# Terms a method switches on (not listed in loss.terms), and the key that switches each.
+METHOD_TERMS = {"teacher_kl": "eclipse.enabled"}
 RESERVED = {"step", "loss", "lr", "samples_per_s", "logit_scale", "data_wait_frac"}
 
 
-def build_terms(lc: LossConfig) -> dict[str, tuple[float, Callable]]:
+def method_terms(cfg) -> dict[str, float]:
+    """The weighted terms the enabled methods add: ``{"teacher_kl": eclipse.kl_weight}``."""
+    return {"teacher_kl": cfg.eclipse.kl_weight} if cfg.eclipse.enabled else {}
+
+
+def build_terms(lc: LossConfig, methods: dict[str, float] | None = None) -> dict[str, tuple[float, Callable]]:
     if not lc.terms:
         raise ConfigError("config key 'loss.terms' is empty; e.g. {clip: 1.0}")
+    for name in sorted(set(lc.terms) & set(METHOD_TERMS)):
+        raise ConfigError(f"loss term 'loss.terms.{name}' is switched on by {METHOD_TERMS[name]} "
+                          f"(and weighted by its own key), not listed in loss.terms")
     unknown = sorted(set(lc.terms) - set(TERMS))
     if unknown:
         raise ConfigError(f"unknown loss term 'loss.terms.{unknown[0]}'; available: {', '.join(sorted(TERMS))}")
-    return {name: (float(w), TERMS[name]) for name, w in lc.terms.items()}
+    terms = {name: (float(w), TERMS[name]) for name, w in lc.terms.items()}
+    methods = methods or {}
+    if methods and terms.get("clip", (0.0,))[0] <= 0:
+        raise ConfigError(f"loss term(s) {', '.join(methods)} are distilled next to the contrastive loss: "
+                          "config key 'loss.terms.clip' must be > 0")
+    return {**terms, **{name: (float(w), _in_the_streaming_pass) for name, w in methods.items()}}
 
 
 def compute_loss(terms: dict[str, tuple[float, Callable]], ctx: LossContext):
-    parts = {name: fn(ctx) for name, (_, fn) in terms.items()}
-    total = sum(w * parts[name] for name, (w, _) in terms.items())
+    streamed = [name for name in terms if name in METHOD_TERMS]
+    if not streamed:
+        parts = {name: fn(ctx) for name, (_, fn) in terms.items()}
+        total = sum(w * parts[name] for name, (w, _) in terms.items())
+        return total, parts
+    w_clip = terms["clip"][0]
+    out = gathered_distill_loss(ctx.image_emb, ctx.text_emb, ctx.logit_scale,
+                                teacher_image_emb=ctx.extras["teacher_image"],
+                                teacher_weight=terms["teacher_kl"][0] / w_clip,
+                                teacher_text_grad=ctx.extras.get("teacher_text_grad", False),
+                                group=ctx.group, impl=ctx.impl, sizes=ctx.sizes)
+    total = w_clip * out.loss
+    parts = {"clip": out.clip, "teacher_kl": out.teacher_kl}
+    for name, (w, fn) in terms.items():
+        if name not in parts:
+            parts[name] = fn(ctx)
+            total = total + w * parts[name]
     return total, parts

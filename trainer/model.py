@@ -94,10 +94,17 @@ class ClipTrainModel(CLIPModel):
         # parameter after each step, to the same effect).
         return _ClampReturnable.apply(self.logit_scale, math.log(MAX_LOGIT_SCALE)).exp().reshape(())
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, **_):
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, with_teacher: bool = False, **_):
+        """``(image, text, scale)``; with ``with_teacher`` also the momentum teacher's image
+        embeddings (``self.teacher``, see trainer/methods/eclipse.py), computed without gradients
+        inside this forward so that ZeRO-3 gathers the teacher's layers like the student's."""
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        return image, text, self.scale()
+        if not with_teacher:
+            return image, text, self.scale()
+        with torch.no_grad():
+            teacher = self.teacher(pixel_values)
+        return image, text, self.scale(), teacher
 
 
 class _ClampReturnable(torch.autograd.Function):

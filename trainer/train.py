@@ -28,9 +28,10 @@ from .checkpoint import CheckpointManager, atomic_write_text, resume_source
 from .config import Config, to_dict
 from .dist import LaunchEnv, all_reduce, hostname, init_distributed, shutdown
 from .engine import build_ds_config, build_engine
-from .evaluate import evaluate
+from .evaluate import evaluate_all
 from .faults import GradGuard, NanInjector, skip_update
-from .losses import LossContext, build_terms, compute_loss
+from .losses import LossContext, build_terms, compute_loss, method_terms
+from .methods import Method, attach as attach_method, build_method
 from .metrics import MetricsLogger
 from .model import build_model, preset_shape
 
@@ -85,6 +86,12 @@ class TrainData:
                                                 worker_init_fn=_ignore_stop_signals,
                                                 prefetch_factor=4 if d.workers else None))
 
+    def close(self) -> None:
+        """Shut the loader's worker processes down now (the run is over or failing)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
     def next(self) -> dict:
         if self.position["in_epoch"] >= self.per_epoch:
             self.position = {"epoch": self.position["epoch"] + 1, "in_epoch": 0, "stream": {},
@@ -103,7 +110,7 @@ class TooManyBadSteps(RuntimeError):
 
 
 def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, guard: GradGuard,
-               inject: NanInjector, stop_flag):
+               inject: NanInjector, stop_flag, method: Method):
     """One optimizer step: forward/backward over ``grad_accum_steps`` good micro-batches.
 
     A micro-batch whose loss is non-finite on any rank is dropped by every rank before backward
@@ -111,27 +118,31 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
     finite but a gradient was not, every rank skips the update and the step starts over with new
     micro-batches (see trainer/faults.py). One small all-reduce per micro-batch (is the loss finite
     everywhere?) and one at the boundary (gradients finite everywhere? a stop signal anywhere?);
-    the logged values stay on the device until log time. Returns ``(metrics, data wait s, stop)``.
+    the logged values stay on the device until log time. ``method`` (trainer/methods) is called
+    before the forward, for its loss inputs, and after each applied update. Returns
+    ``(metrics, data wait s, stop)``.
     """
     dtype = next(engine.module.parameters()).dtype
     sizes = (cfg.data.batch_size,) * engine.dp_world_size  # training micro-batches are always full
     sums: dict[str, torch.Tensor] = {}
     good, t_data = 0, 0.0
     guard.reset()
+    method.prepare(step)
     while True:
         t0 = time.perf_counter()
         mb = next_batch()
         t_data += time.perf_counter() - t0
         fault = inject.where if good == 0 and inject.due(step) else None
         hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
-        image, text, scale = engine(pixel_values=mb["image"].to(engine.device, dtype, non_blocking=True),
-                                    input_ids=mb["input_ids"].to(engine.device, non_blocking=True),
-                                    attention_mask=mb["attention_mask"].to(engine.device, non_blocking=True))
+        image, text, scale, *more = engine(pixel_values=mb["image"].to(engine.device, dtype, non_blocking=True),
+                                           input_ids=mb["input_ids"].to(engine.device, non_blocking=True),
+                                           attention_mask=mb["attention_mask"].to(engine.device, non_blocking=True),
+                                           **method.forward_kwargs)
         if hook is not None:
             hook.remove()
         if fault == "grad":
             NanInjector.poison_grad(image)
-        ctx = LossContext(image, text, scale, step=step, impl=cfg.loss.impl, sizes=sizes)
+        ctx = LossContext(image, text, scale, step=step, impl=cfg.loss.impl, sizes=sizes, extras=method.extras(*more))
         total, parts = compute_loss(terms, ctx)
         if fault == "loss":
             total = total * float("nan")
@@ -150,6 +161,7 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
         grads_bad, stop_now = all_reduce(flags, "max").tolist()
         if not grads_bad:
             engine.step()
+            method.update(step)
             return {k: v / good for k, v in sums.items()}, t_data, bool(stop_now)
         with skip_update(engine):
             engine.step()
@@ -193,7 +205,7 @@ def write_run_files(config_yaml: str, ds_config: dict, out: Path) -> None:
     atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
 
 
-def resume_state(cfg: Config, ckpt: CheckpointManager, engine) -> dict:
+def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method) -> dict:
     """Load the checkpoint :func:`resume_source` selects into the engine; return the trainer state.
     (The CLI has checked it against this world size and worker count before any process group.)"""
     source = resume_source(cfg)
@@ -202,6 +214,7 @@ def resume_state(cfg: Config, ckpt: CheckpointManager, engine) -> dict:
     root, tag = source
     state = ckpt.load(engine, tag, root=root)
     _set_rng_state(state.pop("rng"))
+    method.restore(state, where=root / tag)
     log.info("resumed from %s (step %d)", root / tag, state["step"])
     return state
 
@@ -219,14 +232,16 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     if le.rank == 0:
         write_run_files(config_yaml, ds_config, out)
     model = build_model(cfg.model, tokenizer, cfg.seed)
+    attach_method(model, cfg)
     engine, optimizer_name = build_engine(cfg, model, ds_config)
-    terms = build_terms(cfg.loss)
+    method = build_method(cfg, engine)
+    terms = build_terms(cfg.loss, method_terms(cfg))
     log.info("world_size=%d rank=%d zero_stage=%d precision=%s optimizer=%s params=%.2fM global_batch=%d",
              le.world_size, le.rank, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, optimizer_name,
              sum(p.numel() for p in model.parameters()) / 1e6, ds_config["train_batch_size"])
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
-    state = resume_state(cfg, ckpt, engine)
+    state = resume_state(cfg, ckpt, engine, method)
 
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
@@ -237,7 +252,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
 
     def save() -> None:
         state["data"] = train_data.position
-        ckpt.save(engine, state["step"], {**state, "rng": _rng_state(), "world_size": le.world_size}, config_yaml,
+        ckpt.save(engine, state["step"], {**state, "rng": _rng_state(), "world_size": le.world_size,
+                                          **method.checkpoint_state()}, config_yaml,
                   kill_before_latest=cfg.debug.kill_during_save_step == state["step"])
 
     guard = GradGuard(engine.module)
@@ -245,40 +261,48 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     progress = _progress(cfg, le.rank, state["step"])
     window = _new_window()
     status = 0
-    while state["step"] < cfg.max_steps:
-        t0 = time.perf_counter()
-        upcoming = state["step"] + 1
-        try:
-            metrics, t_data, stop_now = train_step(engine, train_data.next, terms, cfg, upcoming, state, guard,
-                                                   inject, lambda: float(stop.signum != 0))
-        except TooManyBadSteps as err:
-            log.error("stopping: %s consecutive micro-batches dropped for a non-finite loss or gradient "
-                      "(train.max_bad_microbatches=%d); lower optim.lr, check the data, or use "
-                      "deepspeed.precision=bf16", err, cfg.train.max_bad_microbatches)
-            status = EXIT_BAD_LOSS
-            break
-        state["step"] = upcoming
-        dt = time.perf_counter() - t0
-        _accumulate(window, metrics, dt, t_data)
-        if progress is not None:
-            progress.update(1)
-        if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
-            logged = _window_metrics(window, engine, global_batch, state, train_data, le.world_size)
-            metrics_log.log(logged, state["step"])
+    try:
+        while state["step"] < cfg.max_steps:
+            t0 = time.perf_counter()
+            upcoming = state["step"] + 1
+            try:
+                metrics, t_data, stop_now = train_step(engine, train_data.next, terms, cfg, upcoming, state, guard,
+                                                       inject, lambda: float(stop.signum != 0), method)
+            except TooManyBadSteps as err:
+                log.error("stopping: %s consecutive micro-batches dropped for a non-finite loss or gradient "
+                          "(train.max_bad_microbatches=%d); lower optim.lr, check the data, or use "
+                          "deepspeed.precision=bf16", err, cfg.train.max_bad_microbatches)
+                status = EXIT_BAD_LOSS
+                break
+            state["step"] = upcoming
+            if cfg.debug.raise_at_step == state["step"] and le.rank == 0:
+                raise RuntimeError(f"debug.raise_at_step: injected failure after step {state['step']}")
+            dt = time.perf_counter() - t0
+            _accumulate(window, metrics, dt, t_data)
             if progress is not None:
-                progress.set_postfix(loss=f"{logged['loss']:.3f}")
-            window = _new_window()
-        if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
+                progress.update(1)
+            if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
+                logged = _window_metrics(window, engine, global_batch, state, train_data, le.world_size)
+                metrics_log.log(logged, state["step"])
+                if progress is not None:
+                    progress.set_postfix(loss=f"{logged['loss']:.3f}")
+                window = _new_window()
+            if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
+                run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
+            if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now:
+                save()
+            if stop_now:
+                log.warning("stop requested by signal: checkpoint %s written; re-run the same command to resume",
+                            ckpt.root / f"step_{state['step']}")
+                status = EXIT_PREEMPTED
+                break
+        if status == 0:
             run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
-        if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now:
-            save()
-        if stop_now:
-            log.warning("stop requested by signal: checkpoint %s written; re-run the same command to resume",
-                        ckpt.root / f"step_{state['step']}")
-            status = EXIT_PREEMPTED
-            break
-    if status == 0:
-        run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
+    finally:
+        # Stop the loader workers before the interpreter exits, on every path: they ignore
+        # SIGTERM (see _ignore_stop_signals), so after an exception multiprocessing's exit
+        # handler would terminate-and-join them forever and the failed rank would never exit.
+        train_data.close()
     if progress is not None:
         progress.close()
     metrics_log.close()
@@ -336,7 +360,7 @@ def _logit_scale(module) -> float:
 def run_eval(cfg: Config, engine, tokenizer, metrics_log: MetricsLogger, step: int, out: Path, le: LaunchEnv):
     if not cfg.data.val_shards:
         return None
-    result = evaluate(engine.module, cfg, tokenizer, le.rank, le.world_size, device=engine.device)
+    result = evaluate_all(engine.module, cfg, tokenizer, le.rank, le.world_size, device=engine.device)
     result["step"] = step
     if le.rank == 0:
         metrics_log.log({k: v for k, v in result.items() if k != "step"}, step, prefix="eval")

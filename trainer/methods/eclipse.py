@@ -1,0 +1,321 @@
+"""ECLIPSE (Kim et al., AAAI 2024; METHODS.md section 2): a momentum image teacher, one shared
+text encoder, and an expedited student distilled from the teacher's image-text alignments.
+
+    eclipse.attach(model, cfg)                 # before the engine: adds model.teacher, installs EViT
+    method = Eclipse(cfg, engine)              # after it (and after resume, load_state_dict)
+    method.prepare(step)                       # the student's keep rate for this step
+    image, text, scale, teacher = engine(..., with_teacher=True)
+    ... loss with ctx.extras = method.extras(teacher) ... engine.step()
+    method.update(step)                        # EMA after every applied optimizer step
+
+**Where the teacher lives.** ``model.teacher`` is a frozen copy of the image tower (vision
+transformer + visual projection) *inside* the module DeepSpeed wraps, so every ZeRO stage treats
+it like the student: cast to the training precision, and under ZeRO-3 partitioned across ranks
+and gathered layer by layer by the same hooks during its forward (about 1/world of a full copy
+per rank). It has no gradients and no optimizer state.
+
+**How the EMA is kept.** ``theta_bar <- m theta_bar + (1 - m) theta`` is accumulated in fp32
+from the optimizer's fp32 master weights, never from the bf16 module copy: with ``m = 0.995``
+the per-step increment ``(1 - m)(theta - theta_bar)`` is below bf16's resolution for most
+weights, so a bf16 EMA would stall. Each rank keeps fp32 "shadows" of exactly the slices of the
+master weights it owns, so the EMA itself needs no communication:
+
+- ZeRO-3: the rank's partition of each parameter (``safe_get_local_fp32_param``); the teacher's
+  own partition (``ds_tensor``) is refreshed from the shadow. Memory: shadow 4 B/param/world.
+- ZeRO-1/2 and DeepSpeed's bf16 optimizer: the rank's fragment of each parameter's flat master
+  (``param._hp_mapping``); the full (replicated) teacher is rebuilt with one all-reduce of a flat
+  buffer in the training dtype per step (every other rank contributes zeros there).
+- Otherwise (ZeRO-0 fp32, where the module weights are the masters): the whole parameter.
+
+The shadows (with each slice's place in its parameter) are the teacher's state in checkpoints
+(``trainer_state/rank_R.pt``); :func:`teacher_state_dict` assembles the full fp32 teacher from
+those files for ``eval`` and ``export-hf --which teacher`` without DeepSpeed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, ConfigError
+from ..dist import all_reduce, rank as this_rank
+from . import Method
+
+PREFIX = "teacher."
+TOWER = ("vision_model", "visual_projection")   # what the teacher copies (the text tower is shared)
+
+
+class TeacherTower(torch.nn.Module):
+    """A frozen copy of the image tower; ``forward(pixels)`` gives L2-normalised embeddings."""
+
+    def __init__(self, vision_model: torch.nn.Module, visual_projection: torch.nn.Module):
+        super().__init__()
+        self.vision_model = copy.deepcopy(vision_model)
+        self.visual_projection = copy.deepcopy(visual_projection)
+        self.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        return F.normalize(self.visual_projection(pooled), dim=-1)
+
+
+def check(cfg: Config, vision_layers: int) -> None:
+    """Values a user can get wrong, against the model shape (exit 2 naming the key)."""
+    e = cfg.eclipse
+    if not e.enabled:
+        return
+    bad = [i for i in e.drop_layers if not isinstance(i, int) or not 0 <= i < vision_layers]
+    if bad:
+        raise ConfigError(f"config key 'eclipse.drop_layers' must hold layer indices in [0, {vision_layers}) "
+                          f"(the vision tower has {vision_layers} layers); got {e.drop_layers!r}")
+    if e.momentum_final is not None and not e.momentum <= e.momentum_final <= 1.0:
+        raise ConfigError(f"config key 'eclipse.momentum_final' must be in [eclipse.momentum, 1]; "
+                          f"got {e.momentum_final!r}")
+
+
+def drop_layers(cfg: Config, vision_layers: int) -> list[int]:
+    from .evit import default_drop_layers
+    return list(cfg.eclipse.drop_layers) or default_drop_layers(vision_layers)
+
+
+def attach(model: torch.nn.Module, cfg: Config) -> None:
+    """Give ``model`` (a ``ClipTrainModel``) its teacher and an expedited student image tower.
+
+    Call before ``deepspeed.initialize`` (and before loading weights for eval/export). The
+    teacher is copied before the student's layers are reorganised, so it is the stock tower.
+    """
+    e = cfg.eclipse
+    if not e.enabled:
+        return
+    model.teacher = TeacherTower(model.vision_model, model.visual_projection)
+    if e.expedite != "none":
+        from .evit import install
+        install(model.vision_model, drop_layers(cfg, model.config.vision_config.num_hidden_layers),
+                fuse=e.fuse_tokens, mode=e.expedite)
+        model.expedited_tower = True
+
+
+def momentum_at(cfg: Config, step: int) -> float:
+    """``m``: constant, or a cosine from ``eclipse.momentum`` to ``eclipse.momentum_final``."""
+    e = cfg.eclipse
+    if e.momentum_final is None:
+        return e.momentum
+    progress = min(1.0, step / max(1, cfg.max_steps))
+    return e.momentum_final - (e.momentum_final - e.momentum) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def student_keep_rate(cfg: Config, step: int) -> float:
+    """The student's keep rate at ``step``: 1 through the warm-up, then cosine down to ``keep_rate``."""
+    from .evit import keep_rate_at
+    e = cfg.eclipse
+    if e.expedite == "none":
+        return 1.0
+    warmup = cfg.optim.warmup_steps if e.keep_warmup_steps is None else e.keep_warmup_steps
+    return keep_rate_at(step, warmup, cfg.max_steps, e.keep_rate)
+
+
+class _Slot:
+    """One teacher parameter's EMA: the fp32 shadow of the flat slice ``[start, start + n)`` of
+    the parameter that this rank owns, with the student master it follows."""
+
+    def __init__(self, name: str, teacher: torch.nn.Parameter, student: torch.nn.Parameter, world: int):
+        self.name, self.teacher, self.student = name, teacher, student
+        self.shape, self.numel = tuple(student.ds_shape if hasattr(student, "ds_id") else student.shape), None
+        if hasattr(student, "ds_id"):                                     # ZeRO-3 partition
+            from deepspeed.utils import safe_get_local_fp32_param
+            self.kind = "zero3"
+            self.numel = student.ds_numel
+            part = teacher.ds_tensor.numel()
+            self.start = this_rank() * part
+            self.n = max(0, min(part, self.numel - self.start))
+            self._master = lambda: safe_get_local_fp32_param(student).reshape(-1)[: self.n]
+            self._local = lambda: teacher.ds_tensor.reshape(-1)[: self.n]
+        elif getattr(student, "_hp_mapping", None) is not None or hasattr(student, "_hp_mapping"):
+            self.kind = "fragment"                                         # ZeRO-1/2, bf16 optimizer
+            self.numel = student.numel()
+            mapping = student._hp_mapping
+            self.start = mapping.lp_fragment_address.start if mapping is not None else 0
+            self.n = mapping.lp_fragment_address.numel if mapping is not None else 0
+            self._master = lambda: student._hp_mapping.get_hp_fragment().reshape(-1)
+            self._local = None
+        else:                                                              # the module weights are the masters
+            self.kind = "full"
+            self.numel, self.start, self.n = student.numel(), 0, student.numel()
+            self._master = lambda: student.data.reshape(-1)
+            self._local = lambda: teacher.data.reshape(-1)
+        self.shadow = self.master().clone() if self.n else torch.zeros(0, device=teacher.device)
+
+    def master(self) -> torch.Tensor:
+        return self._master().float() if self.n else torch.zeros(0, device=self.teacher.device)
+
+    def state(self) -> dict:
+        return {"shape": self.shape, "start": self.start, "shadow": self.shadow.detach().cpu()}
+
+
+class MomentumTeacher:
+    """The EMA of the student's image tower, kept as described in the module doc."""
+
+    def __init__(self, engine, cfg: Config):
+        self.cfg = cfg
+        module = engine.module
+        world = engine.dp_world_size
+        self.slots = [_Slot(name, q, module.get_parameter(name[len(PREFIX):]), world)
+                      for name, q in module.named_parameters() if name.startswith(PREFIX)]
+        kinds = {s.kind for s in self.slots}
+        if len(kinds) != 1:
+            raise RuntimeError(f"teacher parameters are held in mixed ways {sorted(kinds)}; cannot keep the EMA")
+        self.kind = kinds.pop()
+        self._write_teacher()
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """One EMA step after the optimizer step ``step`` was applied."""
+        m = momentum_at(self.cfg, step)
+        for s in self.slots:
+            if s.n:
+                s.shadow.lerp_(s.master(), 1.0 - m)
+        self._write_teacher()
+
+    @torch.no_grad()
+    def _write_teacher(self) -> None:
+        """Refresh the teacher's weights (training dtype) from the fp32 shadows."""
+        if self.kind != "fragment":
+            for s in self.slots:
+                if s.n:
+                    s._local().copy_(s.shadow)
+            return
+        # Each rank owns fragments of the masters; one SUM all-reduce assembles the replicated
+        # teacher (x + 0 is exact in any dtype).
+        dtype = self.slots[0].teacher.dtype
+        flat = torch.zeros(sum(s.numel for s in self.slots), dtype=dtype, device=self.slots[0].teacher.device)
+        offset = 0
+        for s in self.slots:
+            if s.n:
+                flat[offset + s.start: offset + s.start + s.n] = s.shadow
+            offset += s.numel
+        flat = all_reduce(flat, "sum")
+        offset = 0
+        for s in self.slots:
+            s.teacher.data.copy_(flat[offset: offset + s.numel].view_as(s.teacher.data))
+            offset += s.numel
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "slots": {s.name: s.state() for s in self.slots}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.slots:
+            saved = state["slots"][s.name]
+            if saved["start"] != s.start or saved["shadow"].numel() != s.shadow.numel():
+                raise RuntimeError(f"teacher state for {s.name} was written with another partitioning "
+                                   "(world size or ZeRO stage); resume with the same ones")
+            s.shadow.copy_(saved["shadow"])
+        self._write_teacher()
+
+    def memory_bytes(self) -> dict:
+        """This rank's teacher memory: its weights (as held locally) and its fp32 shadows."""
+        weights = sum((s.teacher.ds_tensor if s.kind == "zero3" else s.teacher).numel() * s.teacher.element_size()
+                      for s in self.slots)
+        shadows = sum(s.shadow.numel() * 4 for s in self.slots
+                      if not (s.kind != "fragment" and s.teacher.dtype == torch.float32))
+        return {"teacher_weights": weights, "ema_shadows": shadows}
+
+
+class Eclipse(Method):
+    """What the train step calls when ``eclipse.enabled``: see the module doc."""
+    name = "eclipse"
+
+    def __init__(self, cfg: Config, engine):
+        self.cfg, self.module = cfg, engine.module
+        self.teacher = MomentumTeacher(engine, cfg)
+        self.forward_kwargs = {"with_teacher": True}
+
+    def prepare(self, step: int) -> None:
+        if self.cfg.eclipse.expedite != "none":
+            from .evit import set_keep_rate
+            set_keep_rate(self.module.vision_model, student_keep_rate(self.cfg, step))
+
+    def extras(self, teacher_image: torch.Tensor) -> dict:
+        return {"teacher_image": teacher_image, "teacher_text_grad": not self.cfg.eclipse.text_stop_grad}
+
+    def update(self, step: int) -> None:
+        self.teacher.update(step)
+
+    def state_dict(self) -> dict:
+        return self.teacher.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- evaluation views
+
+class TeacherView(torch.nn.Module):
+    """``model`` with the teacher's image tower: what ``trainer.evaluate.evaluate`` calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def encode_text(self, input_ids, attention_mask=None):
+        return self.model.encode_text(input_ids, attention_mask)
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, **_):
+        image = self.model.teacher(pixel_values) if pixel_values is not None else None
+        text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        return image, text, self.model.scale()
+
+
+@contextlib.contextmanager
+def keep_rate(model, rate: float):
+    """The student's image tower at keep rate ``rate`` inside the block (a no-op when it drops
+    no tokens); the rate it had is restored after."""
+    if not getattr(model, "expedited_tower", False):
+        yield
+        return
+    from .evit import expedited
+    with expedited(model.vision_model, rate):
+        yield
+
+
+def eval_views(model, cfg: Config):
+    """``(prefix, model-like, keep rate)`` for each evaluation: the student at full capacity
+    (the existing keys), the student expedited (``fast/``) and the teacher (``teacher/``)."""
+    views = [("", model, 1.0)]
+    if cfg.eclipse.enabled:
+        if cfg.eclipse.expedite != "none":
+            views.append(("fast/", model, cfg.eclipse.keep_rate))
+        views.append(("teacher/", TeacherView(model), 1.0))
+    return views
+
+
+def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 teacher (``vision_model.*``, ``visual_projection.*``) of a checkpoint, assembled
+    from every rank's shadow slices in ``trainer_state/``."""
+    files = sorted((Path(root) / tag / "trainer_state").glob("rank_*.pt"))
+    parts: dict[str, list] = {}
+    for f in files:
+        state = torch.load(f, map_location="cpu", weights_only=False).get("eclipse")
+        if state is None:
+            raise ConfigError(f"checkpoint {Path(root) / tag} has no ECLIPSE teacher (eclipse.enabled was off)")
+        for name, slot in state["slots"].items():
+            parts.setdefault(name, []).append(slot)
+    out = {}
+    for name, slots in parts.items():
+        shape = tuple(slots[0]["shape"])
+        flat = torch.zeros(math.prod(shape))
+        covered = torch.zeros(flat.numel(), dtype=torch.bool)
+        for slot in slots:
+            n = slot["shadow"].numel()
+            flat[slot["start"]: slot["start"] + n] = slot["shadow"]
+            covered[slot["start"]: slot["start"] + n] = True
+        if not covered.all():
+            raise RuntimeError(f"checkpoint {Path(root) / tag}: the teacher's {name} is not fully covered by the "
+                               "ranks' saved slices (a rank's trainer_state is missing)")
+        out[name[len(PREFIX):]] = flat.reshape(shape)
+    return out
