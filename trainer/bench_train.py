@@ -18,6 +18,10 @@ world size (the config's, after the ``key=value`` overrides; ``max_steps`` becom
 - ``ours``: ``build_engine`` + ``train_step`` with GradGuard and NanInjector, in a copy of
   ``run()``'s loop (window metrics and MetricsLogger at ``log.every_steps``, the stop-signal
   all-reduce every step); checkpoints and evaluation are left out.
+- ``eclipse``: ``ours`` with ECLIPSE on (``eclipse.enabled=true``, the keep rate held at
+  ``eclipse.keep_rate`` from the first step: ``eclipse.keep_schedule=constant``): the expedited
+  student's forward/backward plus the teacher's forward and EMA, against ``ours`` (not in the
+  default ``--impls``; ``--impls ours,eclipse`` measures ECLIPSE's cost).
 
 All three read batches from ``TrainData`` (the WebDataset stream), so the data cost is the same.
 After ``--warmup`` steps, ``--steps`` steps are timed between two barriers:
@@ -52,7 +56,7 @@ from pathlib import Path
 
 from .config import ConfigError
 
-IMPLS = ("openclip", "bare", "ours")
+IMPLS = ("openclip", "bare", "ours", "eclipse")
 PHASES = ("data", "forward", "backward", "optimizer", "other")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +67,7 @@ def _args(argv):
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
     p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--impls", default="openclip,bare,ours", help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default=None, help="file names train_<tag>.*; default DEVICE_PRESET_DATE")
     p.add_argument("--rounds", type=int, default=1, help="run the impls this many times, alternating the order; "
@@ -296,7 +300,7 @@ def _init(impl: str, cfg, le):
 
     from .dist import init_distributed, select_device
 
-    if impl == "ours":
+    if impl in ("ours", "eclipse"):
         return init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
     device = select_device(le.local_rank)
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
@@ -391,13 +395,16 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
     from .engine import build_ds_config, build_engine
     from .faults import GradGuard, NanInjector
     from .losses import build_terms, method_terms
+    from .methods import attach as attach_method, build_method
     from .metrics import MetricsLogger
     from .model import build_model
 
     ds_config = build_ds_config(cfg, le.world_size)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     params = sum(p.numel() for p in model.parameters())
+    attach_method(model, cfg)
     engine, optimizer_name = build_engine(cfg, model, ds_config)
+    method = build_method(cfg, engine)
     terms = build_terms(cfg.loss, method_terms(cfg))
     guard = GradGuard(engine.module)
     inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, [])
@@ -420,7 +427,7 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
     def step(n: int):
         t0 = time.perf_counter()
         metrics, t_data, _ = T.train_step(engine, next_batch, terms, cfg, n, state, guard, inject,
-                                          lambda: float(stop.signum != 0))  # run()'s stop check rides along
+                                          lambda: float(stop.signum != 0), method)  # run()'s stop check rides along
         state["step"] = n
         T._accumulate(window[0], metrics, time.perf_counter() - t0, t_data)
         if n % cfg.log.every_steps == 0 or n == cfg.max_steps:
@@ -607,7 +614,14 @@ def _loss_impl(cfg, device) -> str:
     return f"kernels.gathered_clip_loss({resolve_impl(cfg.loss.impl, device)})"
 
 
-BUILDERS = {"openclip": _build_openclip, "bare": _build_bare, "ours": _build_ours}
+def _build_eclipse(cfg, *args):
+    """``ours`` with ECLIPSE on, the student at its final keep rate from the first step."""
+    import dataclasses
+    cfg = dataclasses.replace(cfg, eclipse=dataclasses.replace(cfg.eclipse, enabled=True, keep_schedule="constant"))
+    return _build_ours(cfg, *args)
+
+
+BUILDERS = {"openclip": _build_openclip, "bare": _build_bare, "ours": _build_ours, "eclipse": _build_eclipse}
 
 
 # ---------------------------------------------------------------------------- --profile
@@ -753,9 +767,13 @@ def _ratios(rows: list[dict]) -> list[str]:
     by = {r["impl"]: r for r in rows}
     if "ours" not in by:
         return []
-    return [f"ours / {other}: **{by['ours']['samples_per_s'] / by[other]['samples_per_s']:.2f}x** samples/s "
-            f"(step time {by['ours']['step_ms'] / by[other]['step_ms']:.2f}x)"
-            for other in ("openclip", "bare") if other in by]
+    lines = [f"ours / {other}: **{by['ours']['samples_per_s'] / by[other]['samples_per_s']:.2f}x** samples/s "
+             f"(step time {by['ours']['step_ms'] / by[other]['step_ms']:.2f}x)"
+             for other in ("openclip", "bare") if other in by]
+    if "eclipse" in by:
+        lines.append(f"eclipse / ours (ECLIPSE's cost over plain CLIP): step time "
+                     f"**{by['eclipse']['step_ms'] / by['ours']['step_ms']:.2f}x**")
+    return lines
 
 
 def _markdown(rows: list[dict], meta: dict, png: str) -> str:

@@ -238,7 +238,10 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     terms = build_terms(cfg.loss, method_terms(cfg))
     log.info("world_size=%d rank=%d zero_stage=%d precision=%s optimizer=%s params=%.2fM global_batch=%d",
              le.world_size, le.rank, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, optimizer_name,
-             sum(p.numel() for p in model.parameters()) / 1e6, ds_config["train_batch_size"])
+             sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+             ds_config["train_batch_size"])
+    if method.describe():
+        log.info("%s", method.describe())
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
     state = resume_state(cfg, ckpt, engine, method)

@@ -28,6 +28,10 @@ class Method:
     def update(self, step: int) -> None:
         pass
 
+    def describe(self) -> str | None:
+        """One log line about the method at start-up (None: nothing to say)."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 

@@ -114,6 +114,8 @@ def student_keep_rate(cfg: Config, step: int) -> float:
     e = cfg.eclipse
     if e.expedite == "none":
         return 1.0
+    if e.keep_schedule == "constant":
+        return e.keep_rate
     warmup = cfg.optim.warmup_steps if e.keep_warmup_steps is None else e.keep_warmup_steps
     return keep_rate_at(step, warmup, cfg.max_steps, e.keep_rate)
 
@@ -217,12 +219,12 @@ class MomentumTeacher:
         self._write_teacher()
 
     def memory_bytes(self) -> dict:
-        """This rank's teacher memory: its weights (as held locally) and its fp32 shadows."""
-        weights = sum((s.teacher.ds_tensor if s.kind == "zero3" else s.teacher).numel() * s.teacher.element_size()
-                      for s in self.slots)
-        shadows = sum(s.shadow.numel() * 4 for s in self.slots
-                      if not (s.kind != "fragment" and s.teacher.dtype == torch.float32))
-        return {"teacher_weights": weights, "ema_shadows": shadows}
+        """This rank's teacher memory (weights as held here, fp32 shadows) and a full copy's."""
+        held = sum((s.teacher.ds_tensor if s.kind == "zero3" else s.teacher).numel() * s.teacher.element_size()
+                   for s in self.slots)
+        shared = self.kind != "fragment" and self.slots[0].teacher.dtype == torch.float32  # shadow is the weight
+        return {"weights": held, "shadows": 0 if shared else sum(s.shadow.numel() * 4 for s in self.slots),
+                "full_copy": sum(s.numel * s.teacher.element_size() for s in self.slots)}
 
 
 class Eclipse(Method):
@@ -238,6 +240,15 @@ class Eclipse(Method):
         if self.cfg.eclipse.expedite != "none":
             from .evit import set_keep_rate
             set_keep_rate(self.module.vision_model, student_keep_rate(self.cfg, step))
+
+    def describe(self) -> str:
+        e, mem = self.cfg.eclipse, self.teacher.memory_bytes()
+        where = (f"drop layers {drop_layers(self.cfg, self.module.config.vision_config.num_hidden_layers)}"
+                 if e.expedite == "evit" else "input patch dropout" if e.expedite == "random" else "no expedition")
+        return (f"eclipse: momentum teacher ({self.teacher.kind}) m={e.momentum}, this rank holds "
+                f"{mem['weights'] / 2**20:.1f} MiB of teacher weights + {mem['shadows'] / 2**20:.1f} MiB fp32 EMA "
+                f"(a full copy: {mem['full_copy'] / 2**20:.1f} MiB); student keep rate {e.keep_rate} "
+                f"({e.expedite}, {where}); teacher_kl weight {e.kl_weight}")
 
     def extras(self, teacher_image: torch.Tensor) -> dict:
         return {"teacher_image": teacher_image, "teacher_text_grad": not self.cfg.eclipse.text_stop_grad}
