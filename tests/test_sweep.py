@@ -333,3 +333,22 @@ def test_slurm_sweep_waits_through_a_requeue(demo_data, tmp_path):
     (row,) = read_rows(out)
     assert row["step"] == 30 and row["attempts"] == 2
     assert row["zeroshot_top1"] == json.loads((run_dir / "eval.json").read_text())["zeroshot_top1"]
+
+
+def test_a_run_made_before_a_config_key_existed_still_counts(tmp_path):
+    """Keys the trainer gains later (a new method's section, off by default) do not orphan the
+    evidence measured before them; a changed value still does."""
+    from trainer.sweep import Run, _only_new_default_keys
+
+    run = Run.__new__(Run)
+    run.resolved = {"seed": 0, "optim": {"lr": 1e-3}, "eclipse": {"enabled": False, "momentum": 0.995}}
+    run.launch = {"nproc": 2}
+    before = {"config": {"seed": 0, "optim": {"lr": 1e-3}}, "launch": {"nproc": 2}}
+    assert _only_new_default_keys(before, run)
+    run.resolved["eclipse"]["enabled"] = True            # the new key at a non-default value: a different run
+    assert not _only_new_default_keys(before, run)
+    run.resolved["eclipse"]["enabled"] = False
+    changed = {"config": {"seed": 0, "optim": {"lr": 2e-3}}, "launch": {"nproc": 2}}
+    assert not _only_new_default_keys(changed, run)
+    removed = {"config": {"seed": 0, "optim": {"lr": 1e-3}, "gone": 1}, "launch": {"nproc": 2}}
+    assert not _only_new_default_keys(removed, run)

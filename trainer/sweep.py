@@ -326,6 +326,19 @@ def _differences(old: dict, new: dict, limit: int = 4) -> str:
     return "; ".join(diffs[:limit]) + more
 
 
+def _only_new_default_keys(meta: dict, run: Run) -> bool:
+    """True when a run made earlier differs from this config only by keys the trainer gained since
+    (absent from the saved config, at their default value now: e.g. a new method's section, off).
+    Evidence measured before a method existed stays comparable with the method's variants."""
+    from .config import Config, to_dict
+
+    old = _flat({"config": meta.get("config", {}), "launch": meta.get("launch", {})})
+    new = _flat({"config": run.resolved, "launch": run.launch})
+    default = _flat({"config": to_dict(Config())})
+    return all(old.get(k, "<unset>") == v or (k not in old and default.get(k, "<unset>") == v)
+               for k, v in new.items()) and set(old) <= set(new)
+
+
 def is_finished(run: Run) -> bool:
     if run.cfg.data.val_shards:
         path = run.dir / "eval.json"
@@ -346,7 +359,7 @@ def classify(run: Run) -> None:
                               "move it away or use another --out")
         run.state = "new"
         return
-    if meta.get("config_hash") != run.hash:
+    if meta.get("config_hash") != run.hash and not _only_new_default_keys(meta, run):
         what = _differences({"config": meta.get("config", {}), "launch": meta.get("launch", {})},
                             {"config": run.resolved, "launch": run.launch})
         raise ConfigError(f"run directory {run.dir} holds variant {run.variant!r} seed {run.seed} of a different "
@@ -834,6 +847,24 @@ def _chance(sweep: Sweep) -> float | None:
         return None
 
 
+def _views_table(rows: list[dict], names: list[str]) -> list[str]:
+    """Evaluations of other views of a run that a method adds to eval.json (ECLIPSE: ``fast/``,
+    the expedited student; ``teacher/``, the momentum teacher), next to the plain keys."""
+    prefixes = sorted({k.split("/")[0] + "/" for r in rows for k in r if k.startswith(("fast/", "teacher/"))})
+    if not prefixes:
+        return []
+    keys = [(p + key, f"{p}{label}") for p in ["", *prefixes] for key, label in ACCURACY if key != "zeroshot_top5"]
+    L = ["", "### Other views of the same runs (eval.json; % , mean ± std over seeds)", "",
+         "The plain columns are the model as trained (an ECLIPSE student at full capacity); `fast/` is the "
+         "student at its training keep rate; `teacher/` the momentum teacher with the shared text tower.", "",
+         "| variant | " + " | ".join(label for _, label in keys) + " |", "|---|" + "--:|" * len(keys)]
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        cells = [_pct(summarize([r.get(k) for r in mine])) if any(k in r for r in mine) else "—" for k, _ in keys]
+        L.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return L
+
+
 def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
     stats = by_variant(sweep, rows)
     names = list(sweep.variants)
@@ -869,6 +900,7 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
                   _ratio(s["samples_per_s"], ref["samples_per_s"]),
                   _num(s["wall_s"], 0), f"{s['params'] / 1e6:.2f}M" if s["params"] else "n/a"]
         L.append("| " + " | ".join(cells) + " |")
+    L += _views_table(rows, names)
     L += ["", "## Verdict", ""]
     L += _verdict(stats, names)
     L += ["", "## Variants", "", "| variant | seeds | overrides |", "|---|---|---|"]
