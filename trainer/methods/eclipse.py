@@ -279,7 +279,8 @@ class TeacherView(torch.nn.Module):
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, **_):
         image = self.model.teacher(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        return image, text, self.model.scale()
+        return image, text, None   # evaluation ranks by cosine; the scale is not needed (and under
+        # ZeRO-3 it is only gathered inside the wrapped module's own forward)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,168 @@
+"""EViT token reorganisation and FLIP patch dropout in the transformers CLIP vision tower, against
+the stock tower (keep rate 1) and a plain reference written here with eager attention and an
+explicit top-k."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from trainer.methods import evit
+
+
+def tower(seed: int = 0) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=4, num_attention_heads=4)
+    cfg._attn_implementation = "sdpa"
+    return CLIPVisionModel(cfg).eval()
+
+
+def pixels(b: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(model: CLIPVisionModel, x: torch.Tensor, drop: list[int], keep: float, fuse: bool):
+    """Eager attention, explicit per-head softmax and top-k (EViT's Block.forward); returns the
+    pooled output, and per drop layer the kept indices and the fused token."""
+    vm = model
+    h = vm.pre_layrnorm(vm.embeddings(x))
+    record = {}
+    for i, layer in enumerate(vm.encoder.layers):
+        a = layer.self_attn
+        b, n, d = h.shape
+        y = layer.layer_norm1(h)
+        split = lambda t: t.view(b, n, a.num_heads, a.head_dim).transpose(1, 2)
+        q, k, v = split(a.q_proj(y)), split(a.k_proj(y)), split(a.v_proj(y))
+        probs = torch.softmax(q @ k.transpose(-1, -2) * a.scale, dim=-1)          # [b, H, n, n]
+        h = h + a.out_proj((probs @ v).transpose(1, 2).reshape(b, n, d))
+        if i in drop:
+            left = math.ceil(keep * (n - 1) - 1e-9)
+            cls_attn = probs[:, :, 0, 1:].mean(1)                                   # [b, n - 1]
+            _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+            others = h[:, 1:]
+            parts = [h[:, :1], torch.stack([others[j, idx[j]] for j in range(b)])]
+            mask = torch.ones_like(cls_attn, dtype=torch.bool)
+            mask.scatter_(1, idx, False)
+            fused = torch.stack([(others[j][mask[j]] * cls_attn[j][mask[j]][:, None]).sum(0) for j in range(b)])
+            if fuse:
+                parts.append(fused[:, None])
+            record[i] = {"idx": idx, "fused": fused}
+            h = torch.cat(parts, dim=1)
+        h = h + layer.mlp(layer.layer_norm2(h))
+    return vm.post_layernorm(h[:, 0]), record
+
+
+def test_default_drop_layers_and_schedule():
+    assert evit.default_drop_layers(12) == [3, 6, 9]
+    assert evit.default_drop_layers(4) == [1, 2, 3]
+    assert evit.default_drop_layers(24) == [6, 12, 18]
+    assert evit.kept_patches(10, 0.7) == 7 and evit.kept_patches(16, 0.7) == 12 and evit.kept_patches(3, 0.1) == 1
+    assert evit.keep_rate_at(10, 10, 110, 0.7) == 1.0
+    assert evit.keep_rate_at(60, 10, 110, 0.7) == pytest.approx(0.85)
+    assert evit.keep_rate_at(110, 10, 110, 0.7) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="mode"):
+        evit.install(tower(), [1], mode="bogus")
+    with pytest.raises(ValueError, match="drop_layers"):
+        evit.install(tower(), [4])
+    with pytest.raises(ValueError, match="install"):
+        evit.set_keep_rate(tower(), 0.5)
+
+
+@pytest.mark.parametrize("mode", ["evit", "random"])
+def test_keep_rate_one_is_the_stock_tower_and_the_weights_are_untouched(mode):
+    stock, ours = tower(), tower()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    evit.install(ours, [1, 2, 3], mode=mode)
+    assert list(ours.state_dict()) == list(before)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items())
+    x = pixels()
+    with torch.no_grad():
+        a, b = stock(pixel_values=x), ours(pixel_values=x)
+    assert torch.equal(a.pooler_output, b.pooler_output)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+
+
+@pytest.mark.parametrize("keep,fuse", [(0.5, True), (0.7, True), (0.7, False)])
+def test_dropping_equals_an_eager_top_k_reference(keep, fuse):
+    model = tower()
+    ref_model = copy.deepcopy(model)
+    drop = [1, 3]
+    evit.install(model, drop, fuse=fuse)
+    evit.set_keep_rate(model, keep)
+    x = pixels()
+    with torch.no_grad():
+        got = model(pixel_values=x).pooler_output
+        want, record = reference(ref_model, x, drop, keep, fuse)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the token counts follow 1 + ceil(k (n - 1)) (+1 fused) at each drop layer: 17 tokens in
+    n, counts = 17, evit.token_counts(model)
+    for i in drop:
+        n = 1 + math.ceil(keep * (n - 1) - 1e-9) + int(fuse)
+        assert counts[i] == n, (i, counts)
+    assert record[1]["idx"].shape[1] == math.ceil(keep * 16 - 1e-9)
+    # the same tokens were kept, in the same (attention) order: rerun the layer's own selection
+    layer = model.encoder.layers[1]
+    assert layer.tokens_out == counts[1]
+
+
+def test_gradients_reach_every_weight_of_the_tower():
+    """(A random projection of the pooled output: the sum of a LayerNorm's output does not depend
+    on its input, so ``.sum()`` would test nothing.)"""
+    for fuse in (True, False):
+        model = tower()
+        evit.install(model, [1], fuse=fuse)   # one early drop, then 2 more layers
+        evit.set_keep_rate(model, 0.25)
+        out = model(pixel_values=pixels(2)).pooler_output
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not dead, (fuse, dead)
+
+
+def test_fused_token_carries_the_dropped_tokens_gradient():
+    """Layer output = [cls, kept..., fused]; d(fused)/d(dropped token j) = its attention weight."""
+    model = tower()
+    layer = model.encoder.layers[0]
+    layer.__class__ = evit.EViTEncoderLayer
+    layer.keep_rate, layer.fuse = 0.5, True
+    h = torch.randn(1, 9, 32, requires_grad=True)
+    out = layer(h, None)
+    assert out.shape[1] == 1 + 4 + 1
+    out[:, -1].sum().backward()
+    with_fuse = h.grad.clone()
+    h.grad = None
+    layer.fuse = False
+    out = layer(h, None)
+    assert out.shape[1] == 1 + 4
+    out[:, 1:].sum().backward()
+    # without fusion, no output depends on a dropped token except through attention of the kept
+    # ones; with fusion the fused token depends on every dropped token directly
+    assert (with_fuse[0, 1:].abs().sum(-1) > 0).all()
+
+
+def test_random_patch_dropout_is_reproducible_from_the_rng():
+    model = tower()
+    evit.install(model, [], mode="random")
+    evit.set_keep_rate(model, 0.5)
+    x = pixels(2)
+    emb = model.embeddings
+    torch.manual_seed(5)
+    a = emb(x)
+    torch.manual_seed(5)
+    b = emb(x)
+    torch.manual_seed(6)
+    c = emb(x)
+    assert a.shape == (2, 1 + 8, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    full = model.embeddings.__class__.__mro__[1].forward(emb, x)
+    assert torch.equal(a[:, 0], full[:, 0])                         # the class token is kept
+    # every kept token is one of the image's own patch tokens
+    for j in range(2):
+        assert all(any(torch.equal(t, p) for p in full[j, 1:]) for t in a[j, 1:])
+    with evit.expedited(model, 1.0):
+        assert model(pixel_values=x).last_hidden_state.shape[1] == 17
+    assert evit.keep_rate_of(model) == 0.5
