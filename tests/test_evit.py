@@ -166,3 +166,12 @@ def test_random_patch_dropout_is_reproducible_from_the_rng():
     with evit.expedited(model, 1.0):
         assert model(pixel_values=x).last_hidden_state.shape[1] == 17
     assert evit.keep_rate_of(model) == 0.5
+
+
+def test_inference_benchmark_measures_every_case():
+    from trainer.bench_expedite import measure
+
+    row = measure("tiny", 4, [0.5], rounds=1, device=torch.device("cpu"), bf16=False)
+    assert set(row["images_per_s"]) == {"full", "evit@0.5", "flip@0.5"}
+    assert all(v > 0 for v in row["images_per_s"].values())
+    assert row["speedup_vs_full"]["full"] == 1.0 and row["drop_layers"] == [1, 2, 3]

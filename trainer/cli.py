@@ -145,7 +145,10 @@ def _bench(args) -> int:
     if args.what == "train":
         from .bench_train import main as bench_train
         return bench_train(args.rest) or 0
-    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train")
+    if args.what == "expedite":
+        from .bench_expedite import main as bench_expedite
+        return bench_expedite(args.rest) or 0
+    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train, expedite")
 
 
 def _sweep(args) -> int:
