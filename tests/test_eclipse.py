@@ -244,3 +244,25 @@ def test_teacher_kl_term_equals_a_materialised_reference():
     assert kl.item() > 1e-3
     _, same = ours(x0, y0, x0)
     assert same["teacher_kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eclipse.drop_layers=[1,4]", "config key 'eclipse.drop_layers' must hold layer indices in [0, 4)"),
+    ("eclipse.expedite=bogus", "config key 'eclipse.expedite' must be one of evit, random, none"),
+    ("eclipse.keep_rate=0", "config key 'eclipse.keep_rate' must be >= 0.05"),
+    ("eclipse.momentum_final=0.9", "config key 'eclipse.momentum_final' must be in [eclipse.momentum, 1]"),
+    ("loss.terms={clip: 0.0}", "config key 'loss.terms.clip' must be > 0"),
+])
+def test_bad_eclipse_values_exit_2_naming_the_key(demo_data, tmp_path, override, message):
+    proc = run_trainer(["train", "--config", CONFIG, *data_overrides(demo_data, tmp_path / "bad"), override])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_export_of_the_teacher_without_eclipse_is_a_clear_error(demo_data, tmp_path):
+    out = tmp_path / "plain"
+    check(run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
+                       *FAST[:-5], "max_steps=1", "data.val_shards=null", "data.workers=0"]))
+    proc = run_trainer(["export-hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--which", "teacher"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "has no momentum teacher (eclipse.enabled was off)" in proc.stderr

@@ -94,6 +94,8 @@ def test_dropping_equals_an_eager_top_k_reference(keep, fuse):
     drop = [1, 3]
     evit.install(model, drop, fuse=fuse)
     evit.set_keep_rate(model, keep)
+    for i in drop:
+        model.encoder.layers[i].record = True
     x = pixels()
     with torch.no_grad():
         got = model(pixel_values=x).pooler_output
@@ -105,9 +107,12 @@ def test_dropping_equals_an_eager_top_k_reference(keep, fuse):
         n = 1 + math.ceil(keep * (n - 1) - 1e-9) + int(fuse)
         assert counts[i] == n, (i, counts)
     assert record[1]["idx"].shape[1] == math.ceil(keep * 16 - 1e-9)
-    # the same tokens were kept, in the same (attention) order: rerun the layer's own selection
-    layer = model.encoder.layers[1]
-    assert layer.tokens_out == counts[1]
+    # the same tokens were kept, in the same (attention) order, and the same token was fused
+    for i in drop:
+        layer = model.encoder.layers[i]
+        assert torch.equal(layer.last["idx"], record[i]["idx"]), i
+        if fuse:
+            torch.testing.assert_close(layer.last["fused"], record[i]["fused"], rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_every_weight_of_the_tower():

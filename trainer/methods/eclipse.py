@@ -310,6 +310,8 @@ def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 teacher (``vision_model.*``, ``visual_projection.*``) of a checkpoint, assembled
     from every rank's shadow slices in ``trainer_state/``."""
     files = sorted((Path(root) / tag / "trainer_state").glob("rank_*.pt"))
+    if not files:
+        raise ConfigError(f"checkpoint {Path(root) / tag} has no trainer_state/rank_*.pt files")
     parts: dict[str, list] = {}
     for f in files:
         state = torch.load(f, map_location="cpu", weights_only=False).get("eclipse")

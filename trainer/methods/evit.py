@@ -61,6 +61,7 @@ class EViTEncoderLayer(CLIPEncoderLayer):
     keep_rate: float = 1.0
     fuse: bool = True
     tokens_out: int | None = None
+    record: bool = False      # tests: keep the last selection in ``self.last``
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
         n = hidden_states.shape[1]
@@ -93,6 +94,8 @@ class EViTEncoderLayer(CLIPEncoderLayer):
             parts.append((dropped * weight).sum(1, keepdim=True))
         x = torch.cat(parts, dim=1)
         self.tokens_out = x.shape[1]
+        if self.record:
+            self.last = {"idx": top.detach(), "fused": parts[-1][:, 0].detach() if self.fuse else None}
         return x + self.mlp(self.layer_norm2(x))
 
 
