@@ -611,7 +611,8 @@ def _scaler(cfg, device):
 
 def _loss_impl(cfg, device) -> str:
     from kernels import resolve_impl
-    return f"kernels.gathered_clip_loss({resolve_impl(cfg.loss.impl, device)})"
+    fn = "gathered_distill_loss" if cfg.eclipse.enabled else "gathered_clip_loss"
+    return f"kernels.{fn}({resolve_impl(cfg.loss.impl, device)})"
 
 
 def _build_eclipse(cfg, *args):

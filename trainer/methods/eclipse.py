@@ -252,11 +252,12 @@ class Eclipse(Method):
     def describe(self) -> str:
         e, mem = self.cfg.eclipse, self.teacher.memory_bytes()
         where = (f"drop layers {drop_layers(self.cfg, self.module.config.vision_config.num_hidden_layers)}"
-                 if e.expedite == "evit" else "input patch dropout" if e.expedite == "random" else "no expedition")
+                 if e.expedite == "evit" else "input patch dropout")
+        student = f"student keep rate {e.keep_rate} ({e.expedite}, {where})" if e.expedite != "none" \
+            else "student keeps every token"
         return (f"eclipse: momentum teacher ({self.teacher.kind}) m={e.momentum}, this rank holds "
                 f"{mem['weights'] / 2**20:.1f} MiB of teacher weights + {mem['shadows'] / 2**20:.1f} MiB fp32 EMA "
-                f"(a full copy: {mem['full_copy'] / 2**20:.1f} MiB); student keep rate {e.keep_rate} "
-                f"({e.expedite}, {where}); teacher_kl weight {e.kl_weight}")
+                f"(a full copy: {mem['full_copy'] / 2**20:.1f} MiB); {student}; teacher_kl weight {e.kl_weight}")
 
     def extras(self, teacher_image: torch.Tensor) -> dict:
         return {"teacher_image": teacher_image, "teacher_text_grad": not self.cfg.eclipse.text_stop_grad}
