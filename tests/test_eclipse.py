@@ -82,12 +82,12 @@ def test_zero3_teacher_holds_only_its_partition(stages):
     assert sum(held) == full
     for h in held:
         assert abs(h - full / 2) <= len(per_rank[0]["slots"])   # each param splits evenly, +-1 element
-    # the replicated stages hold the whole tower's EMA split across ranks too (optimizer fragments)
-    frag = stages[1] / "checkpoints" / f"step_{STEPS}" / "trainer_state"
-    per_rank = [torch.load(f, weights_only=False)["eclipse"] for f in sorted(frag.glob("rank_*.pt"))]
-    assert all(s["kind"] == "fragment" for s in per_rank)
-    assert sum(sum(s["shadow"].numel() for s in r["slots"].values()) for r in per_rank) == full
+    # fp32 under ZeRO-1: every rank keeps the whole EMA (its module weights are the masters)
+    rep = stages[1] / "checkpoints" / f"step_{STEPS}" / "trainer_state"
+    per_rank = [torch.load(f, weights_only=False)["eclipse"] for f in sorted(rep.glob("rank_*.pt"))]
+    assert all(s["kind"] == "full" for s in per_rank)
     for r in per_rank:
+        assert sum(s["shadow"].numel() for s in r["slots"].values()) == full
         assert all(s["shadow"].dtype == torch.float32 for s in r["slots"].values())
 
 
@@ -194,7 +194,10 @@ def test_bf16_teacher_accumulates_in_fp32_from_the_master_weights(demo_data, tmp
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     states = [torch.load(f, weights_only=False)["eclipse"] for f in (root / f"step_{steps}" / "trainer_state").glob("*.pt")]
+    assert all(st["kind"] == "fragment" for st in states)       # each rank: its slices of the masters
     assert all(slot["shadow"].dtype == torch.float32 for st in states for slot in st["slots"].values())
+    full = sum(torch.Size(s["shape"]).numel() for s in states[0]["slots"].values())
+    assert sum(slot["shadow"].numel() for st in states for slot in st["slots"].values()) == full
     module = torch.load(root / f"step_{steps}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     w = module["teacher.visual_projection.weight"]
     assert w.dtype == torch.bfloat16

@@ -24,10 +24,11 @@ master weights it owns, so the EMA itself needs no communication:
   own partition (``ds_tensor``) is refreshed from the shadow. Memory per rank: the teacher's
   partition, 1/world of a copy (measured for ViT-B/16 on 2 ranks: 164.4 of 328.8 MiB), which in
   fp32 training is the shadow itself; bf16 adds an fp32 shadow of the partition (4 B/param/world).
-- ZeRO-1/2 and DeepSpeed's bf16 optimizer: the rank's fragment of each parameter's flat master
-  (``param._hp_mapping``); the full (replicated) teacher is rebuilt with one all-reduce of a flat
-  buffer in the training dtype per step (every other rank contributes zeros there).
-- Otherwise (ZeRO-0 fp32, where the module weights are the masters): the whole parameter.
+- ZeRO-1/2 in bf16/fp16, and DeepSpeed's bf16 optimizer: the rank's fragment of each parameter's
+  flat master (``param._hp_mapping``); the full (replicated) teacher is rebuilt with one all-reduce
+  of a flat buffer in the training dtype per step (every other rank contributes zeros there).
+- fp32 under ZeRO-0/1/2: the replicated module weights are bit-equal to the fp32 masters, so each
+  rank keeps the whole EMA itself (the teacher's weights are the shadow) and nothing is exchanged.
 
 The shadows (with each slice's place in its parameter) are the teacher's state in checkpoints
 (``trainer_state/rank_R.pt``); :func:`teacher_state_dict` assembles the full fp32 teacher from
@@ -138,7 +139,7 @@ class _Slot:
             self.n = max(0, min(part, self.numel - self.start))
             self._master = lambda: safe_get_local_fp32_param(student).reshape(-1)[: self.n]
             self._local = lambda: teacher.ds_tensor.reshape(-1)[: self.n]
-        elif getattr(student, "_hp_mapping", None) is not None or hasattr(student, "_hp_mapping"):
+        elif hasattr(student, "_hp_mapping") and student.dtype != torch.float32:
             self.kind = "fragment"                                         # ZeRO-1/2, bf16 optimizer
             self.numel = student.numel()
             mapping = student._hp_mapping
@@ -146,7 +147,7 @@ class _Slot:
             self.n = mapping.lp_fragment_address.numel if mapping is not None else 0
             self._master = lambda: student._hp_mapping.get_hp_fragment().reshape(-1)
             self._local = None
-        else:                                                              # the module weights are the masters
+        else:   # fp32 ZeRO-0/1/2: the replicated module weights equal the fp32 masters exactly
             self.kind = "full"
             self.numel, self.start, self.n = student.numel(), 0, student.numel()
             self._master = lambda: student.data.reshape(-1)
