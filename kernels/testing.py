@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import socket
 import tempfile
 import weakref
@@ -158,8 +159,16 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, sizes: list, batch
         rows = slice(lo, lo + sizes[rank])
         results = {name: run_case(batch, rows, **case) for name, case in cases}
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        os._exit(1)
+    dist.destroy_process_group()
+    # No interpreter finalization after gloo: a gloo thread that wants the GIL then aborts the
+    # process (SIGABRT) after the results are written (trainer.dist.exit_process says more).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_ranks(sizes: list, batch: dict, cases: list, interpret: bool = False) -> list[dict]:

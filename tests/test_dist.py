@@ -175,3 +175,31 @@ def test_train_and_eval_end_their_process_group(demo_data, tmp_path):
     assert text.count("exit 0, process group alive after main: False") == 2, text[-3000:]
     text = torchrun("eval", "--checkpoint", str(out / "checkpoints"))
     assert text.count("exit 0, process group alive after main: False") == 2, text[-3000:]
+
+
+def test_ranks_of_a_multi_process_run_leave_without_finalization(demo_data, tmp_path):
+    """``python -m trainer`` under torchrun ends each rank with ``exit_process``: the exit status
+    is the verb's, the output is flushed, and no interpreter finalization runs (an atexit hook
+    registered at start-up never fires), where gloo aborted now and then after a finished run.
+    A single process still exits normally (the hook fires)."""
+    from conftest import PY, ROOT, check, data_overrides, free_port, trainer_env
+    import subprocess
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, sys\natexit.register(lambda: print('FINALIZED', file=sys.stderr, flush=True))\n")
+    env = trainer_env()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    out = tmp_path / "run"
+    args = ["-m", "trainer", "train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
+            "model.context_length=24", "data.batch_size=16", "data.workers=0", "log.progress=false",
+            "data.train_num_samples=64", "eval.every_steps=0", "max_steps=1"]
+    text = check(subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                 str(free_port()), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=600))
+    assert "eval step 1:" in text                      # rank 0's last log line was flushed
+    assert text.count("FINALIZED") == 1, text[-3000:]  # torchrun's own process only, not the 2 ranks
+    single = check(subprocess.run([PY, "-m", "trainer", "eval", "--checkpoint", str(out / "checkpoints")],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
+    assert "zeroshot_top1" in single and single.count("FINALIZED") == 1

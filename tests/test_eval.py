@@ -221,8 +221,15 @@ def _rank_main(rank: int, world: int, port: int, outdir: str, data: str) -> None
         result.update(_stub_results(_eval_config(Path(data), Path(outdir) / "unused"), rank, world))
         result["calls"] = calls
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()   # without it gloo can abort at interpreter exit (trainer.dist.shutdown)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        os._exit(1)
+    # The way a trainer rank leaves: gloo torn down, then no interpreter finalization, where gloo
+    # aborted now and then (SIGABRT after the results were written; see trainer.dist.exit_process).
+    from trainer.dist import exit_process, shutdown
+    shutdown()
+    exit_process(0)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,11 @@ reads the environment, so the config can be checked against the world before any
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +157,25 @@ def shutdown() -> None:
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status: int):
+    """Leave a process that ran collectives with ``status``, skipping interpreter finalization.
+
+    ``shutdown()`` is not always enough: gloo's worker threads can still hold objects whose
+    release takes the GIL, and a thread that asks for the GIL while the interpreter finalizes is
+    ended inside a ``noexcept`` frame: "terminate called without an active exception", SIGABRT,
+    after the work was done (seen in CI on the 2-rank eval test, and as a failed SLURM step).
+    Everything the trainer writes is closed before this point (metrics, TensorBoard, checkpoints,
+    loader workers); logging and the standard streams are flushed here.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def hostname() -> str:
