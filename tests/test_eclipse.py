@@ -269,3 +269,47 @@ def test_export_of_the_teacher_without_eclipse_is_a_clear_error(demo_data, tmp_p
     proc = run_trainer(["export-hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf"), "--which", "teacher"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "has no momentum teacher (eclipse.enabled was off)" in proc.stderr
+
+
+def test_momentum_and_keep_rate_schedules_follow_their_closed_forms():
+    """m: constant, or a cosine from eclipse.momentum to eclipse.momentum_final at max_steps; the
+    student's keep rate: 1 through the warm-up, then a cosine down to keep_rate (or constant)."""
+    import math
+
+    from trainer.config import load_config
+    from trainer.methods.eclipse import momentum_at, student_keep_rate
+
+    base = ["max_steps=100", "optim.warmup_steps=10"]
+    cfg = load_config(CONFIG, base)
+    assert [momentum_at(cfg, t) for t in (0, 50, 100)] == [0.995] * 3
+    cfg = load_config(CONFIG, [*base, "eclipse.momentum_final=1.0"])
+    ms = [momentum_at(cfg, t) for t in range(0, 101)]
+    assert ms[0] == pytest.approx(0.995) and ms[100] == pytest.approx(1.0) and ms[50] == pytest.approx(0.9975)
+    assert ms[25] == pytest.approx(1.0 - 0.005 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert all(a <= b for a, b in zip(ms, ms[1:])) and momentum_at(cfg, 150) == pytest.approx(1.0)
+
+    ks = {t: student_keep_rate(cfg, t) for t in (1, 10, 11, 55, 100)}
+    assert ks[1] == ks[10] == 1.0                                  # the warm-up keeps every token
+    assert ks[55] == pytest.approx(0.7 + 0.3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert ks[100] == pytest.approx(0.7) and 0.7 < ks[11] < 1.0
+    cfg = load_config(CONFIG, [*base, "eclipse.keep_schedule=constant", "eclipse.keep_rate=0.6"])
+    assert student_keep_rate(cfg, 1) == 0.6
+    cfg = load_config(CONFIG, [*base, "eclipse.keep_warmup_steps=40"])
+    assert student_keep_rate(cfg, 40) == 1.0 and student_keep_rate(cfg, 41) < 1.0
+    cfg = load_config(CONFIG, [*base, "eclipse.expedite=none"])
+    assert student_keep_rate(cfg, 100) == 1.0
+
+
+def test_help_config_lists_every_eclipse_key_with_its_default(capsys):
+    import dataclasses
+
+    from trainer.cli import main
+    from trainer.config import EclipseConfig
+
+    assert main(["train", "--help-config"]) == 0
+    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    for f in dataclasses.fields(EclipseConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert lines[f"eclipse.{f.name}"].startswith(f"eclipse.{f.name} = {default!r}  # "), f.name
+        assert len(lines[f"eclipse.{f.name}"].split("# ", 1)[1]) > 10   # a real help text
+    assert "eclipse.momentum = 0.995" in lines["eclipse.momentum"]

@@ -134,19 +134,29 @@ def test_fused_token_carries_the_dropped_tokens_gradient():
     layer = model.encoder.layers[0]
     layer.__class__ = evit.EViTEncoderLayer
     layer.keep_rate, layer.fuse = 0.5, True
+    layer.record = True
+    torch.manual_seed(0)
     h = torch.randn(1, 9, 32, requires_grad=True)
-    out = layer(h, None)
-    assert out.shape[1] == 1 + 4 + 1
-    out[:, -1].sum().backward()
+    fused_out = layer(h, None)
+    assert fused_out.shape[1] == 1 + 4 + 1
+    kept = set(layer.last["idx"][0].tolist())        # indices among the 8 non-class tokens
+    dropped = [j for j in range(8) if j not in kept]
+    assert len(dropped) == 4
+    fused_out[:, -1].sum().backward()
     with_fuse = h.grad.clone()
     h.grad = None
     layer.fuse = False
-    out = layer(h, None)
-    assert out.shape[1] == 1 + 4
-    out[:, 1:].sum().backward()
-    # without fusion, no output depends on a dropped token except through attention of the kept
-    # ones; with fusion the fused token depends on every dropped token directly
-    assert (with_fuse[0, 1:].abs().sum(-1) > 0).all()
+    plain_out = layer(h, None)
+    assert plain_out.shape[1] == 1 + 4
+    # the MLP and its norm act per token: fusion appends a token and leaves the others alone
+    torch.testing.assert_close(fused_out[:, :-1], plain_out, rtol=0, atol=0)
+    # the fused token depends on every dropped token (its own row and the attention weight)
+    assert all(with_fuse[0, 1 + j].abs().sum() > 0 for j in dropped)
+    # without fusion a dropped token reaches the outputs only as a key/value of the kept tokens'
+    # attention: its gradient is smaller than the kept tokens' (which also pass the residual)
+    plain_out[:, 1:].sum().backward()
+    g = h.grad[0, 1:].abs().sum(-1)
+    assert max(g[j] for j in dropped) < min(g[j] for j in kept)
 
 
 def test_random_patch_dropout_is_reproducible_from_the_rng():
