@@ -38,10 +38,27 @@ class TileConfig:
     col_splits: int | None = None
 
 
-# GPU candidates for the built-in tuner (first = default); the interpreter uses small tiles.
-CANDIDATES = (TileConfig(), TileConfig(128, 64, 64, 4, 3), TileConfig(64, 128, 64, 4, 4),
-              TileConfig(128, 128, 32, 8, 4), TileConfig(64, 64, 64, 4, 3))
+# GPU candidates for the built-in tuner, the untuned default first. Every one compiles without
+# register spills on sm_80 and sm_90 for every family combination (python -m kernels.compile_check;
+# tests/test_kernels_compile.py; before/after: bench/results/kernels_compile_*.md). What spilled: a
+# 128 x 128 tile gives each of 256 threads 64 fp32 registers per live [BLOCK_M, BLOCK_N] tile, and
+# the distillation families keep two or three such tiles live (S, T, their exponentials), past
+# the 255-register ceiling (up to 1 KiB of spill stores in the bf16 forward); so every candidate
+# keeps tiles of 32 floats per thread. fp32 inputs multiply in IEEE fp32 on the FMA pipes (no tensor
+# cores), whose operand tiles live in registers too: they take K = 32, and with a teacher family
+# 64 x 64 x 16, the one tile of those tried that spilled nowhere.
+_HALF_CANDIDATES = (TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 8, 3), TileConfig(128, 64, 32, 8, 4),
+                    TileConfig(64, 64, 64, 8, 3))
+_FP32_CANDIDATES = {False: (TileConfig(128, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3), TileConfig(64, 64, 16, 4, 3)),
+                    True: (TileConfig(64, 64, 16, 8, 3),)}
 INTERPRETER_CONFIG = TileConfig(32, 32, 32, 4, 1, col_splits=1)
+
+
+def candidates(psd: bool = False, ecl: bool = False, dtype: torch.dtype = torch.bfloat16) -> tuple[TileConfig, ...]:
+    """The tuner's tile configs for a family combination and input dtype, the untuned default first."""
+    if dtype == torch.float32:
+        return _FP32_CANDIDATES[psd or ecl]
+    return _HALF_CANDIDATES
 
 
 def _check(X: torch.Tensor, Y: torch.Tensor, XT: torch.Tensor | None) -> None:
@@ -57,7 +74,8 @@ def _check(X: torch.Tensor, Y: torch.Tensor, XT: torch.Tensor | None) -> None:
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     """fp32 dots in IEEE precision (matches torch's default, no TF32); half dots accumulate in
-    fp32 on a GPU, but the interpreter needs fp32 operands (KERNELS.md)."""
+    fp32 on a GPU, but the interpreter needs fp32 operands (KERNELS.md). (3xTF32 for fp32 was
+    tried: it spilled more than IEEE at every tile the compile check tried.)"""
     return {"CAST_F32": INTERPRET or dtype == torch.float32,
             "IP": "ieee" if (INTERPRET or dtype == torch.float32) else "tf32"}
 
@@ -68,10 +86,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_columns(b: int, N: int, cfg: TileConfig, device) -> tuple[int, int]:
-    """``(cols_per_split, splits)``: enough programs for ~2 waves when b is small."""
+def _split_columns(b: int, N: int, cfg: TileConfig, device, sms: int | None = None) -> tuple[int, int]:
+    """``(cols_per_split, splits)``: enough programs for ~2 waves when b is small (``sms``: the
+    device's SM count, read from ``device`` when not given)."""
     col_blocks = triton.cdiv(N, cfg.block_n)
-    want = cfg.col_splits or triton.cdiv(2 * _sm_count(device), triton.cdiv(b, cfg.block_m))
+    want = cfg.col_splits or triton.cdiv(2 * (sms or _sm_count(device)), triton.cdiv(b, cfg.block_m))
     per = triton.cdiv(col_blocks, max(1, min(col_blocks, want))) * cfg.block_n
     return per, triton.cdiv(N, per)
 
@@ -103,6 +122,32 @@ def _forward_row_blocks(b: int, N: int, F: int, splits: int, cfg: TileConfig, bu
     return max(1, min(rb, triton.cdiv(b, cfg.block_m)))
 
 
+def _meta(spec: LossSpec, cfg: TileConfig, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PSD=spec.psd, ECL=spec.ecl,
+                F_ECL=spec.f_ecl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_flags(dtype))
+
+
+def forward_args(X, Y, xt, s32, bufs, r0: int, r1: int, per: int, splits: int, rb: int, spec: LossSpec,
+                 cfg: TileConfig) -> tuple[tuple, dict]:
+    """The forward kernel's arguments and meta-parameters, exactly as launched (the compile check
+    in kernels/compile_check.py builds its variants from this too, so that they carry the
+    specialisations a real launch gets)."""
+    row_mx, row_sm, col_mx, col_sm = bufs
+    b, D = X.shape
+    return ((X, Y, xt, s32, row_mx, row_sm, col_mx, col_sm, b, Y.shape[0], D, r0, r1, per, splits, rb,
+             X.stride(0), Y.stride(0), xt.stride(0), float(spec.inv_tau)), _meta(spec, cfg, X.dtype))
+
+
+def grad_panel_args(X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy, offset: int, p0: int, p1: int,
+                    spec: LossSpec, cfg: TileConfig) -> tuple[tuple, dict]:
+    """The backward kernel's arguments and meta-parameters, exactly as launched."""
+    b, D = X.shape
+    return ((X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy if gy is not None else gx,
+             b, Y.shape[0], D, offset, p0, p1, X.stride(0), Y.stride(0), xt.stride(0), gx.stride(0),
+             float(spec.inv_tau), float(spec.teacher_weight)),
+            {**_meta(spec, cfg, X.dtype), "SPLIT_GY": gy is not None})
+
+
 def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
     """Row statistics and this rank's column statistics, as ``((mx, sm), (mx, sm))``."""
     _check(X, Y, XT)
@@ -124,12 +169,10 @@ def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
     for r0 in range(0, b, rb * cfg.block_m):
         r1 = min(b, r0 + rb * cfg.block_m)
         nrb = triton.cdiv(r1 - r0, cfg.block_m)
-        _clip_fwd_kernel[(nrb, splits)](
-            X, Y, xt, s32, row_mx, row_sm, col_mx, col_sm, b, N, D, r0, r1, per, splits, rb,
-            X.stride(0), Y.stride(0), xt.stride(0), float(spec.inv_tau),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PSD=spec.psd,
-            ECL=spec.ecl, F_ECL=spec.f_ecl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **_dot_flags(X.dtype))
+        args, meta = forward_args(X, Y, xt, s32, (row_mx, row_sm, col_mx, col_sm), r0, r1, per, splits, rb,
+                                  spec, cfg)
+        _clip_fwd_kernel[(nrb, splits)](*args, **meta)
+        del args   # it holds the column buffers, freed below before the row merge
         part = merge_partials(col_mx[:, :nrb], col_sm[:, :, :nrb])
         if col is None:
             col = part
@@ -166,20 +209,15 @@ def launch_grad_panel(X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0,
     a_row = a_row if a_row is not None else lse_row   # unread without PSD
     a_col = a_col if a_col is not None else lse_col
     grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(w, cfg.block_n))
-    _clip_bwd_kernel[grid](
-        X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy if gy is not None else gx,
-        b, Y.shape[0], D, offset, p0, p1, X.stride(0), Y.stride(0), xt.stride(0), gx.stride(0),
-        float(spec.inv_tau), float(spec.teacher_weight),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PSD=spec.psd,
-        ECL=spec.ecl, F_ECL=spec.f_ecl, SPLIT_GY=gy is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_dot_flags(X.dtype))
+    args, meta = grad_panel_args(X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy, offset, p0, p1, spec, cfg)
+    _clip_bwd_kernel[grid](*args, **meta)
     return gx[:, :w], (gy[:, :w] if gy is not None else gx[:, :w])
 
 
 class TritonBackend:
     """Triton passes for ``fused.FusedGatheredLoss``.
 
-    ``config=None`` picks the interpreter's small tiles, or on a GPU times ``CANDIDATES`` once
+    ``config=None`` picks the interpreter's small tiles, or on a GPU times ``candidates(...)`` once
     per shape (``tune=True``) or takes the first (``tune=False``)."""
 
     name = "triton"
@@ -192,7 +230,7 @@ class TritonBackend:
         if self.config is not None:
             return self.config
         if INTERPRET or not X.is_cuda or not self.tune:
-            return INTERPRETER_CONFIG if INTERPRET else CANDIDATES[0]
+            return INTERPRETER_CONFIG if INTERPRET else candidates(spec.psd, spec.ecl, X.dtype)[0]
         key = (X.shape[0], Y.shape[0], X.shape[1], X.dtype, spec.psd, spec.ecl, X.device)
         if key not in self._tuned:
             self._tuned[key] = _time_candidates(X, Y, XT, s32, spec)
@@ -217,8 +255,9 @@ class TritonBackend:
 
 def _time_candidates(X, Y, XT, s32, spec) -> TileConfig:
     """Pick the fastest forward tile config on this GPU (the backward kernel shares it)."""
-    best, best_ms = CANDIDATES[0], float("inf")
-    for cfg in CANDIDATES:
+    tiles = candidates(spec.psd, spec.ecl, X.dtype)
+    best, best_ms = tiles[0], float("inf")
+    for cfg in tiles:
         try:
             launch_forward(X, Y, XT, s32, spec, cfg)          # compile + warm up
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -244,5 +283,6 @@ def clip_loss_triton(image_emb, text_emb, logit_scale, *, group=None,
     return loss
 
 
-__all__ = ["TileConfig", "TritonBackend", "clip_loss_triton", "forward_bytes", "launch_forward",
-           "launch_grad_panel", "panel_buffers", "INTERPRET", "CANDIDATES"]
+__all__ = ["TileConfig", "TritonBackend", "candidates", "clip_loss_triton", "forward_bytes", "forward_args",
+           "grad_panel_args", "launch_forward",
+           "launch_grad_panel", "panel_buffers", "INTERPRET"]
