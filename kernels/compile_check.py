@@ -260,9 +260,9 @@ def header(argv: list[str], info: dict) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(__file__)).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "."], capture_output=True, text=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "*.py"], capture_output=True, text=True,
                                cwd=os.path.dirname(__file__)).stdout.strip()
-        commit += " + uncommitted kernels/ changes" if dirty else ""
+        commit += " + uncommitted kernels/*.py changes" if dirty else ""
     except OSError:
         commit = "unknown"
     return (f"# Triton kernel compile check (no GPU: ptxas -v per variant)\n\n"
