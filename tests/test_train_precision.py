@@ -66,11 +66,12 @@ def test_bf16_trains_checkpoints_resumes_and_exports_fp32(demo_data, tmp_path):
     assert any(not torch.equal(master[k], master[k].to(torch.bfloat16).float()) for k in master)
 
 
-def reference_losses(cfg, steps: int, drops: dict[int, int]) -> dict[int, float]:
+def reference_losses(cfg, steps: int, drops: dict[int, int | tuple[int, int]]) -> dict[int, float]:
     """The trainer's semantics in a plain torch loop, one process: per optimizer step
     ``grad_accum_steps`` micro-batches, each loss / accum back-propagated, global-norm clip,
-    AdamW with the trainer's parameter groups, lr = peak * lambda(step - 1). ``drops[s]``
-    micro-batches are consumed and discarded at the start of step s (the faulty ones)."""
+    AdamW with the trainer's parameter groups, lr = peak * lambda(step - 1). ``drops[s] = n``
+    micro-batches are consumed and discarded at the start of step s (the faulty ones); ``(n, k)``
+    discards them after the step's first k good micro-batches."""
     from trainer import data as D
     from trainer.engine import lr_lambda
     from trainer.model import build_model, param_groups, preset_shape
@@ -88,13 +89,17 @@ def reference_losses(cfg, steps: int, drops: dict[int, int]) -> dict[int, float]
     accum = cfg.train.grad_accum_steps
     out = {}
     for step in range(1, steps + 1):
-        for _ in range(drops.get(step, 0)):
-            data.next()
+        n_drop, at = drops.get(step, 0), 0
+        if isinstance(n_drop, tuple):
+            n_drop, at = n_drop
         for group in opt.param_groups:
             group["lr"] = o.lr * fn(step - 1)
         opt.zero_grad()
         seen = []
-        for _ in range(accum):
+        for i in range(accum):
+            if i == at:
+                for _ in range(n_drop):
+                    data.next()
             mb = data.next()
             img, txt, scale = model(pixel_values=mb["image"], input_ids=mb["input_ids"],
                                     attention_mask=mb["attention_mask"])
@@ -111,7 +116,8 @@ def reference_losses(cfg, steps: int, drops: dict[int, int]) -> dict[int, float]
 
 def test_grad_accumulation_with_faulty_micro_batches_matches_a_plain_torch_loop(demo_data, tmp_path):
     """grad_accum_steps=3, one process, ZeRO-1 and ZeRO-3. Step 3's first micro-batch has a NaN
-    loss (dropped, replaced by the next); step 5's accumulated gradients are NaN at the boundary
+    loss (dropped, replaced by the next), or its last one (at the accumulation boundary, after two
+    backward passes); step 5's accumulated gradients are NaN at the boundary
     (the whole step is redone with new micro-batches). Losses equal the plain torch loop's.
 
     Note: accumulating a contrastive loss over micro-batches is not the loss of one micro-batch
@@ -122,6 +128,7 @@ def test_grad_accumulation_with_faulty_micro_batches_matches_a_plain_torch_loop(
     extra = ["train.grad_accum_steps=3", "max_steps=6", "debug.inject_nan_steps=[3]"]
     runs = {}
     for name, more in {"loss-nan": ["debug.inject_nan_where=loss"],
+                       "loss-nan-boundary": ["debug.inject_nan_where=loss", "debug.inject_nan_microbatch=2"],
                        "grad-nan-z3": ["debug.inject_nan_steps=[5]", "debug.inject_nan_where=grad",
                                        "deepspeed.zero_stage=3"]}.items():
         out = tmp_path / name
@@ -133,6 +140,13 @@ def test_grad_accumulation_with_faulty_micro_batches_matches_a_plain_torch_loop(
     out, text = runs["loss-nan"]
     assert losses(out) == pytest.approx(want_loss_nan, rel=1e-4)
     assert [m["bad_microbatches"] for m in read_metrics(out)] == [0, 0, 1, 1, 1, 1]
+    # the NaN loss on the accumulation's last micro-batch: two gradients are already accumulated;
+    # it is dropped before backward and the next micro-batch completes the step
+    out, text = runs["loss-nan-boundary"]
+    want_boundary = reference_losses(cfg, 6, {3: (1, 2)})
+    assert losses(out) == pytest.approx(want_boundary, rel=1e-4)
+    assert [m["bad_microbatches"] for m in read_metrics(out)] == [0, 0, 1, 1, 1, 1]
+    assert want_boundary[3] != pytest.approx(want_loss_nan[3], rel=1e-6)   # another micro-batch was lost
     out, text = runs["grad-nan-z3"]
     assert losses(out) == pytest.approx(want_grad_nan, rel=1e-4)
     assert [m["bad_microbatches"] for m in read_metrics(out)] == [0, 0, 0, 0, 3, 3]

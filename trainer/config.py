@@ -119,7 +119,8 @@ class DistConfig:
 
 @dataclass
 class DebugConfig:
-    inject_nan_steps: list = _f([], "fault injection for tests: a NaN on rank 0 at these optimizer steps (first micro-batch)")
+    inject_nan_steps: list = _f([], "fault injection for tests: a NaN on rank 0 at these optimizer steps (at debug.inject_nan_microbatch)")
+    inject_nan_microbatch: int = _f(0, "fault injection for tests: which good micro-batch of the step (0-based, < train.grad_accum_steps) gets the NaN; the last one is the accumulation boundary", min=0)
     inject_nan_where: str = _f("loss", "where the injected NaN arises: loss (the finished loss) | forward (inside the vision tower) | grad (the gradient only; the loss stays finite)", choices=("loss", "forward", "grad"))
     raise_at_step: int | None = _f(None, "fault injection for tests: rank 0 raises an exception after this optimizer step (a failing rank must exit, not hang)")
     kill_during_save_step: int | None = _f(None, "fault injection for tests: SIGKILL this process after writing checkpoint N but before marking it latest")
@@ -268,6 +269,9 @@ def _cross_checks(cfg: Config) -> None:
                           f"got zero_stage={cfg.deepspeed.zero_stage}")
     if len(cfg.data.image_mean) != 3 or len(cfg.data.image_std) != 3:
         raise ConfigError("config keys 'data.image_mean' and 'data.image_std' must have 3 values each")
+    if cfg.debug.inject_nan_microbatch >= cfg.train.grad_accum_steps:
+        raise ConfigError(f"config key 'debug.inject_nan_microbatch' must be < train.grad_accum_steps "
+                          f"({cfg.train.grad_accum_steps}); got {cfg.debug.inject_nan_microbatch}")
 
 
 def check_world(cfg: Config, world_size: int) -> None:

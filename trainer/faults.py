@@ -77,7 +77,7 @@ def skip_update(engine):
 
 
 class NanInjector:
-    """Test-only faults on rank 0, at the first micro-batch of the configured steps."""
+    """Test-only faults on rank 0, at one micro-batch (``debug.inject_nan_microbatch``) of the configured steps."""
 
     def __init__(self, steps, where: str, rank: int, done: list):
         self.steps, self.where, self.rank, self.done = set(steps), where, rank, done

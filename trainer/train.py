@@ -132,7 +132,7 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
         t0 = time.perf_counter()
         mb = next_batch()
         t_data += time.perf_counter() - t0
-        fault = inject.where if good == 0 and inject.due(step) else None
+        fault = inject.where if good == cfg.debug.inject_nan_microbatch and inject.due(step) else None
         hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
         image, text, scale, *more = engine(pixel_values=mb["image"].to(engine.device, dtype, non_blocking=True),
                                            input_ids=mb["input_ids"].to(engine.device, non_blocking=True),
