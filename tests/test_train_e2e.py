@@ -214,12 +214,16 @@ def test_resume_with_another_world_size_or_worker_count_is_a_clear_error(baselin
     assert f"cannot resume from {start}: it was written by world size 2, this run has world size 1" in proc.stderr
     proc = run_trainer(train_args(demo_data, tmp_path / "k1", f"checkpoint.resume={start}", "data.workers=1"), nproc=1)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    # world size is checked first; with 1 process the world-size message wins, so check workers
-    # on the library function with the right world size.
-    from trainer.checkpoint import check_resumable
-    from trainer.config import ConfigError
-    with pytest.raises(ConfigError, match="written with data.workers=2, this run has data.workers=1"):
-        check_resumable(start.parent, start.name, 2, 1)
+    # the right world size with another worker count: a rank says so and exits 2 before any
+    # process group starts (torchrun reports that exit code and stops the other rank)
+    proc = run_trainer(train_args(demo_data, tmp_path / "k2", f"checkpoint.resume={start}", "data.workers=1"),
+                       nproc=2)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert (f"error: cannot resume from {start}: it was written with data.workers=2, this run has "
+            "data.workers=1; resume with data.workers=2") in text, text[-3000:]
+    assert "(exitcode: 2)" in text and "rank 0/2 on" not in text, text[-3000:]   # no rank got started
+    assert not (tmp_path / "k2" / "checkpoints").exists()
 
 
 def test_logged_loss_is_the_global_batch_loss(baseline, demo_data):
