@@ -884,7 +884,10 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
           "seeds (n = number of seeds; no ± with one seed). Accuracies in %. "
           f"Δ columns: difference of the means from the first variant, `{ref_name}`, in percentage points; "
           f"samples/s also as the ratio to `{ref_name}`. Wall time: seconds per run, all attempts "
-          "(start-up and evaluations included).", ""]
+          "(start-up and evaluations included). Speed columns are each run's own measurement, made one "
+          "run after another under whatever load the machine had (a variant added later ran hours after "
+          "the others): they are not a controlled speed comparison; for that, `python -m trainer bench "
+          "train` alternates the implementations within one invocation.", ""]
     head = ["variant", "n"]
     for key, label in ACCURACY:
         head += [f"{label} %", f"Δ {label} (pt)"]
@@ -963,7 +966,7 @@ def _verdict(stats: dict, names: list[str]) -> list[str]:
             line += "; one seed, so no estimate of seed noise."
         sps, rsps = stats[name]["samples_per_s"], stats[ref_name]["samples_per_s"]
         if sps and rsps and rsps["mean"]:
-            line += f" Throughput {sps['mean'] / rsps['mean']:.2f}× `{ref_name}`."
+            line += f" Throughput {sps['mean'] / rsps['mean']:.2f}× `{ref_name}` (uncontrolled; see above)."
         out.append(line)
     return out
 
