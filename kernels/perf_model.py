@@ -15,7 +15,8 @@ each count into a time at the part's peak rate (vendor data sheets; no efficienc
   GEMMs, and, as an upper bound for the forward, Y re-read by every row block when it does not fit
   in L2 (the tiles of concurrent row blocks usually hit L2, so the truth lies between).
 
-A kernel is bound by the largest of its times (the pipes overlap at best); the table gives each
+Arithmetic intensity: tensor FLOPs per compulsory HBM byte (and per byte without L2 reuse). A
+kernel is bound by the largest of its times (the pipes overlap at best); the table gives each
 time, the bound and the ratio to one same-shape GEMM (``2 b N D`` at peak), which is what
 ``python -m kernels.bench`` measures as ``vs_gemm`` on a GPU.
 """
@@ -99,8 +100,8 @@ def table(bs=(32768, 65536), dims=(512, 1024), losses=("contrastive", "+ self-di
     for gname, gpu in GPUS.items():
         lines += [f"### {gname} (bf16 {gpu['bf16_tflops']:g} TFLOP/s dense, HBM {gpu['hbm_tbs']:g} TB/s, "
                   f"L2 {gpu['l2_mib']} MiB)", "",
-                  "| b = N | D | loss | kernel | tensor ms | SFU ms | FP32 ms | HBM ms (no L2 reuse) | bound by | "
-                  "ms: overlap - serial | x one GEMM |", "|--:|--:|---|---|--:|--:|--:|--:|---|--:|--:|"]
+                  "| b = N | D | loss | kernel | FLOP/B (no L2 reuse) | tensor ms | SFU ms | FP32 ms | HBM ms (no L2 reuse) | "
+                  "bound by | ms: overlap - serial | x one GEMM |", "|--:|--:|---|---|--:|--:|--:|--:|--:|---|--:|--:|"]
         for b in bs:
             for D in dims:
                 gemm = 2.0 * b * b * D / (gpu["bf16_tflops"] * 1e12) * 1e3
@@ -113,10 +114,11 @@ def table(bs=(32768, 65536), dims=(512, 1024), losses=("contrastive", "+ self-di
                         # separate kernels cannot overlap one another's pipes
                         lo += t["serial"] if separate else t["overlap"]
                         hi += t["serial"]
-                        lines.append(f"| {b} | {D} | {name} | {k.name} | {t['tensor']:.2f} | {t['sfu']:.2f} | "
+                        lines.append(f"| {b} | {D} | {name} | {k.name} | {k.gemm_flops / k.hbm_bytes:.0f} "
+                                     f"({k.gemm_flops / k.hbm_bytes_max:.0f}) | {t['tensor']:.2f} | {t['sfu']:.2f} | "
                                      f"{t['fp32']:.2f} | {t['hbm']:.2f} ({t['hbm_no_l2']:.2f}) | {t['bound_by']} | "
                                      f"{t['overlap']:.2f} - {t['serial']:.2f} | {t['overlap'] / gemm:.2f} |")
-                    lines.append(f"| {b} | {D} | {name} | **fwd + bwd** | | | | | | **{lo:.2f} - {hi:.2f}** | "
+                    lines.append(f"| {b} | {D} | {name} | **fwd + bwd** | | | | | | | **{lo:.2f} - {hi:.2f}** | "
                                  f"**{lo / gemm:.1f} - {hi / gemm:.1f}** |")
         lines.append("")
     return "\n".join(lines)
