@@ -110,7 +110,7 @@ def _spec(variant: Variant):
 def kernel_args(variant: Variant):
     """``(jit function, args, meta)`` of the variant's first launch, from the launcher's builders."""
     from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel
-    from .triton_launch import _forward_row_blocks, _split_columns, forward_args, grad_panel_args
+    from .triton_launch import _forward_row_blocks, _split_columns, forward_args, grad_panel_args, panel_width
     from .spec import GPU_WORKSPACE_BYTES
 
     spec, cfg, dt = _spec(variant), _tile(variant), DTYPES[variant.dtype]
@@ -126,8 +126,7 @@ def kernel_args(variant: Variant):
                 _Stand(torch.float32, F, rb, N), _Stand(torch.float32, F, 2, rb, N))
         args, meta = forward_args(X, Y, xt, s32, bufs, 0, min(b, rb * cfg.block_m), per, splits, rb, spec, cfg)
         return _clip_fwd_kernel, args, meta
-    width = min(GPU_WORKSPACE_BYTES // ((2 if spec.split_gy else 1) * b * dt.itemsize) // cfg.block_n * cfg.block_n,
-                -(-N // cfg.block_n) * cfg.block_n)
+    width = panel_width(b, N, dt, spec, cfg)
     lse_row, lse_col = _Stand(torch.float32, F * b), _Stand(torch.float32, F * N)
     a_row, a_col = (_Stand(torch.float32, b), _Stand(torch.float32, N)) if spec.psd else (lse_row, lse_col)
     gx = _Stand(dt, b, width)

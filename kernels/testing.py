@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import socket
+import sys
 import tempfile
 import weakref
 

@@ -183,16 +183,20 @@ def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
     return merge_partials(row_mx, row_sm), col
 
 
-def panel_buffers(b: int, N: int, dtype, device, spec: LossSpec, cfg: TileConfig):
-    """Panel width (a multiple of BLOCK_N) and the G panel buffer(s), within the budget."""
+def panel_width(b: int, N: int, dtype, spec: LossSpec, cfg: TileConfig) -> int:
+    """Columns of one backward G panel: the largest multiple of BLOCK_N within the budget."""
     n_panels = 2 if spec.split_gy else 1
-    elem = dtype.itemsize
     budget = spec.budget(GPU_WORKSPACE_BYTES)
-    width = budget // (n_panels * b * elem) // cfg.block_n * cfg.block_n
+    width = budget // (n_panels * b * dtype.itemsize) // cfg.block_n * cfg.block_n
     if width < cfg.block_n:
         raise ValueError(f"workspace_bytes={budget} is too small for one backward "
                          f"panel of {n_panels} x [{b}, {cfg.block_n}] {dtype}. Got: b={b}")
-    width = min(width, triton.cdiv(N, cfg.block_n) * cfg.block_n)
+    return min(width, triton.cdiv(N, cfg.block_n) * cfg.block_n)
+
+
+def panel_buffers(b: int, N: int, dtype, device, spec: LossSpec, cfg: TileConfig):
+    """Panel width (a multiple of BLOCK_N) and the G panel buffer(s), within the budget."""
+    width = panel_width(b, N, dtype, spec, cfg)
     phase = WORKSPACE.phase("backward")
     gx = WORKSPACE.alloc(phase, (b, width), dtype, device)
     gy = WORKSPACE.alloc(phase, (b, width), dtype, device) if spec.split_gy else None
@@ -285,4 +289,4 @@ def clip_loss_triton(image_emb, text_emb, logit_scale, *, group=None,
 
 __all__ = ["TileConfig", "TritonBackend", "candidates", "clip_loss_triton", "forward_bytes", "forward_args",
            "grad_panel_args", "launch_forward",
-           "launch_grad_panel", "panel_buffers", "INTERPRET"]
+           "launch_grad_panel", "panel_buffers", "panel_width", "INTERPRET"]
