@@ -59,9 +59,13 @@ def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrai
     from .methods import attach
     from .methods.eclipse import PREFIX, teacher_state_dict
 
+    from .methods.psd import PREFIX as PSD_PREFIX
+
     model = ClipTrainModel(build_clip_config(cfg.model, tokenizer))
     attach(model, cfg)
-    sd = {k: v for k, v in fp32_state_dict(root, tag).items() if not k.startswith(PREFIX)}
+    if hasattr(model, "psd_teacher"):   # PSD's teacher copy is training state, not part of the model
+        del model.psd_teacher
+    sd = {k: v for k, v in fp32_state_dict(root, tag).items() if not k.startswith((PREFIX, PSD_PREFIX))}
     if cfg.eclipse.enabled:
         sd.update({PREFIX + k: v for k, v in teacher_state_dict(root, tag).items()})
     missing, unexpected = model.load_state_dict(sd, strict=False)

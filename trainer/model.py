@@ -94,17 +94,22 @@ class ClipTrainModel(CLIPModel):
         # parameter after each step, to the same effect).
         return _ClampReturnable.apply(self.logit_scale, math.log(MAX_LOGIT_SCALE)).exp().reshape(())
 
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, with_teacher: bool = False, **_):
-        """``(image, text, scale)``; with ``with_teacher`` also the momentum teacher's image
-        embeddings (``self.teacher``, see trainer/methods/eclipse.py), computed without gradients
-        inside this forward so that ZeRO-3 gathers the teacher's layers like the student's."""
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, with_teacher: bool = False,
+                with_psd_teacher: bool = False, **_):
+        """``(image, text, scale)``, then, with ``with_teacher``, the momentum teacher's image
+        embeddings (``self.teacher``, trainer/methods/eclipse.py) and, with ``with_psd_teacher``,
+        the self-distillation teacher's image and text embeddings (``self.psd_teacher``,
+        trainer/methods/psd.py). Teachers run without gradients inside this forward so that
+        ZeRO-3 gathers their layers like the student's."""
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
-        if not with_teacher:
-            return image, text, self.scale()
+        out = (image, text, self.scale())
         with torch.no_grad():
-            teacher = self.teacher(pixel_values)
-        return image, text, self.scale(), teacher
+            if with_teacher:
+                out += (self.teacher(pixel_values),)
+            if with_psd_teacher:
+                out += tuple(self.psd_teacher(pixel_values, input_ids, attention_mask))
+        return out
 
 
 class _ClampReturnable(torch.autograd.Function):

@@ -2,6 +2,8 @@
 
 - ``eclipse``: ECLIPSE's momentum image teacher (EMA under every ZeRO stage) and its KL term
 - ``evit``: EViT token dropping / FLIP patch dropout inside the ``transformers`` vision tower
+- ``psd``: progressive self-distillation's soft targets (self, momentum or previous teacher)
+- ``ema``: teacher weights that follow the student's fp32 masters under every ZeRO stage
 
 ``trainer/train.py`` only calls what these expose: a teacher object the step updates, named loss
 terms, and runtime switches on the model.
@@ -18,6 +20,7 @@ class Method:
     """
     name = "none"
     forward_kwargs: dict = {}
+    outputs = 0   # forward outputs after (image, text, scale) that ``extras`` takes
 
     def prepare(self, step: int) -> None:
         pass
@@ -50,15 +53,56 @@ class Method:
         self.load_state_dict(trainer_state.pop(self.name))
 
 
+class Methods(Method):
+    """Several enabled methods at once (ECLIPSE + PSD): each gets its own forward outputs, in
+    the order the model returns them, and its own entry in the checkpoint."""
+
+    def __init__(self, methods: list[Method]):
+        self.methods = methods
+        self.name = "+".join(m.name for m in methods)
+        self.forward_kwargs = {k: v for m in methods for k, v in m.forward_kwargs.items()}
+        self.outputs = sum(m.outputs for m in methods)
+
+    def prepare(self, step: int) -> None:
+        for m in self.methods:
+            m.prepare(step)
+
+    def extras(self, *more) -> dict:
+        out, i = {}, 0
+        for m in self.methods:
+            out.update(m.extras(*more[i:i + m.outputs]))
+            i += m.outputs
+        return out
+
+    def update(self, step: int) -> None:
+        for m in self.methods:
+            m.update(step)
+
+    def describe(self) -> str | None:
+        return "; ".join(d for d in (m.describe() for m in self.methods) if d) or None
+
+    def checkpoint_state(self) -> dict:
+        return {k: v for m in self.methods for k, v in m.checkpoint_state().items()}
+
+    def restore(self, trainer_state: dict, where) -> None:
+        for m in self.methods:
+            m.restore(trainer_state, where)
+
+
 def build_method(cfg, engine) -> Method:
     """The method object for ``cfg`` around a built engine (after ``attach`` on the model)."""
-    if cfg.eclipse.enabled:
+    methods: list[Method] = []
+    if cfg.eclipse.enabled:   # first: the model returns ECLIPSE's teacher output before PSD's
         from .eclipse import Eclipse
-        return Eclipse(cfg, engine)
-    return Method()
+        methods.append(Eclipse(cfg, engine))
+    if cfg.psd.enabled:
+        from .psd import Psd
+        methods.append(Psd(cfg, engine))
+    return methods[0] if len(methods) == 1 else Methods(methods) if methods else Method()
 
 
 def attach(model, cfg) -> None:
-    """Add what the enabled method needs to the model, before DeepSpeed wraps it."""
-    from . import eclipse
+    """Add what the enabled methods need to the model, before DeepSpeed wraps it."""
+    from . import eclipse, psd
+    psd.attach(model, cfg)       # copies the stock towers, before ECLIPSE expedites the student's
     eclipse.attach(model, cfg)

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
-from ..dist import all_reduce, rank as this_rank
 from . import Method
+from .ema import ShadowTeacher, shadow_state_dict
 
 PREFIX = "teacher."
 TOWER = ("vision_model", "visual_projection")   # what the teacher copies (the text tower is shared)
@@ -123,126 +123,14 @@ def student_keep_rate(cfg: Config, step: int) -> float:
     return keep_rate_at(step, warmup, cfg.max_steps, e.keep_rate)
 
 
-class _Slot:
-    """One teacher parameter's EMA: the fp32 shadow of the flat slice ``[start, start + n)`` of
-    the parameter that this rank owns, with the student master it follows."""
-
-    def __init__(self, name: str, teacher: torch.nn.Parameter, student: torch.nn.Parameter, world: int):
-        self.name, self.teacher, self.student = name, teacher, student
-        self.shape, self.numel = tuple(student.ds_shape if hasattr(student, "ds_id") else student.shape), None
-        if hasattr(student, "ds_id"):                                     # ZeRO-3 partition
-            from deepspeed.utils import safe_get_local_fp32_param
-            self.kind = "zero3"
-            self.numel = student.ds_numel
-            part = teacher.ds_tensor.numel()
-            self.start = this_rank() * part
-            self.n = max(0, min(part, self.numel - self.start))
-            self._master = lambda: safe_get_local_fp32_param(student).reshape(-1)[: self.n]
-            self._local = lambda: teacher.ds_tensor.reshape(-1)[: self.n]
-        elif hasattr(student, "_hp_mapping") and student.dtype != torch.float32:
-            self.kind = "fragment"                                         # ZeRO-1/2, bf16 optimizer
-            self.numel = student.numel()
-            mapping = student._hp_mapping
-            self.start = mapping.lp_fragment_address.start if mapping is not None else 0
-            self.n = mapping.lp_fragment_address.numel if mapping is not None else 0
-            self._master = lambda: student._hp_mapping.get_hp_fragment().reshape(-1)
-            self._local = None
-        else:   # fp32 ZeRO-0/1/2: the replicated module weights equal the fp32 masters exactly
-            self.kind = "full"
-            self.numel, self.start, self.n = student.numel(), 0, student.numel()
-            self._master = lambda: student.data.reshape(-1)
-            self._local = lambda: teacher.data.reshape(-1)
-        local = self._local() if self._local is not None and self.n else None
-        # an fp32 teacher is its own shadow (no second copy); a bf16/fp16 one gets an fp32 shadow
-        self.aliased = local is not None and local.dtype == torch.float32
-        if self.aliased:
-            self.shadow = local
-            self.shadow.copy_(self.master())
-        else:
-            self.shadow = self.master().clone() if self.n else torch.zeros(0, device=teacher.device)
-
-    def master(self) -> torch.Tensor:
-        return self._master().float() if self.n else torch.zeros(0, device=self.teacher.device)
-
-    def state(self) -> dict:
-        return {"shape": self.shape, "start": self.start, "shadow": self.shadow.detach().cpu()}
-
-
-class MomentumTeacher:
-    """The EMA of the student's image tower, kept as described in the module doc."""
-
-    def __init__(self, engine, cfg: Config):
-        self.cfg = cfg
-        module = engine.module
-        world = engine.dp_world_size
-        self.slots = [_Slot(name, q, module.get_parameter(name[len(PREFIX):]), world)
-                      for name, q in module.named_parameters() if name.startswith(PREFIX)]
-        kinds = {s.kind for s in self.slots}
-        if len(kinds) != 1:
-            raise RuntimeError(f"teacher parameters are held in mixed ways {sorted(kinds)}; cannot keep the EMA")
-        self.kind = kinds.pop()
-        self._write_teacher()
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        """One EMA step after the optimizer step ``step`` was applied."""
-        m = momentum_at(self.cfg, step)
-        for s in self.slots:
-            if s.n:
-                s.shadow.lerp_(s.master(), 1.0 - m)
-        self._write_teacher()
-
-    @torch.no_grad()
-    def _write_teacher(self) -> None:
-        """Refresh the teacher's weights (training dtype) from the fp32 shadows."""
-        if self.kind != "fragment":
-            for s in self.slots:
-                if s.n and not s.aliased:
-                    s._local().copy_(s.shadow)
-            return
-        # Each rank owns fragments of the masters; one SUM all-reduce assembles the replicated
-        # teacher (x + 0 is exact in any dtype).
-        dtype = self.slots[0].teacher.dtype
-        flat = torch.zeros(sum(s.numel for s in self.slots), dtype=dtype, device=self.slots[0].teacher.device)
-        offset = 0
-        for s in self.slots:
-            if s.n:
-                flat[offset + s.start: offset + s.start + s.n] = s.shadow
-            offset += s.numel
-        flat = all_reduce(flat, "sum")
-        offset = 0
-        for s in self.slots:
-            s.teacher.data.copy_(flat[offset: offset + s.numel].view_as(s.teacher.data))
-            offset += s.numel
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "slots": {s.name: s.state() for s in self.slots}}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        for s in self.slots:
-            saved = state["slots"][s.name]
-            if saved["start"] != s.start or saved["shadow"].numel() != s.shadow.numel():
-                raise RuntimeError(f"teacher state for {s.name} was written with another partitioning "
-                                   "(world size or ZeRO stage); resume with the same ones")
-            s.shadow.copy_(saved["shadow"])
-        self._write_teacher()
-
-    def memory_bytes(self) -> dict:
-        """This rank's teacher memory (weights as held here, fp32 shadows) and a full copy's."""
-        held = sum((s.teacher.ds_tensor if s.kind == "zero3" else s.teacher).numel() * s.teacher.element_size()
-                   for s in self.slots)
-        return {"weights": held, "shadows": sum(s.shadow.numel() * 4 for s in self.slots if not s.aliased),
-                "full_copy": sum(s.numel * s.teacher.element_size() for s in self.slots)}
-
-
 class Eclipse(Method):
     """What the train step calls when ``eclipse.enabled``: see the module doc."""
     name = "eclipse"
+    outputs = 1   # the teacher's image embeddings
 
     def __init__(self, cfg: Config, engine):
         self.cfg, self.module = cfg, engine.module
-        self.teacher = MomentumTeacher(engine, cfg)
+        self.teacher = ShadowTeacher(engine, PREFIX, lambda step: momentum_at(cfg, step))
         self.forward_kwargs = {"with_teacher": True}
 
     def prepare(self, step: int) -> None:
@@ -319,27 +207,5 @@ def eval_views(model, cfg: Config):
 def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 teacher (``vision_model.*``, ``visual_projection.*``) of a checkpoint, assembled
     from every rank's shadow slices in ``trainer_state/``."""
-    files = sorted((Path(root) / tag / "trainer_state").glob("rank_*.pt"))
-    if not files:
-        raise ConfigError(f"checkpoint {Path(root) / tag} has no trainer_state/rank_*.pt files")
-    parts: dict[str, list] = {}
-    for f in files:
-        state = torch.load(f, map_location="cpu", weights_only=False).get("eclipse")
-        if state is None:
-            raise ConfigError(f"checkpoint {Path(root) / tag} has no ECLIPSE teacher (eclipse.enabled was off)")
-        for name, slot in state["slots"].items():
-            parts.setdefault(name, []).append(slot)
-    out = {}
-    for name, slots in parts.items():
-        shape = tuple(slots[0]["shape"])
-        flat = torch.zeros(math.prod(shape))
-        covered = torch.zeros(flat.numel(), dtype=torch.bool)
-        for slot in slots:
-            n = slot["shadow"].numel()
-            flat[slot["start"]: slot["start"] + n] = slot["shadow"]
-            covered[slot["start"]: slot["start"] + n] = True
-        if not covered.all():
-            raise RuntimeError(f"checkpoint {Path(root) / tag}: the teacher's {name} is not fully covered by the "
-                               "ranks' saved slices (a rank's trainer_state is missing)")
-        out[name[len(PREFIX):]] = flat.reshape(shape)
-    return out
+    return shadow_state_dict(root, tag, lambda state: state.get("eclipse"), PREFIX,
+                             "no ECLIPSE teacher (eclipse.enabled was off)")
