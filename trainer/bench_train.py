@@ -22,6 +22,10 @@ world size (the config's, after the ``key=value`` overrides; ``max_steps`` becom
   ``eclipse.keep_rate`` from the first step: ``eclipse.keep_schedule=constant``): the expedited
   student's forward/backward plus the teacher's forward and EMA, against ``ours`` (not in the
   default ``--impls``; ``--impls ours,eclipse`` measures ECLIPSE's cost).
+- ``psd-self``, ``psd-momentum``, ``psd-previous``: ``ours`` with progressive self-distillation
+  on (``psd.enabled=true``, ``psd.teacher=...``, the other ``psd.*`` keys as given) and its soft
+  targets from the first step (``psd.schedule=constant``, and the ``previous`` teacher refreshed
+  every step, the costliest case): the cost of each teacher against ``ours``.
 
 All three read batches from ``TrainData`` (the WebDataset stream), so the data cost is the same.
 After ``--warmup`` steps, ``--steps`` steps are timed between two barriers:
@@ -56,7 +60,7 @@ from pathlib import Path
 
 from .config import ConfigError
 
-IMPLS = ("openclip", "bare", "ours", "eclipse")
+IMPLS = ("openclip", "bare", "ours", "eclipse", "psd-self", "psd-momentum", "psd-previous")
 PHASES = ("data", "forward", "backward", "optimizer", "other")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -300,7 +304,7 @@ def _init(impl: str, cfg, le):
 
     from .dist import init_distributed, select_device
 
-    if impl in ("ours", "eclipse"):
+    if impl in OURS:
         return init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
     device = select_device(le.local_rank)
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
@@ -611,7 +615,7 @@ def _scaler(cfg, device):
 
 def _loss_impl(cfg, device) -> str:
     from kernels import resolve_impl
-    fn = "gathered_distill_loss" if cfg.eclipse.enabled else "gathered_clip_loss"
+    fn = "gathered_distill_loss" if cfg.eclipse.enabled or cfg.psd.enabled else "gathered_clip_loss"
     return f"kernels.{fn}({resolve_impl(cfg.loss.impl, device)})"
 
 
@@ -622,7 +626,19 @@ def _build_eclipse(cfg, *args):
     return _build_ours(cfg, *args)
 
 
-BUILDERS = {"openclip": _build_openclip, "bare": _build_bare, "ours": _build_ours, "eclipse": _build_eclipse}
+def _build_psd(teacher: str):
+    def build(cfg, *args):
+        """``ours`` with PSD on and its soft targets from the first step (see the module doc)."""
+        import dataclasses
+        psd = dataclasses.replace(cfg.psd, enabled=True, teacher=teacher, schedule="constant",
+                                  refresh_every=1 if teacher == "previous" else cfg.psd.refresh_every)
+        return _build_ours(dataclasses.replace(cfg, psd=psd), *args)
+    return build
+
+
+BUILDERS = {"openclip": _build_openclip, "bare": _build_bare, "ours": _build_ours, "eclipse": _build_eclipse,
+            **{f"psd-{t}": _build_psd(t) for t in ("self", "momentum", "previous")}}
+OURS = ("ours", "eclipse", "psd-self", "psd-momentum", "psd-previous")   # run through the trainer's engine
 
 
 # ---------------------------------------------------------------------------- --profile
@@ -771,9 +787,11 @@ def _ratios(rows: list[dict]) -> list[str]:
     lines = [f"ours / {other}: **{by['ours']['samples_per_s'] / by[other]['samples_per_s']:.2f}x** samples/s "
              f"(step time {by['ours']['step_ms'] / by[other]['step_ms']:.2f}x)"
              for other in ("openclip", "bare") if other in by]
-    if "eclipse" in by:
-        lines.append(f"eclipse / ours (ECLIPSE's cost over plain CLIP): step time "
-                     f"**{by['eclipse']['step_ms'] / by['ours']['step_ms']:.2f}x**")
+    for name, what in (("eclipse", "ECLIPSE's"), ("psd-self", "PSD's self teacher"),
+                       ("psd-momentum", "PSD's momentum teacher"), ("psd-previous", "PSD's previous teacher")):
+        if name in by:
+            lines.append(f"{name} / ours ({what} cost over plain CLIP): step time "
+                         f"**{by[name]['step_ms'] / by['ours']['step_ms']:.2f}x**")
     return lines
 
 

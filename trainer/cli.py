@@ -43,9 +43,10 @@ def check_run_inputs(cfg, world: int | None) -> None:
 
     if world is not None:
         check_world(cfg, world)
-    from .methods import eclipse
+    from .methods import eclipse, psd
 
     eclipse.check(cfg, preset_shape(cfg.model)["vision_layers"])
+    psd.check(cfg)
     build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, world or 1)
     D.expand_shards(cfg.data.train_shards, "data.train_shards")

@@ -142,6 +142,18 @@ class EclipseConfig:
 
 
 @dataclass
+class PsdConfig:
+    enabled: bool = _f(False, "progressive self-distillation (METHODS.md 1): soft image-text targets for a subset of each batch, loss term 'self_distill'")
+    teacher: str = _f("self", "where the soft targets come from: self (this pass, detached, at psd.teacher_tau) | momentum (an EMA model; ECLIPSE's teacher when eclipse.enabled) | previous (the model as it was psd.refresh_every steps ago)", choices=("self", "momentum", "previous"))
+    teacher_tau: float = _f(2.0, "teacher temperature tau_t: targets softmax(teacher logits / tau_t); 1 with psd.teacher=self is the degenerate case (a down-weighted hard-label loss)", min=1e-3)
+    alpha_max: float = _f(0.5, "a_max: weight of the soft targets at the end of the schedule, yhat = (1 - a_t) onehot + a_t q", min=0.0, max=1.0)
+    subset: float = _f(0.5, "fraction of each global batch that gets soft targets, resampled every step (the same subset on every rank)", min=0.0, max=1.0)
+    schedule: str = _f("linear", "a_t over training: linear (a_max * t / max_steps) | constant (a_max from the first step)", choices=("linear", "constant"))
+    momentum: float = _f(0.995, "EMA momentum of psd.teacher=momentum when ECLIPSE is off (with ECLIPSE on, its teacher and eclipse.momentum are used)", min=0.0, max=1.0)
+    refresh_every: int | None = _f(None, "psd.teacher=previous: copy the model into the teacher every N optimizer steps (default: one data epoch, as PS-KD)", min=1)
+
+
+@dataclass
 class Config:
     output_dir: str = _f("runs/default", "where checkpoints, metrics, TensorBoard and eval.json go")
     seed: int = _f(0, "seed for weights, data order and augmentation")
@@ -158,6 +170,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eclipse: EclipseConfig = field(default_factory=EclipseConfig)
+    psd: PsdConfig = field(default_factory=PsdConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

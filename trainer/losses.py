@@ -8,9 +8,14 @@ text-only language modelling) register a term here and read what they need from 
     terms = build_terms(cfg.loss, method_terms(cfg))   # validates names
     total, parts = compute_loss(terms, ctx)            # parts: {"clip": tensor(...), ...}
 
-Terms that methods add (``teacher_kl`` of ECLIPSE) are not separate passes: with any of them on,
-``clip`` and they come out of one ``kernels.gathered_distill_loss`` call (one streaming pass over
-the gathered similarities), ``total = w_clip * (contrastive + (w_kl / w_clip) * teacher_kl)``.
+Terms that methods add (``teacher_kl`` of ECLIPSE, ``self_distill`` of PSD) are not separate
+passes: with any of them on, ``clip`` and they come out of one ``kernels.gathered_distill_loss``
+call (one streaming pass over the gathered similarities),
+``total = w_clip * (contrastive + (w_kl / w_clip) * teacher_kl)``, where ``contrastive`` is the
+CE against PSD's mixed targets ``(1 - a_t) onehot + a_t q`` on its subset (plain CLIP elsewhere).
+Logged: ``clip`` the plain one-hot CLIP loss (comparable across methods), ``self_distill`` the CE
+against the teacher's soft targets over the subset (weighted inside ``contrastive`` by ``a_t``,
+the schedule, not by a weight key), ``teacher_kl`` the KL.
 """
 from __future__ import annotations
 
@@ -48,13 +53,17 @@ def _in_the_streaming_pass(ctx: LossContext) -> torch.Tensor:
 
 TERMS: dict[str, Callable[[LossContext], torch.Tensor]] = {"clip": clip_term}
 # Terms a method switches on (not listed in loss.terms), and the key that switches each.
-METHOD_TERMS = {"teacher_kl": "eclipse.enabled"}
+METHOD_TERMS = {"teacher_kl": "eclipse.enabled", "self_distill": "psd.enabled"}
 RESERVED = {"step", "loss", "lr", "samples_per_s", "logit_scale", "data_wait_frac"}
 
 
 def method_terms(cfg) -> dict[str, float]:
-    """The weighted terms the enabled methods add: ``{"teacher_kl": eclipse.kl_weight}``."""
-    return {"teacher_kl": cfg.eclipse.kl_weight} if cfg.eclipse.enabled else {}
+    """The weighted terms the enabled methods add: ``{"teacher_kl": eclipse.kl_weight}``, and
+    ``self_distill`` (weight 1: its strength is PSD's ``a_t``, applied inside the pass)."""
+    terms = {"teacher_kl": cfg.eclipse.kl_weight} if cfg.eclipse.enabled else {}
+    if cfg.psd.enabled:
+        terms["self_distill"] = 1.0
+    return terms
 
 
 def build_terms(lc: LossConfig, methods: dict[str, float] | None = None) -> dict[str, tuple[float, Callable]]:
@@ -81,13 +90,25 @@ def compute_loss(terms: dict[str, tuple[float, Callable]], ctx: LossContext):
         total = sum(w * parts[name] for name, (w, _) in terms.items())
         return total, parts
     w_clip = terms["clip"][0]
-    out = gathered_distill_loss(ctx.image_emb, ctx.text_emb, ctx.logit_scale,
-                                teacher_image_emb=ctx.extras["teacher_image"],
-                                teacher_weight=terms["teacher_kl"][0] / w_clip,
-                                teacher_text_grad=ctx.extras.get("teacher_text_grad", False),
-                                group=ctx.group, impl=ctx.impl, sizes=ctx.sizes)
+    kw = {}
+    if "teacher_kl" in terms:
+        kw.update(teacher_image_emb=ctx.extras["teacher_image"], teacher_weight=terms["teacher_kl"][0] / w_clip,
+                  teacher_text_grad=ctx.extras.get("teacher_text_grad", False))
+    soft = ctx.extras.get("psd") if "self_distill" in terms else None
+    if soft is not None:
+        kw.update(self_distill_alpha=soft.alpha, self_distill_mask=soft.mask, self_distill_tau=soft.tau)
+        if soft.from_eclipse:   # the same tensor as teacher_image_emb: the kernel reuses its logits
+            kw["self_distill_teacher_image"] = ctx.extras["teacher_image"]
+        elif soft.image is not None:
+            kw.update(self_distill_teacher_image=soft.image, self_distill_teacher_text=soft.text)
+    out = gathered_distill_loss(ctx.image_emb, ctx.text_emb, ctx.logit_scale, group=ctx.group, impl=ctx.impl,
+                                sizes=ctx.sizes, **kw)
     total = w_clip * out.loss
-    parts = {"clip": out.clip, "teacher_kl": out.teacher_kl}
+    parts = {"clip": out.clip}
+    if "teacher_kl" in terms:
+        parts["teacher_kl"] = out.teacher_kl
+    if soft is not None:
+        parts["self_distill"] = out.self_distill_ce
     for name, (w, fn) in terms.items():
         if name not in parts:
             parts[name] = fn(ctx)
