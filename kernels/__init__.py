@@ -6,6 +6,10 @@
                                 self_distill_alpha=a_t, self_distill_mask=subset,   # METHODS 1
                                 teacher_image_emb=ema_image_emb, teacher_weight=1.0)  # METHODS 2
     out.loss.backward(); log(out._asdict())
+    # soft targets from a teacher's embeddings (EMA or stale model) instead of the same pass:
+    out = gathered_distill_loss(image_emb, text_emb, logit_scale, self_distill_alpha=a_t,
+                                self_distill_teacher_image=ema_image_emb,   # [b, D], no grad
+                                self_distill_teacher_text=ema_text_emb)     # None: student texts
 
 ``image_emb`` / ``text_emb`` are this rank's L2-normalised embeddings ``[b, D]``;
 ``logit_scale`` is the already-exponentiated scale ``s``. The result is this rank's share of the
@@ -27,7 +31,7 @@ import torch
 from .chunked import ChunkedBackend
 from .fused import WORKSPACE, fused_loss
 from .reference import clip_loss_torch, distill_loss_torch
-from .spec import DistillLoss, LossSpec
+from .spec import DistillLoss, LossSpec, psd_source
 
 IMPLS = ("torch", "triton", "chunked", "auto")
 log = logging.getLogger("kernels")
@@ -90,19 +94,31 @@ def gathered_distill_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
                           *, self_distill_alpha: float | None = None, self_distill_mask=None,
                           self_distill_tau: float = 1.0, teacher_image_emb=None,
                           teacher_weight: float = 1.0, teacher_text_grad: bool = False,
+                          self_distill_teacher_image=None, self_distill_teacher_text=None,
                           group=None, impl: str = "auto",
                           workspace_bytes: int | None = None, sizes=None) -> DistillLoss:
     """Contrastive loss with soft targets, in one streaming pass (fields: see ``DistillLoss``).
 
     - ``self_distill_alpha`` (``a_t``; None = off): targets ``(1 - a_i) onehot_i + a_i p~_i``,
-      ``p~_i = softmax(stopgrad(S_i) / self_distill_tau)``, ``a_i = a_t * mask_i`` for the
+      ``p~_i = softmax(W_i / self_distill_tau)``, ``a_i = a_t * mask_i`` for the
       subset ``self_distill_mask`` (bool ``[b]``; None = every row), both directions.
+      ``W = stopgrad(S)`` (the same pass) unless a teacher is given:
+    - ``self_distill_teacher_image`` (``[b, D]``, L2-normalised, no grad): ``W = sg(s) XP YP^T``,
+      teacher image i against all N teacher texts (rows) and teacher text j against all N
+      teacher images (columns); ``self_distill_teacher_text`` (``[b, D]``, gathered inside)
+      gives ``YP``, None means the student's own texts, detached (ECLIPSE's shared text tower).
+      Passing the very ``teacher_image_emb`` tensor (``is``) with no teacher text reuses the
+      momentum teacher's logits (no second dot product). Ignored when ``self_distill_alpha`` is
+      None.
     - ``teacher_image_emb`` (None = off): momentum teacher's image embeddings ``[b, D]``; adds
       ``teacher_weight * KL(softmax(s Xbar Y^T) || softmax(s X Y^T))``, both directions, with the
       text gradient stopped (ECLIPSE) unless ``teacher_text_grad``.
     """
     impl = resolve_impl(impl, image_emb.device)
-    kw = dict(self_distill_mask=self_distill_mask, teacher_image_emb=teacher_image_emb, group=group, sizes=sizes)
+    source = psd_source(self_distill_teacher_image, self_distill_teacher_text, teacher_image_emb)
+    kw = dict(self_distill_mask=self_distill_mask, teacher_image_emb=teacher_image_emb, group=group, sizes=sizes,
+              self_distill_teacher_image=self_distill_teacher_image,
+              self_distill_teacher_text=self_distill_teacher_text)
     if impl == "torch":
         return distill_loss_torch(image_emb, text_emb, logit_scale,
                                   self_distill_alpha=self_distill_alpha,
@@ -112,6 +128,7 @@ def gathered_distill_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
         raise ValueError(f"self_distill_tau must be > 0. Got: {self_distill_tau}")
     spec = LossSpec(psd=self_distill_alpha is not None, inv_tau=1.0 / self_distill_tau,
                     ecl=teacher_image_emb is not None, teacher_weight=float(teacher_weight),
+                    psd_source=source if self_distill_alpha is not None else "self",
                     teacher_text_grad=teacher_text_grad, workspace_bytes=workspace_bytes)
     loss, terms = fused_loss(image_emb, text_emb, logit_scale, backend=_backend(impl), spec=spec,
                              self_distill_alpha=self_distill_alpha or 0.0, **kw)

@@ -30,11 +30,18 @@ def _line_stats(w: torch.Tensor, v: torch.Tensor | None, dim: int):
     return mx.squeeze(dim), torch.stack([l, a])
 
 
-def _family_tiles(z: torch.Tensor, t: torch.Tensor | None, spec: LossSpec):
+def _psd_logits(z, t, tp, spec: LossSpec) -> torch.Tensor:
+    """The self-distillation teacher's weight logits ``W / tau`` on one tile (spec.psd_source):
+    W = z (student), tp (teacher embeddings, s XP YP^T) or t (the momentum teacher's T)."""
+    w = {"self": z, "teacher": tp, "ecl": t}[spec.psd_source]
+    return w * spec.inv_tau if spec.inv_tau != 1.0 else w
+
+
+def _family_tiles(z: torch.Tensor, t: torch.Tensor | None, spec: LossSpec, tp=None):
     """``(weight logits, value)`` of each family on one tile of student logits ``z``."""
     fams = [(z, None)]
     if spec.psd:
-        fams.append((z * spec.inv_tau if spec.inv_tau != 1.0 else z, z))
+        fams.append((_psd_logits(z, t, tp, spec), z))
     if spec.ecl:
         fams.append((t, t - z))
     return fams
@@ -53,13 +60,14 @@ class ChunkedBackend:
 
     name = "chunked"
 
-    def stats(self, X, Y, XT, s32, spec: LossSpec):
+    def stats(self, X, Y, XT, s32, spec: LossSpec, XP=None, YP=None):
         b, N = X.shape[0], Y.shape[0]
-        # alive per column: z, t, (t - z), w, exp(w - m) for each of two directions
-        width = _width(b, N, 4 + 3 * int(spec.ecl) + int(spec.psd),
+        # alive per column: z, t, (t - z), w, exp(w - m) for each of two directions (+ tp)
+        width = _width(b, N, 4 + 3 * int(spec.ecl) + int(spec.psd) + int(spec.psd_teacher),
                        spec.budget(CPU_WORKSPACE_BYTES), "forward")
         x32 = X.float()
         xt32 = XT.float() if spec.ecl else None
+        xp32 = XP.float() if spec.psd_teacher else None
         F = spec.families
         col_mx = x32.new_empty((F, N))
         col_sm = x32.new_empty((F, 2, N))
@@ -68,7 +76,10 @@ class ChunkedBackend:
             yc = Y[c0:c0 + width].float()
             z = (x32 @ yc.t()).mul_(s32)
             t = (xt32 @ yc.t()).mul_(s32) if spec.ecl else None
-            fams = _family_tiles(z, t, spec)
+            tp = None
+            if spec.psd_teacher:   # the shared text tower (YP None): the student's texts
+                tp = (xp32 @ (yc if YP is None else YP[c0:c0 + width].float()).t()).mul_(s32)
+            fams = _family_tiles(z, t, spec, tp)
             rmx, rsm, cmx, csm = [], [], [], []
             for w, v in fams:
                 m, sm = _line_stats(w, v, 1)
@@ -77,7 +88,7 @@ class ChunkedBackend:
                 m, sm = _line_stats(w, v, 0)
                 cmx.append(m)
                 csm.append(sm)
-            del z, t, fams
+            del z, t, tp, fams
             part = (torch.stack(rmx), torch.stack(rsm))
             row = part if row is None else merge_two(row, part)
             col_mx[:, c0:c0 + width] = torch.stack(cmx)
@@ -85,12 +96,12 @@ class ChunkedBackend:
         return row, (col_mx, col_sm)
 
     def panels(self, b, N, dtype, device, spec: LossSpec):
-        # alive per column: z, P, Q, G (+ P~ / Q~ temporaries, + t, Pbar/Qbar and G_y)
-        temps = 4 + int(spec.psd) + 3 * int(spec.ecl)
+        # alive per column: z, P, Q, G (+ P~ / Q~ temporaries, + t, Pbar/Qbar and G_y, + tp)
+        temps = 4 + int(spec.psd) + 3 * int(spec.ecl) + int(spec.psd_teacher)
         return _width(b, N, temps, spec.budget(CPU_WORKSPACE_BYTES), "backward panel"), None
 
     def grad_panel(self, X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0, p1, spec,
-                   _bufs):
+                   _bufs, XP=None, YP=None):
         x32 = X.float()
         yp = Y[p0:p1].float()
         z = (x32 @ yp.t()).mul_(s32)
@@ -98,14 +109,18 @@ class ChunkedBackend:
         p = torch.exp(z - r[0])
         q = torch.exp(z - c[0])
         g = p + q
+        t = (XT.float() @ yp.t()).mul_(s32) if spec.ecl else None
         if spec.psd:
-            zt = z * spec.inv_tau
+            tp = None
+            if spec.psd_teacher:
+                tp = (XP.float() @ (yp if YP is None else YP[p0:p1].float()).t()).mul_(s32)
+            zt = _psd_logits(z, t, tp, spec) if spec.psd_source != "self" else z * spec.inv_tau
+            del tp
             g -= a_row[:, None] * torch.exp(zt - r[spec.f_psd])
             g -= a_col[None, p0:p1] * torch.exp(zt - c[spec.f_psd])
         self._diagonal(g, a_row, a_col, offset, p0, p1)
         if not spec.ecl:
             return g, g
-        t = (XT.float() @ yp.t()).mul_(s32)
         kd = p + q - torch.exp(t - r[spec.f_ecl]) - torch.exp(t - c[spec.f_ecl])
         gx = g + spec.teacher_weight * kd
         return gx, (g if spec.split_gy else gx)

@@ -1,10 +1,13 @@
 """Compile every Triton loss kernel for A100 / H100 without a GPU, and read what ptxas reports.
 
     python -m kernels.compile_check --arch sm_80 sm_90 [--dtypes bf16 fp16 fp32] [--tiles all|default]
-                                    [--b 4096 --n 32768 --dim 512] [--jobs 2] [--out FILE.md]
+                                    [--families psd@teacher ...] [--b 4096 --n 32768 --dim 512]
+                                    [--jobs 2] [--out FILE.md]
 
 Each variant is one kernel (forward, backward) x loss family (``clip``, ``psd`` = + self-distillation,
-``ecl`` = + momentum teacher, ``psd+ecl``) x input dtype x tile config of the tuner x target. Its
+``ecl`` = + momentum teacher, ``psd+ecl``; ``psd@teacher`` = self-distillation from teacher embeddings,
+one more dot per tile, alone or ``+ecl``; ``psd@ecl+ecl`` = self-distillation reusing the momentum
+teacher's logits) x input dtype x tile config of the tuner x target. Its
 arguments come from the launcher's own builders (``triton_launch.forward_args`` /
 ``grad_panel_args``) applied to stand-in tensors of the given shapes, so the signature and the
 specialisations (16-divisible sizes, strides and pointers, i32 offsets, constexpr 1s) are the ones a
@@ -39,7 +42,10 @@ ARCHS = {
     "sm_90": {"capability": 90, "sms": 132, "regs_per_sm": 65536, "smem_per_sm": 228 * 1024,
               "smem_per_block": 227 * 1024, "max_warps": 64, "max_blocks": 32},
 }
-FAMILIES = {"clip": (False, False), "psd": (True, False), "ecl": (False, True), "psd+ecl": (True, True)}
+# name: (psd, ecl, LossSpec.psd_source)
+FAMILIES = {"clip": (False, False, "self"), "psd": (True, False, "self"), "ecl": (False, True, "self"),
+            "psd+ecl": (True, True, "self"), "psd@teacher": (True, False, "teacher"),
+            "psd@teacher+ecl": (True, True, "teacher"), "psd@ecl+ecl": (True, True, "ecl")}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = ("forward", "backward")
 
@@ -102,9 +108,9 @@ def _tile(variant: Variant):
 
 def _spec(variant: Variant):
     from .spec import LossSpec
-    psd, ecl = FAMILIES[variant.family]
+    psd, ecl, source = FAMILIES[variant.family]
     # ECLIPSE's default (text stop-gradient, weight 1) is the variant with the second G_y panel
-    return LossSpec(psd=psd, inv_tau=0.5, ecl=ecl, teacher_weight=1.0)
+    return LossSpec(psd=psd, inv_tau=0.5, ecl=ecl, teacher_weight=1.0, psd_source=source)
 
 
 def kernel_args(variant: Variant):
@@ -117,6 +123,8 @@ def kernel_args(variant: Variant):
     b, N, D = variant.b, variant.n, variant.dim
     X, Y, XT = _Stand(dt, b, D), _Stand(dt, N, D), (_Stand(dt, b, D) if spec.ecl else None)
     xt = XT if XT is not None else X
+    # the teacher's own texts (the shared text tower passes Y: the same compiled kernel)
+    xp, yp = (_Stand(dt, b, D), _Stand(dt, N, D)) if spec.psd_teacher else (None, None)
     s32 = _Stand(torch.float32, 1)
     F = spec.families
     if variant.kernel == "forward":
@@ -124,7 +132,8 @@ def kernel_args(variant: Variant):
         rb = _forward_row_blocks(b, N, F, splits, cfg, GPU_WORKSPACE_BYTES)
         bufs = (_Stand(torch.float32, F, splits, b), _Stand(torch.float32, F, 2, splits, b),
                 _Stand(torch.float32, F, rb, N), _Stand(torch.float32, F, 2, rb, N))
-        args, meta = forward_args(X, Y, xt, s32, bufs, 0, min(b, rb * cfg.block_m), per, splits, rb, spec, cfg)
+        args, meta = forward_args(X, Y, xt, s32, bufs, 0, min(b, rb * cfg.block_m), per, splits, rb, spec, cfg,
+                                  xp, yp)
         return _clip_fwd_kernel, args, meta
     width = panel_width(b, N, dt, spec, cfg)
     lse_row, lse_col = _Stand(torch.float32, F * b), _Stand(torch.float32, F * N)
@@ -132,7 +141,7 @@ def kernel_args(variant: Variant):
     gx = _Stand(dt, b, width)
     gy = _Stand(dt, b, width) if spec.split_gy else None
     args, meta = grad_panel_args(X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy, b, 0, min(N, width),
-                                 spec, cfg)
+                                 spec, cfg, xp, yp)
     return _clip_bwd_kernel, args, meta
 
 
@@ -194,16 +203,18 @@ def occupancy(arch: str, registers: int, shared: int, warps: int) -> tuple[int, 
     return blocks, blocks * warps / a["max_warps"]
 
 
-def variants(archs, dtypes, tiles: str = "all", b: int = 4096, n: int = 32768, dim: int = 512) -> list[Variant]:
+def variants(archs, dtypes, tiles: str = "all", b: int = 4096, n: int = 32768, dim: int = 512,
+             families=None) -> list[Variant]:
     """Every kernel x family x dtype x target x tile candidate (``tiles="default"``: the first
-    candidate of each family only)."""
+    candidate of each family only; ``families``: names of FAMILIES, default all)."""
     from .triton_launch import candidates
 
     out = []
     for arch in archs:
-        for family, (psd, ecl) in FAMILIES.items():
+        for family in families or FAMILIES:
+            psd, ecl, source = FAMILIES[family]
             for dtype in dtypes:
-                spec_tiles = candidates(psd=psd, ecl=ecl, dtype=DTYPES[dtype])
+                spec_tiles = candidates(psd=psd, ecl=ecl, dtype=DTYPES[dtype], psd_source=source)
                 for kernel in KERNELS:
                     for i, cfg in enumerate(spec_tiles if tiles == "all" else spec_tiles[:1]):
                         out.append(Variant(kernel, family, dtype, arch,
@@ -276,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], choices=sorted(ARCHS))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--tiles", choices=("all", "default"), default="all")
+    p.add_argument("--families", nargs="+", choices=list(FAMILIES), help="default: all")
     p.add_argument("--b", type=int, default=4096, help="rows per rank of the launch the variants stand for")
     p.add_argument("--n", type=int, default=32768, help="gathered columns (global batch)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--out", help="write the table (markdown) here, and the rows as JSON lines beside it")
     args = p.parse_args(argv)
-    results = run(variants(args.arch, args.dtypes, args.tiles, args.b, args.n, args.dim), args.jobs)
+    results = run(variants(args.arch, args.dtypes, args.tiles, args.b, args.n, args.dim, args.families), args.jobs)
     text = table(results)
     info = summary(results)
     print(text)

@@ -12,7 +12,9 @@ Math (KERNELS.md; rank r holds rows o..o+b of N, k = world / (2N), s the logit s
               G = P + Q - (2 - a_i - a_j)[j = o+i] - a_i P~ - a_j Q~          (contrastive)
                 + w_kd (P + Q - Pbar - Qbar)                                   (momentum KL)
               P = exp(S - r_i), Q = exp(S - c_j) (student row / column softmax), P~, Q~ the
-              self-distillation teacher's, Pbar, Qbar the momentum teacher's.
+              self-distillation teacher's (weight logits W / tau: W = S, or s XP YP^T from
+              teacher embeddings, or the momentum teacher's T; spec.psd_source), Pbar, Qbar
+              the momentum teacher's.
     backward  recompute G in column panels (bounded workspace), then GEMMs:
               dX = k s sum_p G_p Y_p,  dY_p = k s G_p^T X (to the owners via the gather's
               backward),  ds = k sum_ij G_ij <x_i, y_j> = <X, dX> / s.
@@ -95,8 +97,9 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def backward_panels(backend, X, Y, XT, s32, lse_row, lse_col, a_row, a_col, layout: Layout,
-                    spec: LossSpec, coef_s: torch.Tensor, need_dy: bool):
-    """``G Y`` (fp32 ``[b, D]``) and ``dY = coef_s * G_y^T X``, one column panel at a time."""
+                    spec: LossSpec, coef_s: torch.Tensor, need_dy: bool, XP=None, YP=None):
+    """``G Y`` (fp32 ``[b, D]``) and ``dY = coef_s * G_y^T X``, one column panel at a time.
+    ``XP`` / ``YP``: the self-distillation teacher's embeddings (``spec.psd_teacher``)."""
     b, D = X.shape
     N = Y.shape[0]
     width, bufs = backend.panels(b, N, X.dtype, X.device, spec)
@@ -105,7 +108,7 @@ def backward_panels(backend, X, Y, XT, s32, lse_row, lse_col, a_row, a_col, layo
     for p0 in range(0, N, width):
         p1 = min(N, p0 + width)
         gx, gy = backend.grad_panel(X, Y, XT, s32, lse_row, lse_col, a_row, a_col,
-                                    layout.offset, p0, p1, spec, bufs)
+                                    layout.offset, p0, p1, spec, bufs, XP=XP, YP=YP)
         gy_sum += _mm_f32(gx, Y[p0:p1])
         if dY is not None:
             dY[p0:p1] = (_mm_f32(gy.t(), X) * coef_s).to(dY.dtype)
@@ -114,15 +117,17 @@ def backward_panels(backend, X, Y, XT, s32, lse_row, lse_col, a_row, a_col, layo
 
 class FusedGatheredLoss(torch.autograd.Function):
     """Inputs: local ``X [b, D]``, gathered ``Y [N, D]``, 0-dim ``scale``, optional teacher
-    ``XT [b, D]``, subset masks ``m_row [b]`` / ``m_col [N]`` (or None). Returns the loss and the
-    detached terms ``[contrastive, clip, self_distill_ce, teacher_kl]``."""
+    ``XT [b, D]``, subset masks ``m_row [b]`` / ``m_col [N]`` (or None), the self-distillation
+    teacher's local images ``XP [b, D]`` and gathered texts ``YP [N, D]`` (None: unused, or for
+    ``YP`` the student's ``Y``). Returns the loss and the detached terms
+    ``[contrastive, clip, self_distill_ce, teacher_kl]``."""
 
     @staticmethod
-    def forward(ctx, X, Y, scale, XT, m_row, m_col, alpha, spec, layout, backend):
+    def forward(ctx, X, Y, scale, XT, m_row, m_col, alpha, spec, layout, backend, XP=None, YP=None):
         # statistics stay fp32 even inside an autocast region
         with torch.no_grad(), torch.autocast(X.device.type, enabled=False):
             s32 = scale.detach().float()
-            (rmx, rsm), (cmx, csm) = backend.stats(X, Y, XT, s32, spec)
+            (rmx, rsm), (cmx, csm) = backend.stats(X, Y, XT, s32, spec, XP=XP, YP=YP)
             cmx, csm = allreduce_stats(cmx, csm, layout)
             lse_row, row_vals = finalize(rmx, rsm, spec)
             lse_col, col_vals = finalize(cmx, csm, spec)
@@ -131,14 +136,14 @@ class FusedGatheredLoss(torch.autograd.Function):
             loss, terms = assemble(lse_row, row_vals, lse_col[:, own],
                                    {k: v[own] for k, v in col_vals.items()},
                                    diag, m_row, alpha, layout, spec)
-        ctx.save_for_backward(X, Y, scale, XT, lse_row, lse_col, m_row, m_col)
+        ctx.save_for_backward(X, Y, scale, XT, lse_row, lse_col, m_row, m_col, XP, YP)
         ctx.alpha, ctx.spec, ctx.layout, ctx.backend = alpha, spec, layout, backend
         ctx.mark_non_differentiable(terms)
         return loss, terms
 
     @staticmethod
     def backward(ctx, g_loss, _g_terms):
-        X, Y, scale, XT, lse_row, lse_col, m_row, m_col = ctx.saved_tensors
+        X, Y, scale, XT, lse_row, lse_col, m_row, m_col, XP, YP = ctx.saved_tensors
         spec, layout = ctx.spec, ctx.layout
         s32 = scale.detach().float()
         coef = g_loss.float() * layout.norm
@@ -146,24 +151,37 @@ class FusedGatheredLoss(torch.autograd.Function):
         a_col = ctx.alpha * m_col if m_col is not None else None
         with torch.autocast(X.device.type, enabled=False):
             gy_sum, dY = backward_panels(ctx.backend, X, Y, XT, s32, lse_row, lse_col, a_row,
-                                         a_col, layout, spec, coef * s32, ctx.needs_input_grad[1])
+                                         a_col, layout, spec, coef * s32, ctx.needs_input_grad[1],
+                                         XP=XP, YP=YP)
         d_scale = None
         if ctx.needs_input_grad[2]:
             d_scale = (coef * (X.float() * gy_sum).sum()).to(scale.dtype)
         dX = gy_sum.mul_(coef * s32).to(X.dtype) if ctx.needs_input_grad[0] else None   # in place
-        return dX, dY, d_scale, None, None, None, None, None, None, None
+        return dX, dY, d_scale, None, None, None, None, None, None, None, None, None
 
 
 def fused_loss(image_emb, text_emb, logit_scale, *, backend, spec: LossSpec = LossSpec(),
                group=None, teacher_image_emb=None, self_distill_alpha: float = 0.0,
-               self_distill_mask=None, sizes=None) -> tuple[torch.Tensor, torch.Tensor]:
+               self_distill_mask=None, self_distill_teacher_image=None,
+               self_distill_teacher_text=None, sizes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather the texts (with gradients) and run the fused loss on ``backend``.
 
         loss, terms = fused_loss(img, txt, scale, backend=ChunkedBackend(), spec=LossSpec())
-    """
-    check_embeddings(image_emb, text_emb, teacher_image_emb)
+        spec = LossSpec(psd=True, psd_source="teacher")   # soft targets from teacher embeddings
+        loss, terms = fused_loss(img, txt, scale, backend=b, spec=spec, self_distill_alpha=0.3,
+                                 self_distill_teacher_image=xp, self_distill_teacher_text=yp)
+
+    The teacher texts (``self_distill_teacher_text``, local ``[b, D]``) are gathered without
+    gradients; None means the student's gathered texts, detached."""
+    check_embeddings(image_emb, text_emb, teacher_image_emb,
+                     self_distill_teacher_image=self_distill_teacher_image,
+                     self_distill_teacher_text=self_distill_teacher_text)
     if spec.ecl and teacher_image_emb is None:
         raise ValueError("spec.ecl needs teacher_image_emb. Got: None")
+    if spec.psd_teacher and self_distill_teacher_image is None:
+        raise ValueError("spec.psd_source='teacher' needs self_distill_teacher_image. Got: None")
+    if self_distill_teacher_text is not None and self_distill_teacher_image is None:
+        raise ValueError("self_distill_teacher_text needs self_distill_teacher_image. Got: None")
     layout = Layout.of(image_emb.shape[0], group, device=image_emb.device, sizes=sizes)
     texts = all_gather_with_grad(text_emb, group, list(layout.sizes))
     scale = as_scale(logit_scale, image_emb)
@@ -174,5 +192,11 @@ def fused_loss(image_emb, text_emb, logit_scale, *, backend, spec: LossSpec = Lo
         with torch.no_grad():
             m_col = all_gather_with_grad(m_row, group, list(layout.sizes))
     xt = teacher_image_emb.detach() if spec.ecl else None
+    xp = yp = None
+    if spec.psd_teacher:
+        xp = self_distill_teacher_image.detach()
+        if self_distill_teacher_text is not None:
+            with torch.no_grad():
+                yp = all_gather_with_grad(self_distill_teacher_text.detach(), group, list(layout.sizes))
     return FusedGatheredLoss.apply(image_emb, texts, scale, xt, m_row, m_col, alpha, spec,
-                                   layout, backend)
+                                   layout, backend, xp, yp)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .gather import all_gather_with_grad, gathered_layout, world_info
-from .spec import DistillLoss, as_scale, check_alpha, check_embeddings, subset_mask
+from .spec import DistillLoss, as_scale, check_alpha, check_embeddings, psd_source, subset_mask
 
 
 def clip_loss_torch(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
@@ -38,11 +38,11 @@ def clip_loss_torch(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale
     return total * (world / (2.0 * sum(sizes)))
 
 
-def _log_softmax_terms(logits: torch.Tensor, labels: torch.Tensor, inv_tau: float):
-    """Per-row one-hot CE and soft CE against ``softmax(stopgrad(logits) * inv_tau)``."""
+def _log_softmax_terms(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor):
+    """Per-row one-hot CE and soft CE against ``softmax(teacher)`` (teacher logits, no grad)."""
     logp = F.log_softmax(logits, dim=1)
     hard = -logp.gather(1, labels[:, None]).squeeze(1)
-    soft = -(F.softmax(logits.detach() * inv_tau, dim=1) * logp).sum(1)
+    soft = -(F.softmax(teacher.detach(), dim=1) * logp).sum(1)
     return hard, soft
 
 
@@ -55,15 +55,23 @@ def _teacher_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def distill_loss_torch(image_emb, text_emb, logit_scale, *, self_distill_alpha=None,
                        self_distill_mask=None, self_distill_tau: float = 1.0,
                        teacher_image_emb=None, teacher_weight: float = 1.0,
-                       teacher_text_grad: bool = False, group=None, sizes=None) -> DistillLoss:
+                       teacher_text_grad: bool = False, self_distill_teacher_image=None,
+                       self_distill_teacher_text=None, group=None, sizes=None) -> DistillLoss:
     """Materialised-logits reference of ``gathered_distill_loss`` (METHODS.md sections 1, 2).
 
     Both directions per rank: local images vs all texts and local texts vs all images.
-    Self-distillation targets ``(1 - a_i) onehot + a_i softmax(stopgrad(S_i) / tau)`` with
-    ``a_i = alpha * mask_i``; momentum teacher ``KL(softmax(s Xbar Y^T) || softmax(s X sg(Y)^T))``
-    (text gradients stopped unless ``teacher_text_grad``).
+    Self-distillation targets ``(1 - a_i) onehot + a_i softmax(W_i / tau)`` with
+    ``a_i = alpha * mask_i`` and ``W = stopgrad(S)``, or with teacher embeddings
+    ``W = sg(s) XP YP^T`` (``self_distill_teacher_image`` XP; ``self_distill_teacher_text`` YP,
+    default the student's texts, detached); momentum teacher
+    ``KL(softmax(s Xbar Y^T) || softmax(s X sg(Y)^T))`` (text gradients stopped unless
+    ``teacher_text_grad``).
     """
-    check_embeddings(image_emb, text_emb, teacher_image_emb)
+    check_embeddings(image_emb, text_emb, teacher_image_emb,
+                     self_distill_teacher_image=self_distill_teacher_image,
+                     self_distill_teacher_text=self_distill_teacher_text)
+    own_teacher = psd_source(self_distill_teacher_image, self_distill_teacher_text,
+                             teacher_image_emb) != "self"
     _, world = world_info(group)
     b = image_emb.shape[0]
     offset, sizes = gathered_layout(b, group, device=image_emb.device, sizes=sizes)
@@ -74,8 +82,18 @@ def distill_loss_torch(image_emb, text_emb, logit_scale, *, self_distill_alpha=N
     ya = all_gather_with_grad(text_emb, group, sizes).float()
     labels = torch.arange(offset, offset + b, device=image_emb.device)
     inv_tau = 1.0 / self_distill_tau
-    hard_i, soft_i = _log_softmax_terms(s * x @ ya.T, labels, inv_tau)
-    hard_t, soft_t = _log_softmax_terms(s * y @ xa.T, labels, inv_tau)
+    z_i, z_t = s * x @ ya.T, s * y @ xa.T
+    if own_teacher and self_distill_alpha is not None:
+        with torch.no_grad():   # rows: teacher image i vs all teacher texts; columns: text j vs images
+            xp = self_distill_teacher_image.detach().float()
+            yp = (self_distill_teacher_text.detach().float() if self_distill_teacher_text is not None
+                  else y.detach())
+            xpa, ypa = all_gather_with_grad(xp, group, sizes), all_gather_with_grad(yp, group, sizes)
+            w_i, w_t = s.detach() * xp @ ypa.T * inv_tau, s.detach() * yp @ xpa.T * inv_tau
+    else:
+        w_i, w_t = z_i.detach() * inv_tau, z_t.detach() * inv_tau
+    hard_i, soft_i = _log_softmax_terms(z_i, labels, w_i)
+    hard_t, soft_t = _log_softmax_terms(z_t, labels, w_t)
     hard, soft = hard_i + hard_t, soft_i + soft_t
     clip = k * hard.sum()
     zero = clip.new_zeros(())

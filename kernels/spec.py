@@ -3,6 +3,7 @@ the named result (``DistillLoss``). Shared by the reference, chunked and Triton 
 
     spec = LossSpec(psd=True, inv_tau=1.0, ecl=True, teacher_weight=1.0)
     spec.families        # 3: student, self-distillation teacher, momentum teacher
+    LossSpec(psd=True, psd_source="teacher")   # soft targets from teacher embeddings XP, YP
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .gather import gathered_layout, world_info
 
 GPU_WORKSPACE_BYTES = 256 << 20   # KERNELS.md: the Triton backward panel stays under ~256 MB
 CPU_WORKSPACE_BYTES = 64 << 20    # the chunked path: CPU GEMMs need no wider chunks
+PSD_SOURCES = ("self", "teacher", "ecl")   # LossSpec.psd_source; the Triton PSD_SRC is the index
 
 
 @dataclass(frozen=True)
@@ -22,15 +24,35 @@ class LossSpec:
     """Which statistics the streaming pass keeps and how the gradient is combined.
 
     Families of online-softmax statistics, in this order: the student (always), the
-    self-distillation teacher ``softmax(stopgrad(S) * inv_tau)`` when ``psd``, the momentum
-    teacher ``softmax(s * Xbar Y^T)`` when ``ecl``.
+    self-distillation teacher ``softmax(W * inv_tau)`` when ``psd``, the momentum teacher
+    ``softmax(s * Xbar Y^T)`` when ``ecl``. ``psd_source`` says where the self-distillation
+    weight logits ``W`` come from (the value averaged under them is always the student's S):
+
+    - ``"self"``: ``W = stopgrad(S)``, the same pass (no extra dot product);
+    - ``"teacher"``: ``W = s * XP YP^T`` from teacher embeddings (local images XP, gathered
+      texts YP; an extra dot product per tile);
+    - ``"ecl"``: ``W = T = s * Xbar Y^T``, the momentum family's logits, reused (needs ``ecl``;
+      the case ``XP is Xbar`` and ``YP`` = the student texts).
     """
     psd: bool = False
     inv_tau: float = 1.0
     ecl: bool = False
+    psd_source: str = "self"
     teacher_weight: float = 1.0
     teacher_text_grad: bool = False   # ECLIPSE stops the KL's gradient at the text tower
     workspace_bytes: int | None = None   # None: the backend's default
+
+    def __post_init__(self):
+        if self.psd_source not in PSD_SOURCES:
+            raise ValueError(f"psd_source must be one of {PSD_SOURCES}. Got: {self.psd_source!r}")
+        if self.psd_source == "ecl" and not self.ecl:
+            raise ValueError("psd_source='ecl' reuses the momentum teacher's logits: it needs ecl=True. "
+                             "Got: ecl=False")
+
+    @property
+    def psd_teacher(self) -> bool:
+        """True when the pass needs the teacher embeddings XP, YP (one more dot per tile)."""
+        return self.psd and self.psd_source == "teacher"
 
     def budget(self, default: int) -> int:
         """The workspace budget in bytes (``default`` when none was given)."""
@@ -88,7 +110,8 @@ class DistillLoss(NamedTuple):
     - ``loss = contrastive + teacher_weight * teacher_kl``
     - ``contrastive``: soft-target CE with targets ``(1 - a_i) onehot + a_i p~_i``, both directions
     - ``clip``: the plain one-hot CLIP loss (what ``gathered_clip_loss`` returns)
-    - ``self_distill_ce``: CE against the model's own detached distribution over the subset
+    - ``self_distill_ce``: CE against the self-distillation teacher's distribution over the subset
+      (the model's own detached one, or that of ``self_distill_teacher_*`` embeddings)
     - ``teacher_kl``: ``KL(momentum teacher || student)``, both directions (0 without a teacher)
     """
     loss: torch.Tensor
@@ -99,7 +122,7 @@ class DistillLoss(NamedTuple):
 
 
 def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                     teacher_image_emb: torch.Tensor | None = None) -> None:
+                     teacher_image_emb: torch.Tensor | None = None, **teachers) -> None:
     """Shape checks with messages that name what was passed."""
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
         raise ValueError("image_emb and text_emb must both be [b, D]. "
@@ -107,9 +130,25 @@ def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor,
     if image_emb.device != text_emb.device:
         raise ValueError(f"image_emb and text_emb must share a device. Got: {image_emb.device} "
                          f"and {text_emb.device}")
-    if teacher_image_emb is not None and teacher_image_emb.shape != image_emb.shape:
-        raise ValueError("teacher_image_emb must have image_emb's shape "
-                         f"{tuple(image_emb.shape)}. Got: {tuple(teacher_image_emb.shape)}")
+    for name, t in dict(teachers, teacher_image_emb=teacher_image_emb).items():
+        if t is not None and t.shape != image_emb.shape:
+            raise ValueError(f"{name} must have image_emb's shape "
+                             f"{tuple(image_emb.shape)}. Got: {tuple(t.shape)}")
+
+
+def psd_source(self_distill_teacher_image, self_distill_teacher_text, teacher_image_emb) -> str:
+    """Where the self-distillation teacher's logits come from (``LossSpec.psd_source``).
+
+    ``"ecl"`` when the teacher images are the momentum teacher's very tensor (``is``) and the
+    texts are the student's: then ``s XP YP^T`` is the momentum family's T, already computed."""
+    if self_distill_teacher_image is None:
+        if self_distill_teacher_text is not None:
+            raise ValueError("self_distill_teacher_text needs self_distill_teacher_image (the "
+                             "teacher's images). Got: self_distill_teacher_image=None")
+        return "self"
+    if self_distill_teacher_image is teacher_image_emb and self_distill_teacher_text is None:
+        return "ecl"
+    return "teacher"
 
 
 def check_alpha(alpha) -> float:

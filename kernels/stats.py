@@ -11,11 +11,13 @@ disjoint pieces of a line combine exactly:
 which is also how the column statistics combine across ranks: an all-reduce MAX of ``mx``, then
 an all-reduce SUM of the rescaled ``sm`` (N floats each), instead of a second b x N GEMM.
 
-Families (see LossSpec): 0 student (w = S), psd teacher (w = S / tau, v = S),
-ecl teacher (w = T = s Xbar Y^T, v = T - S). Per line then:
+Families (see LossSpec): 0 student (w = S), psd teacher (w = W / tau, v = S, with W = S, or
+s XP YP^T from teacher embeddings, or T: ``LossSpec.psd_source``), ecl teacher
+(w = T = s Xbar Y^T, v = T - S). The statistics, their merges and the terms below are the same
+whichever W the psd family has. Per line then:
 
     lse      = mx_0 + log sm_0[0]
-    soft CE  = lse - sm_psd[1] / sm_psd[0]                  (CE of student vs own teacher)
+    soft CE  = lse - sm_psd[1] / sm_psd[0]                  (CE of student vs psd teacher)
     KL       = sm_ecl[1] / sm_ecl[0] - lse_ecl + lse        (KL(teacher || student))
 """
 from __future__ import annotations

@@ -39,19 +39,31 @@ def make_batch(n: int, dim: int, seed: int = 0, scale: float = 14.0, near_identi
     if near_identical:   # every pair almost the same direction: logits all ~ scale
         base = torch.randn(1, dim, generator=g)
         fx, fy, fxt = (base + 1e-3 * f for f in (fx, fy, fxt))
-    return {"fx": fx, "fy": fy, "fxt": fxt,
-            "proj": torch.eye(dim) + 0.1 * torch.randn(dim, dim, generator=g),
-            "scale": torch.tensor(float(scale)),
-            "mask": torch.rand(n, generator=g) < mask_rate}
+    out = {"fx": fx, "fy": fy, "fxt": fxt,
+           "proj": torch.eye(dim) + 0.1 * torch.randn(dim, dim, generator=g),
+           "scale": torch.tensor(float(scale)),
+           "mask": torch.rand(n, generator=g) < mask_rate}
+    # the self-distillation teacher's own features, drawn last (the draws above stay as they were)
+    fxp, fyp = (torch.randn(n, dim, generator=g) for _ in range(2))
+    if near_identical:
+        fxp, fyp = (base + 1e-3 * f for f in (fxp, fyp))
+    return {**out, "fxp": fxp, "fyp": fyp}
 
 
 DISTILL_KW = {"self_distill_alpha": 0.3, "self_distill_tau": 0.7, "teacher_weight": 0.8}
+# Self-distillation from teacher embeddings (run_case kinds): its own images and texts, its own
+# images with the student's texts (shared text tower), both beside the momentum teacher, and
+# the momentum teacher's very image tensor (the kernels reuse its logits T).
+TEACHER_KINDS = ("psd_teacher", "psd_teacher_shared", "distill_psd_teacher", "distill_psd_ecl")
 
 
 def run_case(batch: dict, rows: slice, impl: str, kind: str, *, group=None,
              dtype=torch.float32, grad_output: float = 1.0, workspace_bytes: int | None = None,
              **overrides) -> dict:
-    """Forward + backward of one loss on ``rows`` of ``batch``; returns values and gradients."""
+    """Forward + backward of one loss on ``rows`` of ``batch``; returns values and gradients.
+
+    ``kind``: ``clip``, ``self_distill``, ``teacher`` (momentum teacher only), ``distill`` (both)
+    or one of ``TEACHER_KINDS``."""
     from . import gathered_clip_loss, gathered_distill_loss
     fx = batch["fx"][rows].clone().requires_grad_()
     fy = batch["fy"][rows].clone().requires_grad_()
@@ -64,12 +76,19 @@ def run_case(batch: dict, rows: slice, impl: str, kind: str, *, group=None,
         loss = gathered_clip_loss(x, y, scale, group=group, impl=impl, **ws)
         terms = loss.detach()[None]
     else:
-        kw = dict(DISTILL_KW, self_distill_mask=batch["mask"][rows],
-                  teacher_image_emb=F.normalize(batch["fxt"][rows] @ batch["proj"], dim=1).to(dtype))
-        if kind == "self_distill":
+        def teacher(key):   # no grad: the projection as it is, not the tracked copy
+            return F.normalize(batch[key][rows] @ batch["proj"], dim=1).to(dtype)
+        kw = dict(DISTILL_KW, self_distill_mask=batch["mask"][rows], teacher_image_emb=teacher("fxt"))
+        if kind in ("self_distill", "psd_teacher", "psd_teacher_shared"):
             kw.pop("teacher_image_emb")
         elif kind == "teacher":
             kw.pop("self_distill_alpha")
+        if kind in ("psd_teacher", "psd_teacher_shared", "distill_psd_teacher"):
+            kw["self_distill_teacher_image"] = teacher("fxp")
+        if kind in ("psd_teacher", "distill_psd_teacher"):
+            kw["self_distill_teacher_text"] = teacher("fyp")
+        if kind == "distill_psd_ecl":
+            kw["self_distill_teacher_image"] = kw["teacher_image_emb"]   # the same tensor
         kw.update(overrides)
         out = gathered_distill_loss(x, y, scale, group=group, impl=impl, **ws, **kw)
         loss, terms = out.loss, torch.stack([t.detach().float() for t in out])

@@ -1,7 +1,7 @@
 """Triton kernels of the fused gathered contrastive loss (+ soft-target statistics).
 
 Derivation (KERNELS.md, METHODS.md sections 0-2). S = s X Y^T, X local [b, D], Y gathered
-[N, D]. For each family of softmax (student w = S; self-distillation teacher w = S / tau with
+[N, D]. For each family of softmax (student w = S; self-distillation teacher w = W / tau with
 value v = S; momentum teacher w = T = s Xbar Y^T with v = T - S) one streaming pass keeps
 
     rows (online over column tiles):   m <- max(m, max_j w),  l <- l e^(m_old - m) + sum_j e^(w - m),
@@ -9,6 +9,9 @@ value v = S; momentum teacher w = T = s Xbar Y^T with v = T - S) one streaming p
     columns (one tile at a time):      the same sums over the tile's rows, written per row block
 
 so loss terms need only these O(b + N) numbers (stats.py); nothing b x N is stored.
+The self-distillation teacher's W (constexpr PSD_SRC, LossSpec.psd_source): 0 = S itself,
+1 = s XP YP^T from teacher embeddings (XP local [b, D], YP gathered [N, D]: one more
+``_dot_tile`` per tile), 2 = the momentum teacher's T (reused; needs ECL).
 The backward recomputes S (and T) tile by tile and writes the panel of
 
     G = P + Q - (2 - a_i - a_j)[j = o+i] - a_i P~ - a_j Q~ + w_kd (P + Q - Pbar - Qbar)
@@ -84,11 +87,11 @@ def _row_store(MX, SM, f, pid_s, SPLITS, b, rows, row_ok, m, l, a, HAS_V: tl.con
 
 
 @triton.jit
-def _clip_fwd_kernel(X, Y, XT, SCALE, ROW_MX, ROW_SM, COL_MX, COL_SM,
+def _clip_fwd_kernel(X, Y, XT, XP, YP, SCALE, ROW_MX, ROW_SM, COL_MX, COL_SM,
                      b, N, D, row_lo, row_hi, cols_per_split, SPLITS, RB,
-                     stride_x, stride_y, stride_xt, inv_tau,
+                     stride_x, stride_y, stride_xt, stride_xp, stride_yp, inv_tau,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PSD: tl.constexpr, ECL: tl.constexpr, F_ECL: tl.constexpr,
+                     PSD: tl.constexpr, ECL: tl.constexpr, F_ECL: tl.constexpr, PSD_SRC: tl.constexpr,
                      CAST_F32: tl.constexpr, IP: tl.constexpr):
     """Program (row block, column split): stream the split's column tiles once."""
     pid_m = tl.program_id(0)
@@ -109,11 +112,24 @@ def _clip_fwd_kernel(X, Y, XT, SCALE, ROW_MX, ROW_SM, COL_MX, COL_SM,
                           BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
         m0, l0, _ = _row_online(m0, l0, l0, z, z, valid, False)
         _col_store(COL_MX, COL_SM, 0, pid_m, RB, N, cols, col_ok, z, z, valid, False)
+        if PSD_SRC == 2:
+            # the self-distillation family reuses T (PSD_SRC 2 implies ECL): T's own family
+            # first, so that only T / tau stays live beside S after it (else it spills)
+            t = s * _dot_tile(XT, Y, rows, cols, row_ok, col_ok, D, stride_xt, stride_y,
+                              BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
+            m2, l2, a2 = _row_online(m2, l2, a2, t, t - z, valid, True)
+            _col_store(COL_MX, COL_SM, F_ECL, pid_m, RB, N, cols, col_ok, t, t - z, valid, True)
         if PSD:
-            zt = z * inv_tau
+            if PSD_SRC == 0:
+                zt = z * inv_tau
+            elif PSD_SRC == 1:
+                zt = (s * inv_tau) * _dot_tile(XP, YP, rows, cols, row_ok, col_ok, D, stride_xp,
+                                               stride_yp, BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
+            else:
+                zt = t * inv_tau
             m1, l1, a1 = _row_online(m1, l1, a1, zt, z, valid, True)
             _col_store(COL_MX, COL_SM, 1, pid_m, RB, N, cols, col_ok, zt, z, valid, True)
-        if ECL:
+        if ECL and PSD_SRC != 2:
             t = s * _dot_tile(XT, Y, rows, cols, row_ok, col_ok, D, stride_xt, stride_y,
                               BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
             m2, l2, a2 = _row_online(m2, l2, a2, t, t - z, valid, True)
@@ -126,11 +142,11 @@ def _clip_fwd_kernel(X, Y, XT, SCALE, ROW_MX, ROW_SM, COL_MX, COL_SM,
 
 
 @triton.jit
-def _clip_bwd_kernel(X, Y, XT, SCALE, LSE_ROW, LSE_COL, A_ROW, A_COL, GX, GY,
-                     b, N, D, offset, col_lo, col_hi, stride_x, stride_y, stride_xt, stride_g,
-                     inv_tau, teacher_weight,
+def _clip_bwd_kernel(X, Y, XT, XP, YP, SCALE, LSE_ROW, LSE_COL, A_ROW, A_COL, GX, GY,
+                     b, N, D, offset, col_lo, col_hi, stride_x, stride_y, stride_xt, stride_xp,
+                     stride_yp, stride_g, inv_tau, teacher_weight,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PSD: tl.constexpr, ECL: tl.constexpr, F_ECL: tl.constexpr,
+                     PSD: tl.constexpr, ECL: tl.constexpr, F_ECL: tl.constexpr, PSD_SRC: tl.constexpr,
                      SPLIT_GY: tl.constexpr, CAST_F32: tl.constexpr, IP: tl.constexpr):
     """Program (row block, column tile of the panel): one tile of G, stored once."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -145,10 +161,19 @@ def _clip_bwd_kernel(X, Y, XT, SCALE, LSE_ROW, LSE_COL, A_ROW, A_COL, GX, GY,
     p = tl.exp(z - r[:, None])
     q = tl.exp(z - c[None, :])
     diag = cols[None, :] == (rows[:, None] + offset)
+    if PSD_SRC == 2:
+        t = s * _dot_tile(XT, Y, rows, cols, row_ok, col_ok, D, stride_xt, stride_y,
+                          BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
     if PSD:
         a_r = tl.load(A_ROW + rows, mask=row_ok, other=0.0)
         a_c = tl.load(A_COL + cols, mask=col_ok, other=0.0)
-        zt = z * inv_tau
+        if PSD_SRC == 0:
+            zt = z * inv_tau
+        elif PSD_SRC == 1:
+            zt = (s * inv_tau) * _dot_tile(XP, YP, rows, cols, row_ok, col_ok, D, stride_xp,
+                                           stride_yp, BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
+        else:
+            zt = t * inv_tau
         rp = tl.load(LSE_ROW + b + rows, mask=row_ok, other=0.0)
         cp = tl.load(LSE_COL + N + cols, mask=col_ok, other=0.0)
         g = p + q - tl.where(diag, 2.0 - a_r[:, None] - a_c[None, :], 0.0)
@@ -157,8 +182,9 @@ def _clip_bwd_kernel(X, Y, XT, SCALE, LSE_ROW, LSE_COL, A_ROW, A_COL, GX, GY,
         g = p + q - tl.where(diag, 2.0, 0.0)
     gx = g
     if ECL:
-        t = s * _dot_tile(XT, Y, rows, cols, row_ok, col_ok, D, stride_xt, stride_y,
-                          BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
+        if PSD_SRC != 2:
+            t = s * _dot_tile(XT, Y, rows, cols, row_ok, col_ok, D, stride_xt, stride_y,
+                              BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
         re = tl.load(LSE_ROW + F_ECL * b + rows, mask=row_ok, other=0.0)
         ce = tl.load(LSE_COL + F_ECL * N + cols, mask=col_ok, other=0.0)
         gx = g + teacher_weight * (p + q - tl.exp(t - re[:, None]) - tl.exp(t - ce[None, :]))

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from .fused import WORKSPACE, fused_loss
-from .spec import GPU_WORKSPACE_BYTES, LossSpec
+from .spec import GPU_WORKSPACE_BYTES, PSD_SOURCES, LossSpec
 from .stats import merge_into, merge_partials
 from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel
 
@@ -51,17 +51,31 @@ _HALF_CANDIDATES = (TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 8, 3)
                     TileConfig(64, 64, 64, 8, 3))
 _FP32_CANDIDATES = {False: (TileConfig(128, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3), TileConfig(64, 64, 16, 4, 3)),
                     True: (TileConfig(64, 64, 16, 8, 3),)}
+# Self-distillation with its own logits (psd_source): "teacher" adds a dot (XP vs YP) per tile,
+# yet every tile below compiles spill-free (up to 255 registers with the momentum teacher too);
+# 128 x 64 x 32 s4 was dropped only to keep the compile check short. "ecl" reuses T and needs one
+# dot fewer, but keeps T live beside S through the psd family: at 128 x 64 it spilled 8-16 B on
+# sm_80 and 56-64 B on sm_90 (in either family order), at 64 x 128 and 64 x 64 nothing.
+_SOURCE_CANDIDATES = {
+    "teacher": (TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 8, 3)),
+    "ecl": (TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 8, 3)),
+}
 INTERPRETER_CONFIG = TileConfig(32, 32, 32, 4, 1, col_splits=1)
 
 
-def candidates(psd: bool = False, ecl: bool = False, dtype: torch.dtype = torch.bfloat16) -> tuple[TileConfig, ...]:
-    """The tuner's tile configs for a family combination and input dtype, the untuned default first."""
+def candidates(psd: bool = False, ecl: bool = False, dtype: torch.dtype = torch.bfloat16,
+               psd_source: str = "self") -> tuple[TileConfig, ...]:
+    """The tuner's tile configs for a family combination and input dtype, the untuned default first.
+
+        candidates(psd=True, ecl=True, dtype=torch.bfloat16, psd_source="teacher")[0]"""
     if dtype == torch.float32:
-        return _FP32_CANDIDATES[psd or ecl]
+        return _FP32_CANDIDATES[psd or ecl]    # 64 x 64 x 16 spills in no family
+    if psd and psd_source != "self":
+        return _SOURCE_CANDIDATES[psd_source]
     return _HALF_CANDIDATES
 
 
-def _check(X: torch.Tensor, Y: torch.Tensor, XT: torch.Tensor | None) -> None:
+def _check(X: torch.Tensor, Y: torch.Tensor, XT: torch.Tensor | None, XP=None, YP=None) -> None:
     if not (X.is_cuda or INTERPRET):
         raise RuntimeError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            f"kernels.triton_launch is first imported. Got: device {X.device}")
@@ -70,6 +84,10 @@ def _check(X: torch.Tensor, Y: torch.Tensor, XT: torch.Tensor | None) -> None:
     if X.shape[1] != Y.shape[1] or (XT is not None and XT.shape != X.shape):
         raise ValueError(f"X [b, D], Y [N, D], XT [b, D] expected. Got: {tuple(X.shape)}, "
                          f"{tuple(Y.shape)}, {None if XT is None else tuple(XT.shape)}")
+    for name, t, like in (("XP", XP, X), ("YP", YP, Y)):
+        if t is not None and (t.shape != like.shape or t.dtype != X.dtype or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {X.dtype} {tuple(like.shape)}. "
+                             f"Got: {t.dtype} {tuple(t.shape)}")
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -122,35 +140,47 @@ def _forward_row_blocks(b: int, N: int, F: int, splits: int, cfg: TileConfig, bu
     return max(1, min(rb, triton.cdiv(b, cfg.block_m)))
 
 
+def psd_src(spec: LossSpec) -> int:
+    """The kernels' PSD_SRC constexpr: 0 self, 1 teacher embeddings, 2 the momentum teacher's T."""
+    return PSD_SOURCES.index(spec.psd_source) if spec.psd else 0
+
+
 def _meta(spec: LossSpec, cfg: TileConfig, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PSD=spec.psd, ECL=spec.ecl,
-                F_ECL=spec.f_ecl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_flags(dtype))
+                F_ECL=spec.f_ecl, PSD_SRC=psd_src(spec), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **_dot_flags(dtype))
 
 
 def forward_args(X, Y, xt, s32, bufs, r0: int, r1: int, per: int, splits: int, rb: int, spec: LossSpec,
-                 cfg: TileConfig) -> tuple[tuple, dict]:
+                 cfg: TileConfig, xp=None, yp=None) -> tuple[tuple, dict]:
     """The forward kernel's arguments and meta-parameters, exactly as launched (the compile check
     in kernels/compile_check.py builds its variants from this too, so that they carry the
-    specialisations a real launch gets)."""
+    specialisations a real launch gets). ``xp`` / ``yp``: the self-distillation teacher's
+    embeddings (default X / Y: unread unless ``spec.psd_teacher``; ``yp`` = Y is the shared
+    text tower)."""
     row_mx, row_sm, col_mx, col_sm = bufs
     b, D = X.shape
-    return ((X, Y, xt, s32, row_mx, row_sm, col_mx, col_sm, b, Y.shape[0], D, r0, r1, per, splits, rb,
-             X.stride(0), Y.stride(0), xt.stride(0), float(spec.inv_tau)), _meta(spec, cfg, X.dtype))
+    xp, yp = (X if xp is None else xp), (Y if yp is None else yp)
+    return ((X, Y, xt, xp, yp, s32, row_mx, row_sm, col_mx, col_sm, b, Y.shape[0], D, r0, r1, per, splits, rb,
+             X.stride(0), Y.stride(0), xt.stride(0), xp.stride(0), yp.stride(0), float(spec.inv_tau)),
+            _meta(spec, cfg, X.dtype))
 
 
 def grad_panel_args(X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy, offset: int, p0: int, p1: int,
-                    spec: LossSpec, cfg: TileConfig) -> tuple[tuple, dict]:
+                    spec: LossSpec, cfg: TileConfig, xp=None, yp=None) -> tuple[tuple, dict]:
     """The backward kernel's arguments and meta-parameters, exactly as launched."""
     b, D = X.shape
-    return ((X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy if gy is not None else gx,
-             b, Y.shape[0], D, offset, p0, p1, X.stride(0), Y.stride(0), xt.stride(0), gx.stride(0),
-             float(spec.inv_tau), float(spec.teacher_weight)),
+    xp, yp = (X if xp is None else xp), (Y if yp is None else yp)
+    return ((X, Y, xt, xp, yp, s32, lse_row, lse_col, a_row, a_col, gx, gy if gy is not None else gx,
+             b, Y.shape[0], D, offset, p0, p1, X.stride(0), Y.stride(0), xt.stride(0), xp.stride(0),
+             yp.stride(0), gx.stride(0), float(spec.inv_tau), float(spec.teacher_weight)),
             {**_meta(spec, cfg, X.dtype), "SPLIT_GY": gy is not None})
 
 
-def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
-    """Row statistics and this rank's column statistics, as ``((mx, sm), (mx, sm))``."""
-    _check(X, Y, XT)
+def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig, XP=None, YP=None):
+    """Row statistics and this rank's column statistics, as ``((mx, sm), (mx, sm))``.
+    ``XP`` / ``YP``: the self-distillation teacher's embeddings (``spec.psd_teacher``)."""
+    _check(X, Y, XT, XP, YP)
     b, D = X.shape
     N, F = Y.shape[0], spec.families
     per, splits = _split_columns(b, N, cfg, X.device)
@@ -170,7 +200,7 @@ def launch_forward(X, Y, XT, s32, spec: LossSpec, cfg: TileConfig):
         r1 = min(b, r0 + rb * cfg.block_m)
         nrb = triton.cdiv(r1 - r0, cfg.block_m)
         args, meta = forward_args(X, Y, xt, s32, (row_mx, row_sm, col_mx, col_sm), r0, r1, per, splits, rb,
-                                  spec, cfg)
+                                  spec, cfg, XP, YP)
         _clip_fwd_kernel[(nrb, splits)](*args, **meta)
         del args   # it holds the column buffers, freed below before the row merge
         part = merge_partials(col_mx[:, :nrb], col_sm[:, :, :nrb])
@@ -204,7 +234,7 @@ def panel_buffers(b: int, N: int, dtype, device, spec: LossSpec, cfg: TileConfig
 
 
 def launch_grad_panel(X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0, p1,
-                      spec: LossSpec, bufs, cfg: TileConfig):
+                      spec: LossSpec, bufs, cfg: TileConfig, XP=None, YP=None):
     """Write columns ``p0:p1`` of G (and of G_y) into the panel buffers; return views."""
     gx, gy = bufs
     b, D = X.shape
@@ -213,7 +243,8 @@ def launch_grad_panel(X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0,
     a_row = a_row if a_row is not None else lse_row   # unread without PSD
     a_col = a_col if a_col is not None else lse_col
     grid = (triton.cdiv(b, cfg.block_m), triton.cdiv(w, cfg.block_n))
-    args, meta = grad_panel_args(X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy, offset, p0, p1, spec, cfg)
+    args, meta = grad_panel_args(X, Y, xt, s32, lse_row, lse_col, a_row, a_col, gx, gy, offset, p0, p1, spec, cfg,
+                                 XP, YP)
     _clip_bwd_kernel[grid](*args, **meta)
     return gx[:, :w], (gy[:, :w] if gy is not None else gx[:, :w])
 
@@ -230,44 +261,49 @@ class TritonBackend:
     def __init__(self, config: TileConfig | None = None, tune: bool = True):
         self.config, self.tune = config, tune
 
-    def _cfg(self, X, Y, XT, s32, spec) -> TileConfig:
+    def _cfg(self, X, Y, XT, s32, spec, XP=None, YP=None) -> TileConfig:
         if self.config is not None:
             return self.config
         if INTERPRET or not X.is_cuda or not self.tune:
-            return INTERPRETER_CONFIG if INTERPRET else candidates(spec.psd, spec.ecl, X.dtype)[0]
-        key = (X.shape[0], Y.shape[0], X.shape[1], X.dtype, spec.psd, spec.ecl, X.device)
+            return INTERPRETER_CONFIG if INTERPRET else candidates(spec.psd, spec.ecl, X.dtype, spec.psd_source)[0]
+        key = (X.shape[0], Y.shape[0], X.shape[1], X.dtype, spec.psd, spec.ecl, psd_src(spec), X.device)
         if key not in self._tuned:
-            self._tuned[key] = _time_candidates(X, Y, XT, s32, spec)
+            self._tuned[key] = _time_candidates(X, Y, XT, s32, spec, XP, YP)
         return self._tuned[key]
 
-    def stats(self, X, Y, XT, s32, spec):
+    @staticmethod
+    def _like(T, X):
+        """A teacher input in the student's dtype, contiguous (None stays None)."""
+        return T.to(X.dtype).contiguous() if T is not None else None
+
+    def stats(self, X, Y, XT, s32, spec, XP=None, YP=None):
         X, Y = X.contiguous(), Y.contiguous()
-        XT = XT.to(X.dtype).contiguous() if XT is not None else None
-        self._last = self._cfg(X, Y, XT, s32, spec)
-        return launch_forward(X, Y, XT, s32, spec, self._last)
+        XT, XP, YP = self._like(XT, X), self._like(XP, X), self._like(YP, X)
+        self._last = self._cfg(X, Y, XT, s32, spec, XP, YP)
+        return launch_forward(X, Y, XT, s32, spec, self._last, XP, YP)
 
     def panels(self, b, N, dtype, device, spec):
         return panel_buffers(b, N, dtype, device, spec, self._last)
 
     def grad_panel(self, X, Y, XT, s32, lse_row, lse_col, a_row, a_col, offset, p0, p1, spec,
-                   bufs):
-        XT = XT.to(X.dtype).contiguous() if XT is not None else None
+                   bufs, XP=None, YP=None):
+        XT, XP, YP = self._like(XT, X), self._like(XP, X), self._like(YP, X)
         return launch_grad_panel(X.contiguous(), Y.contiguous(), XT, s32, lse_row.contiguous(),
                                  lse_col.contiguous(), a_row, a_col, offset, p0, p1, spec, bufs,
-                                 self._last)
+                                 self._last, XP, YP)
 
 
-def _time_candidates(X, Y, XT, s32, spec) -> TileConfig:
+def _time_candidates(X, Y, XT, s32, spec, XP=None, YP=None) -> TileConfig:
     """Pick the fastest forward tile config on this GPU (the backward kernel shares it)."""
-    tiles = candidates(spec.psd, spec.ecl, X.dtype)
+    tiles = candidates(spec.psd, spec.ecl, X.dtype, spec.psd_source)
     best, best_ms = tiles[0], float("inf")
     for cfg in tiles:
         try:
-            launch_forward(X, Y, XT, s32, spec, cfg)          # compile + warm up
+            launch_forward(X, Y, XT, s32, spec, cfg, XP, YP)          # compile + warm up
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(3):
-                launch_forward(X, Y, XT, s32, spec, cfg)
+                launch_forward(X, Y, XT, s32, spec, cfg, XP, YP)
             end.record()
             torch.cuda.synchronize(X.device)
             ms = start.elapsed_time(end)
@@ -287,6 +323,6 @@ def clip_loss_triton(image_emb, text_emb, logit_scale, *, group=None,
     return loss
 
 
-__all__ = ["TileConfig", "TritonBackend", "candidates", "clip_loss_triton", "forward_bytes", "forward_args",
+__all__ = ["TileConfig", "TritonBackend", "candidates", "psd_src", "clip_loss_triton", "forward_bytes", "forward_args",
            "grad_panel_args", "launch_forward",
            "launch_grad_panel", "panel_buffers", "panel_width", "INTERPRET"]

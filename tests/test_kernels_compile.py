@@ -16,21 +16,35 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(
     reason="this Triton wheel ships no ptxas")
 
 
+# The self-distillation families with their own logits (psd_source "teacher" / "ecl") run at bf16
+# and fp32 only: fp16 compiled to the very register counts of bf16 in each of their variants
+# (bench/results/kernels_compile_after.md has all three), and the matrix stays ~200 compiles.
+NEW_DTYPES = ("bf16", "fp32")
+
+
+def _dtypes(family: str) -> tuple:
+    from kernels.compile_check import DTYPES, FAMILIES
+    return tuple(DTYPES) if FAMILIES[family][2] == "self" else NEW_DTYPES
+
+
 @pytest.fixture(scope="module")
 def matrix():
-    """Every kernel x family x dtype x target x tile candidate of the tuner (about 160 compiles,
+    """Every kernel x family x dtype x target x tile candidate of the tuner (about 200 compiles,
     2 at a time: a few minutes)."""
-    from kernels.compile_check import DTYPES, run, variants
-    return run(variants(["sm_80", "sm_90"], list(DTYPES), "all"), jobs=2)
+    from kernels.compile_check import FAMILIES, run, variants
+    vs = [v for f in FAMILIES for v in variants(["sm_80", "sm_90"], _dtypes(f), "all", families=[f])]
+    return run(vs, jobs=2)
 
 
 def test_every_variant_compiles_and_fits_its_target(matrix):
     from kernels.compile_check import ARCHS, DTYPES, FAMILIES, KERNELS
     from kernels.triton_launch import candidates
 
-    want = sum(len(candidates(psd, ecl, dt)) for psd, ecl in FAMILIES.values() for dt in DTYPES.values())
+    want = sum(len(candidates(psd, ecl, DTYPES[dt], src)) for f, (psd, ecl, src) in FAMILIES.items()
+               for dt in _dtypes(f))
     assert len(matrix) == 2 * len(KERNELS) * want
-    assert sum(r.variant.default for r in matrix) == 2 * len(FAMILIES) * len(DTYPES) * len(KERNELS)
+    assert {r.variant.family for r in matrix} == set(FAMILIES)
+    assert sum(r.variant.default for r in matrix) == 2 * len(KERNELS) * sum(len(_dtypes(f)) for f in FAMILIES)
     for r in matrix:
         assert r.ok and not r.problems, (r.variant, r.error, r.problems)
         assert 0 < r.registers <= 255 and 0 < r.shared <= ARCHS[r.variant.arch]["smem_per_block"], r
@@ -71,6 +85,14 @@ def test_variants_carry_the_launchers_specialisations():
         assert ["tt.divisibility", 16] in attrs[(names.index(name),)], name
     assert constexprs[(names.index("PSD"),)] is True and constexprs[(names.index("ECL"),)] is True
     assert constexprs[(names.index("BLOCK_N"),)] == 64 and constexprs[(names.index("IP"),)] == "tf32"
+    assert constexprs[(names.index("PSD_SRC"),)] == 0
+    # self-distillation from teacher embeddings: its own pointers, and the source as a constexpr
+    fn, args, meta = kernel_args(Variant("backward", "psd@teacher+ecl", "bf16", "sm_90", (128, 64, 64, 8, 3), True))
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **meta)
+    _, signature, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, opts)
+    names = list(signature)
+    assert signature["XP"] == signature["YP"] == "*bf16" and signature["stride_yp"] == "i32"
+    assert constexprs[(names.index("PSD_SRC"),)] == 1
 
 
 def test_occupancy_follows_registers_shared_memory_and_warps():
@@ -88,13 +110,14 @@ def test_command_writes_the_table_and_fails_on_a_kernel_that_does_not_fit(tmp_pa
     target's shared memory (a tile config made to need more than sm_80's 163 KiB per block)."""
     out = tmp_path / "cc.md"
     proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "sm_90", "--dtypes", "bf16",
-                           "--tiles", "default", "--jobs", "2", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                           "--tiles", "default", "--families", "psd+ecl", "psd@teacher+ecl", "--jobs", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| forward") or
             line.startswith("| backward")]
-    assert len(rows) == 8 and all(row.endswith("| ok |") for row in rows)
-    assert (tmp_path / "cc.jsonl").read_text().count("\n") == 8
+    assert len(rows) == 4 and all(row.endswith("| ok |") for row in rows)
+    assert sum("| psd@teacher+ecl |" in row for row in rows) == 2
+    assert (tmp_path / "cc.jsonl").read_text().count("\n") == 4
 
     from kernels import compile_check as C
     big = C.Variant("forward", "clip", "bf16", "sm_80", (128, 128, 256, 4, 4), False)

@@ -1,7 +1,7 @@
 """W gloo ranks on CPU give the same loss and gradients as one process holding the whole batch.
 
 For every impl (torch reference, chunked, Triton under the interpreter) and for the plain and
-the distillation loss: mean over ranks of the loss (and of each term) equals the full-batch
+the distillation losses (self-distillation from the same pass or from teacher embeddings): mean over ranks of the loss (and of each term) equals the full-batch
 value; each rank's gradient of its own rows' features, divided by W, equals the full-batch
 gradient of those rows (the text gradients reach their owner through the gather's backward);
 the sum over ranks of the shared projection's and the logit scale's gradients, divided by W
@@ -14,7 +14,10 @@ import torch
 from kernels.testing import make_batch, rel_err, run_case, spawn_ranks
 
 IMPLS = ("torch", "chunked", "triton")
-KINDS = ("clip", "distill")
+# distill_psd_teacher: the self-distillation teacher's own texts are gathered too, and its
+# column statistics combined across ranks; psd_teacher_shared: the student's texts;
+# distill_psd_ecl: the momentum teacher's T reused
+KINDS = ("clip", "distill", "distill_psd_teacher", "psd_teacher_shared", "distill_psd_ecl")
 CASES = [(f"{impl}/{kind}", {"impl": impl, "kind": kind, "grad_output": 1.5})
          for impl in IMPLS for kind in KINDS]
 

@@ -49,8 +49,8 @@ else:
 
     import kernels.triton_launch as TL
     from kernels import WORKSPACE
-    from kernels.testing import AllocationMeter, make_batch, run_case
-    from test_kernels_chunked import (KINDS, TERM_CASES, assert_matches,
+    from kernels.testing import TEACHER_KINDS, AllocationMeter, make_batch, run_case
+    from test_kernels_chunked import (KINDS, TERM_CASES, assert_matches, check_degenerate_teacher,
                                       check_terms_against_reference, textbook)
 
     assert TL.INTERPRET, "child must run with TRITON_INTERPRET=1"
@@ -68,6 +68,23 @@ else:
         assert_matches(got, textbook(batch, kind, grad_output=go), tol, kind)
         assert_matches(got, run_case(batch, slice(0, n), "torch", kind, grad_output=go), tol, "vs torch")
 
+    @pytest.mark.parametrize("kind", TEACHER_KINDS)
+    @pytest.mark.parametrize("n,dim,go", [(1, 8, 1.0), (29, 37, 2.5)])
+    def test_triton_fp32_teacher_embeddings_match_textbook(kind, n, dim, go):
+        """Self-distillation from teacher embeddings (PSD_SRC 1: an extra dot of XP vs YP; 2:
+        the momentum teacher's T reused): loss, every term and the gradients."""
+        batch = make_batch(n, dim, seed=12)
+        got = run_case(batch, slice(0, n), "triton", kind, grad_output=go)
+        # b = 1: every softmax has one entry, the gradients are 0 up to fp32 roundoff of the
+        # logits (scale * 2^-24 each; see test_chunked_property)
+        atol = 8 * 14.0 * 2.0 ** -24 if n == 1 else 0.0
+        assert_matches(got, textbook(batch, kind, grad_output=go), 1e-5, kind, atol=atol)
+        assert_matches(got, run_case(batch, slice(0, n), "chunked", kind, grad_output=go), 1e-5, "vs chunked",
+                       atol=atol)
+
+    def test_triton_degenerate_teacher_only_without_teacher_embeddings():
+        check_degenerate_teacher("triton")
+
     def test_triton_teacher_text_grad():
         batch = make_batch(21, 10, seed=5)
         got = run_case(batch, slice(0, 21), "triton", "distill", teacher_text_grad=True, grad_output=0.7)
@@ -79,7 +96,7 @@ else:
         check_terms_against_reference("triton", case)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-    @pytest.mark.parametrize("kind", ["clip", "distill"])
+    @pytest.mark.parametrize("kind", ["clip", "distill", "distill_psd_teacher", "distill_psd_ecl"])
     def test_triton_half_precision(dtype, kind):
         batch = make_batch(27, 24, seed=8, scale=30.0)
         got = run_case(batch, slice(0, 27), "triton", kind, dtype=dtype, grad_output=0.5)
