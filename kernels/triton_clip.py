@@ -113,8 +113,9 @@ def _clip_fwd_kernel(X, Y, XT, XP, YP, SCALE, ROW_MX, ROW_SM, COL_MX, COL_SM,
         m0, l0, _ = _row_online(m0, l0, l0, z, z, valid, False)
         _col_store(COL_MX, COL_SM, 0, pid_m, RB, N, cols, col_ok, z, z, valid, False)
         if PSD_SRC == 2:
-            # the self-distillation family reuses T (PSD_SRC 2 implies ECL): T's own family
-            # first, so that only T / tau stays live beside S after it (else it spills)
+            # the self-distillation family reuses T (PSD_SRC 2 implies ECL), so T comes first,
+            # and its own family with it (either order spilled at 128 x 64 tiles and neither at
+            # 64 x 128: triton_launch._SOURCE_CANDIDATES)
             t = s * _dot_tile(XT, Y, rows, cols, row_ok, col_ok, D, stride_xt, stride_y,
                               BLOCK_M, BLOCK_N, BLOCK_K, CAST_F32, IP)
             m2, l2, a2 = _row_online(m2, l2, a2, t, t - z, valid, True)
