@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -98,6 +99,17 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(proc, out: Path, step: int, timeout: float = 300) -> None:
+    """Poll a running trainer's metrics.jsonl until it logs ``step`` (fails if the process exits)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        if (out / "metrics.jsonl").exists() and any(m["step"] >= step for m in read_metrics(out)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> str:

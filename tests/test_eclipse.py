@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer
+from conftest import check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer, wait_for_step
 
 CONFIG = "trainer/configs/eclipse.yaml"
 M = 0.8   # a fast EMA so that a few steps move the teacher well away from its start
@@ -105,24 +105,13 @@ def test_zero_stages_give_the_same_losses(stages):
         assert total == pytest.approx(clip[s] + kl[s], rel=1e-5)   # loss = clip + 1.0 * teacher_kl
 
 
-def _wait_for_step(proc, out: Path, step: int, timeout: float = 300) -> None:
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        if (out / "metrics.jsonl").exists() and any(m["step"] >= step for m in read_metrics(out)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
 def test_sigkill_and_rerun_continues_with_identical_losses(stages, demo_data, tmp_path):
     """Killed after step 3 (checkpoints every 2 steps), rerun: the teacher, the keep-rate
     schedule and the data come back, so every loss term equals the uninterrupted ZeRO-1 run's."""
     out = tmp_path / "killed"
     args = train_args(demo_data, out, "deepspeed.zero_stage=1", "checkpoint.every_steps=2")
     proc = start_trainer(args, nproc=2)
-    _wait_for_step(proc, out, 3)
+    wait_for_step(proc, out, 3)
     kill_group(proc)
     assert (out / "checkpoints" / "latest").read_text().strip() in ("step_2", "step_4")
     text = check(run_trainer(args, nproc=2))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer
+from conftest import check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer, wait_for_step
 
 CONFIG = "trainer/configs/psd.yaml"
 M = 0.7        # a fast EMA, so that a few steps move the teacher well away from its start
@@ -209,17 +209,6 @@ def test_previous_teacher_is_the_student_at_the_last_refresh(demo_data, tmp_path
     assert all(abs(total[t] - clip[t]) > 1e-4 for t in range(3, STEPS + 1))
 
 
-def _wait_for_step(proc, out: Path, step: int, timeout: float = 300) -> None:
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        if (out / "metrics.jsonl").exists() and any(m["step"] >= step for m in read_metrics(out)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
 def test_sigkill_and_rerun_continues_with_identical_losses(momentum_runs, demo_data, tmp_path):
     """Killed after step 3 (checkpoints every 2 steps), rerun: the EMA teacher, the subsets and
     the schedule come back, so every loss term equals the uninterrupted ZeRO-1 run's."""
@@ -227,7 +216,7 @@ def test_sigkill_and_rerun_continues_with_identical_losses(momentum_runs, demo_d
     args = train_args(demo_data, out, "deepspeed.zero_stage=1", "psd.teacher=momentum", f"psd.momentum={M}",
                       "psd.teacher_tau=1.0", "checkpoint.every_steps=2")
     proc = start_trainer(args, nproc=2)
-    _wait_for_step(proc, out, 3)
+    wait_for_step(proc, out, 3)
     kill_group(proc)
     assert (out / "checkpoints" / "latest").read_text().strip() in ("step_2", "step_4")
     text = check(run_trainer(args, nproc=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer)
+from conftest import (check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer, wait_for_step)
 
 CONFIG = "trainer/configs/demo.yaml"
 # Small and fast, but with 2 loader workers per rank so the resume path rotates workers.
@@ -121,21 +121,10 @@ def test_export_hf_loads_in_transformers_and_matches(baseline, demo_data, tmp_pa
     torch.testing.assert_close(inputs["pixel_values"][1], t(images[1]), rtol=0, atol=2e-2)
 
 
-def _wait_for_step(proc, out: Path, step: int, timeout: float = 400) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        path = out / "metrics.jsonl"
-        if path.exists() and any(m["step"] >= step for m in read_metrics(out)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
 def test_sigkill_and_rerun_continues_with_identical_losses(baseline, demo_data, tmp_path):
     out = tmp_path / "killed"
     proc = start_trainer(train_args(demo_data, out), nproc=2)
-    _wait_for_step(proc, out, 6)
+    wait_for_step(proc, out, 6, timeout=400)
     kill_group(proc)
     assert (out / "checkpoints" / "latest").read_text().strip() in ("step_4", "step_8")
     text = check(run_trainer(train_args(demo_data, out), nproc=2))
@@ -193,7 +182,7 @@ def test_killed_branch_reruns_from_its_own_latest_checkpoint(baseline, demo_data
         return train_args(demo_data, out, f"checkpoint.resume={start}", "max_steps=20")
     out = tmp_path / "branch-killed"
     proc = start_trainer(branch(out), nproc=2)
-    _wait_for_step(proc, out, 14)
+    wait_for_step(proc, out, 14, timeout=400)
     kill_group(proc)
     assert (out / "checkpoints" / "latest").read_text().strip() in ("step_12", "step_16")
     resumed_at = (out / "checkpoints" / "latest").read_text().strip()
