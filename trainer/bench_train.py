@@ -139,7 +139,7 @@ def _check_config(args):
     build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, args.nproc)
     D.expand_shards(cfg.data.train_shards, "data.train_shards")
-    D.read_manifest(cfg.data.manifest)
+    D.read_manifest(cfg.data.manifest, D.expand_shards(cfg.data.train_shards, "data.train_shards"))
     D.load_tokenizer(cfg.tokenizer.path)
     return cfg
 

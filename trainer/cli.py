@@ -54,7 +54,7 @@ def check_run_inputs(cfg, world: int | None) -> None:
         D.expand_shards(cfg.data.val_shards, "data.val_shards")
     if cfg.eval.zeroshot:
         load_zeroshot(cfg.eval.zeroshot)
-    D.read_manifest(cfg.data.manifest)
+    D.read_manifest(cfg.data.manifest, D.expand_shards(cfg.data.train_shards, "data.train_shards"))
 
 
 def _require_triton() -> None:

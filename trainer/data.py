@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -62,14 +63,100 @@ def expand_shards(spec, key: str) -> list[str]:
     return urls
 
 
-def read_manifest(path: str | None) -> frozenset[str] | None:
-    """Kept sample keys, one per line (``#`` comments allowed); ``None`` keeps everything."""
+class KeyManifest:
+    """A plain key-per-line manifest, held whole in memory (every key of every shard)."""
+
+    def __init__(self, keys: frozenset[str]):
+        self.keys = keys
+
+    def keys_for(self, url: str) -> frozenset[str]:
+        return self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class ShardManifest:
+    """A selection written by ``python -m trainer select`` (``manifest.txt`` + ``index.json``):
+    the kept keys are stored shard by shard, in order, and ``index.json`` holds each shard's byte
+    range in ``manifest.txt``, so a loader worker reads one shard's keys when it opens that
+    shard (memory per worker: one shard's kept keys, not the whole selection's).
+
+        m = ShardManifest("runs/sel")              # or the path of runs/sel/manifest.txt
+        m.keys_for("/data/train-000012.tar")       # frozenset of that shard's kept keys
+    """
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        index = json.loads((self.dir / "index.json").read_text())
+        self.manifest = self.dir / index.get("manifest", "manifest.txt")
+        self.ranges = {s["url"]: tuple(s["manifest"]) for s in index["shards"]}
+        by_name: dict[str, list[str]] = {}
+        for url in self.ranges:
+            by_name.setdefault(os.path.basename(url), []).append(url)
+        self._by_name = {name: urls[0] for name, urls in by_name.items() if len(urls) == 1}
+        self.kept = sum(int(s.get("kept", 0)) for s in index["shards"])
+        self._cached: tuple[str, frozenset[str]] | None = None
+
+    def resolve(self, url: str) -> str | None:
+        """The index entry of a training shard URL: the same path (symlinks and relative paths
+        resolved), else the one shard with the same file name."""
+        for cand in (url, _canonical(url)):
+            if cand in self.ranges:
+                return cand
+        return self._by_name.get(os.path.basename(url))
+
+    def missing(self, urls: list[str]) -> list[str]:
+        return [u for u in urls if self.resolve(u) is None]
+
+    def keys_for(self, url: str) -> frozenset[str]:
+        entry = self.resolve(url)
+        if entry is None:
+            raise RuntimeError(f"shard {url} is not in the selection {self.dir} (index.json)")
+        if self._cached is not None and self._cached[0] == entry:
+            return self._cached[1]
+        start, end = self.ranges[entry]
+        with open(self.manifest, "rb") as fh:
+            fh.seek(start)
+            keys = frozenset(fh.read(end - start).decode().split())
+        self._cached = (entry, keys)
+        return keys
+
+    def __len__(self) -> int:
+        return self.kept
+
+
+def _canonical(url: str) -> str:
+    return url if ("://" in url or url.startswith("pipe:")) else os.path.realpath(url)
+
+
+def read_manifest(path: str | None, urls: list[str] | None = None):
+    """``data.manifest``: ``None`` keeps everything; a ``select`` output directory (or its
+    ``manifest.txt``, whose ``index.json`` sits next to it) gives a :class:`ShardManifest`; any
+    other file of kept keys, one per line (``#`` comments allowed), a :class:`KeyManifest`.
+    With ``urls``, every training shard must be in a :class:`ShardManifest`'s index."""
     if path is None:
         return None
-    if not os.path.isfile(path):
+    p = Path(path)
+    if p.is_dir() or (p.is_file() and (p.parent / "index.json").is_file() and p.name == "manifest.txt"):
+        directory = p if p.is_dir() else p.parent
+        if not (directory / "index.json").is_file() or not (directory / "manifest.txt").is_file():
+            raise ConfigError(f"config key 'data.manifest': {path} is a directory without the manifest.txt and "
+                              "index.json that `python -m trainer select` writes")
+        try:
+            manifest = ShardManifest(directory)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"config key 'data.manifest': {directory}/index.json is not a selection index "
+                              f"({type(err).__name__}: {err})") from None
+        missing = manifest.missing(urls or [])
+        if missing:
+            raise ConfigError(f"config key 'data.manifest': training shard {missing[0]} (and {len(missing) - 1} more) "
+                              f"is not in the selection {directory}; select over the same shards")
+        return manifest
+    if not p.is_file():
         raise ConfigError(f"config key 'data.manifest': file not found: {path}")
-    with open(path) as fh:
-        return frozenset(line.strip() for line in fh if line.strip() and not line.startswith("#"))
+    with open(p) as fh:
+        return KeyManifest(frozenset(line.strip() for line in fh if line.strip() and not line.startswith("#")))
 
 
 def build_transforms(image_size: int, mean, std, crop_scale_min: float, train: bool):
@@ -116,9 +203,10 @@ def _raw_samples(urls, counter: _Counter, manifest, max_empty_shards: int = 100)
     for url in urls:
         n_raw = n_kept = 0
         errors_before = counter.skipped
+        keep = None if manifest is None else manifest.keys_for(url)
         for sample in tariterators.tarfile_samples([{"url": url}], handler=counter.handler):
             n_raw += 1
-            if manifest is None or sample["__key__"] in manifest:
+            if keep is None or sample["__key__"] in keep:
                 n_kept += 1
                 yield sample
         if n_raw == 0 and counter.skipped == errors_before:
@@ -169,6 +257,29 @@ class SampleDecoder:
         meta = json.loads(sample["json"]) if "json" in sample else {}
         return pixels, caption, int(meta.get("label", -1))
 
+    def collate(self, items: list) -> dict:
+        """Training batch of ``__call__`` results: ``image``, ``input_ids``, ``attention_mask``."""
+        return {"image": torch.stack([it[0] for it in items]), **self.tokenize([it[1] for it in items])}
+
+
+class TextDecoder(SampleDecoder):
+    """Text-only samples (``KEY.txt``, the language-modelling stream): caption -> tokens.
+
+        dec = TextDecoder(tokenizer, context_length=24)
+        stream = ResumableStream(urls, dec, batch_size=16, ..., stream_id="text")
+    """
+
+    def __init__(self, tokenizer, context_length: int):
+        super().__init__(tokenizer, context_length, None)
+
+    def __call__(self, sample: dict, seed: int | None = None) -> str:
+        if "txt" not in sample:
+            raise ValueError(f"text sample lacks a .txt (has {sorted(k for k in sample if not k.startswith('__'))})")
+        return sample["txt"].decode("utf-8")
+
+    def collate(self, items: list) -> dict:
+        return self.tokenize(list(items))
+
 
 class TrainStream(torch.utils.data.IterableDataset):
     """Infinite, resumable stream of training batches for one rank and one epoch.
@@ -177,17 +288,22 @@ class TrainStream(torch.utils.data.IterableDataset):
                              workers=2, shuffle_buffer=1000, resume=None)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
 
+    ``decoder(sample, seed)`` turns a raw sample into an item (raising on a corrupt one) and
+    ``decoder.collate(items)`` makes the batch dict (``SampleDecoder``: image-text pairs,
+    ``TextDecoder``: text only). ``stream_id`` names the stream in every random choice, so two
+    streams of one run (pairs, text) draw independently; ``"pairs"`` keeps the historical seeds.
     ``resume`` is ``{"worker_offset": k, "consumed": {logical_worker: n}, "skipped": {...}}`` as
-    returned by :meth:`position_after`.
+    returned by :func:`position_after`.
     """
 
     def __init__(self, urls, decoder: SampleDecoder, *, batch_size: int, seed: int, epoch: int,
-                 rank: int, world: int, workers: int, shuffle_buffer: int, manifest=None, resume=None):
+                 rank: int, world: int, workers: int, shuffle_buffer: int, manifest=None, resume=None,
+                 stream_id: str = "pairs"):
         super().__init__()
         self.urls, self.decoder, self.batch_size = list(urls), decoder, batch_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         self.n_logical = max(1, workers)
-        self.shuffle_buffer, self.manifest = shuffle_buffer, manifest
+        self.shuffle_buffer, self.manifest, self.stream_id = shuffle_buffer, manifest, stream_id
         self.resume = resume or {"worker_offset": 0, "consumed": {}, "skipped": {}}
 
     def _logical_worker(self) -> int:
@@ -197,7 +313,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         w = self._logical_worker()
-        base = (self.seed, self.epoch, self.rank, w)
+        base = (self.seed, self.epoch, self.rank, w) + (() if self.stream_id == "pairs" else (self.stream_id,))
         shard_rng, shuffle_rng = random.Random(_seed("shards", *base)), random.Random(_seed("shuffle", *base))
         counter = _Counter()
         urls = iter(lambda: shard_rng.choice(self.urls), None)  # resampled, with replacement
@@ -209,21 +325,20 @@ class TrainStream(torch.utils.data.IterableDataset):
         # met the same unreadable entries again; the saved count already holds them (and the
         # corrupt samples it decoded), so it replaces the replay's count instead of adding to it.
         counter.skipped = int(self.resume["skipped"].get(str(w), 0))
-        images, captions, keys = [], [], []
+        items, keys = [], []
         for sample in samples:
             consumed += 1
             try:
-                pixels, caption, _ = self.decoder(sample, seed=_seed("aug", *base, consumed))
+                item = self.decoder(sample, seed=_seed("aug", *base, consumed))
             except Exception as err:  # noqa: BLE001 - any decode failure is a corrupt sample
                 counter.bad_sample(sample.get("__key__", "?"), err)
                 continue
-            images.append(pixels)
-            captions.append(caption)
+            items.append(item)
             keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), **self.decoder.tokenize(captions), "keys": keys,
+            if len(items) == self.batch_size:
+                yield {**self.decoder.collate(items), "keys": keys,
                        "worker": w, "consumed": consumed, "skipped": counter.skipped}
-                images, captions, keys = [], [], []
+                items, keys = [], []
 
 
 def position_after(batch_meta: dict, state: dict, n_logical: int) -> dict:
@@ -233,6 +348,78 @@ def position_after(batch_meta: dict, state: dict, n_logical: int) -> dict:
     state.setdefault("skipped", {})[w] = int(batch_meta["skipped"])
     state["worker_offset"] = (int(batch_meta["worker"]) + 1) % n_logical
     return state
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader-worker init: SLURM signals every process of a job step, loader workers included;
+    torch's worker handler would die on a SIGTERM that is not from its parent and take the rank
+    down before it can checkpoint. Only the main process acts on USR1/TERM/INT."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class ResumableStream:
+    """Micro-batches for one rank, epoch after epoch, with a position that resumes exactly.
+
+        stream = ResumableStream(urls, SampleDecoder(...), batch_size=64, num_samples=10000,
+                                 seed=0, rank=r, world=w, workers=2, shuffle_buffer=1000)
+        batch = stream.next()            # {"image"?, "input_ids", "attention_mask", "keys", ...}
+        state["data"] = stream.position  # a plain dict: checkpoint it, pass it back as position=
+
+    An epoch is ``num_samples // (batch_size * world)`` micro-batches; each epoch reseeds the
+    shard and shuffle order. ``set_manifest`` switches to another selection of the data (an ECL
+    round) and starts a new epoch there.
+    """
+
+    def __init__(self, urls, decoder, *, batch_size: int, num_samples: int, seed: int, rank: int, world: int,
+                 workers: int, shuffle_buffer: int, manifest=None, position: dict | None = None,
+                 stream_id: str = "pairs"):
+        self.urls, self.decoder, self.rank, self.world = list(urls), decoder, rank, world
+        self.batch_size, self.seed, self.workers, self.shuffle_buffer = batch_size, seed, workers, shuffle_buffer
+        self.manifest, self.stream_id = manifest, stream_id
+        self.per_epoch = max(1, num_samples // (batch_size * world))
+        self.position = position or {"epoch": 0, "in_epoch": 0, "stream": {}, "skipped_before": 0}
+        self._it = None
+
+    def skipped_local(self) -> int:
+        """Corrupt samples this rank's workers skipped, all epochs so far."""
+        this_epoch = sum(int(v) for v in self.position["stream"].get("skipped", {}).values())
+        return self.position["skipped_before"] + this_epoch
+
+    def _loader(self):
+        stream = TrainStream(self.urls, self.decoder, batch_size=self.batch_size, seed=self.seed,
+                             epoch=self.position["epoch"], rank=self.rank, world=self.world, workers=self.workers,
+                             shuffle_buffer=self.shuffle_buffer, manifest=self.manifest,
+                             resume=self.position["stream"] or None, stream_id=self.stream_id)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
+                                                worker_init_fn=ignore_stop_signals,
+                                                prefetch_factor=4 if self.workers else None))
+
+    def close(self) -> None:
+        """Shut the loader's worker processes down now (the run is over or failing)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def _new_epoch(self) -> None:
+        self.close()
+        self.position = {"epoch": self.position["epoch"] + 1, "in_epoch": 0, "stream": {},
+                         "skipped_before": self.skipped_local()}
+
+    def set_manifest(self, manifest) -> None:
+        """Read only ``manifest``'s samples from now on, starting a new epoch."""
+        self.manifest = manifest
+        self._new_epoch()
+
+    def next(self) -> dict:
+        if self.position["in_epoch"] >= self.per_epoch:
+            self._new_epoch()
+        if self._it is None:
+            self._it = self._loader()
+        batch = next(self._it)
+        position_after(batch, self.position["stream"], max(1, self.workers))
+        self.position["in_epoch"] += 1
+        return batch
 
 
 def _eval_samples(urls: list[str], rank: int, world: int, counter: _Counter) -> Iterator[dict]:

@@ -52,57 +52,17 @@ class StopRequest:
         self.signum = signum
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """SLURM signals every process of a job step, loader workers included; torch's worker handler
-    would die on a SIGTERM that is not from its parent and take the rank down before it can
-    checkpoint. Only the main process acts on USR1/TERM/INT."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+class TrainData(D.ResumableStream):
+    """The image-text micro-batches of this rank (``data.*``), with a resumable position;
+    ``manifest`` (an ECL round's selection) replaces ``data.manifest``."""
 
-
-class TrainData:
-    """Micro-batches for this rank, epoch after epoch, with a resumable position."""
-
-    def __init__(self, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, position: dict):
-        self.cfg, self.decoder, self.rank, self.world = cfg, decoder, rank, world
-        self.urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
-        self.manifest = D.read_manifest(cfg.data.manifest)
-        self.per_epoch = max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world))
-        self.position = position or {"epoch": 0, "in_epoch": 0, "stream": {}, "skipped_before": 0}
-        self._it = None
-
-    def skipped_local(self) -> int:
-        """Corrupt samples this rank's workers skipped, all epochs so far."""
-        this_epoch = sum(int(v) for v in self.position["stream"].get("skipped", {}).values())
-        return self.position["skipped_before"] + this_epoch
-
-    def _loader(self):
-        d = self.cfg.data
-        stream = D.TrainStream(self.urls, self.decoder, batch_size=d.batch_size, seed=self.cfg.seed,
-                               epoch=self.position["epoch"], rank=self.rank, world=self.world, workers=d.workers,
-                               shuffle_buffer=d.shuffle_buffer, manifest=self.manifest,
-                               resume=self.position["stream"] or None)
-        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=d.workers,
-                                                worker_init_fn=_ignore_stop_signals,
-                                                prefetch_factor=4 if d.workers else None))
-
-    def close(self) -> None:
-        """Shut the loader's worker processes down now (the run is over or failing)."""
-        it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-
-    def next(self) -> dict:
-        if self.position["in_epoch"] >= self.per_epoch:
-            self.position = {"epoch": self.position["epoch"] + 1, "in_epoch": 0, "stream": {},
-                             "skipped_before": self.skipped_local()}
-            self._it = None
-        if self._it is None:
-            self._it = self._loader()
-        batch = next(self._it)
-        D.position_after(batch, self.position["stream"], max(1, self.cfg.data.workers))
-        self.position["in_epoch"] += 1
-        return batch
+    def __init__(self, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, position: dict,
+                 manifest: str | None = None):
+        d = cfg.data
+        urls = D.expand_shards(d.train_shards, "data.train_shards")
+        super().__init__(urls, decoder, batch_size=d.batch_size, num_samples=d.train_num_samples, seed=cfg.seed,
+                         rank=rank, world=world, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
+                         manifest=D.read_manifest(manifest or d.manifest, urls), position=position)
 
 
 class TooManyBadSteps(RuntimeError):
@@ -303,7 +263,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
             run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
     finally:
         # Stop the loader workers before the interpreter exits, on every path: they ignore
-        # SIGTERM (see _ignore_stop_signals), so after an exception multiprocessing's exit
+        # SIGTERM (see data.ignore_stop_signals), so after an exception multiprocessing's exit
         # handler would terminate-and-join them forever and the failed rank would never exit.
         train_data.close()
     if progress is not None:
