@@ -97,7 +97,7 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
         image, text, scale, *more = engine(pixel_values=mb["image"].to(engine.device, dtype, non_blocking=True),
                                            input_ids=mb["input_ids"].to(engine.device, non_blocking=True),
                                            attention_mask=mb["attention_mask"].to(engine.device, non_blocking=True),
-                                           **method.forward_kwargs)
+                                           **method.micro_kwargs(engine.device))
         if hook is not None:
             hook.remove()
         if fault == "grad":
@@ -266,6 +266,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         # SIGTERM (see data.ignore_stop_signals), so after an exception multiprocessing's exit
         # handler would terminate-and-join them forever and the failed rank would never exit.
         train_data.close()
+        method.close()
     if progress is not None:
         progress.close()
     metrics_log.close()

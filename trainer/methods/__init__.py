@@ -13,10 +13,13 @@ terms, and runtime switches on the model.
 class Method:
     """What the train step calls on the enabled method (the no-op here is plain CLIP).
 
-    ``prepare(step)`` before the forward; ``engine(..., **forward_kwargs)``; ``extras(*more)``
-    turns the forward's outputs beyond ``(image, text, scale)`` into ``LossContext.extras``;
-    ``update(step)`` after each applied optimizer step; ``checkpoint_state()`` (``{name: state}``
-    or ``{}``) goes into every checkpoint's per-rank trainer state and ``restore`` takes it back.
+    ``prepare(step)`` before the forward; ``engine(..., **micro_kwargs(device))`` once per
+    micro-batch (default: the constant ``forward_kwargs``; a method with a data stream of its own
+    hands its next batch there); ``extras(*more)`` turns the forward's outputs beyond
+    ``(image, text, scale)`` into ``LossContext.extras``; ``update(step)`` after each applied
+    optimizer step; ``checkpoint_state()`` (``{name: state}`` or ``{}``) goes into every
+    checkpoint's per-rank trainer state and ``restore`` takes it back; ``close()`` when the run
+    ends (on every path): shut down loader workers the method started.
     """
     name = "none"
     forward_kwargs: dict = {}
@@ -24,6 +27,10 @@ class Method:
 
     def prepare(self, step: int) -> None:
         pass
+
+    def micro_kwargs(self, device) -> dict:
+        """The forward's keyword inputs for the next micro-batch (called once per micro-batch)."""
+        return self.forward_kwargs
 
     def extras(self, *more) -> dict:
         return {}
@@ -52,6 +59,9 @@ class Method:
             raise RuntimeError(f"checkpoint {where} has no '{self.name}' state: it was written with the method off")
         self.load_state_dict(trainer_state.pop(self.name))
 
+    def close(self) -> None:
+        pass
+
 
 class Methods(Method):
     """Several enabled methods at once (ECLIPSE + PSD): each gets its own forward outputs, in
@@ -66,6 +76,9 @@ class Methods(Method):
     def prepare(self, step: int) -> None:
         for m in self.methods:
             m.prepare(step)
+
+    def micro_kwargs(self, device) -> dict:
+        return {k: v for m in self.methods for k, v in m.micro_kwargs(device).items()}
 
     def extras(self, *more) -> dict:
         out, i = {}, 0
@@ -87,6 +100,10 @@ class Methods(Method):
     def restore(self, trainer_state: dict, where) -> None:
         for m in self.methods:
             m.restore(trainer_state, where)
+
+    def close(self) -> None:
+        for m in self.methods:
+            m.close()
 
 
 def build_method(cfg, engine) -> Method:
