@@ -43,10 +43,11 @@ def check_run_inputs(cfg, world: int | None) -> None:
 
     if world is not None:
         check_world(cfg, world)
-    from .methods import eclipse, psd
+    from .methods import eclipse, psd, text_lm
 
     eclipse.check(cfg, preset_shape(cfg.model)["vision_layers"])
     psd.check(cfg)
+    text_lm.check(cfg)
     build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, world or 1)
     D.expand_shards(cfg.data.train_shards, "data.train_shards")

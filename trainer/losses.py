@@ -8,8 +8,11 @@ text-only language modelling) register a term here and read what they need from 
     terms = build_terms(cfg.loss, method_terms(cfg))   # validates names
     total, parts = compute_loss(terms, ctx)            # parts: {"clip": tensor(...), ...}
 
-Terms that methods add (``teacher_kl`` of ECLIPSE, ``self_distill`` of PSD) are not separate
-passes: with any of them on, ``clip`` and they come out of one ``kernels.gathered_distill_loss``
+Terms that methods add are switched on by the method's key and weighted by its own weight key,
+never listed in ``loss.terms``. ``text_lm`` (EfficientCLIP's text-only stream) is a plain term:
+this rank's mean LM cross-entropy, which the model's forward computed
+(``ctx.extras["text_lm"]``), times ``text_lm.weight``. The distillation terms (``teacher_kl`` of
+ECLIPSE, ``self_distill`` of PSD) are not separate passes: with any of them on, ``clip`` and they come out of one ``kernels.gathered_distill_loss``
 call (one streaming pass over the gathered similarities),
 ``total = w_clip * (contrastive + (w_kl / w_clip) * teacher_kl)``, where ``contrastive`` is the
 CE against PSD's mixed targets ``(1 - a_t) onehot + a_t q`` on its subset (plain CLIP elsewhere).
@@ -47,22 +50,34 @@ def clip_term(ctx: LossContext) -> torch.Tensor:
                               sizes=ctx.sizes)
 
 
+def text_lm_term(ctx: LossContext) -> torch.Tensor:
+    """EfficientCLIP's language-modelling loss on this rank's text-only batch (trainer/methods/text_lm.py)."""
+    return ctx.extras["text_lm"]
+
+
 def _in_the_streaming_pass(ctx: LossContext) -> torch.Tensor:
     raise RuntimeError("computed by compute_loss's single gathered_distill_loss pass")
 
 
 TERMS: dict[str, Callable[[LossContext], torch.Tensor]] = {"clip": clip_term}
 # Terms a method switches on (not listed in loss.terms), and the key that switches each.
-METHOD_TERMS = {"teacher_kl": "eclipse.enabled", "self_distill": "psd.enabled"}
+METHOD_TERMS = {"teacher_kl": "eclipse.enabled", "self_distill": "psd.enabled", "text_lm": "text_lm.enabled"}
+# Of those, the ones computed inside compute_loss's one gathered_distill_loss pass; the others are
+# functions of ctx like the terms in TERMS.
+STREAMED = {"teacher_kl", "self_distill"}
+METHOD_TERM_FNS: dict[str, Callable[[LossContext], torch.Tensor]] = {"text_lm": text_lm_term}
 RESERVED = {"step", "loss", "lr", "samples_per_s", "logit_scale", "data_wait_frac"}
 
 
 def method_terms(cfg) -> dict[str, float]:
-    """The weighted terms the enabled methods add: ``{"teacher_kl": eclipse.kl_weight}``, and
-    ``self_distill`` (weight 1: its strength is PSD's ``a_t``, applied inside the pass)."""
+    """The weighted terms the enabled methods add: ``{"teacher_kl": eclipse.kl_weight}``,
+    ``self_distill`` (weight 1: its strength is PSD's ``a_t``, applied inside the pass) and
+    ``{"text_lm": text_lm.weight}``."""
     terms = {"teacher_kl": cfg.eclipse.kl_weight} if cfg.eclipse.enabled else {}
     if cfg.psd.enabled:
         terms["self_distill"] = 1.0
+    if cfg.text_lm.enabled:
+        terms["text_lm"] = cfg.text_lm.weight
     return terms
 
 
@@ -77,14 +92,16 @@ def build_terms(lc: LossConfig, methods: dict[str, float] | None = None) -> dict
         raise ConfigError(f"unknown loss term 'loss.terms.{unknown[0]}'; available: {', '.join(sorted(TERMS))}")
     terms = {name: (float(w), TERMS[name]) for name, w in lc.terms.items()}
     methods = methods or {}
-    if methods and terms.get("clip", (0.0,))[0] <= 0:
-        raise ConfigError(f"loss term(s) {', '.join(methods)} are distilled next to the contrastive loss: "
+    streamed = [name for name in methods if name in STREAMED]
+    if streamed and terms.get("clip", (0.0,))[0] <= 0:
+        raise ConfigError(f"loss term(s) {', '.join(streamed)} are distilled next to the contrastive loss: "
                           "config key 'loss.terms.clip' must be > 0")
-    return {**terms, **{name: (float(w), _in_the_streaming_pass) for name, w in methods.items()}}
+    return {**terms, **{name: (float(w), _in_the_streaming_pass if name in STREAMED else METHOD_TERM_FNS[name])
+                        for name, w in methods.items()}}
 
 
 def compute_loss(terms: dict[str, tuple[float, Callable]], ctx: LossContext):
-    streamed = [name for name in terms if name in METHOD_TERMS]
+    streamed = [name for name in terms if name in STREAMED]
     if not streamed:
         parts = {name: fn(ctx) for name, (_, fn) in terms.items()}
         total = sum(w * parts[name] for name, (w, _) in terms.items())

@@ -95,12 +95,14 @@ class ClipTrainModel(CLIPModel):
         return _ClampReturnable.apply(self.logit_scale, math.log(MAX_LOGIT_SCALE)).exp().reshape(())
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, with_teacher: bool = False,
-                with_psd_teacher: bool = False, **_):
+                with_psd_teacher: bool = False, lm_input_ids=None, lm_attention_mask=None, lm_labels=None,
+                lm_causal: bool = True, **_):
         """``(image, text, scale)``, then, with ``with_teacher``, the momentum teacher's image
-        embeddings (``self.teacher``, trainer/methods/eclipse.py) and, with ``with_psd_teacher``,
+        embeddings (``self.teacher``, trainer/methods/eclipse.py), with ``with_psd_teacher``,
         the self-distillation teacher's image and text embeddings (``self.psd_teacher``,
-        trainer/methods/psd.py). Teachers run without gradients inside this forward so that
-        ZeRO-3 gathers their layers like the student's."""
+        trainer/methods/psd.py), and, with ``lm_input_ids``, the language-modelling loss of a
+        text-only batch (:meth:`text_lm_loss`, trainer/methods/text_lm.py). Teachers run without
+        gradients inside this forward so that ZeRO-3 gathers their layers like the student's."""
         image = self.encode_image(pixel_values) if pixel_values is not None else None
         text = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
         out = (image, text, self.scale())
@@ -109,7 +111,31 @@ class ClipTrainModel(CLIPModel):
                 out += (self.teacher(pixel_values),)
             if with_psd_teacher:
                 out += tuple(self.psd_teacher(pixel_values, input_ids, attention_mask))
+        if lm_input_ids is not None:
+            out += (self.text_lm_loss(lm_input_ids, lm_attention_mask, lm_labels, causal=lm_causal),)
         return out
+
+    def text_lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                     causal: bool = True) -> torch.Tensor:
+        """Mean cross-entropy over the positions whose ``labels`` are not -100, through a head tied
+        to the token embedding: ``logits = h @ E.T`` with ``h`` the text tower's hidden states after
+        ``final_layer_norm`` (no new parameter). ``causal``: CLIP's causal tower as it is; else the
+        same layers with the padding mask only (bidirectional attention, for MLM). The logits are
+        formed only at the predicted positions. No predicted position gives 0 (not NaN)."""
+        tm = self.text_model
+        if causal:
+            hidden = tm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            from transformers.masking_utils import create_bidirectional_mask
+            embeds = tm.embeddings(input_ids=input_ids)
+            mask = create_bidirectional_mask(config=tm.config, inputs_embeds=embeds, attention_mask=attention_mask)
+            hidden = tm.final_layer_norm(tm.encoder(inputs_embeds=embeds, attention_mask=mask,
+                                                    is_causal=False).last_hidden_state)
+        chosen = labels != -100                                                  # [B, L]
+        logits = hidden[chosen] @ tm.embeddings.token_embedding.weight.T         # [n, V]
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[chosen],
+                             reduction="sum")   # bf16/fp16 logits: the softmax in fp32
+        return ce / chosen.sum().clamp(min=1)
 
 
 class _ClampReturnable(torch.autograd.Function):

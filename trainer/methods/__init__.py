@@ -4,6 +4,7 @@
 - ``evit``: EViT token dropping / FLIP patch dropout inside the ``transformers`` vision tower
 - ``psd``: progressive self-distillation's soft targets (self, momentum or previous teacher)
 - ``ema``: teacher weights that follow the student's fp32 masters under every ZeRO stage
+- ``text_lm``: EfficientCLIP's text-only stream and its language-modelling term (clm or mlm)
 
 ``trainer/train.py`` only calls what these expose: a teacher object the step updates, named loss
 terms, and runtime switches on the model.
@@ -115,11 +116,15 @@ def build_method(cfg, engine) -> Method:
     if cfg.psd.enabled:
         from .psd import Psd
         methods.append(Psd(cfg, engine))
+    if cfg.text_lm.enabled:   # last: the model returns the LM loss after the teachers' outputs
+        from .text_lm import TextLm
+        methods.append(TextLm(cfg, engine))
     return methods[0] if len(methods) == 1 else Methods(methods) if methods else Method()
 
 
 def attach(model, cfg) -> None:
     """Add what the enabled methods need to the model, before DeepSpeed wraps it."""
-    from . import eclipse, psd
+    from . import eclipse, psd, text_lm
     psd.attach(model, cfg)       # copies the stock towers, before ECLIPSE expedites the student's
     eclipse.attach(model, cfg)
+    text_lm.attach(model, cfg)
