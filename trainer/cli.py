@@ -1,4 +1,4 @@
-"""``python -m trainer VERB ...``: train, make-demo-data, eval, export-hf.
+"""``python -m trainer VERB ...``: train, make-demo-data, eval, export-hf, select, sweep, bench.
 
 User mistakes (bad config, missing paths, bad batch arithmetic) print one ``error:`` line and exit
 with status 2, before any process group or data loader starts.
@@ -43,10 +43,11 @@ def check_run_inputs(cfg, world: int | None) -> None:
 
     if world is not None:
         check_world(cfg, world)
-    from .methods import eclipse, psd, text_lm
+    from .methods import eclipse, psd, selection, text_lm
 
     eclipse.check(cfg, preset_shape(cfg.model)["vision_layers"])
     psd.check(cfg)
+    selection.check(cfg)
     text_lm.check(cfg)
     build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, world or 1)
@@ -153,6 +154,11 @@ def _bench(args) -> int:
     raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train, expedite")
 
 
+def _select(args) -> int:
+    from .methods.selection import main as select_main
+    return select_main(args)
+
+
 def _sweep(args) -> int:
     from .sweep import run_sweep
     return run_sweep(args)
@@ -191,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slurm", action="store_true", help="submit each run with slurm/train.sbatch and wait")
     s.add_argument("--nproc", type=int, default=2, help="ranks per run under torchrun (default 2)")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    c = sub.add_parser("select", help="ensemble confident learning: score pairs with checkpoints, keep the best (EfficientCLIP)")
+    c.add_argument("--checkpoints", nargs="+", required=True, help="the ensemble: checkpoints or run directories of one model shape")
+    c.add_argument("--shards", required=True, nargs="+", help="shards to score: directories, brace patterns, or files")
+    c.add_argument("--out", required=True, help="writes scores.jsonl, manifest.txt, index.json, summary.json (and parts/)")
+    rule = c.add_mutually_exclusive_group()
+    rule.add_argument("--keep", type=float, help="keep this top fraction of the current subset by score (default 0.9)")
+    rule.add_argument("--threshold", type=float, help="keep samples whose score (a sum of cosines) is >= this")
+    rule.add_argument("--percentile", type=float, help="keep samples scoring >= this percentile (0-100) of the subset")
+    c.add_argument("--manifest", help="the current subset (an earlier selection, or a key-per-line file): only its samples are scored")
+    c.add_argument("--scores-from", nargs="+", help="earlier selections whose scores are added (the temporal ensemble)")
+    c.add_argument("--batch-size", type=int, default=256, help="scoring batch per rank (default 256)")
+    c.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    c.add_argument("--merge-only", action="store_true", help="only merge the scored parts (e.g. a job after an array)")
     b = sub.add_parser("bench", help="benchmarks: bench loss|train [options]")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: train needs --config FILE (e.g. trainer/configs/demo.yaml)", file=sys.stderr)
         return 2
     handlers = {"train": _train, "make-demo-data": _make_demo_data, "eval": _eval, "export-hf": _export,
-                "bench": _bench, "sweep": _sweep}
+                "bench": _bench, "sweep": _sweep, "select": _select}
     try:
         return handlers[args.verb](args)
     except ConfigError as err:

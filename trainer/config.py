@@ -123,6 +123,7 @@ class DebugConfig:
     inject_nan_microbatch: int = _f(0, "fault injection for tests: which good micro-batch of the step (0-based, < train.grad_accum_steps) gets the NaN; the last one is the accumulation boundary", min=0)
     inject_nan_where: str = _f("loss", "where the injected NaN arises: loss (the finished loss) | forward (inside the vision tower) | grad (the gradient only; the loss stays finite)", choices=("loss", "forward", "grad"))
     raise_at_step: int | None = _f(None, "fault injection for tests: rank 0 raises an exception after this optimizer step (a failing rank must exit, not hang)")
+    kill_during_select_step: int | None = _f(None, "fault injection for tests: SIGKILL rank 0 after it wrote its first scored unit of the selection round at step N")
     kill_during_save_step: int | None = _f(None, "fault injection for tests: SIGKILL this process after writing checkpoint N but before marking it latest")
 
 
@@ -167,6 +168,18 @@ class TextLmConfig:
 
 
 @dataclass
+class SelectConfig:
+    enabled: bool = _f(False, "EfficientCLIP's ensemble confident learning (METHODS.md 3) inside training: every select.every_steps, score the current subset with the model (plus the earlier rounds' scores) and train on the kept fraction only (trainer/methods/selection.py)")
+    every_steps: int | None = _f(None, "a selection round every N optimizer steps (default: every epoch of the paired stream, as the public code)", min=1)
+    keep: float | None = _f(None, "keep this fraction of the current subset per round, by score rank (default 0.9, the public code's; give at most one of keep, threshold, percentile)")
+    threshold: float | None = _f(None, "instead of keep: keep samples whose ensemble score (a sum of cosines) is >= this")
+    percentile: float | None = _f(None, "instead of keep: keep samples scoring >= this percentile (0-100) of the subset's scores")
+    max_rounds: int | None = _f(None, "stop selecting after this many rounds (default: no limit)", min=1)
+    temporal: bool = _f(True, "add the previous round's scores to this round's (the temporal ensemble of the public code)")
+    batch_size: int = _f(256, "per-rank scoring batch size", min=1)
+
+
+@dataclass
 class Config:
     output_dir: str = _f("runs/default", "where checkpoints, metrics, TensorBoard and eval.json go")
     seed: int = _f(0, "seed for weights, data order and augmentation")
@@ -184,6 +197,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     eclipse: EclipseConfig = field(default_factory=EclipseConfig)
     psd: PsdConfig = field(default_factory=PsdConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     text_lm: TextLmConfig = field(default_factory=TextLmConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 

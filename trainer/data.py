@@ -90,7 +90,7 @@ class ShardManifest:
         self.dir = Path(directory)
         index = json.loads((self.dir / "index.json").read_text())
         self.manifest = self.dir / index.get("manifest", "manifest.txt")
-        self.ranges = {s["url"]: tuple(s["manifest"]) for s in index["shards"]}
+        self.ranges = {canonical_url(s["url"]): tuple(s["manifest"]) for s in index["shards"]}
         by_name: dict[str, list[str]] = {}
         for url in self.ranges:
             by_name.setdefault(os.path.basename(url), []).append(url)
@@ -101,10 +101,8 @@ class ShardManifest:
     def resolve(self, url: str) -> str | None:
         """The index entry of a training shard URL: the same path (symlinks and relative paths
         resolved), else the one shard with the same file name."""
-        for cand in (url, _canonical(url)):
-            if cand in self.ranges:
-                return cand
-        return self._by_name.get(os.path.basename(url))
+        entry = canonical_url(url)
+        return entry if entry in self.ranges else self._by_name.get(os.path.basename(url))
 
     def missing(self, urls: list[str]) -> list[str]:
         return [u for u in urls if self.resolve(u) is None]
@@ -126,7 +124,8 @@ class ShardManifest:
         return self.kept
 
 
-def _canonical(url: str) -> str:
+def canonical_url(url: str) -> str:
+    """A shard's name in a selection index: local paths absolute with symlinks resolved."""
     return url if ("://" in url or url.startswith("pipe:")) else os.path.realpath(url)
 
 

@@ -32,6 +32,7 @@ from .evaluate import evaluate_all
 from .faults import GradGuard, NanInjector, skip_update
 from .losses import LossContext, build_terms, compute_loss, method_terms
 from .methods import Method, attach as attach_method, build_method
+from .methods.selection import Selection, log_values as selection_values
 from .metrics import MetricsLogger
 from .model import build_model, preset_shape
 
@@ -209,12 +210,13 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
         shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
-    train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"])
+    selection = Selection(cfg, le.rank, le.world_size, state.get("select"))
+    train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"], manifest=selection.manifest)
     metrics_log = MetricsLogger(out, tensorboard=cfg.log.tensorboard, enabled=le.rank == 0, resume_step=state["step"])
     global_batch = ds_config["train_batch_size"]
 
     def save() -> None:
-        state["data"] = train_data.position
+        state["data"], state["select"] = train_data.position, selection.state
         ckpt.save(engine, state["step"], {**state, "rng": _rng_state(), "world_size": le.world_size,
                                           **method.checkpoint_state()}, config_yaml,
                   kill_before_latest=cfg.debug.kill_during_save_step == state["step"])
@@ -226,6 +228,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     status = 0
     try:
         while state["step"] < cfg.max_steps:
+            if selection.due(state["step"]):   # ECL: after this step's checkpoint, so a kill re-runs the round
+                train_data.set_manifest(select_round(selection, engine, tokenizer, metrics_log, state["step"], train_data))
             t0 = time.perf_counter()
             upcoming = state["step"] + 1
             try:
@@ -252,7 +256,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                 window = _new_window()
             if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
                 run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
-            if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now:
+            if (state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now
+                    or selection.due(state["step"])):
                 save()
             if stop_now:
                 log.warning("stop requested by signal: checkpoint %s written; re-run the same command to resume",
@@ -319,6 +324,16 @@ def _logit_scale(module) -> float:
     # Gathers the partitioned parameter under ZeRO-3; a no-op for every other stage.
     with torch.no_grad(), deepspeed.zero.GatheredParameters([module.logit_scale]):
         return float(module.scale().float())
+
+
+def select_round(selection: Selection, engine, tokenizer, metrics_log: MetricsLogger, step: int, train_data: TrainData):
+    """One ECL round on every rank; its summary goes to TensorBoard (``select/...``)."""
+    path, summary = selection.round(engine.module, step, tokenizer, engine.device)
+    metrics_log.log(selection_values(summary), step, prefix="select")
+    log.info("selection round %d at step %d: kept %d of %d (%s)", selection.state["rounds"], step, summary["kept"],
+             summary["total"], ", ".join(f"{k}={summary[k]:.3f}" for k in ("precision", "recall", "auc")
+                                         if summary.get(k) is not None) or "no noise labels")
+    return D.read_manifest(path, train_data.urls)
 
 
 def run_eval(cfg: Config, engine, tokenizer, metrics_log: MetricsLogger, step: int, out: Path, le: LaunchEnv):

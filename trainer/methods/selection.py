@@ -1,0 +1,608 @@
+"""EfficientCLIP's ensemble confident learning (ECL, METHODS.md section 3): score every pair with
+an ensemble, keep the best-scoring fraction of the current subset, train on that.
+
+    python -m trainer select --checkpoints runs/a runs/b --shards data/train --out runs/sel --keep 0.7
+    torchrun --nproc_per_node 8 -m trainer select ...                 # each rank scores its share
+    sbatch --array 0-15 slurm/run.sbatch python -m trainer select ... # each array task its share
+    python -m trainer train ... data.manifest=runs/sel                # train on the kept pairs
+
+The score of pair ``i`` is ``c_i = sum_k cos(f_I^(k)(x_i), f_T^(k)(t_i))`` over the checkpoints
+given, plus the scores carried over from earlier selections (``--scores-from``: the temporal
+ensemble of the public code, where each epoch's model adds its cosines to the running sum).
+The kept set is the top ``keep`` fraction of the current subset by score (rank-based, ties broken
+by data order; the public code keeps 0.9 per round), or everything at or above an absolute
+``threshold`` or the score at a ``percentile`` of the subset.
+
+Work is split in units, a shard each (a slice of every ``parts``-th sample of a shard when the
+ranks outnumber the shards); rank ``r`` of ``w`` scores units ``r, r + w, ...``. Each unit is
+written atomically to ``OUT/parts/`` when done, so a killed pass resumes by skipping the units
+present, and nothing is scored twice. Whoever finishes the last unit merges (under a file lock):
+
+    OUT/scores.jsonl   {"key", "score"} per scored sample, shard by shard, in shard order
+    OUT/manifest.txt   the kept keys, shard by shard (what ``data.manifest`` reads)
+    OUT/index.json     each shard's byte range in manifest.txt and in scores.jsonl: a loader
+                       worker reads one shard's kept keys when it opens the shard, a later
+                       round one shard's carried scores (memory per process: one shard)
+    OUT/summary.json   written last, so its presence marks a finished selection: total, kept,
+                       keep, checkpoints; with ``"noisy"`` in the shards' JSON, precision and
+                       recall of the dropped set and the ROC AUC of the scores
+
+Inside training (``select.enabled``), :class:`Selection` runs a round every ``select.every_steps``
+(default: every epoch of the paired stream) with the model being trained, in lockstep across
+ranks (ZeRO-3 gathers parameters in every forward), carrying the previous round's scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import heapq
+import json
+import logging
+import os
+import signal
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from webdataset import tariterators
+
+from .. import data as D
+from ..config import Config, ConfigError
+
+log = logging.getLogger("trainer.select")
+FORMAT = "trainer-selection/1"
+
+
+# ----------------------------------------------------------------------------- the rule
+
+@dataclass(frozen=True)
+class Rule:
+    """Which scored samples survive: the top ``keep`` fraction, or ``score >= threshold``, or
+    ``score >=`` the ``percentile``-th percentile of the subset's scores."""
+    keep: float | None = 0.9
+    threshold: float | None = None
+    percentile: float | None = None
+
+    def describe(self) -> dict:
+        return {k: v for k, v in (("keep", self.keep), ("threshold", self.threshold),
+                                  ("percentile", self.percentile)) if v is not None}
+
+    def kept_mask(self, scores: np.ndarray) -> np.ndarray:
+        if self.threshold is not None:
+            return scores >= self.threshold
+        if self.percentile is not None:
+            return scores >= np.percentile(scores, self.percentile) if scores.size else scores > 0
+        k = int(round(self.keep * scores.size))
+        mask = np.zeros(scores.size, dtype=bool)
+        mask[np.argsort(-scores, kind="stable")[:k]] = True   # ties: the earlier sample first
+        return mask
+
+
+def make_rule(keep: float | None, threshold: float | None, percentile: float | None, where: str) -> Rule:
+    """The one rule given (none: keep 0.9, the public code's per-round fraction)."""
+    given = [n for n, v in (("keep", keep), ("threshold", threshold), ("percentile", percentile)) if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{where}: give one of keep, threshold, percentile; got {', '.join(given)}")
+    if keep is not None and not 0.0 < keep <= 1.0:
+        raise ConfigError(f"{where}: keep must be in (0, 1]; got {keep}")
+    if percentile is not None and not 0.0 <= percentile < 100.0:
+        raise ConfigError(f"{where}: percentile must be in [0, 100); got {percentile}")
+    if threshold is not None or percentile is not None:
+        return Rule(keep=None, threshold=threshold, percentile=percentile)
+    return Rule(keep=0.9 if keep is None else keep)
+
+
+# ----------------------------------------------------------------------------- work units
+
+@dataclass(frozen=True)
+class Unit:
+    shard: int   # index into the shard list
+    part: int    # this unit scores the samples with index % parts == part
+    parts: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard:06d}-{self.part}of{self.parts}"
+
+
+def work_units(n_shards: int, world: int) -> list[Unit]:
+    """A unit per shard; when the ranks outnumber the shards, each shard split into as many
+    interleaved slices as it takes for every rank to have one."""
+    parts = 1 if n_shards >= world else -(-world // n_shards)
+    return [Unit(s, j, parts) for s in range(n_shards) for j in range(parts)]
+
+
+def share(units: list[Unit], rank: int, world: int) -> list[Unit]:
+    return units[rank::world]
+
+
+def launch_share() -> tuple[int, int]:
+    """``(rank, world)`` of this scoring process: torchrun/srun ranks, times SLURM array tasks
+    (task ``t`` of an array of ``n`` with ``p`` ranks each is ranks ``t*p .. t*p + p - 1``)."""
+    from ..dist import launch_env
+    le = launch_env()
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        return task * le.world_size + le.rank, count * le.world_size
+    return le.rank, le.world_size
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _noisy(sample: dict):
+    if "json" not in sample:
+        return None
+    try:
+        flag = json.loads(sample["json"]).get("noisy")
+    except (ValueError, AttributeError):
+        return None
+    return None if flag is None else bool(flag)
+
+
+def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int,
+                 done: Callable[[Unit], bool]) -> Iterator[tuple]:
+    """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped)``
+    once per unit (after all of its batches were scored). Units already done are passed over."""
+    for unit in units:
+        if done(unit):
+            continue
+        url = urls[unit.shard]
+        counter = D._Counter()
+        keep = None if subset is None else subset.keys_for(url)
+        records: list[dict] = []
+        items, positions = [], []
+        for i, sample in enumerate(tariterators.tarfile_samples([{"url": url}], handler=counter.handler)):
+            if i % unit.parts != unit.part:
+                continue
+            key = sample["__key__"]
+            rec = {"i": i, "key": key, "score": None, "noisy": _noisy(sample)}
+            records.append(rec)
+            if keep is not None and key not in keep:
+                continue          # not in the current subset: counted, not scored
+            try:
+                pixels, caption, _ = decoder(sample)
+            except Exception as err:  # noqa: BLE001 - a corrupt sample is skipped and counted
+                counter.bad_sample(key, err)
+                rec["corrupt"] = True
+                continue
+            items.append((pixels, caption))
+            positions.append(len(records) - 1)
+            if len(items) == batch_size:
+                yield "batch", records, positions, decoder.collate(items)
+                items, positions = [], []
+        if items:
+            yield "batch", records, positions, decoder.collate(items)
+        yield "done", unit, records, counter.skipped
+
+
+@torch.no_grad()
+def ensemble_cosines(models: list, batch: dict, device, dtype) -> torch.Tensor:
+    """``sum_k cos(f_I^(k)(x), f_T^(k)(t))`` for a batch, float64 on the CPU. Each model runs at
+    full capacity (an ECLIPSE student's expedition is switched off)."""
+    from .eclipse import keep_rate
+
+    total = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float64)
+    for model in models:
+        with keep_rate(model, 1.0):
+            img, txt, *_ = model(pixel_values=batch["image"].to(device, dtype), input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device))
+        total += (img.float() * txt.float()).sum(-1).double().cpu()
+    return total
+
+
+def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.SampleDecoder, out: Path, *,
+                source: str, device, dtype=torch.float32, subset=None, batch_size: int = 256,
+                lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None) -> int:
+    """Score this process's ``units`` into ``out/parts/UNIT.jsonl``; returns the units written.
+
+    ``source`` identifies what is scored with (checkpoints, subset, precision): a part written
+    from another source is scored again. ``lockstep``: every rank runs the same number of
+    forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs."""
+    from ..dist import all_reduce_flags
+
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source)
+    written = 0
+    while True:
+        ev = next(events, None)
+        while ev is not None and ev[0] == "done":
+            _, unit, records, skipped = ev
+            header = {"format": FORMAT, "unit": unit.name, "url": urls[unit.shard], "source": source,
+                      "samples": len(records), "skipped": skipped}
+            _write_lines(parts / f"{unit.name}.jsonl", [header, *records])
+            written += 1
+            if on_unit is not None:
+                on_unit(unit)
+            ev = next(events, None)
+        if lockstep:
+            (anyone,) = all_reduce_flags(float(ev is not None))
+            if not anyone:
+                break
+        elif ev is None:
+            break
+        cos = ensemble_cosines(models, ev[3] if ev is not None else dummy, device, dtype)
+        if ev is not None:
+            _, records, positions, _ = ev
+            for pos, c in zip(positions, cos.tolist()):
+                records[pos]["score"] = c
+    return written
+
+
+def _write_lines(path: Path, rows) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _part_source(parts: Path, unit: Unit) -> str | None:
+    path = parts / f"{unit.name}.jsonl"
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        try:
+            return json.loads(fh.readline()).get("source")
+        except ValueError:
+            return None
+
+
+def missing_units(out: Path, units: list[Unit], source: str) -> list[Unit]:
+    return [u for u in units if _part_source(out / "parts", u) != source]
+
+
+# ----------------------------------------------------------------------------- merging
+
+class CarriedScores(D.ShardManifest):
+    """An earlier selection's ``scores.jsonl``, read one shard at a time through its index."""
+
+    def __init__(self, directory):
+        directory = Path(directory)
+        if not (directory / "summary.json").is_file():
+            raise ConfigError(f"--scores-from {directory}: not a finished selection (no summary.json)")
+        super().__init__(directory)
+        index = json.loads((directory / "index.json").read_text())
+        self.score_ranges = {D.canonical_url(s["url"]): tuple(s["scores"]) for s in index["shards"]}
+
+    def scores_for(self, url: str) -> dict[str, float]:
+        entry = self.resolve(url)
+        if entry is None:
+            raise ConfigError(f"--scores-from {self.dir}: it holds no scores of shard {url}")
+        start, end = self.score_ranges[entry]
+        with open(self.dir / "scores.jsonl", "rb") as fh:
+            fh.seek(start)
+            return {r["key"]: r["score"] for r in map(json.loads, fh.read(end - start).decode().splitlines())}
+
+
+def _unit_records(path: Path) -> Iterator[dict]:
+    with open(path) as fh:
+        fh.readline()
+        for line in fh:
+            yield json.loads(line)
+
+
+def _auc(scores: np.ndarray, noisy: np.ndarray) -> float | None:
+    """ROC AUC of the score as a detector of clean pairs (P(score_clean > score_noisy), ties
+    counted half): Mann-Whitney U over average ranks."""
+    n_pos, n_neg = int((~noisy).sum()), int(noisy.sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(scores.size, dtype=np.float64)
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    u = ranks[~noisy].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _dropped_stats(noisy_dropped: int, dropped: int, noisy_total: int) -> dict:
+    return {"precision": noisy_dropped / dropped if dropped else None,
+            "recall": noisy_dropped / noisy_total if noisy_total else None}
+
+
+def merge(out: Path, urls: list[str], units: list[Unit], *, source: str, rule: Rule, carried: list[CarriedScores],
+          meta: dict) -> dict:
+    """Combine the parts into scores.jsonl, manifest.txt, index.json and (last) summary.json."""
+    parts = out / "parts"
+    missing = missing_units(out, units, source)
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} unit(s) not scored yet (first: {missing[0].name})")
+    scores, noisy, in_shards_noisy = array("d"), array("b"), array("b")
+    shard_entries, skipped, unscored, corrupt = [], 0, 0, 0
+    with open(out / f"scores.jsonl.{os.getpid()}.tmp", "w") as sf:
+        for s, url in enumerate(urls):
+            mine = [u for u in units if u.shard == s]
+            carried_s = [c.scores_for(url) for c in carried]
+            start, n_scored = sf.tell(), 0
+            for u in mine:
+                with open(parts / f"{u.name}.jsonl") as fh:
+                    skipped += int(json.loads(fh.readline())["skipped"])
+            streams = [_unit_records(parts / f"{u.name}.jsonl") for u in mine]
+            for rec in heapq.merge(*streams, key=lambda r: r["i"]):
+                in_shards_noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+                if rec["score"] is None:
+                    unscored += 1
+                    corrupt += bool(rec.get("corrupt"))
+                    continue
+                total = rec["score"]
+                for c, cs in zip(carried, carried_s):
+                    if rec["key"] not in cs:
+                        raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
+                                          "(the earlier selection scored other data)")
+                    total += cs[rec["key"]]
+                sf.write(json.dumps({"key": rec["key"], "score": total}) + "\n")
+                scores.append(total)
+                noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+                n_scored += 1
+            shard_entries.append({"url": D.canonical_url(url), "scores": [start, sf.tell()], "scored": n_scored})
+        sf.flush()
+        os.fsync(sf.fileno())
+    score_arr = np.frombuffer(scores, dtype=np.float64)
+    if score_arr.size == 0:
+        raise ConfigError(f"select: no sample was scored in {len(urls)} shard(s) (empty shards, every sample corrupt, "
+                          "or a manifest that keeps none of their keys)")
+    kept = rule.kept_mask(score_arr)
+    if not kept.any():
+        raise ConfigError(f"select: the rule {rule.describe()} keeps none of the {score_arr.size} scored samples "
+                          f"(scores {score_arr.min():.4g} .. {score_arr.max():.4g})")
+    os.replace(out / f"scores.jsonl.{os.getpid()}.tmp", out / "scores.jsonl")
+    # The manifest in the same order, each shard's kept keys one contiguous range.
+    pos = 0
+    with open(out / "scores.jsonl") as sf, open(out / f"manifest.txt.{os.getpid()}.tmp", "w") as mf:
+        for entry in shard_entries:
+            start, n_kept = mf.tell(), 0
+            for _ in range(entry["scored"]):
+                key = json.loads(sf.readline())["key"]
+                if kept[pos]:
+                    mf.write(key + "\n")
+                    n_kept += 1
+                pos += 1
+            entry.update(manifest=[start, mf.tell()], kept=n_kept)
+        mf.flush()
+        os.fsync(mf.fileno())
+    os.replace(out / f"manifest.txt.{os.getpid()}.tmp", out / "manifest.txt")
+    _write_json(out / "index.json", {"format": FORMAT, "manifest": "manifest.txt", "shards": shard_entries})
+    summary = {"total": int(score_arr.size), "kept": int(kept.sum()), **rule.describe(),
+               "kept_fraction": float(kept.mean()), "samples_in_shards": len(in_shards_noisy),
+               "not_in_subset": unscored - corrupt, "skipped": skipped,
+               "score_min": float(score_arr.min()), "score_max": float(score_arr.max()),
+               "score_threshold": float(score_arr[kept].min()), **meta}
+    summary.update(_noise_summary(score_arr, np.frombuffer(noisy, dtype=np.int8), kept,
+                                  np.frombuffer(in_shards_noisy, dtype=np.int8)))
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _noise_summary(scores: np.ndarray, noisy: np.ndarray, kept: np.ndarray, all_noisy: np.ndarray) -> dict:
+    """With ``"noisy"`` flags: of the dropped set, over all samples of the shards (everything not in
+    the manifest is dropped: earlier rounds' drops included), and over this round's candidates."""
+    if (noisy < 0).any() or noisy.size == 0 or (all_noisy < 0).any():
+        return {}
+    flags = noisy.astype(bool)
+    noisy_total = int((all_noisy == 1).sum())
+    noisy_kept = int(flags[kept].sum())
+    dropped_all = all_noisy.size - int(kept.sum())
+    out = _dropped_stats(noisy_total - noisy_kept, dropped_all, noisy_total)
+    rnd = _dropped_stats(int(flags[~kept].sum()), int((~kept).sum()), int(flags.sum()))
+    out.update(round_precision=rnd["precision"], round_recall=rnd["recall"], noisy_in_shards=noisy_total,
+               kept_noise_rate=noisy_kept / max(1, int(kept.sum())), auc=_auc(scores, flags))
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    with open(tmp) as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def merge_lock(out: Path):
+    """Yields True for the one process that may merge now (False: another one is merging)."""
+    with open(out / ".merge.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def source_id(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def eval_decoder(cfg: Config, tokenizer) -> D.SampleDecoder:
+    from ..model import preset_shape
+    shape = preset_shape(cfg.model)
+    return D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
+        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False))
+
+
+def dummy_batch(decoder: D.SampleDecoder, image_size: int) -> dict:
+    return {"image": torch.zeros(1, 3, image_size, image_size), **decoder.tokenize([""])}
+
+
+# ----------------------------------------------------------------------------- the verb
+
+def _load_ensemble(checkpoints: list[str]):
+    """``(configs, models, tokenizer, cfg)`` of the checkpoints; they must share the model and the
+    input pipeline (each sample is decoded once for the whole ensemble)."""
+    from ..data import load_tokenizer
+    from ..export import checkpoint_config, load_trained_model
+
+    loaded = []
+    for path in checkpoints:
+        cfg, root, tag = checkpoint_config(path)
+        loaded.append((path, cfg, root, tag))
+    first = loaded[0][1]
+    for path, cfg, _, _ in loaded[1:]:
+        for section in ("model", "tokenizer"):
+            a, b = vars(getattr(first, section)), vars(getattr(cfg, section))
+            diff = sorted(k for k in a if a[k] != b[k])
+            if diff:
+                raise ConfigError(f"--checkpoints: {path} has another {section} than {loaded[0][0]} "
+                                  f"({', '.join(f'{section}.{k}: {b[k]!r} vs {a[k]!r}' for k in diff)}); "
+                                  "the ensemble's members must share one model shape and tokenizer")
+        if (cfg.data.image_mean, cfg.data.image_std) != (first.data.image_mean, first.data.image_std):
+            raise ConfigError(f"--checkpoints: {path} normalises images differently from {loaded[0][0]}")
+    tokenizer = load_tokenizer(first.tokenizer.path)
+    models = []
+    for path, cfg, root, tag in loaded:
+        try:
+            models.append(load_trained_model(cfg, root, tag, tokenizer))
+        except RuntimeError as err:
+            raise ConfigError(f"--checkpoints {path}: its weights do not fit its config.yaml's model ({err})") from None
+    return [str(Path(r) / t) for _, _, r, t in loaded], models, tokenizer, first
+
+
+def main(args) -> int:
+    """``python -m trainer select ...`` (see the module docstring)."""
+    rule = make_rule(args.keep, args.threshold, args.percentile, "select")
+    urls = D.expand_shards(args.shards, "--shards")
+    out = Path(args.out)
+    rank, world = launch_share()
+    names, models, tokenizer, cfg = _load_ensemble(args.checkpoints)
+    subset = D.read_manifest(args.manifest, urls) if args.manifest else None
+    carried = [CarriedScores(d) for d in args.scores_from or []]
+    for c in carried:
+        missing = c.missing(urls)
+        if missing:
+            raise ConfigError(f"--scores-from {c.dir}: it holds no scores of shard {missing[0]}")
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
+    source = source_id(names, [str(Path(u)) for u in urls], args.manifest, dtype)
+    units = work_units(len(urls), world)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.merge_only:
+        for m in models:
+            m.to(device, dtype)
+        decoder = eval_decoder(cfg, tokenizer)
+        mine = share(units, rank, world)
+        n = score_units(models, urls, mine, decoder, out, source=source, device=device, dtype=dtype, subset=subset,
+                        batch_size=args.batch_size)
+        log.warning("select: rank %d/%d scored %d unit(s) (%d of its %d were done already)",
+                    rank, world, n, len(mine) - n, len(mine))
+    left = missing_units(out, units, source)
+    if left:
+        if args.merge_only:
+            raise ConfigError(f"select --merge-only: {len(left)} unit(s) are not scored yet (first: {left[0].name} "
+                              f"= shard {urls[left[0].shard]}); run the scoring tasks first")
+        return 0   # another rank or array task finishes last and merges
+    with merge_lock(out) as mine_to_merge:
+        if not mine_to_merge:
+            return 0
+        meta = {"checkpoints": names, "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,
+                "units": len(units), "world": world}
+        summary = merge(out, urls, units, source=source, rule=rule, carried=carried, meta=meta)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- rounds in training
+
+def steps_per_epoch(cfg: Config, world: int) -> int:
+    per_epoch = max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world))   # micro-batches
+    return max(1, per_epoch // cfg.train.grad_accum_steps)
+
+
+class Selection:
+    """ECL rounds inside a training run (``select.*``).
+
+        sel = Selection(cfg, rank, world, state.get("select"))
+        data = TrainData(..., manifest=sel.manifest)
+        ...after the checkpoint of step S:
+        if sel.due(S): data.set_manifest(sel.round(engine.module, S, tokenizer, device, log_fn))
+
+    Round ``k`` (1, 2, ...) scores the current subset with the model as it is at step ``S``,
+    plus round ``k-1``'s scores (``select.temporal``), into ``output_dir/select/round_k``, and
+    the stream reads only its kept samples from then on, in a new epoch. The checkpoint at ``S``
+    is written before the round, so a kill during scoring re-runs the round on resume (the
+    units already written are kept: scoring is deterministic) and ends with the same manifest.
+    """
+
+    def __init__(self, cfg: Config, rank: int, world: int, state: dict | None):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        sc = cfg.select
+        self.every = sc.every_steps or steps_per_epoch(cfg, world)
+        self.rule = make_rule(sc.keep, sc.threshold, sc.percentile, "config section 'select'")
+        self.state = state or {"rounds": 0, "manifest": cfg.data.manifest, "last_step": 0}
+
+    @property
+    def manifest(self) -> str | None:
+        return self.state["manifest"]
+
+    def due(self, step: int) -> bool:
+        sc = self.cfg.select
+        return (sc.enabled and step > 0 and step % self.every == 0 and step > self.state["last_step"]
+                and step < self.cfg.max_steps and (sc.max_rounds is None or self.state["rounds"] < sc.max_rounds))
+
+    def round_dir(self, k: int) -> Path:
+        return Path(self.cfg.output_dir) / "select" / f"round_{k:03d}"
+
+    def round(self, model, step: int, tokenizer, device) -> tuple[str, dict]:
+        """Run the round due at ``step`` on every rank; returns the new manifest path and summary."""
+        from ..dist import barrier, is_main
+        from ..model import preset_shape
+
+        k = self.state["rounds"] + 1
+        out = self.round_dir(k)
+        urls = D.expand_shards(self.cfg.data.train_shards, "data.train_shards")
+        prev = self.round_dir(k - 1) if k > 1 and self.cfg.select.temporal else None
+        subset = D.read_manifest(self.manifest, urls)
+        source = source_id("train", step, self.manifest, str(prev))
+        units = work_units(len(urls), self.world)
+        decoder = eval_decoder(self.cfg, tokenizer)
+        summary_path = out / "summary.json"
+        done = summary_path.is_file() and json.loads(summary_path.read_text()).get("source") == source
+        barrier()
+        if not done:
+            kill = self.cfg.debug.kill_during_select_step == step and self.rank == 0
+            dtype = next(model.parameters()).dtype
+            was_training = model.training
+            model.eval()
+            score_units([model], urls, share(units, self.rank, self.world), decoder, out, source=source,
+                        device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
+                        lockstep=True, dummy=dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
+                        on_unit=(lambda _u: os.kill(os.getpid(), signal.SIGKILL)) if kill else None)
+            model.train(was_training)
+            barrier()
+            if is_main():
+                carried = [CarriedScores(prev)] if prev is not None else []
+                merge(out, urls, units, source=source, rule=self.rule, carried=carried,
+                      meta={"step": step, "round": k, "source": source, "manifest_in": self.manifest,
+                            "scores_from": [str(prev)] if prev else []})
+            barrier()
+        summary = json.loads(summary_path.read_text())
+        self.state = {"rounds": k, "manifest": str(out), "last_step": step}
+        return str(out), summary
+
+
+def check(cfg: Config) -> None:
+    """``select.*`` against the rest of the config (before any process group starts)."""
+    sc = cfg.select
+    make_rule(sc.keep, sc.threshold, sc.percentile, "config section 'select'")
+    if sc.enabled and sc.every_steps is not None and sc.every_steps >= cfg.max_steps:
+        log.warning("select.every_steps=%d >= max_steps=%d: no selection round will run", sc.every_steps, cfg.max_steps)
+
+
+def log_values(summary: dict) -> dict:
+    """The summary's numbers for TensorBoard's ``select/...`` scalars."""
+    names = ("kept", "kept_fraction", "precision", "recall", "auc", "round_precision", "round_recall",
+             "kept_noise_rate", "score_threshold")
+    return {k: float(summary[k]) for k in names if summary.get(k) is not None}
