@@ -439,7 +439,7 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
             window[0] = T._new_window()
         return metrics["loss"]
     return step, {"params": params, "optimizer": optimizer_name, "loss_impl": _loss_impl(cfg, device),
-                  "close": metrics_log.close}
+                  "close": lambda: (metrics_log.close(), method.close())}   # method: text_lm's loader workers
 
 
 def _book(obj, name: str, phases: Phases, *, before: str, after: str) -> None:
