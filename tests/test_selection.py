@@ -210,6 +210,26 @@ def test_training_reads_only_the_kept_keys(single, ragged, tmp_path):
     assert "new-000000.tar" in text and "not in the selection" in text
 
 
+def test_corrupt_samples_are_skipped_and_counted(single, ckpts, ragged, tmp_path):
+    shards = tmp_path / "train"
+    shutil.copytree(ragged / "train", shards)
+    with tarfile.open(ragged / "train" / "train-000002.tar") as src, tarfile.open(shards / "train-000002.tar", "w") as dst:
+        for m in src.getmembers():
+            payload = src.extractfile(m).read()
+            if m.name == "train_00000260.jpg":
+                payload = b"\xff\xd8 not a jpeg"
+            m.size = len(payload)
+            dst.addfile(m, io.BytesIO(payload))
+    out = tmp_path / "sel"
+    check(select(ckpts, shards, out, "--keep", "0.7"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == 1 and summary["total"] == 299 and summary["samples_in_shards"] == 300
+    expected = [(k, v) for k, v in scores(single) if k != "train_00000260"]
+    assert [k for k, _ in scores(out)] == [k for k, _ in expected]
+    # Batches of shard 2 shift by one sample: the same scores up to float noise.
+    np.testing.assert_allclose([v for _, v in scores(out)], [v for _, v in expected], atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["other-shape", "weights-mismatch", "no-shards", "keeps-none", "not-a-checkpoint"])
 def test_bad_select_input_exits_2_with_the_reason(case, ckpts, ragged, tmp_path):
     bent = tmp_path / "bent" / "step_4"

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slurm_cluster as sc  # noqa: E402
@@ -102,33 +103,43 @@ def _example_stages(text: str) -> list[list[str]]:
     return stages + [cur]
 
 
+def _check_example(where: str, text: str) -> list[str]:
+    """The first pipeline example of ``text``: every stage's script exists, its config and
+    arguments parse, and ``pipeline.sh --dry-run`` submits one job per stage. Returns the verbs."""
+    stages = _example_stages(text)
+    assert len(stages) >= 2, where
+    verbs = []
+    for stage in stages:
+        script = next(a for a in stage if a.startswith("slurm/"))
+        assert (REPO / script).is_file(), (where, script)
+        rest = stage[stage.index(script) + 1:]
+        if script == TRAIN:
+            assert (REPO / rest[0]).is_file(), (where, rest[0])
+            load_config(REPO / rest[0], rest[1:])  # ConfigError on an unknown key
+            args = ["train", "--config", *rest]
+        else:
+            assert rest[:3] == ["python", "-m", "trainer"], (where, rest)
+            args = rest[3:]
+        verbs.append(build_parser().parse_args(args).verb)  # SystemExit on an unknown verb/option
+    argv = [a for stage in stages for a in (*stage, "::")][:-1]
+    out = subprocess.run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", *argv],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    assert len(out.stdout.splitlines()) == len(stages)
+    return verbs
+
+
 def test_documented_pipeline_examples_are_runnable():
     """The examples in pipeline.sh's header and slurm/README.md use only verbs and files that exist."""
     readme = (SLURM_DIR / "README.md").read_text()
     section = readme.split("## Pipelines", 1)[1].split("\n## ", 1)[0]
     header = (SLURM_DIR / "pipeline.sh").read_text().split("\nset -u", 1)[0]
     for where, text in (("slurm/README.md", section), ("slurm/pipeline.sh", header)):
-        stages = _example_stages(text)
-        assert len(stages) >= 2, where
-        verbs = []
-        for stage in stages:
-            script = next(a for a in stage if a.startswith("slurm/"))
-            assert (REPO / script).is_file(), (where, script)
-            rest = stage[stage.index(script) + 1:]
-            if script == TRAIN:
-                assert (REPO / rest[0]).is_file(), (where, rest[0])
-                load_config(REPO / rest[0], rest[1:])  # ConfigError on an unknown key
-                args = ["train", "--config", *rest]
-            else:
-                assert rest[:3] == ["python", "-m", "trainer"], (where, rest)
-                args = rest[3:]
-            verbs.append(build_parser().parse_args(args).verb)  # SystemExit on an unknown verb/option
+        verbs = _check_example(where, text)
         assert verbs[0] == "train" and "grow" not in verbs, (where, verbs)
-        argv = [a for stage in stages for a in (*stage, "::")][:-1]
-        out = subprocess.run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", *argv],
-                             capture_output=True, text=True, check=True, cwd=REPO)
-        assert len(out.stdout.splitlines()) == len(stages)
         assert "grow" in text  # the growth stage is named as what the growth issue adds
+    selection = readme.split("## Data selection as stages", 1)[1].split("\n## ", 1)[0]
+    assert _check_example("slurm/README.md (selection)", selection) == ["train", "select", "train"]
+    assert "--array=" in selection
 
 
 @pytest.mark.parametrize("required", [False, True], ids=["default", "TRAINER_REQUIRE_SLURM=1"])
@@ -421,6 +432,34 @@ def test_pipeline_eval_stage_after_training(cluster, jobs_dir, reference_run):
     text = read(jobs_dir / f"eval-{job}.out")
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", text[-3000:]
     assert json.loads(result.read_text())["step"] == MAX_STEPS
+
+
+@pytest.mark.timeout(JOB_TIMEOUT + 120)
+def test_pipeline_select_array_then_train_on_its_manifest(cluster, demo_data, jobs_dir, reference_run):
+    """The documented selection pipeline after a training run: `select` as a 3-task array over the
+    6 shards (the last task merges), then a 2-node training stage that reads the manifest."""
+    sel, out2 = jobs_dir / "select", jobs_dir / "run-selected"
+    stages = ["--array=0-2", "--cpus-per-task", "1", "--output", str(jobs_dir / "select-%A_%a.out"), RUN,
+              "python", "-m", "trainer", "select", "--checkpoints", str(reference_run["out"]),
+              "--shards", str(demo_data / "train"), "--out", str(sel), "--keep", "0.7", "--batch-size", "64", "::",
+              "-N", "2", *CPU_NODE_ARGS, "--output", str(jobs_dir / "selected-%j.out"), TRAIN, CONFIG,
+              *overrides(demo_data, out2, **{"data.manifest": sel, "max_steps": 2})]
+    p = cluster.run([str(SLURM_DIR / "pipeline.sh"), "--after", str(reference_run["job"]), *stages],
+                    cwd=REPO, env={"PYTHON": sys.executable})
+    array_job, train_job = map(int, p.stdout.split())
+    rec = cluster.wait_done(train_job, JOB_TIMEOUT)
+    tasks = cluster.jobs(array_job)
+    logs = "".join(read(f) for f in jobs_dir.glob(f"select-{array_job}_*.out"))
+    assert sorted(r.get("ArrayTaskId") for r in tasks) == ["0", "1", "2"], logs[-3000:]
+    assert all(r["JobState"] == "COMPLETED" for r in tasks), (tasks, logs[-3000:])
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", read(jobs_dir / f"selected-{train_job}.out")[-3000:]
+    assert sorted(p.name for p in (sel / "parts").iterdir()) == [f"{i:06d}-0of1.jsonl" for i in range(6)]
+    summary = json.loads((sel / "summary.json").read_text())
+    assert summary["world"] == 3 and summary["total"] == 768 and summary["kept"] == round(0.7 * 768)
+    keys = [json.loads(line)["key"] for line in (sel / "scores.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 768
+    assert yaml.safe_load((out2 / "config.yaml").read_text())["data"]["manifest"] == str(sel)
+    assert max(metrics(out2)) == 2
 
 
 @pytest.mark.timeout(300)

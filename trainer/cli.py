@@ -151,7 +151,10 @@ def _bench(args) -> int:
     if args.what == "expedite":
         from .bench_expedite import main as bench_expedite
         return bench_expedite(args.rest) or 0
-    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train, expedite")
+    if args.what == "select":
+        from .bench_select import main as bench_select
+        return bench_select(args.rest) or 0
+    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train, expedite, select")
 
 
 def _select(args) -> int:

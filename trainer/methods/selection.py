@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import signal
+import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,11 +148,13 @@ def _noisy(sample: dict):
 
 def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int,
                  done: Callable[[Unit], bool]) -> Iterator[tuple]:
-    """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped)``
-    once per unit (after all of its batches were scored). Units already done are passed over."""
+    """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped,
+    seconds)`` once per unit (after all of its batches were scored; ``seconds``: the unit's wall
+    time, reading, decoding and scoring). Units already done are passed over."""
     for unit in units:
         if done(unit):
             continue
+        t0 = time.perf_counter()
         url = urls[unit.shard]
         counter = D._Counter()
         keep = None if subset is None else subset.keys_for(url)
@@ -178,7 +181,7 @@ def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, s
                 items, positions = [], []
         if items:
             yield "batch", records, positions, decoder.collate(items)
-        yield "done", unit, records, counter.skipped
+        yield "done", unit, records, counter.skipped, time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -213,9 +216,10 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
     while True:
         ev = next(events, None)
         while ev is not None and ev[0] == "done":
-            _, unit, records, skipped = ev
+            _, unit, records, skipped, seconds = ev
             header = {"format": FORMAT, "unit": unit.name, "url": urls[unit.shard], "source": source,
-                      "samples": len(records), "skipped": skipped}
+                      "samples": len(records), "scored": sum(r["score"] is not None for r in records),
+                      "skipped": skipped, "seconds": seconds, "models": len(models)}
             _write_lines(parts / f"{unit.name}.jsonl", [header, *records])
             written += 1
             if on_unit is not None:
@@ -314,12 +318,13 @@ def _dropped_stats(noisy_dropped: int, dropped: int, noisy_total: int) -> dict:
 def merge(out: Path, urls: list[str], units: list[Unit], *, source: str, rule: Rule, carried: list[CarriedScores],
           meta: dict) -> dict:
     """Combine the parts into scores.jsonl, manifest.txt, index.json and (last) summary.json."""
+    t_merge = time.perf_counter()
     parts = out / "parts"
     missing = missing_units(out, units, source)
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} unit(s) not scored yet (first: {missing[0].name})")
     scores, noisy, in_shards_noisy = array("d"), array("b"), array("b")
-    shard_entries, skipped, unscored, corrupt = [], 0, 0, 0
+    shard_entries, skipped, unscored, corrupt, seconds = [], 0, 0, 0, 0.0
     with open(out / f"scores.jsonl.{os.getpid()}.tmp", "w") as sf:
         for s, url in enumerate(urls):
             mine = [u for u in units if u.shard == s]
@@ -327,7 +332,9 @@ def merge(out: Path, urls: list[str], units: list[Unit], *, source: str, rule: R
             start, n_scored = sf.tell(), 0
             for u in mine:
                 with open(parts / f"{u.name}.jsonl") as fh:
-                    skipped += int(json.loads(fh.readline())["skipped"])
+                    header = json.loads(fh.readline())
+                skipped += int(header["skipped"])
+                seconds += float(header.get("seconds", 0.0))
             streams = [_unit_records(parts / f"{u.name}.jsonl") for u in mine]
             for rec in heapq.merge(*streams, key=lambda r: r["i"]):
                 in_shards_noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
@@ -377,7 +384,10 @@ def merge(out: Path, urls: list[str], units: list[Unit], *, source: str, rule: R
                "kept_fraction": float(kept.mean()), "samples_in_shards": len(in_shards_noisy),
                "not_in_subset": unscored - corrupt, "skipped": skipped,
                "score_min": float(score_arr.min()), "score_max": float(score_arr.max()),
-               "score_threshold": float(score_arr[kept].min()), **meta}
+               "score_threshold": float(score_arr[kept].min()),
+               # a rank scores its units one after the other: scored samples per unit-second
+               "scoring_samples_per_s_per_rank": score_arr.size / seconds if seconds else None,
+               "merge_seconds": time.perf_counter() - t_merge, **meta}
     summary.update(_noise_summary(score_arr, np.frombuffer(noisy, dtype=np.int8), kept,
                                   np.frombuffer(in_shards_noisy, dtype=np.int8)))
     _write_json(out / "summary.json", summary)
