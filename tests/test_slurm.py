@@ -437,7 +437,8 @@ def test_pipeline_eval_stage_after_training(cluster, jobs_dir, reference_run):
 @pytest.mark.timeout(JOB_TIMEOUT + 120)
 def test_pipeline_select_array_then_train_on_its_manifest(cluster, demo_data, jobs_dir, reference_run):
     """The documented selection pipeline after a training run: `select` as a 3-task array over the
-    6 shards (the last task merges), then a 2-node training stage that reads the manifest."""
+    one shard of 512 pairs (so each task scores an interleaved third of it; the last task merges),
+    then a 2-node training stage that reads the manifest."""
     sel, out2 = jobs_dir / "select", jobs_dir / "run-selected"
     stages = ["--array=0-2", "--cpus-per-task", "1", "--output", str(jobs_dir / "select-%A_%a.out"), RUN,
               "python", "-m", "trainer", "select", "--checkpoints", str(reference_run["out"]),
@@ -453,11 +454,11 @@ def test_pipeline_select_array_then_train_on_its_manifest(cluster, demo_data, jo
     assert sorted(r.get("ArrayTaskId") for r in tasks) == ["0", "1", "2"], logs[-3000:]
     assert all(r["JobState"] == "COMPLETED" for r in tasks), (tasks, logs[-3000:])
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", read(jobs_dir / f"selected-{train_job}.out")[-3000:]
-    assert sorted(p.name for p in (sel / "parts").iterdir()) == [f"{i:06d}-0of1.jsonl" for i in range(6)]
+    assert sorted(p.name for p in (sel / "parts").iterdir()) == [f"000000-{j}of3.jsonl" for j in range(3)]
     summary = json.loads((sel / "summary.json").read_text())
-    assert summary["world"] == 3 and summary["total"] == 768 and summary["kept"] == round(0.7 * 768)
+    assert summary["world"] == 3 and summary["total"] == 512 and summary["kept"] == round(0.7 * 512)
     keys = [json.loads(line)["key"] for line in (sel / "scores.jsonl").read_text().splitlines()]
-    assert len(keys) == len(set(keys)) == 768
+    assert keys == sorted(keys) and len(set(keys)) == 512      # every sample once, in shard order
     assert yaml.safe_load((out2 / "config.yaml").read_text())["data"]["manifest"] == str(sel)
     assert max(metrics(out2)) == 2
 
