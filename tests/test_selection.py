@@ -230,7 +230,8 @@ def test_corrupt_samples_are_skipped_and_counted(single, ckpts, ragged, tmp_path
     np.testing.assert_allclose([v for _, v in scores(out)], [v for _, v in expected], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["other-shape", "weights-mismatch", "no-shards", "keeps-none", "not-a-checkpoint"])
+@pytest.mark.parametrize("case", ["other-shape", "weights-mismatch", "no-shards", "no-pairs", "keeps-none",
+                                  "not-a-checkpoint"])
 def test_bad_select_input_exits_2_with_the_reason(case, ckpts, ragged, tmp_path):
     bent = tmp_path / "bent" / "step_4"
     shutil.copytree(ckpts[1], bent)
@@ -241,6 +242,7 @@ def test_bad_select_input_exits_2_with_the_reason(case, ckpts, ragged, tmp_path)
     args = {"other-shape": ([ckpts[0], bent], ragged / "train", ["--keep", "0.7"], "another model"),
             "weights-mismatch": ([bent], ragged / "train", ["--keep", "0.7"], "do not fit"),
             "no-shards": ([ckpts[0]], tmp_path / "nothing-*.tar", [], "no shard matches"),
+            "no-pairs": ([ckpts[0]], ragged / "text", [], "no sample was scored"),     # text-only shards
             "keeps-none": ([ckpts[0]], ragged / "train", ["--threshold", "10"], "keeps none"),
             "not-a-checkpoint": ([tmp_path], ragged / "train", [], "not a complete checkpoint")}[case]
     text = check(select(args[0], args[1], tmp_path / "out", *args[2]), code=2)

@@ -494,7 +494,8 @@ def main(args) -> int:
         missing = c.missing(urls)
         if missing:
             raise ConfigError(f"--scores-from {c.dir}: it holds no scores of shard {missing[0]}")
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    from ..dist import launch_env, select_device
+    device = select_device(launch_env().local_rank)   # LOCAL_RANK mod the GPUs this task sees
     dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
     source = source_id(names, [str(Path(u)) for u in urls], args.manifest, dtype)
     units = work_units(len(urls), world)
