@@ -80,7 +80,7 @@ keep fractions (precision / recall of the dropped set):
 |---|""" + "--:|" * len(KEEPS) + """
 """ + "\n".join(curves) + f"""
 
-Training throughput of the warm-up run for comparison: {sps:.0f} samples/s over 2 ranks
+Training throughput of the warm-up run for comparison (uncontrolled: measured at another time, under other load; the in-training rounds of bench/results/sweep-efficientclip measure both in one run): {sps:.0f} samples/s over 2 ranks
 ({sps / 2:.0f} per rank; forward + backward + optimizer). Scoring reads, decodes and runs one
 forward per checkpoint: its samples/s per rank falls as 1/K with K checkpoints.
 """

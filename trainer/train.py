@@ -92,13 +92,14 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
     while True:
         t0 = time.perf_counter()
         mb = next_batch()
+        extra_inputs = method.micro_kwargs(engine.device)   # e.g. text_lm's batch from its own stream
         t_data += time.perf_counter() - t0
         fault = inject.where if good == cfg.debug.inject_nan_microbatch and inject.due(step) else None
         hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
         image, text, scale, *more = engine(pixel_values=mb["image"].to(engine.device, dtype, non_blocking=True),
                                            input_ids=mb["input_ids"].to(engine.device, non_blocking=True),
                                            attention_mask=mb["attention_mask"].to(engine.device, non_blocking=True),
-                                           **method.micro_kwargs(engine.device))
+                                           **extra_inputs)
         if hook is not None:
             hook.remove()
         if fault == "grad":
