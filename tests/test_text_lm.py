@@ -21,7 +21,8 @@ STEPS = 4
 FAST = ["data.batch_size=8", "text_lm.batch_size=8", "data.workers=1", "data.shuffle_buffer=64",
         "text_lm.shuffle_buffer=32", "data.train_num_samples=192", "text_lm.num_samples=64", "optim.warmup_steps=2",
         "optim.lr=2e-3", "log.every_steps=1", "log.progress=false", "data.val_shards=null",
-        f"max_steps={STEPS}", "checkpoint.every_steps=2"]
+        f"max_steps={STEPS}", "checkpoint.every_steps=2",
+        "select.enabled=false"]   # the config's ECL rounds are tested in test_selection.py
 
 
 def train_args(data: Path, out: Path, *extra) -> list[str]:
