@@ -311,3 +311,16 @@ def test_rounds_under_zero_3_score_like_zero_0(round_run, ragged, tmp_path):
 def test_conflicting_select_rules_exit_2(ragged, tmp_path):
     text = check(run_trainer(_train_args(ragged, tmp_path / "x", "select.threshold=0.1")), code=2)
     assert "give one of keep, threshold, percentile" in text
+
+
+def test_efficientclip_config_runs_both_parts_together(ragged, tmp_path):
+    """trainer/configs/efficientclip.yaml as shipped (ECL rounds + the text stream), 2 ranks, ZeRO-3."""
+    out = tmp_path / "both"
+    args = _train_args(ragged, out, f"text_lm.shards={ragged}/text", "text_lm.batch_size=4", "text_lm.num_samples=8",
+                       "deepspeed.zero_stage=3", "max_steps=4")
+    args[args.index("trainer/configs/demo.yaml")] = "trainer/configs/efficientclip.yaml"
+    check(run_trainer(args, nproc=2))
+    logged = read_metrics(out)
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert all(np.isfinite(m["text_lm"]) and m["text_lm"] > 0 for m in logged)
+    assert json.loads((out / "select" / "round_001" / "summary.json").read_text())["kept"] == 240
