@@ -159,3 +159,39 @@ def test_logit_scale_pushed_past_the_bound_comes_back():
     model.logit_scale.grad = None
     model.scale().backward()
     assert model.logit_scale.grad.item() == pytest.approx(math.e, rel=1e-6)
+
+
+def test_explicit_shape_keys_override_the_preset_in_the_built_model():
+    """model.vision_width ... model.embed_dim (GrowCLIP's grown shapes are plain configs)."""
+    over = {"vision_width": 96, "vision_layers": 3, "vision_heads": 3, "text_width": 64, "text_layers": 5,
+            "text_heads": 2, "mlp_ratio": 2.5, "embed_dim": 48}
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in over.items()])
+    c = build_clip_config(cfg.model, Tok(100))
+    v, t = c.vision_config, c.text_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size) == (96, 3, 3, 240)
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size) == (64, 5, 2, 160)
+    assert c.projection_dim == v.projection_dim == t.projection_dim == 48
+    model = ClipTrainModel(c)
+    assert model.visual_projection.weight.shape == (48, 96) and model.text_projection.weight.shape == (48, 64)
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.shape == (240, 96)
+    img, txt, _ = model(pixel_values=torch.randn(2, 3, 64, 64), input_ids=torch.tensor([[2, 5, 3], [2, 3, 0]]),
+                        attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert img.shape == txt.shape == (2, 48)
+    # Unset keys keep the preset's values: the tiny preset is unchanged.
+    tiny = build_clip_config(load_config(None, []).model, Tok(100))
+    assert (tiny.vision_config.hidden_size, tiny.vision_config.intermediate_size, tiny.projection_dim) == (128, 512, 64)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["model.vision_heads=5"], "'model.vision_width' (128) and 'model.vision_heads' (5)"),
+    (["model.text_width=100", "model.text_heads=3"], "'model.text_width' (100) and 'model.text_heads' (3)"),
+    (["model.mlp_ratio=0.3"], "must be a whole number of MLP units"),
+    (["model.vision_layers=0"], "'model.vision_layers' must be >= 1"),
+])
+def test_bad_shape_keys_name_the_keys(override, message):
+    from trainer.config import ConfigError
+    from trainer.model import preset_shape
+
+    with pytest.raises(ConfigError, match=None) as err:
+        preset_shape(load_config(None, override).model)
+    assert message in str(err.value)

@@ -493,9 +493,9 @@ def build_openclip_model(shape: dict, tokenizer):
 
     vision = dict(layers=shape["vision_layers"], width=shape["vision_width"], patch_size=shape["patch_size"],
                   head_width=shape["vision_width"] // shape["vision_heads"], image_size=shape["image_size"],
-                  mlp_ratio=4.0)
+                  mlp_ratio=shape["mlp_ratio"])
     text = dict(context_length=shape["context_length"], vocab_size=len(tokenizer), width=shape["text_width"],
-                heads=shape["text_heads"], layers=shape["text_layers"], mlp_ratio=4.0, pool_type="eos",
+                heads=shape["text_heads"], layers=shape["text_layers"], mlp_ratio=shape["mlp_ratio"], pool_type="eos",
                 eos_id=tokenizer.eos_token_id)
     return open_clip.model.CLIP(embed_dim=shape["embed_dim"], vision_cfg=vision, text_cfg=text, quick_gelu=True,
                                 output_dict=True)

@@ -32,14 +32,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
+SHAPE_KEYS = ("image_size", "context_length", "vision_width", "vision_layers", "vision_heads", "text_width",
+              "text_layers", "text_heads", "mlp_ratio", "embed_dim")
+
+
 def preset_shape(mc: ModelConfig) -> dict:
+    """The model's shape: the preset's, with every ``model.<shape key>`` that is set overriding it
+    (so a grown model is just a config)."""
     if mc.preset not in PRESETS:
         raise ConfigError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}; got {mc.preset!r}")
-    shape = dict(PRESETS[mc.preset])
-    if mc.image_size is not None:
-        shape["image_size"] = mc.image_size
-    if mc.context_length is not None:
-        shape["context_length"] = mc.context_length
+    shape = {"mlp_ratio": 4.0, **PRESETS[mc.preset]}
+    for key in SHAPE_KEYS:
+        if getattr(mc, key) is not None:
+            shape[key] = getattr(mc, key)
+    for tower in ("vision", "text"):
+        width, heads = shape[f"{tower}_width"], shape[f"{tower}_heads"]
+        if width % heads:
+            raise ConfigError(f"config keys 'model.{tower}_width' ({width}) and 'model.{tower}_heads' ({heads}): "
+                              "the width must be a multiple of the number of heads")
+        if (width * shape["mlp_ratio"]) % 1:
+            raise ConfigError(f"config key 'model.mlp_ratio' ({shape['mlp_ratio']}) times 'model.{tower}_width' "
+                              f"({width}) must be a whole number of MLP units")
+    shape["mlp_ratio"] = float(shape["mlp_ratio"])
     if shape["image_size"] % shape["patch_size"]:
         raise ConfigError(f"config key 'model.image_size' ({shape['image_size']}) must be a multiple of the "
                           f"preset's patch size ({shape['patch_size']})")
@@ -51,13 +65,15 @@ def build_clip_config(mc: ModelConfig, tokenizer) -> CLIPConfig:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("tokenizer has no eos token; CLIP pools the text at its end-of-text token")
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=s["text_width"], intermediate_size=4 * s["text_width"],
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=s["text_width"],
+                          intermediate_size=int(s["mlp_ratio"] * s["text_width"]),
                           num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
                           max_position_embeddings=s["context_length"], projection_dim=s["embed_dim"],
                           pad_token_id=tokenizer.pad_token_id or 0, bos_token_id=tokenizer.bos_token_id or eos,
                           eos_token_id=eos)
     vision = CLIPVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_width"],
-                              intermediate_size=4 * s["vision_width"], num_hidden_layers=s["vision_layers"],
+                              intermediate_size=int(s["mlp_ratio"] * s["vision_width"]),
+                              num_hidden_layers=s["vision_layers"],
                               num_attention_heads=s["vision_heads"], projection_dim=s["embed_dim"])
     cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=s["embed_dim"],
                      logit_scale_init_value=math.log(1 / 0.07))
