@@ -51,12 +51,12 @@ def check_run_inputs(cfg, world: int | None) -> None:
     text_lm.check(cfg)
     build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, world or 1)
-    D.expand_shards(cfg.data.train_shards, "data.train_shards")
+    train_urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
     if cfg.data.val_shards:
         D.expand_shards(cfg.data.val_shards, "data.val_shards")
     if cfg.eval.zeroshot:
         load_zeroshot(cfg.eval.zeroshot)
-    D.read_manifest(cfg.data.manifest, D.expand_shards(cfg.data.train_shards, "data.train_shards"))
+    D.read_manifest(cfg.data.manifest, train_urls)
 
 
 def _require_triton() -> None:

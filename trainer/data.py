@@ -349,6 +349,11 @@ def position_after(batch_meta: dict, state: dict, n_logical: int) -> dict:
     return state
 
 
+def steps_per_epoch(cfg, world: int) -> int:
+    """Optimizer steps in one epoch of the paired stream (``data.train_num_samples`` pairs)."""
+    return max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world * cfg.train.grad_accum_steps))
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """Loader-worker init: SLURM signals every process of a job step, loader workers included;
     torch's worker handler would die on a SIGTERM that is not from its parent and take the rank

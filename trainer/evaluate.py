@@ -62,7 +62,15 @@ def zeroshot_classifier(model, decoder: D.SampleDecoder, classnames, templates, 
     return torch.stack(weights)
 
 
-def _dummy_batch(decoder: D.SampleDecoder, image_size: int) -> dict:
+def eval_decoder(cfg: Config, tokenizer) -> D.SampleDecoder:
+    """The deterministic decoder of evaluation (and of ECL scoring): resize, centre crop."""
+    shape = preset_shape(cfg.model)
+    return D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
+        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False))
+
+
+def dummy_batch(decoder: D.SampleDecoder, image_size: int) -> dict:
+    """A one-sample batch for a rank out of work in a lockstep pass (ZeRO-3 gathers per forward)."""
     return {"image": torch.zeros(1, 3, image_size, image_size), **decoder.tokenize([""]),
             "label": torch.tensor([-1])}
 
@@ -142,14 +150,13 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
 
 def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> dict:
     shape = preset_shape(cfg.model)
-    transform = D.build_transforms(shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], transform)
+    decoder = eval_decoder(cfg, tokenizer)
     urls = D.expand_shards(cfg.data.val_shards, "data.val_shards")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     img, txt, labels = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
-                                   _dummy_batch(decoder, shape["image_size"]), device, dtype)
+                                   dummy_batch(decoder, shape["image_size"]), device, dtype)
     result: dict = {}
     if cfg.eval.zeroshot:
         classnames, templates = load_zeroshot(cfg.eval.zeroshot)

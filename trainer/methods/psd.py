@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import data as D
 from ..config import Config, ConfigError
 from ..dist import rank as this_rank
 from . import Method
@@ -127,7 +128,7 @@ def refresh_every(cfg: Config, world: int) -> int:
     """Steps between refreshes of the ``previous`` teacher (default: one data epoch)."""
     if cfg.psd.refresh_every is not None:
         return cfg.psd.refresh_every
-    return max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world * cfg.train.grad_accum_steps))
+    return D.steps_per_epoch(cfg, world)
 
 
 class Psd(Method):

@@ -437,17 +437,6 @@ def source_id(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def eval_decoder(cfg: Config, tokenizer) -> D.SampleDecoder:
-    from ..model import preset_shape
-    shape = preset_shape(cfg.model)
-    return D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False))
-
-
-def dummy_batch(decoder: D.SampleDecoder, image_size: int) -> dict:
-    return {"image": torch.zeros(1, 3, image_size, image_size), **decoder.tokenize([""])}
-
-
 # ----------------------------------------------------------------------------- the verb
 
 def _load_ensemble(checkpoints: list[str]):
@@ -503,6 +492,7 @@ def main(args) -> int:
     if not args.merge_only:
         for m in models:
             m.to(device, dtype)
+        from ..evaluate import eval_decoder
         decoder = eval_decoder(cfg, tokenizer)
         mine = share(units, rank, world)
         n = score_units(models, urls, mine, decoder, out, source=source, device=device, dtype=dtype, subset=subset,
@@ -527,11 +517,6 @@ def main(args) -> int:
 
 # ----------------------------------------------------------------------------- rounds in training
 
-def steps_per_epoch(cfg: Config, world: int) -> int:
-    per_epoch = max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world))   # micro-batches
-    return max(1, per_epoch // cfg.train.grad_accum_steps)
-
-
 class Selection:
     """ECL rounds inside a training run (``select.*``).
 
@@ -550,7 +535,7 @@ class Selection:
     def __init__(self, cfg: Config, rank: int, world: int, state: dict | None):
         self.cfg, self.rank, self.world = cfg, rank, world
         sc = cfg.select
-        self.every = sc.every_steps or steps_per_epoch(cfg, world)
+        self.every = sc.every_steps or D.steps_per_epoch(cfg, world)
         self.rule = make_rule(sc.keep, sc.threshold, sc.percentile, "config section 'select'")
         self.state = state or {"rounds": 0, "manifest": cfg.data.manifest, "last_step": 0}
 
@@ -569,6 +554,7 @@ class Selection:
     def round(self, model, step: int, tokenizer, device) -> tuple[str, dict]:
         """Run the round due at ``step`` on every rank; returns the new manifest path and summary."""
         from ..dist import barrier, is_main
+        from ..evaluate import dummy_batch, eval_decoder
         from ..model import preset_shape
 
         k = self.state["rounds"] + 1
