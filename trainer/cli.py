@@ -1,4 +1,4 @@
-"""``python -m trainer VERB ...``: train, make-demo-data, eval, export-hf, select, sweep, bench.
+"""``python -m trainer VERB ...``: train, make-demo-data, eval, export-hf, select, grow, sweep, bench.
 
 User mistakes (bad config, missing paths, bad batch arithmetic) print one ``error:`` line and exit
 with status 2, before any process group or data loader starts.
@@ -43,12 +43,13 @@ def check_run_inputs(cfg, world: int | None) -> None:
 
     if world is not None:
         check_world(cfg, world)
-    from .methods import eclipse, psd, selection, text_lm
+    from .methods import eclipse, growth, psd, selection, text_lm
 
     eclipse.check(cfg, preset_shape(cfg.model)["vision_layers"])
     psd.check(cfg)
     selection.check(cfg)
     text_lm.check(cfg)
+    growth.check_init(cfg)
     build_terms(cfg.loss, method_terms(cfg))
     build_ds_config(cfg, world or 1)
     train_urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
@@ -110,6 +111,7 @@ def _eval(args) -> int:
     from .dist import init_distributed, launch_env, shutdown
     from .evaluate import evaluate_all
     from .export import checkpoint_config, load_trained_model
+    from .methods.growth import step_of
 
     cfg, root, tag = checkpoint_config(args.checkpoint, args.overrides)
     if not cfg.data.val_shards:
@@ -119,7 +121,7 @@ def _eval(args) -> int:
     device = init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s) if le.world_size > 1 else _device()
     model = load_trained_model(cfg, root, tag, tokenizer).to(device)
     result = evaluate_all(model, cfg, tokenizer, le.rank, le.world_size, device)
-    result["step"] = int(tag.split("_")[-1])
+    result["step"] = step_of(root, tag)
     if le.rank == 0:
         print(json.dumps(result, indent=2))
         if args.out:
@@ -160,6 +162,11 @@ def _bench(args) -> int:
 def _select(args) -> int:
     from .methods.selection import main as select_main
     return select_main(args)
+
+
+def _grow(args) -> int:
+    from .methods.growth import main as grow_main
+    return grow_main(args)
 
 
 def _sweep(args) -> int:
@@ -213,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=256, help="scoring batch per rank (default 256)")
     c.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     c.add_argument("--merge-only", action="store_true", help="only merge the scored parts (e.g. a job after an array)")
+    g = sub.add_parser("grow", help="GrowCLIP checkpoint surgery: a grown model from a checkpoint, for checkpoint.init")
+    g.add_argument("--checkpoint", required=True, help="checkpoint (step_N, checkpoints/ or run directory) of any ZeRO stage")
+    g.add_argument("--out", required=True, help="writes weights.pt, config.yaml (the grown shape), grow.json")
+    g.add_argument("--pim-beta", type=float, default=0.9, help="parameter inheriting with momentum: beta * grown + (1 - beta) * fresh init; 1 = exact inheritance (default 0.9)")
+    g.add_argument("--split", choices=("equal", "random"), default="equal", help="width growth: input columns split into equal pieces, or pieces with zero-sum noise (symmetry breaking, still exact)")
+    g.add_argument("--split-noise", type=float, default=0.1, help="--split random: noise std relative to each tensor's std (default 0.1)")
+    g.add_argument("--optimizer", choices=("reset", "transform"), default="reset", help="the next stage's AdamW: fresh (reset) or the transformed moments")
+    g.add_argument("overrides", nargs="*", help="model.key=value: the grown shape (e.g. model.vision_layers=8)")
     b = sub.add_parser("bench", help="benchmarks: bench loss|train [options]")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -229,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: train needs --config FILE (e.g. trainer/configs/demo.yaml)", file=sys.stderr)
         return 2
     handlers = {"train": _train, "make-demo-data": _make_demo_data, "eval": _eval, "export-hf": _export,
-                "bench": _bench, "sweep": _sweep, "select": _select}
+                "bench": _bench, "sweep": _sweep, "select": _select, "grow": _grow}
     try:
         return handlers[args.verb](args)
     except ConfigError as err:

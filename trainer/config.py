@@ -41,6 +41,7 @@ class ModelConfig:
     text_heads: int | None = _f(None, "override the preset: text tower attention heads (must divide text_width)", min=1)
     mlp_ratio: float | None = _f(None, "override the preset: MLP hidden size / width in both towers (CLIP: 4); width * ratio must be an integer", min=0.0)
     embed_dim: int | None = _f(None, "override the preset: joint embedding dimension (both projections)", min=1)
+    shared_layers: int = _f(0, "GrowCLIP's shared encoder: the top N transformer layers are one set of weights used by both towers (their widths, heads and MLP must match); export-hf copies them into both", min=0)
     grad_checkpointing: bool = _f(False, "activation checkpointing in both towers (saves memory, costs a recompute)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager", choices=("sdpa", "eager"))
 
@@ -102,6 +103,7 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = _f(500, "save a checkpoint every N optimizer steps (and at the end)", min=1)
     keep_last: int = _f(3, "complete checkpoints to keep", min=1)
+    init: str | None = _f(None, "weights-only start: a checkpoint (step_N directory or run directory) or a 'grow' output directory; fresh optimizer and schedule (with --optimizer transform at grow time: its Adam moments), ignored once output_dir has its own checkpoint")
     resume: str = _f("auto", "auto (= latest): resume from output_dir's latest checkpoint if present | none: start fresh, refusing an output_dir that holds checkpoints | a checkpoint path (step_N directory) to continue from")
 
 

@@ -24,9 +24,13 @@ from .model import ClipTrainModel, build_clip_config, preset_shape
 log = logging.getLogger("trainer")
 
 
-def resolve_checkpoint(path: str) -> tuple[Path, str]:
-    """Accept ``.../checkpoints/step_N``, ``.../checkpoints`` (uses ``latest``) or a run's ``output_dir``."""
+def resolve_checkpoint(path: str, grown: bool = False) -> tuple[Path, str]:
+    """Accept ``.../checkpoints/step_N``, ``.../checkpoints`` (uses ``latest``) or a run's ``output_dir``;
+    with ``grown``, also a ``grow`` output directory (weights, no training state)."""
+    from .methods.growth import is_grown
     p = Path(path)
+    if grown and is_grown(p):
+        return p.parent, p.name
     if (p / "checkpoints" / "latest").is_file():
         p = p / "checkpoints"
     if (p / "latest").is_file():
@@ -38,14 +42,19 @@ def resolve_checkpoint(path: str) -> tuple[Path, str]:
 
 
 def checkpoint_config(path: str, overrides: list[str] = ()) -> tuple[Config, Path, str]:
-    root, tag = resolve_checkpoint(path)
+    """The config, root and tag of a checkpoint or ``grow`` directory (for eval, export, select, grow)."""
+    root, tag = resolve_checkpoint(path, grown=True)
     return load_config(root / tag / "config.yaml", overrides), root, tag
 
 
 def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from .methods.growth import TEACHER, grown_weights, is_grown
+
     tag_dir = root / tag
+    if is_grown(tag_dir):   # a grow directory: the weights as written (its teacher: teacher_state_dict)
+        return {k: v.float() for k, v in grown_weights(tag_dir).items() if not k.startswith(TEACHER)}
     if any(tag_dir.glob("*optim_states.pt")):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:  # ZeRO stage 0: the module states hold every weight

@@ -32,6 +32,7 @@ from .evaluate import evaluate_all
 from .faults import GradGuard, NanInjector, skip_update
 from .losses import LossContext, build_terms, compute_loss, method_terms
 from .methods import Method, attach as attach_method, build_method
+from .methods.growth import Inherited, load_init
 from .methods.selection import Selection, log_values as selection_values
 from .metrics import MetricsLogger
 from .model import build_model, preset_shape
@@ -167,11 +168,14 @@ def write_run_files(config_yaml: str, ds_config: dict, out: Path) -> None:
     atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
 
 
-def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method) -> dict:
+def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, inherited: Inherited | None) -> dict:
     """Load the checkpoint :func:`resume_source` selects into the engine; return the trainer state.
-    (The CLI has checked it against this world size and worker count before any process group.)"""
+    (The CLI has checked it against this world size and worker count before any process group.)
+    A fresh start from ``checkpoint.init`` has its weights in the model already (``inherited``)."""
     source = resume_source(cfg)
     if source is None:
+        if inherited is not None:
+            inherited.apply(method)
         return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
     root, tag = source
     state = ckpt.load(engine, tag, root=root)
@@ -195,6 +199,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         write_run_files(config_yaml, ds_config, out)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     attach_method(model, cfg)
+    inherited = load_init(model, cfg)   # checkpoint.init: weights in before ZeRO flattens or partitions them
     engine, optimizer_name = build_engine(cfg, model, ds_config)
     method = build_method(cfg, engine)
     terms = build_terms(cfg.loss, method_terms(cfg))
@@ -206,7 +211,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         log.info("%s", method.describe())
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
-    state = resume_state(cfg, ckpt, engine, method)
+    state = resume_state(cfg, ckpt, engine, method, inherited)
 
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(

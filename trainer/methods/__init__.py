@@ -60,6 +60,10 @@ class Method:
             raise RuntimeError(f"checkpoint {where} has no '{self.name}' state: it was written with the method off")
         self.load_state_dict(trainer_state.pop(self.name))
 
+    def inherit(self, weights: dict) -> None:
+        """A run started from a grown or trained model (``checkpoint.init``): ``weights`` holds
+        what a method's own copies start from (``{"teacher": state dict}``: ECLIPSE's teacher)."""
+
     def close(self) -> None:
         pass
 
@@ -101,6 +105,10 @@ class Methods(Method):
     def restore(self, trainer_state: dict, where) -> None:
         for m in self.methods:
             m.restore(trainer_state, where)
+
+    def inherit(self, weights: dict) -> None:
+        for m in self.methods:
+            m.inherit(weights)
 
     def close(self) -> None:
         for m in self.methods:

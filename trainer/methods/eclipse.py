@@ -160,6 +160,10 @@ class Eclipse(Method):
     def load_state_dict(self, state: dict) -> None:
         self.teacher.load_state_dict(state)
 
+    def inherit(self, weights: dict) -> None:
+        if weights.get("teacher"):   # a grown (or earlier) teacher, instead of a copy of the student
+            self.teacher.load_full(weights["teacher"])
+
 
 # ----------------------------------------------------------------------------- evaluation views
 
@@ -207,5 +211,11 @@ def eval_views(model, cfg: Config):
 def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 teacher (``vision_model.*``, ``visual_projection.*``) of a checkpoint, assembled
     from every rank's shadow slices in ``trainer_state/``."""
+    from .growth import TEACHER, grown_weights, is_grown
+    if is_grown(Path(root) / tag):   # a grow directory holds its teacher whole, under teacher.*
+        sd = {k[len(TEACHER):]: v for k, v in grown_weights(Path(root) / tag).items() if k.startswith(TEACHER)}
+        if not sd:
+            raise ConfigError(f"{Path(root) / tag} has no ECLIPSE teacher (its source run had eclipse.enabled off)")
+        return sd
     return shadow_state_dict(root, tag, lambda state: state.get("eclipse"), PREFIX,
                              "no ECLIPSE teacher (eclipse.enabled was off)")

@@ -133,6 +133,18 @@ class ShadowTeacher:
             s.shadow.copy_(saved["shadow"])
         self._write_teacher()
 
+    @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Start from a full fp32 teacher (student names, e.g. a grown one): each rank takes the
+        slices it owns, so the shadows are exact whatever the training dtype."""
+        for s in self.slots:
+            name = s.name[len(self.prefix):]
+            if name not in full or tuple(full[name].shape) != s.shape:
+                raise RuntimeError(f"the inherited teacher has no tensor {name} of shape {s.shape}")
+            if s.n:
+                s.shadow.copy_(full[name].reshape(-1)[s.start: s.start + s.n].to(s.shadow.device))
+        self._write_teacher()
+
     def memory_bytes(self) -> dict:
         """This rank's teacher memory (weights as held here, fp32 shadows) and a full copy's."""
         held = sum((s.teacher.ds_tensor if s.kind == "zero3" else s.teacher).numel() * s.teacher.element_size()
