@@ -440,6 +440,7 @@ def step_of(root: Path, tag: str) -> int:
 
 def main(args) -> int:
     """``python -m trainer grow`` (trainer/cli.py)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     out = grow(args.checkpoint, args.out, args.overrides, beta=args.pim_beta, split=args.split,
                noise=args.split_noise, optimizer=args.optimizer)
     print(json.dumps({"out": str(out), **json.loads((out / INFO).read_text())}, indent=2))
