@@ -352,3 +352,21 @@ def test_a_run_made_before_a_config_key_existed_still_counts(tmp_path):
     assert not _only_new_default_keys(changed, run)
     removed = {"config": {"seed": 0, "optim": {"lr": 1e-3}, "gone": 1}, "launch": {"nproc": 2}}
     assert not _only_new_default_keys(removed, run)
+
+
+def test_seed_placeholder_gives_each_seed_its_own_value(demo_data, tmp_path):
+    """``{seed}`` in a variant's value is the run's seed (a stage-2 sweep continuing each seed's
+    own stage-1 run, as bench/growclip.sh does)."""
+    import argparse
+
+    from trainer.config import ConfigError
+    from trainer.sweep import plan
+    variants = write_variants(tmp_path / "v.yaml", {"seeds": [0, 3], "s2": {"data.manifest": f"{tmp_path}/seed{{seed}}.txt"}})
+    args = argparse.Namespace(config=CONFIG, variants=str(variants), out=str(tmp_path / "out"), nproc=1, slurm=False,
+                              overrides=data_args(demo_data))
+    with pytest.raises(ConfigError, match="seed0.txt"):   # checked at plan time, seed by seed
+        plan(args)
+    for seed in (0, 3):
+        (tmp_path / f"seed{seed}.txt").write_text("x\n")
+    runs = plan(args).runs
+    assert {r.seed: r.cfg.data.manifest for r in runs} == {0: f"{tmp_path}/seed0.txt", 3: f"{tmp_path}/seed3.txt"}

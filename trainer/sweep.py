@@ -11,6 +11,9 @@ an optional top-level ``seeds`` list (default ``[0]``); a variant may carry its 
     lowlr: {optim.lr: 1.0e-4}
     short: {max_steps: 100, seeds: [0]}
 
+A ``{seed}`` in a variant's value becomes the run's seed (e.g. ``checkpoint.init:
+runs/grown/seed{seed}``: each seed continues from its own earlier stage).
+
 Each (variant, seed) is the ordinary train command, ``python -m trainer train --config BASE
 <key=value arguments> <variant's overrides> seed=S output_dir=DIR/runs/<variant>/seed<S>``, under
 ``torchrun --nproc_per_node N`` (plain ``python`` for N=1), or with ``--slurm`` submitted as
@@ -269,7 +272,8 @@ def plan(args) -> Sweep:
         vargs = [f"{k}={yaml_arg(v)}" for k, v in flat.items()]
         for seed in seeds:
             run_dir = out / "runs" / name / f"seed{seed}"
-            rargs = [*overrides, *vargs, f"seed={seed}", f"output_dir={run_dir}"]
+            rargs = [*overrides, *(a.replace("{seed}", str(seed)) for a in vargs), f"seed={seed}",
+                     f"output_dir={run_dir}"]
             try:
                 cfg = load_config(args.config, rargs)
                 _check_like_train(cfg, world)
