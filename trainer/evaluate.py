@@ -77,8 +77,9 @@ def dummy_batch(decoder: D.SampleDecoder, image_size: int) -> dict:
 
 @torch.no_grad()
 def embed_split(model, batches, dummy: dict, device, dtype):
-    """Image/text embeddings and labels of this rank's share, with lockstep forwards across ranks."""
-    imgs, txts, labels = [], [], []
+    """Image/text embeddings and labels of this rank's share, with lockstep forwards across ranks,
+    and the model's logit scale (None for a view without one)."""
+    imgs, txts, labels, scale = [], [], [], None
     it = iter(batches)
     while True:
         batch = next(it, None)
@@ -87,15 +88,15 @@ def embed_split(model, batches, dummy: dict, device, dtype):
             break
         real = batch is not None
         batch = batch if real else dummy
-        img, txt, _ = model(pixel_values=batch["image"].to(device, dtype), input_ids=batch["input_ids"].to(device),
-                            attention_mask=batch["attention_mask"].to(device))
+        img, txt, scale = model(pixel_values=batch["image"].to(device, dtype),
+                                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         if real:
             imgs.append(img.float())
             txts.append(txt.float())
             labels.append(batch["label"].to(device))
     def cat(parts, dtype=torch.float32, width=(model.config.projection_dim,)):
         return torch.cat(parts) if parts else torch.zeros((0, *width), dtype=dtype, device=device)
-    return cat(imgs), cat(txts), cat(labels, torch.long, ())
+    return cat(imgs), cat(txts), cat(labels, torch.long, ()), None if scale is None else float(scale)
 
 
 @torch.no_grad()
@@ -127,6 +128,23 @@ def retrieval_hits(queries: torch.Tensor, keys: torch.Tensor, offset: int, ks=RE
 
 
 @torch.no_grad()
+def val_loss(img: torch.Tensor, txt: torch.Tensor, scale: float, block_rows: int | None = None) -> float:
+    """The symmetric contrastive loss over the whole validation set as one batch (every rank's
+    pairs are each other's negatives), at the model's logit scale: ``(CE(i->t) + CE(t->i)) / 2``
+    averaged over pairs; rows scored ``block_rows`` at a time. The same on every rank."""
+    block_rows = max(1, block_rows or RETRIEVAL_BLOCK_ROWS)
+    offset, sizes = gathered_layout(img.shape[0], device=img.device)
+    all_img, all_txt = all_gather_with_grad(img, sizes=sizes), all_gather_with_grad(txt, sizes=sizes)
+    total = torch.zeros((), dtype=torch.float64, device=img.device)
+    for queries, keys in ((img, all_txt), (txt, all_img)):
+        for start in range(0, queries.shape[0], block_rows):
+            logits = scale * queries[start:start + block_rows] @ keys.T
+            target = torch.arange(start, start + logits.shape[0], device=logits.device) + offset
+            total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
+    return all_reduce(total, "sum").item() / (2 * max(1, sum(sizes)))
+
+
+@torch.no_grad()
 def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
                      block_rows: int | None = None) -> dict:
     """Image->text and text->image R@k over every rank's pairs, from this rank's ``[b, D]`` pairs.
@@ -155,8 +173,8 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> di
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    img, txt, labels = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
-                                   dummy_batch(decoder, shape["image_size"]), device, dtype)
+    img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
+                                          dummy_batch(decoder, shape["image_size"]), device, dtype)
     result: dict = {}
     if cfg.eval.zeroshot:
         classnames, templates = load_zeroshot(cfg.eval.zeroshot)
@@ -169,6 +187,8 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> di
         result.update(zeroshot_top1=hits[0].item() / max(1, hits[2].item()),
                       zeroshot_top5=hits[1].item() / max(1, hits[2].item()))
     result.update(retrieval_recall(img, txt))
+    if scale is not None:
+        result["val_loss"] = val_loss(img, txt, scale)
     model.train(was_training)
     return result
 
