@@ -18,8 +18,8 @@
 #     -N 2 slurm/train.sbatch trainer/configs/demo.yaml output_dir=runs/p1 max_steps=2000 :: \
 #     -N 1 slurm/run.sbatch python -m trainer eval --checkpoint runs/p1 --out runs/p1/eval-2000.json :: \
 #     -N 2 slurm/train.sbatch trainer/configs/demo.yaml output_dir=runs/p1 max_steps=4000
-# Model growth (train -> grow -> train, with a `python -m trainer grow` stage in the middle) is what
-# the growth issue adds; the `grow` verb does not exist yet.
+# Model growth (train -> grow -> train, a `python -m trainer grow` stage by slurm/run.sbatch in the
+# middle): "Model growth as stages" in slurm/README.md, and slurm/growclip_demo.sh on the demo data.
 #
 # Options:
 #   --after JOBID  the first stage also waits for JOBID (append a pipeline to a running job)

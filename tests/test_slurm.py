@@ -32,6 +32,8 @@ import slurm_cluster as sc  # noqa: E402
 from trainer import ports  # noqa: E402
 from trainer.cli import build_parser  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.methods.growth import check_growth  # noqa: E402
+from trainer.model import preset_shape  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_DIR = REPO / "slurm"
@@ -49,7 +51,7 @@ CPU_NODE_ARGS = ["--ntasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-t
 # --------------------------------------------------------------------- without a cluster
 def test_scripts_parse_and_header_defaults():
     """bash -n on every script, and the #SBATCH defaults the issue asks for."""
-    for script in ("train.sbatch", "run.sbatch", "pipeline.sh"):
+    for script in ("train.sbatch", "run.sbatch", "pipeline.sh", "growclip_demo.sh"):
         subprocess.run(["bash", "-n", str(SLURM_DIR / script)], check=True)
         assert os.access(SLURM_DIR / script, os.X_OK), f"{script} is not executable"
     header = [line for line in (SLURM_DIR / "train.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
@@ -83,16 +85,7 @@ def test_pipeline_dry_run_chains_with_afterok():
     assert out[2].rstrip().endswith("b.yaml")
 
 
-def _example_stages(text: str) -> list[list[str]]:
-    """The stages of the first multi-line `slurm/pipeline.sh \\` example in ``text`` (comment or Markdown)."""
-    lines = [re.sub(r"^#\s?", "", line).strip() for line in text.splitlines()]
-    start = next(i for i, line in enumerate(lines) if line.startswith("slurm/pipeline.sh") and line.endswith("\\"))
-    cmd = []
-    for line in lines[start:]:
-        cmd.append(line.rstrip("\\").strip())
-        if not line.endswith("\\"):
-            break
-    argv = shlex.split(" ".join(cmd))[1:]
+def _split_stages(argv: list[str]) -> list[list[str]]:
     stages, cur = [], []
     for a in argv:
         if a == "::":
@@ -103,43 +96,141 @@ def _example_stages(text: str) -> list[list[str]]:
     return stages + [cur]
 
 
-def _check_example(where: str, text: str) -> list[str]:
-    """The first pipeline example of ``text``: every stage's script exists, its config and
-    arguments parse, and ``pipeline.sh --dry-run`` submits one job per stage. Returns the verbs."""
-    stages = _example_stages(text)
-    assert len(stages) >= 2, where
-    verbs = []
+def _example_stages(text: str) -> list[list[str]]:
+    """The stages of the first multi-line `slurm/pipeline.sh \\` example in ``text`` (comment or
+    Markdown), split into words by bash itself, as the reader's shell would (an unquoted brace
+    pattern becomes several words here too)."""
+    lines = [re.sub(r"^#\s?", "", line).strip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("slurm/pipeline.sh") and line.endswith("\\"))
+    cmd = []
+    for line in lines[start:]:
+        cmd.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    words = " ".join(cmd).split(None, 1)[1]
+    out = subprocess.run(["bash", "-c", f"printf '%s\\0' {words}"], capture_output=True, text=True, check=True).stdout
+    argv = out.split("\0")[:-1]
+    # what the example says is what the shell passes: no unquoted brace pattern or glob expanded
+    assert argv == shlex.split(words), "the shell expands this example's words: quote brace patterns and globs"
+    return _split_stages(argv)
+
+
+def _check_stages(where: str, stages: list[list[str]]) -> list[tuple[str, object]]:
+    """Every stage's script exists and its command is valid: a training stage's config (a file of
+    the repository, or the config.yaml of an earlier grow stage's --out, which is the source run's
+    config with the grown shape) loads with its key=value arguments; a grow stage grows an earlier
+    training stage's output_dir into a shape the operators reach; other commands parse.
+    Returns ``(verb, Config of a training stage or None)`` per stage."""
+    runs, grown, out = {}, {}, []
     for stage in stages:
         script = next(a for a in stage if a.startswith("slurm/"))
         assert (REPO / script).is_file(), (where, script)
         rest = stage[stage.index(script) + 1:]
+        cfg = None
         if script == TRAIN:
-            assert (REPO / rest[0]).is_file(), (where, rest[0])
-            load_config(REPO / rest[0], rest[1:])  # ConfigError on an unknown key
+            config, kv = rest[0], rest[1:]
+            if config in grown:
+                config, kv = grown[config][0], [*grown[config][1], *kv]
+            else:
+                assert (REPO / config).is_file(), (where, config)
+            cfg = load_config(REPO / config, kv)  # ConfigError on an unknown key or a bad value
+            runs[os.path.normpath(cfg.output_dir)] = (config, kv)
             args = ["train", "--config", *rest]
         else:
             assert rest[:3] == ["python", "-m", "trainer"], (where, rest)
             args = rest[3:]
-        verbs.append(build_parser().parse_args(args).verb)  # SystemExit on an unknown verb/option
+        ns = build_parser().parse_args(args)  # SystemExit on an unknown verb/option
+        if ns.verb == "grow":
+            source = os.path.normpath(ns.checkpoint)
+            assert source in runs, (where, f"grow --checkpoint {ns.checkpoint} is no earlier stage's output_dir")
+            config, kv = runs[source]
+            old, new = load_config(REPO / config, kv), load_config(REPO / config, [*kv, *ns.overrides])
+            check_growth(preset_shape(old.model), preset_shape(new.model))  # ConfigError on an unreachable shape
+            grown[os.path.join(ns.out, "config.yaml")] = (config, [*kv, *ns.overrides, f"checkpoint.init={ns.out}"])
+        out.append((ns.verb, cfg))
+    return out
+
+
+def _dry_run(stages: list[list[str]]) -> list[str]:
     argv = [a for stage in stages for a in (*stage, "::")][:-1]
-    out = subprocess.run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", *argv],
-                         capture_output=True, text=True, check=True, cwd=REPO)
-    assert len(out.stdout.splitlines()) == len(stages)
+    return subprocess.run([str(SLURM_DIR / "pipeline.sh"), "--dry-run", *argv],
+                          capture_output=True, text=True, check=True, cwd=REPO).stdout.splitlines()
+
+
+def _check_example(where: str, text: str) -> list[str]:
+    """The first pipeline example of ``text``: valid stages (``_check_stages``), and
+    ``pipeline.sh --dry-run`` submits one job per stage. Returns the verbs."""
+    stages = _example_stages(text)
+    assert len(stages) >= 2, where
+    verbs = [verb for verb, _ in _check_stages(where, stages)]
+    assert len(_dry_run(stages)) == len(stages)
     return verbs
 
 
+def _check_growth_stages(where: str, checked: list[tuple[str, object]], stages: list[list[str]]) -> None:
+    """train -> grow -> train -> grow -> train: each grow by slurm/run.sbatch from the training
+    stage before it, each training stage after a grow from its config.yaml, in its own output_dir,
+    on a share of the data that contains the previous stage's and more."""
+    assert [verb for verb, _ in checked] == ["train", "grow", "train", "grow", "train"], (where, checked)
+    from braceexpand import braceexpand
+    shares, dirs = [], []
+    for i, ((verb, cfg), stage) in enumerate(zip(checked, stages)):
+        if verb == "grow":
+            assert RUN in stage, (where, stage)
+            ns = build_parser().parse_args(stage[stage.index("trainer") + 1:])
+            assert os.path.normpath(ns.checkpoint) == dirs[-1], (where, ns.checkpoint)
+            assert stages[i + 1][stages[i + 1].index(TRAIN) + 1] == os.path.join(ns.out, "config.yaml"), where
+            continue
+        spec = cfg.data.train_shards
+        shares.append([u for s in (spec if isinstance(spec, list) else [spec]) for u in braceexpand(str(s))])
+        dirs.append(os.path.normpath(cfg.output_dir))
+    assert len(set(dirs)) == 3, (where, dirs)
+    for before, after in zip(shares, shares[1:]):
+        # a directory holds all of its shards: the last share may be the whole directory
+        assert after != before and (set(before) <= set(after) or any(b.startswith(a + "/") for a in after for b in before)), (where, shares)
+
+
 def test_documented_pipeline_examples_are_runnable():
-    """The examples in pipeline.sh's header and slurm/README.md use only verbs and files that exist."""
+    """The examples in pipeline.sh's header and slurm/README.md, and slurm/growclip_demo.sh's
+    pipeline, use only verbs, files, keys and shapes that exist, and dry-run into one job each."""
     readme = (SLURM_DIR / "README.md").read_text()
     section = readme.split("## Pipelines", 1)[1].split("\n## ", 1)[0]
     header = (SLURM_DIR / "pipeline.sh").read_text().split("\nset -u", 1)[0]
     for where, text in (("slurm/README.md", section), ("slurm/pipeline.sh", header)):
-        verbs = _check_example(where, text)
-        assert verbs[0] == "train" and "grow" not in verbs, (where, verbs)
-        assert "grow" in text  # the growth stage is named as what the growth issue adds
+        assert _check_example(where, text) == ["train", "eval", "train"], where
+        assert "grow" in text and "Model growth as stages" in text, where  # points at the growth recipe
+    assert "Model growth as stages" in (SLURM_DIR / "run.sbatch").read_text()
     selection = readme.split("## Data selection as stages", 1)[1].split("\n## ", 1)[0]
     assert _check_example("slurm/README.md (selection)", selection) == ["train", "select", "train"]
     assert "--array=" in selection
+    # the growth recipe: train -> grow -> train -> grow -> train on growing shares of the data
+    growth = readme.split("## Model growth as stages", 1)[1].split("\n## ", 1)[0]
+    stages = _example_stages(growth)
+    _check_growth_stages("slurm/README.md (growth)", _check_stages("slurm/README.md (growth)", stages), stages)
+    assert len(_dry_run(stages)) == 5
+    assert "growclip_demo.sh" in growth and "--pim-beta" in growth
+    # the demo script: the same five stages on the demo data, as pipeline.sh --dry-run prints them
+    # (without the data set, with make-demo-data's default layout of 10 shards)
+    env = {**os.environ, "DEMO_DATA": "runs/no-such-demo-data", "RUNS": "runs/growclip-demo-test"}
+    p = subprocess.run([str(SLURM_DIR / "growclip_demo.sh"), "--dry-run", "--after", "41"],
+                       capture_output=True, text=True, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 5 and "--dependency=afterok:41" in lines[0], p.stdout
+    assert all(f"--dependency=afterok:STAGE{i}" in line for i, line in enumerate(lines[1:], 1)), p.stdout
+    assert not (REPO / "runs/growclip-demo-test").exists()   # a dry run creates nothing
+    demo = [[a for a in shlex.split(line)[1:] if a != "--parsable" and not a.startswith(("--dependency=", "--kill-on"))]
+            for line in lines]
+    checked = _check_stages("slurm/growclip_demo.sh", demo)
+    _check_growth_stages("slurm/growclip_demo.sh", checked, demo)
+    from braceexpand import braceexpand
+    trains = [cfg for _, cfg in checked if cfg is not None]
+    assert [len(list(braceexpand(str(cfg.data.train_shards)))) for cfg in trains] == [4, 7, 10]
+    assert [cfg.data.train_num_samples for cfg in trains] == [4000, 7000, 10000]
+    # without --dry-run and without the data set it says how to make it, and submits nothing
+    p = subprocess.run([str(SLURM_DIR / "growclip_demo.sh")], capture_output=True, text=True, cwd=REPO,
+                       env={**env, "SBATCH": "/bin/false"})
+    assert p.returncode == 2 and "make-demo-data --out runs/no-such-demo-data" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("required", [False, True], ids=["default", "TRAINER_REQUIRE_SLURM=1"])
@@ -461,6 +552,102 @@ def test_pipeline_select_array_then_train_on_its_manifest(cluster, demo_data, jo
     assert keys == sorted(keys) and len(set(keys)) == 512      # every sample once, in shard order
     assert yaml.safe_load((out2 / "config.yaml").read_text())["data"]["manifest"] == str(sel)
     assert max(metrics(out2)) == 2
+
+
+# Stage 1 of the growth pipeline: enough steps at this learning rate that the loss leaves the fresh
+# model's (3.78 at step 1 for global batch 32; ln 32 = 3.47 is the uniform-logits plateau) well behind.
+GROW_S1 = {"max_steps": 40, "optim.lr": 5e-4, "optim.warmup_steps": 4, "checkpoint.every_steps": 100}
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT)
+def test_pipeline_train_grow_train(cluster, demo_data, jobs_dir, deepspeed_ops):
+    """The growth recipe (slurm/README.md, "Model growth as stages") on the loopback cluster:
+    train the tiny model 40 steps on 2 nodes -> `grow` it to 5+5 layers with --pim-beta 1
+    (run.sbatch, one node) -> train the grown config.yaml 2 steps. With exact inheritance the grown
+    stage's first loss is the one the stage-1 model itself has on the same first batch, which a
+    fourth job measures (the ungrown config with checkpoint.init=stage 1, one step; both runs
+    start their data stream at the beginning with the same seed). Then the same pipeline is
+    submitted again: every stage finishes at once without changing anything."""
+    s1, grown, s2, ref = (jobs_dir / name for name in ("grow-s1", "grow-s1-grown", "grow-s2", "grow-ref"))
+    two, one = ["-N", "2", *CPU_NODE_ARGS], ["-N", "1", "--cpus-per-task", "1"]
+    env = {"PYTHON": sys.executable}
+
+    def pipeline() -> list[int]:
+        stages = [*two, "--output", str(jobs_dir / "grow-s1-%j.out"), TRAIN, CONFIG,
+                  *overrides(demo_data, s1, **GROW_S1), "::",
+                  *one, "--output", str(jobs_dir / "grow-op-%j.out"), RUN, "python", "-m", "trainer", "grow",
+                  "--checkpoint", str(s1), "--out", str(grown), "model.vision_layers=5", "model.text_layers=5",
+                  "--pim-beta", "1", "::",
+                  *two, "--output", str(jobs_dir / "grow-s2-%j.out"), TRAIN, str(grown / "config.yaml"),
+                  f"output_dir={s2}", "max_steps=2", f"data.train_shards={demo_data / 'train'}"]
+        return [int(j) for j in cluster.run([str(SLURM_DIR / "pipeline.sh"), *stages], cwd=REPO, env=env).stdout.split()]
+
+    def logs(jobs: list[int]) -> list[str]:
+        return [read(jobs_dir / f"grow-{kind}-{job}.out") for kind, job in zip(("s1", "op", "s2"), jobs)]
+
+    def check_completed(jobs: list[int]) -> list[dict]:
+        recs = [cluster.wait_done(job, JOB_TIMEOUT) for job in jobs]
+        for rec, text in zip(recs, logs(jobs)):
+            assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, text[-3000:])
+        return recs
+
+    t0 = time.monotonic()
+    jobs = pipeline()
+    p = cluster.run([str(SLURM_DIR / "pipeline.sh"), "--after", str(jobs[0]), *two, "--output",
+                     str(jobs_dir / "grow-ref-%j.out"), TRAIN, CONFIG,
+                     *overrides(demo_data, ref, **{**GROW_S1, "max_steps": 1, "checkpoint.init": s1})], cwd=REPO, env=env)
+    ref_job = int(p.stdout)
+    recs = check_completed([*jobs, ref_job])
+    first_s = time.monotonic() - t0
+    log1, log_grow, log2 = logs(jobs)
+    ref_log = read(jobs_dir / f"grow-ref-{ref_job}.out")
+
+    # the grown directory: complete, exact, and a config for the next stage
+    info = json.loads((grown / "grow.json").read_text())
+    assert (grown / "weights.pt").is_file() and not list(jobs_dir.glob(".grow-s1-grown.tmp-*"))
+    assert info["source_step"] == GROW_S1["max_steps"] and info["request"]["pim_beta"] == 1.0
+    assert info["params"]["new"] > info["params"]["old"]
+    assert all(abs(e) <= 1e-5 for e in info["function_error"].values()), info["function_error"]
+    gcfg = yaml.safe_load((grown / "config.yaml").read_text())
+    assert gcfg["model"]["vision_layers"] == gcfg["model"]["text_layers"] == 5
+    assert gcfg["checkpoint"]["init"] == str(grown) and gcfg["output_dir"] == str(grown / "train")
+    assert gcfg["data"]["train_shards"] == str(demo_data / "train") and gcfg["optim"]["lr"] == GROW_S1["optim.lr"]
+    # stage 2 ran in its own output_dir, from the grown weights, with the grown shape
+    assert not (grown / "train").exists()
+    assert f"started from the weights of {grown} (checkpoint.init" in log2, log2[-3000:]
+    cfg2 = yaml.safe_load((s2 / "config.yaml").read_text())
+    assert cfg2["model"]["vision_layers"] == 5 and cfg2["output_dir"] == str(s2)
+    assert f"started from the weights of {s1}/checkpoints/step_{GROW_S1['max_steps']}" in ref_log, ref_log[-3000:]
+
+    m1, m2, mref = metrics(s1), metrics(s2), metrics(ref)
+    assert sorted(m1) == list(range(1, GROW_S1["max_steps"] + 1)) and sorted(m2) == [1, 2] and sorted(mref) == [1]
+    fresh, trained = m1[1]["loss"], sum(m1[s]["loss"] for s in range(36, 41)) / 5
+    grown_first = m2[1]["loss"]
+    print(f"\ngrowth pipeline: fresh first loss {fresh:.4f}, stage-1 mean of steps 36-40 {trained:.4f}, "
+          f"grown first loss {grown_first!r}, ungrown init first loss {mref[1]['loss']!r}, {first_s:.0f} s")
+    # exact: the grown model's first loss is the small model's on the same batch
+    assert grown_first == pytest.approx(mref[1]["loss"], abs=1e-5)
+    # and in the trained regime, far from where a fresh model starts
+    assert fresh - trained > 0.3, (fresh, trained)
+    assert abs(grown_first - trained) < 0.25, (grown_first, trained)
+    assert fresh - grown_first > 0.4, (fresh, grown_first)
+
+    # the same pipeline again: every stage finds its work done
+    before = {d: ((d / "metrics.jsonl").read_text(), (d / "checkpoints" / "latest").read_text(), (d / "eval.json").read_text())
+              for d in (s1, s2)}
+    weights = (grown / "weights.pt").stat().st_mtime_ns
+    t0 = time.monotonic()
+    again = pipeline()
+    recs = check_completed(again)
+    print(f"resubmitted: {time.monotonic() - t0:.0f} s (" + ", ".join(r["RunTime"] for r in recs) + ")")
+    log1, log_grow, log2 = logs(again)
+    assert f"resumed from {s1}/checkpoints/step_{GROW_S1['max_steps']} (step {GROW_S1['max_steps']})" in log1, log1[-3000:]
+    assert "already holds this growth; nothing to do" in log_grow, log_grow[-3000:]
+    assert f"resumed from {s2}/checkpoints/step_2 (step 2)" in log2 and "started from the weights" not in log2, log2[-3000:]
+    assert (grown / "weights.pt").stat().st_mtime_ns == weights
+    after = {d: ((d / "metrics.jsonl").read_text(), (d / "checkpoints" / "latest").read_text(), (d / "eval.json").read_text())
+             for d in (s1, s2)}
+    assert after == before
 
 
 @pytest.mark.timeout(300)
