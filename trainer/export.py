@@ -5,13 +5,18 @@
     processor = transformers.CLIPProcessor.from_pretrained("runs/demo/hf")
 
 The fp32 weights are consolidated from the DeepSpeed checkpoint (any ZeRO stage) with
-DeepSpeed's own ``zero_to_fp32`` reader; the state dict is already ``CLIPModel``'s layout.
+DeepSpeed's own ``zero_to_fp32`` reader; the state dict is already ``CLIPModel``'s layout. With
+``model.shared_layers`` both towers' keys of a shared layer hold the one trained tensor (DeepSpeed
+stores it under one name and records the other in ``shared_params``; :func:`fp32_state_dict`
+fills in whichever name is missing), so the export is a standard, untied ``CLIPModel`` whose
+config does not mention sharing.
 The exported tokenizer's ``model_max_length`` is the trainer's context length (the text tower's
 positions), so ``processor(text=..., padding=True, truncation=True)`` truncates exactly as the
 trainer does (keeping the end-of-text token) and long captions give the trainer's embeddings.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import torch
 import yaml
 
 from .config import Config, ConfigError, load_config, to_dict
-from .model import ClipTrainModel, build_clip_config, preset_shape
+from .model import ClipTrainModel, build_clip_config, preset_shape, shared_layer_prefixes
 
 log = logging.getLogger("trainer")
 
@@ -54,12 +59,30 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
 
     tag_dir = root / tag
     if is_grown(tag_dir):   # a grow directory: the weights as written (its teacher: teacher_state_dict)
-        return {k: v.float() for k, v in grown_weights(tag_dir).items() if not k.startswith(TEACHER)}
-    if any(tag_dir.glob("*optim_states.pt")):
+        sd = {k: v for k, v in grown_weights(tag_dir).items() if not k.startswith(TEACHER)}
+    elif any(tag_dir.glob("*optim_states.pt")):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:  # ZeRO stage 0: the module states hold every weight
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in sd.items()}
+    sd = {k: v.float() for k, v in sd.items()}
+    fill_shared_layers(sd, preset_shape(load_config(tag_dir / "config.yaml").model), tag_dir)
+    return sd
+
+
+def fill_shared_layers(sd: dict[str, torch.Tensor], shape: dict, where: Path) -> None:
+    """Both towers' keys for each shared layer (``model.shared_layers``): a key DeepSpeed did not
+    store is its tied partner's tensor; two stored copies must be equal (they are one parameter)."""
+    for vision, text in shared_layer_prefixes(shape):
+        names = {k[len(vision):] for k in sd if k.startswith(vision)} | {k[len(text):] for k in sd if k.startswith(text)}
+        for name in sorted(names):
+            v, t = sd.get(vision + name), sd.get(text + name)
+            if v is None:
+                sd[vision + name] = t
+            elif t is None:
+                sd[text + name] = v
+            elif not torch.equal(v, t):
+                raise RuntimeError(f"checkpoint {where}: the shared layer tensors {vision + name} and {text + name} "
+                                   "differ (model.shared_layers ties them)")
 
 
 def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrainModel:
@@ -107,7 +130,10 @@ def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None, whic
     cfg, root, tag = checkpoint_config(checkpoint)
     tokenizer = load_tokenizer(tokenizer_path or cfg.tokenizer.path)
     trained = load_trained_model(cfg, root, tag, tokenizer)
-    hf = CLIPModel(trained.config)
+    config = copy.deepcopy(trained.config)
+    if hasattr(config, "shared_layers"):   # a plain config: the export's towers are untied copies
+        del config.shared_layers
+    hf = CLIPModel(config)
     hf.load_state_dict(clip_state_dict(trained, which))
     out_dir = Path(out)
     hf.save_pretrained(out_dir)

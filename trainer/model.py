@@ -5,7 +5,9 @@
 
 ``ClipTrainModel`` subclasses ``transformers.CLIPModel`` and only changes ``forward``: it returns
 the L2-normalised embeddings and the exponentiated, clamped logit scale that the gathered loss
-needs. Its state dict is exactly ``CLIPModel``'s, so every checkpoint exports as a standard model.
+needs (and the text embeddings' length check, for ZeRO-3: ``_TextEmbeddings``). Its state dict is exactly ``CLIPModel``'s, so every checkpoint exports as a standard model.
+With ``model.shared_layers = k`` (GrowCLIP's shared encoder) the text tower's top ``k`` layers are
+the image tower's top ``k`` modules (:func:`tie_shared_layers`); the state dict still lists both.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 from .config import ConfigError, ModelConfig
 
@@ -57,6 +60,17 @@ def preset_shape(mc: ModelConfig) -> dict:
     if shape["image_size"] % shape["patch_size"]:
         raise ConfigError(f"config key 'model.image_size' ({shape['image_size']}) must be a multiple of the "
                           f"preset's patch size ({shape['patch_size']})")
+    shape["shared_layers"] = k = mc.shared_layers
+    if k > min(shape["vision_layers"], shape["text_layers"]):
+        raise ConfigError(f"config key 'model.shared_layers' ({k}) must be at most the shallower tower's depth; "
+                          f"model.vision_layers is {shape['vision_layers']}, model.text_layers is "
+                          f"{shape['text_layers']}")
+    if k > 0:
+        for what, key in (("widths", "width"), ("numbers of heads", "heads")):
+            if shape[f"vision_{key}"] != shape[f"text_{key}"]:
+                raise ConfigError(f"config key 'model.shared_layers' ({k}): the shared layers need equal tower "
+                                  f"{what}; model.vision_{key} is {shape[f'vision_{key}']}, model.text_{key} is "
+                                  f"{shape[f'text_{key}']}")
     return shape
 
 
@@ -78,7 +92,44 @@ def build_clip_config(mc: ModelConfig, tokenizer) -> CLIPConfig:
     cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=s["embed_dim"],
                      logit_scale_init_value=math.log(1 / 0.07))
     cfg._attn_implementation = mc.attn_implementation
+    cfg.shared_layers = s["shared_layers"]
     return cfg
+
+
+# What a CLIPEncoderLayer is built from (CLIPAttention, CLIPMLP, the layer norms): a layer shared
+# by both towers must be what either tower's config would have built.
+LAYER_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "hidden_act", "layer_norm_eps",
+                     "attention_dropout", "_attn_implementation")
+
+
+def shared_layer_prefixes(shape: dict) -> list[tuple[str, str]]:
+    """``(vision prefix, text prefix)`` of each shared layer of a ``preset_shape`` (state-dict keys)."""
+    k, lv, lt = shape.get("shared_layers", 0), shape["vision_layers"], shape["text_layers"]
+    return [(f"vision_model.encoder.layers.{lv - k + i}.", f"text_model.encoder.layers.{lt - k + i}.")
+            for i in range(k)]
+
+
+def tie_shared_layers(model: CLIPModel, k: int) -> None:
+    """GrowCLIP's shared encoder: the text tower's top ``k`` layers become the image tower's top
+    ``k`` modules, in order (``text.layers[Lt-k+i] is vision.layers[Lv-k+i]``). Each tower still
+    runs them in its own forward with its own mask (the causal mask and ``is_causal`` are passed
+    per call, never read from the module), so only the weights are shared. The state dict keeps
+    both towers' keys (same tensors): ``CLIPModel``'s layout, loadable from and exportable to it.
+    """
+    if k <= 0:
+        return
+    v, t = model.config.vision_config, model.config.text_config
+    differ = {key: (getattr(v, key, None), getattr(t, key, None)) for key in LAYER_CONFIG_KEYS
+              if getattr(v, key, None) != getattr(t, key, None)}
+    if differ:
+        raise ConfigError(f"config key 'model.shared_layers' ({k}): the towers' layers are configured differently "
+                          f"({', '.join(f'{key}: vision {a!r}, text {b!r}' for key, (a, b) in differ.items())})")
+    vl, tl = model.vision_model.encoder.layers, model.text_model.encoder.layers
+    if k > min(len(vl), len(tl)):
+        raise ConfigError(f"config key 'model.shared_layers' ({k}) must be at most the shallower tower's depth "
+                          f"({len(vl)} vision, {len(tl)} text layers)")
+    for i in range(k):
+        tl[len(tl) - k + i] = vl[len(vl) - k + i]
 
 
 class ClipTrainModel(CLIPModel):
@@ -87,11 +138,14 @@ class ClipTrainModel(CLIPModel):
     ``logit_scale`` is held with shape ``[1]``: DeepSpeed 0.19.8 broadcasts and partitions
     parameters as ``p.data.view(torch.uint8)``, which raises for 0-dim tensors (engine broadcast,
     ZeRO-3 init). State-dict hooks keep the standard 0-dim ``transformers`` layout on the outside.
+    ``config.shared_layers`` (set by :func:`build_clip_config`) ties the towers' top layers.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.logit_scale = torch.nn.Parameter(self.logit_scale.data.reshape(1))
+        tie_shared_layers(self, getattr(config, "shared_layers", 0))
+        self.text_model.embeddings.__class__ = _TextEmbeddings   # same weights; see there
         self._register_state_dict_hook(_logit_scale_to_scalar)
         self._register_load_state_dict_pre_hook(_logit_scale_from_scalar)
 
@@ -152,6 +206,27 @@ class ClipTrainModel(CLIPModel):
         ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[chosen],
                              reduction="sum")   # bf16/fp16 logits: the softmax in fp32
         return ce / chosen.sum().clamp(min=1)
+
+
+class _TextEmbeddings(CLIPTextEmbeddings):
+    """``CLIPTextEmbeddings`` whose length check reads ``position_embedding.num_embeddings``
+    instead of ``position_embedding.weight.shape[0]``. Under ZeRO-3 that child's weight is only
+    gathered by the child's own forward hook; the original check relies on it being "persistent"
+    (below DeepSpeed's persistence threshold, never released), but DeepSpeed 0.19.8 releases
+    persistent parameters too while its module trace is recorded or invalid (which evaluation
+    outside the engine's forward causes), and a resumed ZeRO-3 run's final evaluation then
+    failed with "max_position_embeddings: 0". Everything else is the original forward."""
+
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
+        seq_length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
+        if seq_length > self.position_embedding.num_embeddings:
+            raise ValueError(f"Sequence length must be less than max_position_embeddings (got `sequence length`: "
+                             f"{seq_length} and max_position_embeddings: {self.position_embedding.num_embeddings}")
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_length]
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        return inputs_embeds + self.position_embedding(position_ids)
 
 
 class _ClampReturnable(torch.autograd.Function):

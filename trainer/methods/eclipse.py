@@ -75,6 +75,16 @@ def check(cfg: Config, vision_layers: int) -> None:
     if bad:
         raise ConfigError(f"config key 'eclipse.drop_layers' must hold layer indices in [0, {vision_layers}) "
                           f"(the vision tower has {vision_layers} layers); got {e.drop_layers!r}")
+    if e.expedite == "evit":
+        from ..model import preset_shape
+        k = preset_shape(cfg.model)["shared_layers"]
+        inside = [i for i in drop_layers(cfg, vision_layers) if i >= vision_layers - k]
+        if inside:   # an EViT layer reorganises tokens: shared, it would drop text tokens too
+            raise ConfigError(f"config keys 'eclipse.drop_layers' ({drop_layers(cfg, vision_layers)}"
+                              f"{'' if e.drop_layers else ', the default'}) and 'model.shared_layers' ({k}): EViT "
+                              f"drop layers {inside} are shared with the text tower (vision layers "
+                              f"[{vision_layers - k}, {vision_layers}) are shared); drop tokens below layer "
+                              f"{vision_layers - k}, share fewer layers, or set eclipse.expedite=random|none")
     if e.momentum_final is not None and not e.momentum <= e.momentum_final <= 1.0:
         raise ConfigError(f"config key 'eclipse.momentum_final' must be in [eclipse.momentum, 1]; "
                           f"got {e.momentum_final!r}")
