@@ -227,7 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", choices=("equal", "random"), default="equal", help="width growth: input columns split into equal pieces, or pieces with zero-sum noise (symmetry breaking, still exact)")
     g.add_argument("--split-noise", type=float, default=0.1, help="--split random: noise std relative to each tensor's std (default 0.1)")
     g.add_argument("--optimizer", choices=("reset", "transform"), default="reset", help="the next stage's AdamW: fresh (reset) or the transformed moments")
-    g.add_argument("overrides", nargs="*", help="model.key=value: the grown shape (e.g. model.vision_layers=8)")
+    g.add_argument("--search", nargs="?", const=True, default=None, metavar="CANDIDATES.yaml",
+                   help="growth search: grow each candidate ({name: {model.key: value}}; default: deeper towers, "
+                        "shared layers, width x2), train each briefly, rank by validation loss per FLOP (trainer/methods/growth_search.py)")
+    g.add_argument("--search-steps", type=int, default=50, help="--search: training steps per candidate (default 50)")
+    g.add_argument("--nproc", type=int, default=2, help="--search: ranks per candidate run under torchrun (default 2)")
+    g.add_argument("--slurm", action="store_true", help="--search: submit each candidate's training as a SLURM job")
+    g.add_argument("overrides", nargs="*", help="model.key=value: the grown shape (e.g. model.vision_layers=8); "
+                                                "with --search: training overrides for the candidates (e.g. the newest data.train_shards)")
     b = sub.add_parser("bench", help="benchmarks: bench loss|train [options]")
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -92,7 +92,7 @@ def plan_tower(old: dict, new: dict, tower: str) -> TowerPlan:
     m, m2 = round(old["mlp_ratio"] * w), round(new["mlp_ratio"] * w2)
     if m2 < f * m:
         raise ConfigError(f"model.mlp_ratio {old['mlp_ratio']} -> {new['mlp_ratio']}: the MLP can only grow")
-    k, k2 = old.get("shared_layers", 0), new.get("shared_layers", 0)
+    k, k2 = old["shared_layers"], new["shared_layers"]
     p, p2 = old[f"{tower}_layers"] - k, new[f"{tower}_layers"] - k2
     if k2 < k:
         raise ConfigError(f"model.shared_layers {k} -> {k2}: shared layers cannot be split back into towers")
@@ -281,7 +281,7 @@ def grow_state_dict(sd: dict, old: dict, new: dict, fresh: dict, *, beta: float 
     out, vision_shared = grow_tower(sd, "vision_model", "visual_projection", plans["vision"], old, "vision",
                                     fresh, noise, seed)
     text, _ = grow_tower(sd, "text_model", "text_projection", plans["text"], old, "text", fresh, noise, seed,
-                         shared=vision_shared if new.get("shared_layers", 0) else None)
+                         shared=vision_shared if new["shared_layers"] else None)
     out.update(text)
     out["logit_scale"] = sd["logit_scale"].reshape(fresh["logit_scale"].shape)   # ZeRO holds it as [1]
     teacher = {k[len(TEACHER):]: v for k, v in sd.items() if k.startswith(TEACHER)}
@@ -409,6 +409,9 @@ def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, spl
             "params": {"old": sum(v.numel() for k, v in sd.items() if not k.startswith(TEACHER)),
                        "new": sum(p.numel() for p in new_model.parameters())},
             "function_error": error}
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):   # left by a killed grow (never read)
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -419,6 +422,16 @@ def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, spl
     log.info("grew %s (%d -> %d parameters) into %s; function error %s", root / tag, info["params"]["old"],
              info["params"]["new"], out_dir, error)
     return out_dir
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _with_overrides(raw: dict, overrides: list[str]):
@@ -441,6 +454,12 @@ def step_of(root: Path, tag: str) -> int:
 def main(args) -> int:
     """``python -m trainer grow`` (trainer/cli.py)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    if args.search is not None:   # the candidates say the shapes; the other key=value train them
+        from .growth_search import search
+        model = [o for o in args.overrides if o.startswith("model.")]
+        if model:
+            raise ConfigError(f"grow --search: the candidates give the model shapes; {model[0]!r} cannot be set here")
+        return search(args, args.overrides)
     out = grow(args.checkpoint, args.out, args.overrides, beta=args.pim_beta, split=args.split,
                noise=args.split_noise, optimizer=args.optimizer)
     print(json.dumps({"out": str(out), **json.loads((out / INFO).read_text())}, indent=2))

@@ -1,0 +1,214 @@
+"""Which growth to take (GrowCLIP searches; METHODS.md section 4, "chosen"): make a few candidate
+growths of one checkpoint, train each briefly on the newest data, and keep the best validation
+loss per training FLOP.
+
+    python -m trainer grow --checkpoint runs/stage1 --out runs/search --search [CANDIDATES.yaml] \\
+        --search-steps 50 [--nproc 2] [--slurm] [data.train_shards=runs/new-data/train ...]
+
+CANDIDATES.yaml maps names to model overrides (``{deeper-vision: {model.vision_layers: 6}}``);
+without it the default set is: + half the depth on the image tower, the same on the text tower,
++ 2 shared layers on both (equal widths only), and width x2 (heads x2) on both. Each candidate is
+grown into ``OUT/candidates/<name>`` (``grow``, idempotent), and all are trained by the sweep
+runner (``OUT/sweep``: ``--slurm`` submits each as its own job; a killed search resumes). The
+candidates train at equal compute (the cheapest one ``--search-steps`` steps, the others
+proportionally fewer), so the lowest validation loss (``eval``'s ``val_loss``) is the best loss
+per FLOP; ``OUT/search.md`` and ``OUT/search.json`` rank them, ``OUT/winner`` names the
+winner's grown directory.
+
+FLOPs are the standard dense-transformer count (matmuls only, forward x 3 for training):
+:func:`forward_flops_per_sample`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, load_config
+
+
+def _tower_flops(tokens: int, width: int, mlp: int, layers: int) -> float:
+    """Forward FLOPs of ``layers`` pre-LN blocks on ``tokens`` tokens: q/k/v/out projections
+    (4 d^2), the attention scores and weighted sum (2 n d), the MLP (2 d m), 2 FLOPs per MAC."""
+    per_token = 2 * (4 * width * width + 2 * width * mlp + 2 * tokens * width)
+    return tokens * per_token * layers
+
+
+def forward_flops_per_sample(shape: dict) -> float:
+    """One image-caption pair's forward FLOPs through both towers and projections (shared layers
+    run in both towers, so they count twice: sharing saves parameters, not compute)."""
+    patches = (shape["image_size"] // shape["patch_size"]) ** 2
+    nv, nt = patches + 1, shape["context_length"]
+    dv, dt, e = shape["vision_width"], shape["text_width"], shape["embed_dim"]
+    mv, mt = round(shape["mlp_ratio"] * dv), round(shape["mlp_ratio"] * dt)
+    vision = 2 * patches * 3 * shape["patch_size"] ** 2 * dv + _tower_flops(nv, dv, mv, shape["vision_layers"])
+    text = _tower_flops(nt, dt, mt, shape["text_layers"])
+    return vision + text + 2 * e * (dv + dt)
+
+
+def train_flops(cfg, steps: int, world: int) -> float:
+    """Training FLOPs of ``steps`` optimizer steps of ``cfg`` on ``world`` ranks (forward + backward
+    = 3 x forward; the similarity matrix of the global batch included)."""
+    from ..model import preset_shape
+    shape = preset_shape(cfg.model)
+    batch = cfg.data.batch_size * cfg.train.grad_accum_steps * world
+    logits = 2 * 2 * batch * shape["embed_dim"]   # each sample's row and column of the B x B logits
+    return 3.0 * steps * batch * (forward_flops_per_sample(shape) + logits)
+
+
+# ----------------------------------------------------------------------------- the search
+
+def default_candidates(shape: dict) -> dict[str, dict]:
+    """+ depth on either tower, + shared layers (equal widths and heads), width x2 (heads x2)."""
+    dv, dt = max(1, shape["vision_layers"] // 2), max(1, shape["text_layers"] // 2)
+    out = {"deeper-vision": {"model.vision_layers": shape["vision_layers"] + dv},
+           "deeper-text": {"model.text_layers": shape["text_layers"] + dt}}
+    if shape["vision_width"] == shape["text_width"] and shape["vision_heads"] == shape["text_heads"]:
+        out["shared+2"] = {"model.vision_layers": shape["vision_layers"] + 2,
+                           "model.text_layers": shape["text_layers"] + 2,
+                           "model.shared_layers": shape["shared_layers"] + 2}
+    out["wider-x2"] = {f"model.{t}_{k}": 2 * shape[f"{t}_{k}"] for t in ("vision", "text") for k in ("width", "heads")}
+    return out
+
+
+def load_candidates(path: str | None, shape: dict) -> dict[str, dict]:
+    if path is None:
+        return default_candidates(shape)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--search {path}: file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--search {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"--search {path} must map candidate names to model overrides, e.g. "
+                          "'deeper: {model.vision_layers: 8}'")
+    out = {}
+    for name, body in raw.items():
+        if not isinstance(body, dict) or not all(str(k).startswith("model.") for k in body):
+            raise ConfigError(f"--search {path}: candidate {name!r} must map model.* keys to values; got {body!r}")
+        out[str(name)] = body
+    return out
+
+
+def _trainable(candidates: dict, source: Path, train_overrides: list[str], world: int | None, given: bool) -> dict:
+    """The candidates whose runs ``train`` would accept (checked before anything is grown): a
+    default candidate that clashes with the run's config (e.g. shared layers where ECLIPSE drops
+    tokens) is left out with a note; a given one is an error naming it."""
+    from ..cli import check_run_inputs
+    from ..sweep import yaml_arg
+    from .growth import check_growth
+    from ..model import preset_shape
+
+    cfg0 = load_config(source / "config.yaml", train_overrides)
+    keep = {}
+    for name, body in candidates.items():
+        try:
+            cfg = load_config(source / "config.yaml", [*train_overrides, *(f"{k}={yaml_arg(v)}" for k, v in body.items())])
+            check_growth(preset_shape(cfg0.model), preset_shape(cfg.model))
+            check_run_inputs(cfg, world)
+        except ConfigError as err:
+            if given:
+                raise ConfigError(f"search candidate {name!r}: {err}") from None
+            print(f"grow --search: default candidate {name!r} left out: {err}", file=sys.stderr)
+            continue
+        keep[name] = body
+    if not keep:
+        raise ConfigError("grow --search: no candidate can be trained with this run's config")
+    return keep
+
+
+def budget_steps(candidates: dict, source: Path, train_overrides: list[str], steps: int) -> dict[str, int]:
+    """Equal training compute for every candidate: the cheapest trains ``steps`` steps, each other
+    one ``steps x (its FLOPs per step / the cheapest's)`` fewer (at least 1)."""
+    from ..model import preset_shape
+    from ..sweep import yaml_arg
+    per = {}
+    for name, body in candidates.items():
+        cfg = load_config(source / "config.yaml", [*train_overrides, *(f"{k}={yaml_arg(v)}" for k, v in body.items())])
+        per[name] = forward_flops_per_sample(preset_shape(cfg.model))
+    cheapest = min(per.values())
+    return {name: max(1, round(steps * cheapest / f)) for name, f in per.items()}
+
+
+def search(args, train_overrides: list[str]) -> int:
+    """``grow --search``: grow every candidate, train each at the same FLOPs with the sweep
+    runner, and keep the lowest validation loss."""
+    import argparse
+
+    from ..export import checkpoint_config
+    from ..model import preset_shape
+    from ..sweep import collect, plan, run_sweep, yaml_arg
+    from .growth import grow
+
+    if args.search_steps < 1:
+        raise ConfigError(f"--search-steps must be >= 1; got {args.search_steps}")
+    cfg, root, tag = checkpoint_config(args.checkpoint)
+    shape = preset_shape(cfg.model)
+    candidates = load_candidates(args.search if isinstance(args.search, str) else None, shape)
+    candidates = _trainable(candidates, root / tag, train_overrides, args.nproc if not args.slurm else None,
+                            given=isinstance(args.search, str))
+    steps = budget_steps(candidates, root / tag, train_overrides, args.search_steps)
+    out = Path(args.out)
+    (out / "candidates").mkdir(parents=True, exist_ok=True)
+    variants = {"seeds": [cfg.seed]}
+    for name, body in candidates.items():
+        over = [f"{k}={yaml_arg(v)}" for k, v in body.items()]
+        grown = grow(args.checkpoint, str(out / "candidates" / name), over, beta=args.pim_beta, split=args.split,
+                     noise=args.split_noise, optimizer=args.optimizer)
+        variants[name] = {**body, "checkpoint.init": str(grown), "max_steps": steps[name]}
+    vfile = out / "candidates.yaml"
+    vfile.write_text(yaml.safe_dump(variants, sort_keys=False))
+    sweep_args = argparse.Namespace(config=str(root / tag / "config.yaml"), variants=str(vfile), out=str(out / "sweep"),
+                                    slurm=args.slurm, nproc=args.nproc, overrides=list(train_overrides))
+    status = run_sweep(sweep_args)
+    if status != 0:
+        return status
+    sweep = plan(sweep_args)
+    rows = {r["variant"]: r for r in collect(sweep)}
+    runs = {r.variant: r for r in sweep.runs}
+    start = _ungrown_val_loss(out, args.checkpoint)
+    table = []
+    for name in candidates:
+        row, run = rows.get(name), runs[name]
+        if row is None or row.get("val_loss") is None:
+            raise ConfigError(f"search candidate {name!r} finished without a validation loss: "
+                              "set data.val_shards for the search runs")
+        world = (row.get("global_batch") or 0) // (run.cfg.data.batch_size * run.cfg.train.grad_accum_steps) or 1
+        table.append({"candidate": name, "overrides": candidates[name], "params": row["params"],
+                      "steps": row["steps"], "train_flops": train_flops(run.cfg, row["steps"], world),
+                      "val_loss": row["val_loss"], "zeroshot_top1": row.get("zeroshot_top1"),
+                      "val_loss_change": None if start is None else row["val_loss"] - start})
+    table.sort(key=lambda t: t["val_loss"])   # equal compute: the lowest validation loss wins
+    winner = table[0]
+    (out / "search.json").write_text(json.dumps({"source": str(root / tag), "start_val_loss": start,
+                                                 "candidates": table, "winner": winner["candidate"]}, indent=2))
+    (out / "winner").write_text(str((out / "candidates" / winner["candidate"]).resolve()) + "\n")
+    lines = [f"# Growth search from {root / tag}", "",
+             f"Each candidate trained for the same compute (the cheapest {args.search_steps} steps); "
+             f"ungrown validation loss {start:.4f}." if start is not None else "", "",
+             "| candidate | params | steps | train FLOPs | val loss | change | zero-shot top-1 % |",
+             "|---|---|---|---|---|---|---|"]
+    for t in table:
+        zs = f"{100 * t['zeroshot_top1']:.1f}" if isinstance(t.get("zeroshot_top1"), float) else "n/a"
+        change = f"{t['val_loss_change']:+.4f}" if t["val_loss_change"] is not None else "n/a"
+        lines.append(f"| {t['candidate']} | {t['params'] / 1e6:.2f}M | {t['steps']} | {t['train_flops']:.3g} | "
+                     f"{t['val_loss']:.4f} | {change} | {zs} |")
+    lines += ["", f"Winner: **{winner['candidate']}** ({out / 'candidates' / winner['candidate']})", ""]
+    (out / "search.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+def _ungrown_val_loss(out: Path, checkpoint: str) -> float | None:
+    """The source checkpoint's validation loss (``eval`` once, cached in OUT/start_eval.json)."""
+    import subprocess
+    path = out / "start_eval.json"
+    if not path.is_file():
+        subprocess.run([sys.executable, "-m", "trainer", "eval", "--checkpoint", checkpoint, "--out", str(path)],
+                       check=True)
+    return json.loads(path.read_text()).get("val_loss")
