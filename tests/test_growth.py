@@ -268,3 +268,73 @@ def test_half_written_or_mismatched_inits_are_refused(source, grown, tmp_path, d
     assert main([*base, f"checkpoint.init={grown}"]) == 2   # the demo shape, not the grown one
     err = capsys.readouterr().err
     assert "another shape" in err and "vision_width: 256 there, 128 here" in err, err
+
+
+# ------------------------------------------------------------------ FLOPs and the growth search
+
+@pytest.mark.parametrize("overrides", [[], ["model.vision_width=256", "model.vision_heads=8", "model.text_layers=6",
+                                            "model.mlp_ratio=3", "model.shared_layers=2"]])
+def test_flop_count_equals_torchs_flop_counter(overrides, tokenizer, demo_data):
+    """The closed form equals what torch's FlopCounterMode counts in a real forward of one pair
+    (every matmul, convolution and attention product; shared layers run in both towers)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.methods.growth_search import forward_flops_per_sample
+    from trainer.model import build_model, preset_shape
+    if "model.shared_layers=2" in overrides:
+        overrides = [*overrides, "model.text_width=256", "model.text_heads=8"]
+    cfg = _cfg(overrides, str(demo_data / "tokenizer"))
+    model = build_model(cfg.model, tokenizer, 0).eval()
+    s = preset_shape(cfg.model)
+    ids = torch.randint(0, 100, (1, s["context_length"]))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, s["image_size"], s["image_size"]), input_ids=ids,
+              attention_mask=torch.ones_like(ids))
+    assert forward_flops_per_sample(s) == counter.get_total_flops()
+
+
+def test_default_search_leaves_out_candidates_the_run_cannot_train(source, capsys):
+    """The ECLIPSE source drops tokens at layers 1-3 (EViT), so shared layers on top would drop
+    text tokens too: the default shared candidate is left out, the others kept; a given one errs."""
+    from trainer.config import ConfigError
+    from trainer.methods.growth_search import _trainable, default_candidates
+    from trainer.export import checkpoint_config
+    from trainer.model import preset_shape
+    cfg, root, tag = checkpoint_config(str(source))
+    cands = default_candidates(preset_shape(cfg.model))
+    assert set(cands) == {"deeper-vision", "deeper-text", "shared+2", "wider-x2"}
+    kept = _trainable(cands, root / tag, [], 2, given=False)
+    assert set(kept) == {"deeper-vision", "deeper-text", "wider-x2"}
+    assert "'shared+2' left out" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="search candidate 'shared\\+2'"):
+        _trainable(cands, root / tag, [], 2, given=True)
+
+
+def test_search_trains_candidates_at_equal_flops_and_picks_the_lowest_val_loss(source, tmp_path):
+    import yaml
+
+    from trainer.methods.growth_search import forward_flops_per_sample
+    from trainer.export import checkpoint_config
+    from trainer.model import preset_shape
+    cands = {"deeper": {"model.vision_layers": 6}, "wider": {"model.vision_width": 256, "model.vision_heads": 8}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cands))
+    out = tmp_path / "search"
+    check(run_trainer(["grow", "--checkpoint", str(source), "--out", str(out), "--search", str(tmp_path / "c.yaml"),
+                       "--search-steps", "4", "--nproc", "1", "--pim-beta", "1", "data.workers=0"]))
+    result = json.loads((out / "search.json").read_text())
+    runs = {name: out / "sweep" / "runs" / name / "seed0" for name in cands}
+    val = {name: json.loads((d / "eval.json").read_text())["val_loss"] for name, d in runs.items()}
+    assert result["winner"] == min(val, key=val.get)
+    assert (out / "winner").read_text().strip() == str((out / "candidates" / result["winner"]).resolve())
+    assert {c["candidate"]: c["val_loss"] for c in result["candidates"]} == pytest.approx(val)
+    # equal compute: the cheaper candidate trains 4 steps, the dearer proportionally fewer
+    cfg, _, _ = checkpoint_config(str(source))
+    per = {name: forward_flops_per_sample(preset_shape(checkpoint_config(str(out / "candidates" / name))[0].model))
+           for name in cands}
+    steps = {c["candidate"]: c["steps"] for c in result["candidates"]}
+    cheap = min(per, key=per.get)
+    assert steps[cheap] == 4
+    for name in cands:
+        assert steps[name] == max(1, round(4 * per[cheap] / per[name]))
+        assert read_metrics(runs[name])[-1]["step"] == steps[name]
+    assert "| candidate |" in (out / "search.md").read_text()

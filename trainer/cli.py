@@ -156,7 +156,10 @@ def _bench(args) -> int:
     if args.what == "select":
         from .bench_select import main as bench_select
         return bench_select(args.rest) or 0
-    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train, expedite, select")
+    if args.what == "growth":
+        from .bench_growth import main as bench_growth
+        return bench_growth(args.rest) or 0
+    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train, expedite, select, growth")
 
 
 def _select(args) -> int:
