@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pim-beta", type=float, default=0.9, help="parameter inheriting with momentum: beta * grown + (1 - beta) * fresh init; 1 = exact inheritance (default 0.9)")
     g.add_argument("--split", choices=("equal", "random"), default="equal", help="width growth: input columns split into equal pieces, or pieces with zero-sum noise (symmetry breaking, still exact)")
     g.add_argument("--split-noise", type=float, default=0.1, help="--split random: noise std relative to each tensor's std (default 0.1)")
-    g.add_argument("--optimizer", choices=("reset", "transform"), default="reset", help="the next stage's AdamW: fresh (reset) or the transformed moments")
+    g.add_argument("--optimizer", choices=("reset", "transform"), default="reset", help="the next stage's AdamW: fresh (reset), or the source's moments and step mapped like the weights (transform; exact for --split equal --pim-beta 1); the learning-rate schedule restarts either way")
     g.add_argument("--search", nargs="?", const=True, default=None, metavar="CANDIDATES.yaml",
                    help="growth search: grow each candidate ({name: {model.key: value}}; default: deeper towers, "
                         "shared layers, width x2), train each briefly, rank by validation loss per FLOP (trainer/methods/growth_search.py)")

@@ -175,7 +175,7 @@ def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, i
     source = resume_source(cfg)
     if source is None:
         if inherited is not None:
-            inherited.apply(method)
+            inherited.apply(method, engine)
         return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
     root, tag = source
     state = ckpt.load(engine, tag, root=root)

@@ -12,7 +12,20 @@ initialisation (PIM), and writes ``DIR`` atomically: ``weights.pt`` (the ``CLIPM
 plus ``teacher.*`` for an ECLIPSE teacher grown by the same operator), ``config.yaml`` (the source
 run's config with the grown shape spelled out and ``checkpoint.init: DIR``) and ``grow.json``
 (what was done, and the measured function-preservation error). ``checkpoint.init=DIR`` starts a
-run from those weights with a fresh optimizer and schedule (so the learning rate warms up again).
+run from those weights with a fresh schedule (the learning rate warms up again) and, by default
+(``--optimizer reset``), a fresh AdamW.
+
+``--optimizer transform`` also writes ``optimizer.pt``: the source's AdamW step count and moments
+(read with DeepSpeed's ``ds_to_universal`` for ZeRO 1/2/3, from torch's state for ZeRO-0), mapped
+with the weights' index maps (:func:`grow_moments`): ``m' = c gather(m)``, ``v' = c^2 gather(v)``,
+zeros for depth-added blocks and new MLP units. ``c`` is the factor of the grown model's gradient
+at the function-preserving point, ``g' = c gather(g)``: ``1 / f`` inside a tower of width ``x f``
+(``sqrt(r) / f`` for ``q_proj`` when heads grow by ``f / r``), 1 for the joint-space projections and
+the logit scale (not METHODS.md's blanket "m/2, v/4"; tests/test_growth_optim.py checks it on real
+gradients). That makes the moments exact for ``--split equal`` with ``--pim-beta 1``; the random
+split and PIM blends move the gradients off the map, so there they are an approximation (grow.json
+says which). The next stage sets them into its optimizer after ``deepspeed.initialize`` (any ZeRO
+stage) and keeps the step count for Adam's bias correction; its learning-rate schedule is fresh.
 
 **Operators** (pre-LN transformer; each exact, so with ``beta = 1`` the grown model computes the
 same embeddings as the small one, within fp32 rounding):
@@ -41,6 +54,7 @@ shape's initialisation with the run's seed), ``beta = 1`` is pure inheritance.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -56,7 +70,7 @@ from ..config import ConfigError, load_config, to_dict
 
 log = logging.getLogger("trainer")
 
-WEIGHTS, INFO = "weights.pt", "grow.json"
+WEIGHTS, INFO, OPTIM = "weights.pt", "grow.json", "optimizer.pt"
 TEACHER = "teacher."
 TOWERS = {"vision": "vision_model", "text": "text_model"}
 
@@ -142,10 +156,13 @@ def _dup(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(dim, idx)
 
 
-def _split(x: torch.Tensor, dim: int, idx: torch.Tensor, f: int, noise: float, gen: torch.Generator | None):
+def _split(x: torch.Tensor, dim: int, idx: torch.Tensor, f: int, noise: float, gen: torch.Generator | None,
+           moments: bool = False):
     """Gather along ``dim`` by ``idx`` (each old index appears ``f`` times) and divide by ``f``;
     with ``noise`` add per-row zero-sum noise over the ``f`` positions of each old index, so the
-    pieces still sum to the original column."""
+    pieces still sum to the original column. ``moments``: the gather alone (:func:`grow_moments`)."""
+    if moments:
+        return x.index_select(dim, idx)
     out = x.index_select(dim, idx) / f
     if noise and f > 1:
         n = torch.randn(out.shape, generator=gen) * noise * float(x.std())
@@ -168,43 +185,48 @@ def _inner_idx(d: int, heads: int, g: int, f: int) -> torch.Tensor:
     return (J % heads) * hd + t % hd
 
 
-def widen_layer(layer: dict, p: TowerPlan, d: int, noise: float, seed: int, name: str) -> dict:
+def widen_layer(layer: dict, p: TowerPlan, d: int, noise: float, seed: int, name: str,
+                moments: bool = False) -> dict:
     """One encoder layer's tensors (keys relative to the layer) at width ``f d``, heads ``g h``
-    and MLP hidden ``f m`` (the MLP-ratio growth comes after)."""
+    and MLP hidden ``f m`` (the MLP-ratio growth comes after). ``moments``: the same gathers
+    without the split's ``1 / f``, its noise, or ``q``'s scale (:func:`grow_moments`)."""
     f = p.f
     if f == 1:
         return dict(layer)
     s, a, mi = _stream_idx(d, f), _inner_idx(d, p.heads, p.g, f), _stream_idx(p.m, f)
     r = f // p.g
     gen = lambda k: _noise_gen(f"{name}.{k}", seed)   # noqa: E731
+    m = moments
     out = {}
     for k, x in layer.items():
         if k.startswith("layer_norm"):
             out[k] = _dup(x, 0, s)
         elif k.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-            scale = 1 / math.sqrt(r) if ".q_proj." in k else 1.0
+            scale = 1 / math.sqrt(r) if ".q_proj." in k and not m else 1.0
             rows = _dup(x, 0, a)
-            out[k] = scale * (_split(rows, 1, s, f, noise, gen(k)) if x.dim() == 2 else rows)
+            out[k] = scale * (_split(rows, 1, s, f, noise, gen(k), m) if x.dim() == 2 else rows)
         elif ".out_proj." in k:
-            out[k] = _split(_dup(x, 0, s), 1, a, f, noise, gen(k)) if x.dim() == 2 else _dup(x, 0, s)
+            out[k] = _split(_dup(x, 0, s), 1, a, f, noise, gen(k), m) if x.dim() == 2 else _dup(x, 0, s)
         elif ".fc1." in k:
             rows = _dup(x, 0, mi)
-            out[k] = _split(rows, 1, s, f, noise, gen(k)) if x.dim() == 2 else rows
+            out[k] = _split(rows, 1, s, f, noise, gen(k), m) if x.dim() == 2 else rows
         elif ".fc2." in k:
-            out[k] = _split(_dup(x, 0, s), 1, mi, f, noise, gen(k)) if x.dim() == 2 else _dup(x, 0, s)
+            out[k] = _split(_dup(x, 0, s), 1, mi, f, noise, gen(k), m) if x.dim() == 2 else _dup(x, 0, s)
         else:
             raise RuntimeError(f"grow: unknown encoder-layer tensor {k!r}")
     return out
 
 
-def widen_mlp(layer: dict, p: TowerPlan, fresh: dict) -> dict:
-    """MLP hidden ``f m -> m2``: the new units' ``fc1`` rows from the fresh model, ``fc2`` columns 0."""
+def widen_mlp(layer: dict, p: TowerPlan, fresh: dict, moments: bool = False) -> dict:
+    """MLP hidden ``f m -> m2``: the new units' ``fc1`` rows from the fresh model, ``fc2`` columns 0
+    (``moments``: zero ``fc1`` rows too, the new units have no optimizer history)."""
     fm = p.f * p.m
     if p.m2 == fm:
         return layer
+    new_rows = (lambda t: torch.zeros_like(t)) if moments else (lambda t: t)   # noqa: E731
     out = dict(layer)
-    out["mlp.fc1.weight"] = torch.cat([layer["mlp.fc1.weight"], fresh["mlp.fc1.weight"][fm:]])
-    out["mlp.fc1.bias"] = torch.cat([layer["mlp.fc1.bias"], fresh["mlp.fc1.bias"][fm:]])
+    out["mlp.fc1.weight"] = torch.cat([layer["mlp.fc1.weight"], new_rows(fresh["mlp.fc1.weight"][fm:])])
+    out["mlp.fc1.bias"] = torch.cat([layer["mlp.fc1.bias"], new_rows(fresh["mlp.fc1.bias"][fm:])])
     w2 = layer["mlp.fc2.weight"]
     out["mlp.fc2.weight"] = torch.cat([w2, w2.new_zeros(w2.shape[0], p.m2 - fm)], dim=1)
     return out
@@ -229,18 +251,21 @@ def _layers(sd: dict, prefix: str) -> list[dict]:
     return [layers[i] for i in range(len(layers))]
 
 
-def _deepen(layers: list[dict], n2: int, neighbour: dict | None) -> list[dict]:
+def _deepen(layers: list[dict], n2: int, neighbour: dict | None, moments: bool = False) -> list[dict]:
     out = []
+    new_block = (lambda b: {k: torch.zeros_like(v) for k, v in b.items()}) if moments else silent   # noqa: E731
     for src, new in depth_plan(len(layers), n2):
         block = layers[src] if src >= 0 else neighbour
-        out.append(silent(block) if new else block)
+        out.append(new_block(block) if new else block)
     return out
 
 
 def grow_tower(sd: dict, prefix: str, proj: str | None, p: TowerPlan, old: dict, tower: str, fresh: dict,
-               noise: float, seed: int, shared: list[dict] | None = None) -> tuple[dict, list[dict]]:
+               noise: float, seed: int, shared: list[dict] | None = None,
+               moments: bool = False) -> tuple[dict, list[dict]]:
     """One tower's grown tensors (``prefix.*`` and its projection), and its grown shared layers
-    (the text tower gets the image tower's through ``shared``)."""
+    (the text tower gets the image tower's through ``shared``). ``moments``: the operators'
+    moments mode (:func:`grow_moments`)."""
     d = old[f"{tower}_width"]
     s, f = _stream_idx(d, p.f), p.f
     out = {}
@@ -254,15 +279,15 @@ def grow_tower(sd: dict, prefix: str, proj: str | None, p: TowerPlan, old: dict,
         else:   # token/position embeddings [n, d], LayerNorms [d]
             out[k] = _dup(v, v.dim() - 1, s)
     if proj is not None:
-        out[proj + ".weight"] = _split(sd[proj + ".weight"], 1, s, f, noise, _noise_gen(proj, seed))
+        out[proj + ".weight"] = _split(sd[proj + ".weight"], 1, s, f, noise, _noise_gen(proj, seed), moments)
     layers = _layers(sd, prefix)
     fresh_layers = _layers(fresh, prefix)
-    grown = [widen_mlp(widen_layer(layer, p, d, noise, seed, f"{prefix}.{i}"), p, fresh_layers[i])
+    grown = [widen_mlp(widen_layer(layer, p, d, noise, seed, f"{prefix}.{i}", moments), p, fresh_layers[i], moments)
              for i, layer in enumerate(layers)]
     (np_, np2), (k, k2) = p.private, p.shared
-    private = _deepen(grown[:np_], np2, None)
+    private = _deepen(grown[:np_], np2, None, moments)
     if shared is None:
-        shared = _deepen(grown[np_:], k2, (grown[np_ - 1] if np_ else None) if k == 0 else None)
+        shared = _deepen(grown[np_:], k2, (grown[np_ - 1] if np_ else None) if k == 0 else None, moments)
     for i, layer in enumerate(private + shared):
         for rest, v in layer.items():
             out[f"{prefix}.encoder.layers.{i}.{rest}"] = v
@@ -300,6 +325,271 @@ def grow_state_dict(sd: dict, old: dict, new: dict, fresh: dict, *, beta: float 
         if v.shape != ref.shape:
             raise RuntimeError(f"grow: {k} has shape {tuple(v.shape)}, the grown model wants {tuple(ref.shape)}")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def moment_scales(plans: dict[str, TowerPlan], key: str) -> float:
+    """The factor ``c`` of the gradient at the function-preserving point, ``g' = c gather(g)``:
+    ``1 / f`` for a tower's tensors (the stream is ``f`` copies, each read with weight ``1 / f``),
+    ``sqrt(r) / f`` for ``q_proj`` when a new head holds ``r`` copies of an old one (the inverse of
+    the weights' ``1 / sqrt(r)``), 1 for the joint-space projections (their outputs are not
+    copied) and the logit scale. Checked numerically in tests/test_growth_optim.py."""
+    for tower, prefix in TOWERS.items():
+        if key.startswith(prefix + "."):
+            p = plans[tower]
+            r = p.f // p.g
+            return (math.sqrt(r) if ".self_attn.q_proj." in key else 1.0) / p.f
+    return 1.0
+
+
+def grow_moments(moments: dict, old: dict, new: dict, fresh: dict, power: int) -> dict[str, torch.Tensor]:
+    """AdamW moments (``power`` 1: ``exp_avg``, 2: ``exp_avg_sq``; ``CLIPModel`` names, no teacher)
+    mapped like the weights: the operators' moments mode (the same gathers; zeros for what is new:
+    depth-added blocks, new MLP units' ``fc1`` rows and ``fc2`` columns) times
+    ``moment_scales ** power``, so they are the moments of the gradients the grown model gets.
+    No PIM: the fresh initialisation has no history."""
+    plans = check_growth(old, new)
+    m = {k: v.detach().float() for k, v in moments.items()}
+    fresh = {k: v for k, v in fresh.items() if not k.startswith(TEACHER)}
+    out, vision_shared = grow_tower(m, "vision_model", "visual_projection", plans["vision"], old, "vision", fresh,
+                                    0.0, 0, moments=True)
+    text, _ = grow_tower(m, "text_model", "text_projection", plans["text"], old, "text", fresh, 0.0, 0,
+                         shared=vision_shared if new.get("shared_layers", 0) else None, moments=True)
+    out.update(text)
+    out["logit_scale"] = m["logit_scale"].reshape(fresh["logit_scale"].shape)
+    for k, v in out.items():
+        if v.shape != fresh[k].shape:
+            raise RuntimeError(f"grow: the moments of {k} have shape {tuple(v.shape)}, the grown model wants "
+                               f"{tuple(fresh[k].shape)}")
+    return {k: (v * moment_scales(plans, k) ** power).contiguous() for k, v in out.items()}
+
+
+def moments_exactness(plans: dict[str, TowerPlan], split: str, beta: float) -> dict:
+    """Whether the transformed moments are exactly those of the grown model's gradients (grow.json)."""
+    why = []
+    if beta != 1.0:
+        why.append(f"--pim-beta {beta}: the blend moves the grown model off the small one's function, so off its "
+                   "gradients")
+    if split == "random" and any(p.f > 1 for p in plans.values()):
+        why.append("--split random: the noisy pieces of a split column get different gradients; the moments are "
+                   "the equal split's")
+    return {"exact": not why, "approximate": why,
+            "rule": "m' = c gather(m), v' = c^2 gather(v) with the weights' index maps; c = 1/f in a tower of width "
+                    "x f (sqrt(r)/f for q_proj when a new head holds r old heads' copies), 1 for the projections "
+                    "and the logit scale; zeros for new blocks and new MLP units; the step count is kept",
+            "new_zero": "depth-added blocks; new MLP units (fc1 rows, fc2 columns)"}
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+def moments_source(root: Path, tag: str) -> str:
+    """Where the AdamW state of ``root / tag`` is: ``"grown"`` (a grow directory's optimizer.pt),
+    ``"zero"`` (ZeRO 1/2/3 optimizer files) or ``"zero0"`` (torch's state in the module states);
+    none is a ConfigError (``--optimizer transform`` needs it)."""
+    d = root / tag
+    if is_grown(d):
+        if (d / OPTIM).is_file():
+            return "grown"
+        raise ConfigError(f"--optimizer transform: {d} is a grow directory without {OPTIM} (it was grown with "
+                          "--optimizer reset, so it has no optimizer state); grow from its source checkpoint, or "
+                          "use --optimizer reset")
+    if any(d.glob("*optim_states.pt")):
+        return "zero"
+    states = d / "mp_rank_00_model_states.pt"
+    if states.is_file() and torch.load(states, map_location="cpu", weights_only=False).get("optimizer") is not None:
+        return "zero0"
+    raise ConfigError(f"--optimizer transform: checkpoint {d} has no optimizer state (no *optim_states.pt files, "
+                      "and no optimizer in mp_rank_00_model_states.pt); use --optimizer reset (a fresh AdamW, "
+                      "the learning rate warms up again)")
+
+
+def _one_step(steps: set, where: Path) -> int:
+    if len(steps) != 1:
+        raise RuntimeError(f"{where}: the parameters' optimizer step counts differ ({sorted(steps)})")
+    return int(steps.pop())
+
+
+def _universal_moments(d: Path, work: Path) -> tuple[int, dict, dict]:
+    """ZeRO 1/2/3: DeepSpeed's own converter (``ds_to_universal``) writes every parameter's full
+    ``exp_avg`` and ``exp_avg_sq`` into ``work``; read them back and remove the copy."""
+    import argparse
+    import contextlib
+    import sys
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    out = work / "universal" / d.name   # it also writes 'latest_universal' next to its output folder
+    args = argparse.Namespace(input_folder=str(d), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=False,
+                              inject_missing_state=True)   # our checkpoints carry no universal-checkpoint info
+    try:
+        with contextlib.redirect_stdout(sys.stderr):   # its progress lines; grow's stdout is its JSON
+            ds_to_universal(args)
+        zero, m, v, steps = out / "zero", {}, {}, set()
+        read = lambda f: (lambda x: x["param"] if isinstance(x, dict) else x)(   # noqa: E731
+            torch.load(f, map_location="cpu", weights_only=False))   # ZeRO 1/2: {"param": ...}; 3: flat tensor
+        for p in sorted(q for q in zero.iterdir() if q.is_dir()):
+            if (p / "exp_avg.pt").is_file():   # a parameter that never had a gradient has none
+                m[p.name], v[p.name] = read(p / "exp_avg.pt").float(), read(p / "exp_avg_sq.pt").float()
+            if (p / "step.pt").is_file():
+                steps.add(float(torch.load(p / "step.pt", weights_only=False)))
+        if not steps:   # ZeRO-3 writes no per-parameter step; its sub-groups' optimizer states hold it
+            osd = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+            steps = {float(st["step"]) for st in osd["optimizer_state_dict"]["state"].values() if "step" in st}
+        return _one_step(steps, d), m, v
+    finally:
+        shutil.rmtree(work / "universal", ignore_errors=True)
+
+
+def _zero0_moments(d: Path, cfg) -> tuple[int, dict, dict]:
+    """ZeRO-0: torch's AdamW state dict in the module states, keyed by the parameter's index in
+    the param-group order of ``trainer/model.py param_groups`` (rebuilt from the run's config)."""
+    from ..data import load_tokenizer
+    from ..model import build_model, param_groups
+    from . import attach
+
+    st = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["optimizer"]
+    if isinstance(st, dict) and "optimizer_state_dict" in st:   # bf16/fp16: DeepSpeed's FP16_(Unfused)Optimizer
+        st = st["optimizer_state_dict"]
+    if not isinstance(st, dict) or "state" not in st or "param_groups" not in st:
+        raise ConfigError(f"--optimizer transform: {d} is a ZeRO-0 checkpoint whose optimizer state is not a torch "
+                          f"optimizer's ({type(st).__name__}); use --optimizer reset")
+    model = build_model(cfg.model, load_tokenizer(cfg.tokenizer.path), cfg.seed)
+    attach(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in st["param_groups"]]:
+        raise RuntimeError(f"{d}: the optimizer's parameter groups do not match the model of its config")
+    m, v, steps = {}, {}, set()
+    for group, saved in zip(groups, st["param_groups"]):
+        for p, idx in zip(group["params"], saved["params"]):
+            state = st["state"].get(idx)
+            if state:   # none for a parameter that never had a gradient
+                m[names[id(p)]], v[names[id(p)]] = state["exp_avg"].float(), state["exp_avg_sq"].float()
+                steps.add(float(state["step"]))
+    return _one_step(steps, d), m, v
+
+
+def source_moments(root: Path, tag: str, cfg, weights: dict, work: Path) -> tuple[int, dict, dict]:
+    """``(step, exp_avg, exp_avg_sq)`` of a checkpoint (any ZeRO stage) or a transform grow
+    directory: fp32, by ``CLIPModel`` name, in the weights' shapes, both names of a shared layer;
+    a student parameter without state (it never had a gradient) gets zeros."""
+    from ..export import fill_shared_layers
+    from ..model import preset_shape
+
+    kind = moments_source(root, tag)
+    d = root / tag
+    if kind == "grown":
+        st = torch.load(d / OPTIM, map_location="cpu", weights_only=True)
+        return int(st["step"]), st["exp_avg"], st["exp_avg_sq"]
+    step, m, v = _universal_moments(d, work) if kind == "zero" else _zero0_moments(d, cfg)
+    student = {k: w for k, w in weights.items() if not k.startswith(TEACHER) and not k.endswith("position_ids")}
+    shape = preset_shape(cfg.model)
+    for moments in (m, v):
+        fill_shared_layers(moments, shape, d)
+    out = []
+    for moments in (m, v):
+        missing = sorted(set(student) - set(moments))
+        if missing:
+            log.warning("grow: no optimizer state for %d parameter(s) of %s (e.g. %s): zero moments", len(missing),
+                        d, missing[0])
+        out.append({k: moments[k].reshape(w.shape) if k in moments else torch.zeros_like(w)
+                    for k, w in student.items()})
+    return step, out[0], out[1]
+
+
+def _seed_adam_state(base, flat: torch.Tensor, step: int) -> None:
+    """Create the AdamW state of ``flat`` as the optimizer's first step would (zero moments), at
+    ``step``: torch keeps ``step`` as a tensor (on the device only when fused/capturable),
+    DeepSpeed's and apex's Adams an int (and a group-level one)."""
+    state = base.state[flat]
+    if isinstance(base, torch.optim.Adam):   # AdamW is a subclass
+        d = base.defaults
+        dev = flat.device if d.get("fused") or d.get("capturable") else torch.device("cpu")
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=dev)
+    else:
+        state["step"] = int(step)
+        for group in base.param_groups:
+            group["step"] = int(step)
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key not in state:
+            state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+
+
+def _set_zero3_state(opt, param, value: torch.Tensor, key: str) -> None:
+    """``safe_set_full_optimizer_state`` for a ZeRO-3 parameter. DeepSpeed 0.19.8's
+    ``set_full_hp_param`` narrows ``value`` to the rank's whole partition, which runs past the end on
+    the last rank(s) when the size does not divide by the world size (it raises); for those the
+    rank's own slice is written here, the padding zero."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+    world = opt._get_param_partition_world_size(param)
+    if param.ds_numel % world == 0:
+        safe_set_full_optimizer_state(param, value, key)
+        return
+    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * opt._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + part.numel()]
+    part.data.zero_()
+    part.data[:piece.numel()].copy_(piece.to(part.device, part.dtype))
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)
+
+
+def load_optimizer_state(engine, state: dict) -> tuple[int, int]:
+    """Put a grow directory's transformed moments and step count into a freshly built engine's
+    optimizer (every ZeRO stage; DeepSpeed's ``safe_set_full_optimizer_state`` where the state is
+    partitioned; ZeRO-0 writes the torch optimizer's state of the parameter or of its fp32 master
+    copy). Torch's AdamW makes its state at the first step, so it is created here first (zeros, at
+    ``step``) and, for ZeRO 1/2 and the bf16 optimizer, linked to the parameters' fragments.
+    Returns (parameters set, trainable parameters without inherited state)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)   # ZeRO's and the bf16/fp16 wrappers hold the torch optimizer
+    zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
+    linked = hasattr(opt, "_lazy_init_hp_params_optimizer_state")   # ZeRO 1/2, BF16_Optimizer
+    masters = {}   # ZeRO-0 bf16/fp16: parameter -> (the fp32 tensor the torch optimizer steps, offset in it)
+    if not (zero3 or linked) and hasattr(opt, "fp16_groups"):
+        if hasattr(opt, "fp32_groups_flat"):   # FP16_Optimizer (a fused Adam): one flat fp32 copy per group
+            for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                offsets = [0, *itertools.accumulate(lp.numel() for lp in lps)]
+                masters.update({id(lp): (flat, off) for lp, off in zip(lps, offsets)})
+        elif hasattr(opt, "fp32_groups"):      # FP16_UnfusedOptimizer: an fp32 copy per parameter
+            masters = {id(lp): (hp, 0) for lps, hps in zip(opt.fp16_groups, opt.fp32_groups)
+                       for lp, hp in zip(lps, hps)}
+    if not (zero3 or linked or masters or opt is base):
+        raise RuntimeError(f"checkpoint.init: cannot set the inherited optimizer state in {type(opt).__name__}; "
+                           "use ZeRO 1-3, or grow with --optimizer reset")
+    step = int(state["step"])
+    flats = list(opt.fp32_partitioned_groups_flat) if zero3 else [p for g in base.param_groups for p in g["params"]]
+    for flat in flats:
+        _seed_adam_state(base, flat, step)
+    if linked:
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    done, fresh = 0, []
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name not in state["exp_avg"]:
+            fresh.append(name)
+            continue
+        numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = state[key][name].float()
+            if value.numel() != numel:
+                raise RuntimeError(f"checkpoint.init: {key} of {name} has {value.numel()} elements, the parameter "
+                                   f"{numel}")
+            if hasattr(p, "ds_id"):
+                _set_zero3_state(opt, p, value.to(flats[0].device), key)
+            elif hasattr(p, "_hp_mapping"):
+                safe_set_full_optimizer_state(p, value.to(flats[0].device), key)
+            else:   # ZeRO-0: the torch optimizer steps the module's own parameters (fp32) or fp32 copies
+                target, off = masters.get(id(p), (p, 0))
+                dst = base.state[target][key].view(-1).narrow(0, off, numel)
+                dst.copy_(value.flatten().to(dst.device, dst.dtype))
+        done += 1
+    if fresh:
+        log.warning("checkpoint.init: %d trainable parameter(s) have no inherited optimizer state (e.g. %s): "
+                    "zero moments", len(fresh), fresh[0])
+    return done, len(fresh)
 
 
 # ----------------------------------------------------------------------------- the verb
@@ -367,9 +657,9 @@ def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, spl
 
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"--pim-beta must be in [0, 1]; got {beta}")
-    if optimizer != "reset":
-        raise ConfigError(f"--optimizer {optimizer}: only 'reset' is implemented (a fresh AdamW, the learning "
-                          "rate warms up again)")
+    if optimizer not in ("reset", "transform"):
+        raise ConfigError(f"--optimizer {optimizer}: 'reset' (a fresh AdamW) or 'transform' (the moments mapped "
+                          "like the weights)")
     bad = [o for o in overrides if not o.startswith("model.")]
     if bad:
         raise ConfigError(f"grow changes the model only; {bad[0]!r} is not a model.* key (set training keys "
@@ -388,6 +678,8 @@ def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, spl
         raise ConfigError(f"--out {out_dir} already exists and is not this growth (other source or options); "
                           "choose a new directory or remove it")
     plans = check_growth(old_shape, new_shape)
+    if optimizer == "transform":
+        moments_source(root, tag)   # no optimizer state: exit 2 before any work
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     sd = source_weights(root, tag, cfg)
     fresh = build_model(new_cfg.model, tokenizer, new_cfg.seed).state_dict()
@@ -415,12 +707,27 @@ def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, spl
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    atomic_torch_save(grown, tmp / WEIGHTS)
-    atomic_write_text(tmp / "config.yaml", yaml.safe_dump(raw_new, sort_keys=False))
-    atomic_write_text(tmp / INFO, json.dumps(info, indent=2))
+    try:
+        if optimizer == "transform":
+            step, exp_avg, exp_avg_sq = source_moments(root, tag, cfg, sd, tmp)
+            atomic_torch_save({"step": step,
+                               "exp_avg": grow_moments(exp_avg, old_shape, new_shape, fresh, 1),
+                               "exp_avg_sq": grow_moments(exp_avg_sq, old_shape, new_shape, fresh, 2)}, tmp / OPTIM)
+            info["optimizer"] = {"mode": "transform", "step": step, **moments_exactness(plans, split, beta)}
+        else:
+            info["optimizer"] = {"mode": "reset"}
+        atomic_torch_save(grown, tmp / WEIGHTS)
+        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(raw_new, sort_keys=False))
+        atomic_write_text(tmp / INFO, json.dumps(info, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, out_dir)   # all or nothing: a killed grow leaves only a .tmp directory
-    log.info("grew %s (%d -> %d parameters) into %s; function error %s", root / tag, info["params"]["old"],
-             info["params"]["new"], out_dir, error)
+    log.info("grew %s (%d -> %d parameters) into %s; function error %s; optimizer %s", root / tag,
+             info["params"]["old"], info["params"]["new"], out_dir, error,
+             "reset" if optimizer == "reset" else
+             f"moments transformed at step {info['optimizer']['step']} "
+             f"({'exact' if info['optimizer']['exact'] else 'approximate: ' + '; '.join(info['optimizer']['approximate'])})")
     return out_dir
 
 
@@ -470,15 +777,22 @@ def main(args) -> int:
 
 class Inherited:
     """The weights a run starts from (``checkpoint.init``), loaded into the model before DeepSpeed
-    wraps it; ``apply(method)`` after the engine hands a grown ECLIPSE teacher to the method."""
+    wraps it; ``apply(method, engine)`` after the engine hands a grown ECLIPSE teacher to the
+    method and, from a ``grow --optimizer transform`` directory, the transformed AdamW moments and
+    step count to the engine's optimizer (the learning-rate schedule starts fresh either way)."""
 
-    def __init__(self, path: str, teacher: dict | None):
-        self.path, self.teacher = path, teacher
+    def __init__(self, path: str, teacher: dict | None, optimizer: Path | None = None):
+        self.path, self.teacher, self.optimizer = path, teacher, optimizer
 
-    def apply(self, method) -> None:
+    def apply(self, method, engine) -> None:
         if self.teacher:
             method.inherit({"teacher": self.teacher})
-        log.info("started from the weights of %s (checkpoint.init; fresh optimizer and schedule)%s", self.path,
+        opt = "fresh optimizer"
+        if self.optimizer is not None:
+            state = torch.load(self.optimizer, map_location="cpu", weights_only=True)
+            done, _ = load_optimizer_state(engine, state)
+            opt = f"AdamW moments of {done} parameters and step {int(state['step'])} inherited"
+        log.info("started from the weights of %s (checkpoint.init; %s, fresh schedule)%s", self.path, opt,
                  "; ECLIPSE teacher inherited" if self.teacher else "")
 
 
@@ -521,4 +835,6 @@ def load_init(model, cfg) -> Inherited | None:
         raise RuntimeError(f"checkpoint.init {root / tag} does not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     teacher = {k[len(TEACHER):]: v for k, v in sd.items() if k.startswith(TEACHER)}
-    return Inherited(str(root / tag), teacher if cfg.eclipse.enabled and teacher else None)
+    optim = root / tag / OPTIM
+    return Inherited(str(root / tag), teacher if cfg.eclipse.enabled and teacher else None,
+                     optim if is_grown(root / tag) and optim.is_file() else None)
