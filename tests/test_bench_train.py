@@ -71,7 +71,7 @@ def test_samples_per_s_is_steps_times_global_batch_over_measured_time(bench):
 
 
 def test_openclip_model_has_our_parameter_count(bench):
-    from trainer.bench_train import build_openclip_model
+    from trainer.experiments.openclip_step import build_openclip_model
     from trainer.config import load_config
     from trainer.data import load_tokenizer
     from trainer.model import build_model, preset_shape
@@ -136,7 +136,8 @@ def test_bad_arguments_exit_2_before_any_rank(demo_data, tmp_path):
 
 def test_with_rounds_a_row_is_the_median_round():
     """--rounds N: each impl's row is its median round by samples/s, with every round's value kept."""
-    from trainer.bench_train import PHASES, _row
+    from trainer.experiments.bare_loop import PHASES
+    from trainer.experiments.bench_report import summary_row as _row
 
     def result(measured_s, rnd):
         return {"impl": "ours", "steps": 10, "global_batch": 128, "measured_s": measured_s, "round": rnd,

@@ -54,7 +54,7 @@ def _initial_student(out: Path) -> dict[str, torch.Tensor]:
 def test_teacher_is_the_closed_form_ema_of_the_student(stages, stage):
     """teacher_0 = student_0; teacher_t = m teacher_(t-1) + (1 - m) student_t, with student_t the
     consolidated fp32 weights of checkpoint t (DeepSpeed's own zero_to_fp32 reader)."""
-    from trainer.export import fp32_state_dict
+    from trainer.sources import fp32_state_dict
     from trainer.methods.eclipse import teacher_state_dict
 
     root = stages[stage] / "checkpoints"
@@ -141,7 +141,8 @@ def test_export_of_student_and_teacher_matches_the_trainer(stages, tmp_path, whi
     from transformers import CLIPModel
 
     from trainer.data import load_tokenizer
-    from trainer.export import checkpoint_config, load_trained_model
+    from trainer.methods import load_trained_model
+    from trainer.sources import checkpoint_config
 
     hf_dir = tmp_path / which
     check(run_trainer(["export-hf", "--checkpoint", str(stages[3] / "checkpoints"), "--out", str(hf_dir),
@@ -165,7 +166,7 @@ def test_bf16_teacher_accumulates_in_fp32_from_the_master_weights(demo_data, tmp
     """bf16 training (ZeRO-1): the shadows are fp32 and follow the closed-form EMA of the fp32
     master weights, which a bf16 EMA could not (0.2 x a step's change is below bf16's resolution
     for most weights); the teacher the forward uses is their bf16 rounding."""
-    from trainer.export import fp32_state_dict
+    from trainer.sources import fp32_state_dict
     from trainer.methods.eclipse import teacher_state_dict
 
     out = tmp_path / "bf16"

@@ -184,7 +184,7 @@ def test_random_patch_dropout_is_reproducible_from_the_rng():
 
 
 def test_inference_benchmark_measures_every_case():
-    from trainer.bench_expedite import measure
+    from trainer.experiments.bench_expedite import measure
 
     row = measure("tiny", 4, [0.5], rounds=1, device=torch.device("cpu"), bf16=False)
     assert set(row["images_per_s"]) == {"full", "evit@0.5", "flip@0.5"}

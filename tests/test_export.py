@@ -12,7 +12,9 @@ from test_eval import tiny_run
 @pytest.fixture(scope="module")
 def exported(demo_data, tmp_path_factory):
     from trainer.data import SampleDecoder, load_tokenizer
-    from trainer.export import checkpoint_config, export_hf, load_trained_model
+    from trainer.export import export_hf
+    from trainer.methods import load_trained_model
+    from trainer.sources import checkpoint_config
     from trainer.model import preset_shape
 
     run = tiny_run(demo_data, tmp_path_factory)

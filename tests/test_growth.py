@@ -45,7 +45,7 @@ def _trained_like(cfg, tokenizer, seed=0):
 
 
 def _outputs(model, tokenizer, shape):
-    from trainer.methods.growth import _probe
+    from trainer.grow import _probe
     image, text, scale = _probe(model, tokenizer, shape, seed=3)
     logits = scale * image @ text.T
     labels = torch.arange(len(image))
@@ -156,7 +156,8 @@ def grown(source, tmp_path_factory) -> Path:
 
 def _load(path):
     from trainer.data import load_tokenizer
-    from trainer.export import checkpoint_config, load_trained_model
+    from trainer.methods import load_trained_model
+    from trainer.sources import checkpoint_config
     cfg, root, tag = checkpoint_config(str(path))
     tok = load_tokenizer(cfg.tokenizer.path)
     return load_trained_model(cfg, root, tag, tok), tok, cfg
@@ -279,7 +280,7 @@ def test_flop_count_equals_torchs_flop_counter(overrides, tokenizer, demo_data):
     (every matmul, convolution and attention product; shared layers run in both towers)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.methods.growth_search import forward_flops_per_sample
+    from trainer.experiments.growth_search import forward_flops_per_sample
     from trainer.model import build_model, preset_shape
     if "model.shared_layers=2" in overrides:
         overrides = [*overrides, "model.text_width=256", "model.text_heads=8"]
@@ -297,8 +298,8 @@ def test_default_search_leaves_out_candidates_the_run_cannot_train(source, capsy
     """The ECLIPSE source drops tokens at layers 1-3 (EViT), so shared layers on top would drop
     text tokens too: the default shared candidate is left out, the others kept; a given one errs."""
     from trainer.config import ConfigError
-    from trainer.methods.growth_search import _trainable, default_candidates
-    from trainer.export import checkpoint_config
+    from trainer.experiments.growth_search import _trainable, default_candidates
+    from trainer.sources import checkpoint_config
     from trainer.model import preset_shape
     cfg, root, tag = checkpoint_config(str(source))
     cands = default_candidates(preset_shape(cfg.model))
@@ -313,8 +314,8 @@ def test_default_search_leaves_out_candidates_the_run_cannot_train(source, capsy
 def test_search_trains_candidates_at_equal_flops_and_picks_the_lowest_val_loss(source, tmp_path):
     import yaml
 
-    from trainer.methods.growth_search import forward_flops_per_sample
-    from trainer.export import checkpoint_config
+    from trainer.experiments.growth_search import forward_flops_per_sample
+    from trainer.sources import checkpoint_config
     from trainer.model import preset_shape
     cands = {"deeper": {"model.vision_layers": 6}, "wider": {"model.vision_width": 256, "model.vision_heads": 8}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cands))

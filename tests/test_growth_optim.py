@@ -45,8 +45,8 @@ def sources(demo_data, tmp_path_factory):
 
 def _moments(run: Path, work: Path):
     """(weights, step, exp_avg, exp_avg_sq) of a run's latest checkpoint, through grow's reader."""
-    from trainer.export import checkpoint_config, fp32_state_dict
-    from trainer.methods.growth import source_moments
+    from trainer.sources import checkpoint_config, fp32_state_dict
+    from trainer.grow import source_moments
     cfg, root, tag = checkpoint_config(str(run))
     weights = fp32_state_dict(root, tag)
     work.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def test_grown_models_gradients_are_the_mapped_old_gradients(case, demo_data):
     ``c gather(g)`` on everything inherited: the rule ``m' = c gather(m)``, ``v' = c^2 gather(v)``
     keeps Adam's moments consistent with the gradients to come, independently of Adam."""
     from trainer.data import load_tokenizer
-    from trainer.export import fill_shared_layers
+    from trainer.sources import fill_shared_layers
     from trainer.methods.growth import grow_moments, grow_state_dict
     from trainer.model import ClipTrainModel, build_clip_config, build_model, preset_shape
 
@@ -187,7 +187,7 @@ def test_exactness_is_reported_for_the_random_split_and_pim():
 # ------------------------------------------------------------------------------ the next stage
 
 def _grow(src: Path, out: Path, overrides=(), optimizer="transform") -> Path:
-    from trainer.methods.growth import grow
+    from trainer.grow import grow
     return grow(str(src), str(out), list(overrides), beta=1.0, split="equal", optimizer=optimizer)
 
 
@@ -205,7 +205,7 @@ def test_transformed_start_takes_the_ungrown_models_first_update(sources, tmp_pa
     moments and step were set in the engine: ``m_B - m_C = beta1 m0``, ``v_B - v_C = beta2 v0``."""
     from trainer.methods.growth import grow_moments
     from trainer.model import preset_shape
-    from trainer.export import checkpoint_config
+    from trainer.sources import checkpoint_config
 
     src = sources(1)
     a, b, c = (_grow(src, tmp_path / "A"), _grow(src, tmp_path / "B", DEPTH_MLP),
@@ -251,7 +251,7 @@ def test_transformed_start_takes_the_ungrown_models_first_update(sources, tmp_pa
 
 
 def test_zero3_source_grows_through_the_verb_and_matches_zero1(sources, tmp_path):
-    from trainer.methods.growth import OPTIM, grown_weights
+    from trainer.sources import OPTIM, grown_weights
     out3 = tmp_path / "g3"
     text = check(run_trainer(["grow", "--checkpoint", str(sources(3)), "--out", str(out3), "--pim-beta", "1",
                               "--optimizer", "transform", *WIDTH2]))

@@ -161,7 +161,7 @@ def _initial(out: Path) -> dict[str, torch.Tensor]:
 def test_momentum_teacher_is_the_closed_form_ema_of_both_towers(momentum_runs, stage):
     """teacher_0 = student_0; teacher_t = m teacher_(t-1) + (1 - m) student_t (consolidated fp32
     checkpoints, DeepSpeed's zero_to_fp32 reader), for the image and the text tower."""
-    from trainer.export import fp32_state_dict
+    from trainer.sources import fp32_state_dict
     from trainer.methods.psd import teacher_state_dict
 
     root = momentum_runs[stage] / "checkpoints"
@@ -191,7 +191,7 @@ def test_previous_teacher_is_the_student_at_the_last_refresh(demo_data, tmp_path
     """refresh every 2 steps under ZeRO-3: the teacher of checkpoint t is the student of
     checkpoint 2 * floor(t / 2) (the initial weights before the first refresh), and a_t = 0
     until that first refresh (the loss is the plain CLIP loss at steps 1 and 2)."""
-    from trainer.export import fp32_state_dict
+    from trainer.sources import fp32_state_dict
     from trainer.methods.psd import teacher_state_dict
 
     out = tmp_path / "previous"
@@ -231,7 +231,7 @@ def test_export_of_a_psd_run_is_the_plain_student(momentum_runs, tmp_path):
     """The teacher copy is training state: export-hf writes a standard CLIPModel without it."""
     from transformers import CLIPModel
 
-    from trainer.export import fp32_state_dict
+    from trainer.sources import fp32_state_dict
 
     out = tmp_path / "hf"
     check(run_trainer(["export-hf", "--checkpoint", str(momentum_runs[1]), "--out", str(out)]))

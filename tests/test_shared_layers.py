@@ -144,7 +144,7 @@ def test_a_clip_model_state_dict_loads_strictly_into_the_tied_model():
 
 
 def test_fill_shared_layers_restores_a_dropped_name_and_refuses_two_different_copies():
-    from trainer.export import fill_shared_layers
+    from trainer.sources import fill_shared_layers
 
     shape = preset_shape(load_config(CONFIG, SHARED).model)
     sd = {"vision_model.encoder.layers.3.mlp.fc1.weight": torch.ones(2), "text_model.encoder.layers.2.x": torch.zeros(1),
@@ -254,7 +254,7 @@ def test_checkpoints_hold_one_trained_tensor_in_both_towers(runs, demo_data):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from trainer.data import load_tokenizer
-    from trainer.export import fp32_state_dict, resolve_checkpoint
+    from trainer.sources import fp32_state_dict, resolve_checkpoint
 
     init = build_model(load_config(CONFIG, SHARED).model, load_tokenizer(str(demo_data / "tokenizer")), seed=0)
     init_sd = init.state_dict()
@@ -302,7 +302,8 @@ def _val_samples(data: Path, n: int = 4):
 
 def test_export_hf_is_a_standard_untied_clip_model_with_the_trainer_embeddings(runs, demo_data, tmp_path):
     from trainer.data import SampleDecoder, build_transforms, load_tokenizer
-    from trainer.export import checkpoint_config, load_trained_model
+    from trainer.methods import load_trained_model
+    from trainer.sources import checkpoint_config
 
     hf_dir = tmp_path / "hf"
     check(run_trainer(["export-hf", "--checkpoint", str(runs[3] / "checkpoints"), "--out", str(hf_dir)]))

@@ -187,7 +187,7 @@ def test_plots_are_valid_pngs(sweep):
 
 def test_zeroshot_curve_read_from_tensorboard(sweep):
     """The zero-shot plot's data: eval/zeroshot_top1 at every eval.every_steps and at the end."""
-    from trainer.sweep import eval_curve
+    from trainer.experiments.sweep import eval_curve
 
     for run_dir in run_dirs(sweep["out"]):
         curve = eval_curve(run_dir)
@@ -338,7 +338,7 @@ def test_slurm_sweep_waits_through_a_requeue(demo_data, tmp_path):
 def test_a_run_made_before_a_config_key_existed_still_counts(tmp_path):
     """Keys the trainer gains later (a new method's section, off by default) do not orphan the
     evidence measured before them; a changed value still does."""
-    from trainer.sweep import Run, _only_new_default_keys
+    from trainer.experiments.sweep import Run, _only_new_default_keys
 
     run = Run.__new__(Run)
     run.resolved = {"seed": 0, "optim": {"lr": 1e-3}, "eclipse": {"enabled": False, "momentum": 0.995}}
@@ -360,7 +360,7 @@ def test_seed_placeholder_gives_each_seed_its_own_value(demo_data, tmp_path):
     import argparse
 
     from trainer.config import ConfigError
-    from trainer.sweep import plan
+    from trainer.experiments.sweep import plan
     variants = write_variants(tmp_path / "v.yaml", {"seeds": [0, 3], "s2": {"data.manifest": f"{tmp_path}/seed{{seed}}.txt"}})
     args = argparse.Namespace(config=CONFIG, variants=str(variants), out=str(tmp_path / "out"), nproc=1, slurm=False,
                               overrides=data_args(demo_data))

@@ -281,7 +281,7 @@ def test_export_of_a_text_lm_run_is_the_stock_clip_model(stage_runs, tmp_path):
     or unexpected key, and the token embedding is the trained one."""
     from transformers import CLIPModel
 
-    from trainer.export import fp32_state_dict
+    from trainer.sources import fp32_state_dict
 
     out = tmp_path / "hf"
     check(run_trainer(["export-hf", "--checkpoint", str(stage_runs[1]), "--out", str(out)]))

@@ -95,7 +95,8 @@ def test_export_hf_loads_in_transformers_and_matches(baseline, demo_data, tmp_pa
     from transformers import CLIPModel, CLIPProcessor
 
     from trainer.data import load_tokenizer
-    from trainer.export import checkpoint_config, load_trained_model
+    from trainer.methods import load_trained_model
+    from trainer.sources import checkpoint_config
 
     hf_dir = tmp_path / "hf"
     check(run_trainer(["export-hf", "--checkpoint", str(baseline / "checkpoints" / f"step_{STEPS}"),
@@ -222,7 +223,8 @@ def test_logged_loss_is_the_global_batch_loss(baseline, demo_data):
     import torch.nn.functional as F
 
     from trainer import data as D
-    from trainer.export import checkpoint_config, load_trained_model
+    from trainer.methods import load_trained_model
+    from trainer.sources import checkpoint_config
     from trainer.train import TrainData
 
     cfg, root, tag = checkpoint_config(str(baseline / "checkpoints" / "step_8"))

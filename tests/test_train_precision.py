@@ -44,7 +44,7 @@ def test_bf16_trains_checkpoints_resumes_and_exports_fp32(demo_data, tmp_path):
     # export-hf: fp32 weights = DeepSpeed's fp32 master copy; rounding them gives the bf16 module.
     from transformers import CLIPModel
 
-    from trainer.export import fp32_state_dict
+    from trainer.sources import fp32_state_dict
     hf_dir = tmp_path / "hf"
     check(run_trainer(["export-hf", "--checkpoint", str(bf16 / "checkpoints" / "step_4"), "--out", str(hf_dir)]))
     hf = CLIPModel.from_pretrained(hf_dir).state_dict()

@@ -27,6 +27,7 @@ import yaml
 
 from .config import ConfigError
 from .dist import barrier, is_main, rank as this_rank
+from .sources import resolve_checkpoint
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -79,7 +80,6 @@ def resume_source(cfg) -> tuple[Path, str] | None:
     if tag is not None and (cfg.checkpoint.resume != "none" or requeued()):
         return own.root, tag
     if cfg.checkpoint.resume not in ("auto", "latest", "none"):
-        from .export import resolve_checkpoint
         return resolve_checkpoint(cfg.checkpoint.resume)
     return None
 

@@ -1,7 +1,11 @@
-"""``python -m trainer VERB ...``: train, make-demo-data, eval, export-hf, select, grow, sweep, bench.
+"""CLIP pre-training with DeepSpeed ZeRO: train, make-demo-data, eval, export-hf, select, grow, sweep, bench.
 
-User mistakes (bad config, missing paths, bad batch arithmetic) print one ``error:`` line and exit
-with status 2, before any process group or data loader starts.
+``python -m trainer VERB ...``. User mistakes (bad config, missing paths, bad batch arithmetic)
+print one ``error:`` line and exit with status 2, before any process group or data loader starts.
+
+The command line is the top layer (docs/development.md): it may import any module, and it
+imports a verb's modules only when that verb runs (inside its handler), so that ``--help`` and
+``make-demo-data`` start without loading torch, DeepSpeed and the methods.
 """
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import json
 import os
 import sys
 
-from .config import ConfigError, check_world, describe, load_config
+from .config import ConfigError, describe, load_config
 
 
 def _train(args) -> int:
     from . import data as D
     from .dist import launch_env
+    from .preflight import check_run_inputs
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -30,34 +35,6 @@ def _train(args) -> int:
     _check_precision(cfg)
     from .train import run
     return run(cfg, le, tokenizer)
-
-
-def check_run_inputs(cfg, world: int | None) -> None:
-    """Everything in a run's config a user can get wrong, checked before any process group starts
-    (``train`` and ``sweep`` both call it; ``world=None`` skips the batch arithmetic)."""
-    from . import data as D
-    from .engine import build_ds_config
-    from .evaluate import load_zeroshot
-    from .losses import build_terms, method_terms
-    from .model import preset_shape
-
-    if world is not None:
-        check_world(cfg, world)
-    from .methods import eclipse, growth, psd, selection, text_lm
-
-    eclipse.check(cfg, preset_shape(cfg.model)["vision_layers"])
-    psd.check(cfg)
-    selection.check(cfg)
-    text_lm.check(cfg)
-    growth.check_init(cfg)
-    build_terms(cfg.loss, method_terms(cfg))
-    build_ds_config(cfg, world or 1)
-    train_urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
-    if cfg.data.val_shards:
-        D.expand_shards(cfg.data.val_shards, "data.val_shards")
-    if cfg.eval.zeroshot:
-        load_zeroshot(cfg.eval.zeroshot)
-    D.read_manifest(cfg.data.manifest, train_urls)
 
 
 def _require_triton() -> None:
@@ -110,8 +87,8 @@ def _eval(args) -> int:
     from .data import load_tokenizer
     from .dist import init_distributed, launch_env, shutdown
     from .evaluate import evaluate_all
-    from .export import checkpoint_config, load_trained_model
-    from .methods.growth import step_of
+    from .methods import load_trained_model
+    from .sources import checkpoint_config, step_of
 
     cfg, root, tag = checkpoint_config(args.checkpoint, args.overrides)
     if not cfg.data.val_shards:
@@ -144,37 +121,40 @@ def _export(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.what == "loss":
-        from kernels.bench import main as bench_loss
-        return bench_loss(args.rest) or 0
-    if args.what == "train":
-        from .bench_train import main as bench_train
-        return bench_train(args.rest) or 0
-    if args.what == "expedite":
-        from .bench_expedite import main as bench_expedite
-        return bench_expedite(args.rest) or 0
-    if args.what == "select":
-        from .bench_select import main as bench_select
-        return bench_select(args.rest) or 0
-    if args.what == "growth":
-        from .bench_growth import main as bench_growth
-        return bench_growth(args.rest) or 0
-    raise ConfigError(f"unknown benchmark {args.what!r}; available: loss, train, expedite, select, growth")
+    import importlib
+    if args.what not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {args.what!r}; available: {', '.join(BENCHMARKS)}")
+    module = "kernels.bench" if args.what == "loss" else f"trainer.experiments.bench_{args.what}"
+    return importlib.import_module(module).main(args.rest) or 0
 
 
 def _select(args) -> int:
-    from .methods.selection import main as select_main
+    from .select import main as select_main
     return select_main(args)
 
 
 def _grow(args) -> int:
-    from .methods.growth import main as grow_main
+    if args.search is not None:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+        from .experiments.growth_search import search
+        return search(args, args.overrides)
+    from .grow import main as grow_main
     return grow_main(args)
 
 
 def _sweep(args) -> int:
-    from .sweep import run_sweep
+    from .experiments.sweep import run_sweep
     return run_sweep(args)
+
+
+BENCHMARKS = {
+    "loss": "the fused contrastive loss against open_clip's ClipLoss and the torch reference (time, memory)",
+    "train": "training steps/s: open_clip's step, a bare torch loop and ours (and the methods), side by side",
+    "expedite": "EViT / patch-dropout image-tower inference speed at each keep rate",
+    "select": "ECL selection at scale: merge time and loader-worker memory against the number of keys",
+    "growth": "GrowCLIP's report: accuracy against training FLOPs of grown and ungrown runs",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,14 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("reset", "transform"), default="reset", help="the next stage's AdamW: fresh (reset), or the source's moments and step mapped like the weights (transform; exact for --split equal --pim-beta 1); the learning-rate schedule restarts either way")
     g.add_argument("--search", nargs="?", const=True, default=None, metavar="CANDIDATES.yaml",
                    help="growth search: grow each candidate ({name: {model.key: value}}; default: deeper towers, "
-                        "shared layers, width x2), train each briefly, rank by validation loss per FLOP (trainer/methods/growth_search.py)")
+                        "shared layers, width x2), train each briefly at equal FLOPs, rank by validation loss")
     g.add_argument("--search-steps", type=int, default=50, help="--search: training steps per candidate (default 50)")
     g.add_argument("--nproc", type=int, default=2, help="--search: ranks per candidate run under torchrun (default 2)")
     g.add_argument("--slurm", action="store_true", help="--search: submit each candidate's training as a SLURM job")
     g.add_argument("overrides", nargs="*", help="model.key=value: the grown shape (e.g. model.vision_layers=8); "
                                                 "with --search: training overrides for the candidates (e.g. the newest data.train_shards)")
-    b = sub.add_parser("bench", help="benchmarks: bench loss|train [options]")
-    b.add_argument("what")
+    b = sub.add_parser("bench", help="benchmarks: bench " + "|".join(BENCHMARKS) + " [options] (bench NAME --help)",
+                       description="Benchmarks; each writes its rows, a table and a plot under --out:\n"
+                       + "\n".join(f"  {k:9s} {v}" for k, v in BENCHMARKS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("what", metavar="NAME", help="|".join(BENCHMARKS))
     b.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 

@@ -33,6 +33,7 @@ from torchvision import transforms as T
 from webdataset import tariterators
 
 from .config import ConfigError
+from .model import preset_shape
 
 log = logging.getLogger("trainer.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -352,6 +353,19 @@ def position_after(batch_meta: dict, state: dict, n_logical: int) -> dict:
 def steps_per_epoch(cfg, world: int) -> int:
     """Optimizer steps in one epoch of the paired stream (``data.train_num_samples`` pairs)."""
     return max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world * cfg.train.grad_accum_steps))
+
+
+def eval_decoder(cfg, tokenizer) -> "SampleDecoder":
+    """The deterministic decoder of evaluation (and of ECL scoring): resize, centre crop."""
+    shape = preset_shape(cfg.model)
+    return SampleDecoder(tokenizer, shape["context_length"], build_transforms(
+        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False))
+
+
+def dummy_batch(decoder: "SampleDecoder", image_size: int) -> dict:
+    """A one-sample batch for a rank out of work in a lockstep pass (ZeRO-3 gathers per forward)."""
+    return {"image": torch.zeros(1, 3, image_size, image_size), **decoder.tokenize([""]),
+            "label": torch.tensor([-1])}
 
 
 def ignore_stop_signals(_worker_id: int) -> None:

@@ -92,7 +92,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, on_gpu: bool):
 def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
     import deepspeed
 
-
     on_gpu = torch.cuda.is_available()
     optimizer, name = build_optimizer(cfg, model, on_gpu)
     # A callable, so the schedule drives the optimizer DeepSpeed wraps (ZeRO's), not the raw one.

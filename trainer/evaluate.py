@@ -28,6 +28,7 @@ from kernels.gather import all_gather_with_grad, gathered_layout
 from . import data as D
 from .config import Config, ConfigError
 from .dist import all_reduce, all_reduce_flags
+from .methods import eval_views, keep_rate
 from .model import preset_shape
 
 log = logging.getLogger("trainer")
@@ -60,19 +61,6 @@ def zeroshot_classifier(model, decoder: D.SampleDecoder, classnames, templates, 
         emb = model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float()
         weights.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
     return torch.stack(weights)
-
-
-def eval_decoder(cfg: Config, tokenizer) -> D.SampleDecoder:
-    """The deterministic decoder of evaluation (and of ECL scoring): resize, centre crop."""
-    shape = preset_shape(cfg.model)
-    return D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False))
-
-
-def dummy_batch(decoder: D.SampleDecoder, image_size: int) -> dict:
-    """A one-sample batch for a rank out of work in a lockstep pass (ZeRO-3 gathers per forward)."""
-    return {"image": torch.zeros(1, 3, image_size, image_size), **decoder.tokenize([""]),
-            "label": torch.tensor([-1])}
 
 
 @torch.no_grad()
@@ -168,13 +156,13 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
 
 def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> dict:
     shape = preset_shape(cfg.model)
-    decoder = eval_decoder(cfg, tokenizer)
+    decoder = D.eval_decoder(cfg, tokenizer)
     urls = D.expand_shards(cfg.data.val_shards, "data.val_shards")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
-                                          dummy_batch(decoder, shape["image_size"]), device, dtype)
+                                          D.dummy_batch(decoder, shape["image_size"]), device, dtype)
     result: dict = {}
     if cfg.eval.zeroshot:
         classnames, templates = load_zeroshot(cfg.eval.zeroshot)
@@ -194,11 +182,9 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> di
 
 
 def evaluate_all(model, cfg: Config, tokenizer, rank: int, world: int, device) -> dict:
-    """:func:`evaluate` for every view the enabled method defines: the model as trained (the plain
+    """:func:`evaluate` for every view the enabled methods define: the model as trained (the plain
     keys; an ECLIPSE student at full capacity), the expedited student (``fast/...``) and the
     momentum teacher (``teacher/...``)."""
-    from .methods.eclipse import eval_views, keep_rate
-
     result: dict = {}
     for prefix, view, rate in eval_views(model, cfg):
         with keep_rate(model, rate):

@@ -5,15 +5,16 @@ back-propagates ``sum(weight * term)``. New methods (self-distillation, momentum
 text-only language modelling) register a term here and read what they need from ``LossContext``
 (``ctx.extras`` carries what a teacher object computed for this step).
 
-    terms = build_terms(cfg.loss, method_terms(cfg))   # validates names
-    total, parts = compute_loss(terms, ctx)            # parts: {"clip": tensor(...), ...}
+    terms = build_terms(cfg.loss, trainer.methods.loss_terms(cfg))   # validates names
+    total, parts = compute_loss(terms, ctx)   # parts: {"clip": tensor(...), ...}
 
 Terms that methods add are switched on by the method's key and weighted by its own weight key,
 never listed in ``loss.terms``. ``text_lm`` (EfficientCLIP's text-only stream) is a plain term:
 this rank's mean LM cross-entropy, which the model's forward computed
 (``ctx.extras["text_lm"]``), times ``text_lm.weight``. The distillation terms (``teacher_kl`` of
-ECLIPSE, ``self_distill`` of PSD) are not separate passes: with any of them on, ``clip`` and they come out of one ``kernels.gathered_distill_loss``
-call (one streaming pass over the gathered similarities),
+ECLIPSE, ``self_distill`` of PSD) are not separate passes: with any of them on, ``clip`` and they
+come out of one ``kernels.gathered_distill_loss`` call (one streaming pass over the gathered
+similarities),
 ``total = w_clip * (contrastive + (w_kl / w_clip) * teacher_kl)``, where ``contrastive`` is the
 CE against PSD's mixed targets ``(1 - a_t) onehot + a_t q`` on its subset (plain CLIP elsewhere).
 Logged: ``clip`` the plain one-hot CLIP loss (comparable across methods), ``self_distill`` the CE
@@ -67,18 +68,6 @@ METHOD_TERMS = {"teacher_kl": "eclipse.enabled", "self_distill": "psd.enabled", 
 STREAMED = {"teacher_kl", "self_distill"}
 METHOD_TERM_FNS: dict[str, Callable[[LossContext], torch.Tensor]] = {"text_lm": text_lm_term}
 RESERVED = {"step", "loss", "lr", "samples_per_s", "logit_scale", "data_wait_frac"}
-
-
-def method_terms(cfg) -> dict[str, float]:
-    """The weighted terms the enabled methods add: ``{"teacher_kl": eclipse.kl_weight}``,
-    ``self_distill`` (weight 1: its strength is PSD's ``a_t``, applied inside the pass) and
-    ``{"text_lm": text_lm.weight}``."""
-    terms = {"teacher_kl": cfg.eclipse.kl_weight} if cfg.eclipse.enabled else {}
-    if cfg.psd.enabled:
-        terms["self_distill"] = 1.0
-    if cfg.text_lm.enabled:
-        terms["text_lm"] = cfg.text_lm.weight
-    return terms
 
 
 def build_terms(lc: LossConfig, methods: dict[str, float] | None = None) -> dict[str, tuple[float, Callable]]:

@@ -30,10 +30,8 @@ from .dist import LaunchEnv, all_reduce, hostname, init_distributed, shutdown
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate_all
 from .faults import GradGuard, NanInjector, skip_update
-from .losses import LossContext, build_terms, compute_loss, method_terms
-from .methods import Method, attach as attach_method, build_method
-from .methods.growth import Inherited, load_init
-from .methods.selection import Selection, log_values as selection_values
+from .losses import LossContext, build_terms, compute_loss
+from .methods import Inherited, Method, attach as attach_method, build_method, load_init, loss_terms
 from .metrics import MetricsLogger
 from .model import build_model, preset_shape
 
@@ -175,7 +173,7 @@ def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, i
     source = resume_source(cfg)
     if source is None:
         if inherited is not None:
-            inherited.apply(method, engine)
+            method.inherit(inherited)
         return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
     root, tag = source
     state = ckpt.load(engine, tag, root=root)
@@ -202,7 +200,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     inherited = load_init(model, cfg)   # checkpoint.init: weights in before ZeRO flattens or partitions them
     engine, optimizer_name = build_engine(cfg, model, ds_config)
     method = build_method(cfg, engine)
-    terms = build_terms(cfg.loss, method_terms(cfg))
+    terms = build_terms(cfg.loss, loss_terms(cfg))
     log.info("world_size=%d rank=%d zero_stage=%d precision=%s optimizer=%s params=%.2fM global_batch=%d",
              le.world_size, le.rank, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, optimizer_name,
              sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
@@ -216,13 +214,12 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
         shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
-    selection = Selection(cfg, le.rank, le.world_size, state.get("select"))
-    train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"], manifest=selection.manifest)
+    train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"], manifest=method.data_manifest())
     metrics_log = MetricsLogger(out, tensorboard=cfg.log.tensorboard, enabled=le.rank == 0, resume_step=state["step"])
     global_batch = ds_config["train_batch_size"]
 
     def save() -> None:
-        state["data"], state["select"] = train_data.position, selection.state
+        state["data"] = train_data.position
         ckpt.save(engine, state["step"], {**state, "rng": _rng_state(), "world_size": le.world_size,
                                           **method.checkpoint_state()}, config_yaml,
                   kill_before_latest=cfg.debug.kill_during_save_step == state["step"])
@@ -234,8 +231,10 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     status = 0
     try:
         while state["step"] < cfg.max_steps:
-            if selection.due(state["step"]):   # ECL: after this step's checkpoint, so a kill re-runs the round
-                train_data.set_manifest(select_round(selection, engine, tokenizer, metrics_log, state["step"], train_data))
+            # e.g. an ECL round: after this step's checkpoint, so a kill re-runs it
+            manifest = method.between_steps(state["step"], engine, tokenizer, metrics_log.log)
+            if manifest is not None:
+                train_data.set_manifest(D.read_manifest(manifest, train_data.urls))
             t0 = time.perf_counter()
             upcoming = state["step"] + 1
             try:
@@ -263,7 +262,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
             if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
                 run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
             if (state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now
-                    or selection.due(state["step"])):
+                    or method.wants_checkpoint(state["step"])):
                 save()
             if stop_now:
                 log.warning("stop requested by signal: checkpoint %s written; re-run the same command to resume",
@@ -330,16 +329,6 @@ def _logit_scale(module) -> float:
     # Gathers the partitioned parameter under ZeRO-3; a no-op for every other stage.
     with torch.no_grad(), deepspeed.zero.GatheredParameters([module.logit_scale]):
         return float(module.scale().float())
-
-
-def select_round(selection: Selection, engine, tokenizer, metrics_log: MetricsLogger, step: int, train_data: TrainData):
-    """One ECL round on every rank; its summary goes to TensorBoard (``select/...``)."""
-    path, summary = selection.round(engine.module, step, tokenizer, engine.device)
-    metrics_log.log(selection_values(summary), step, prefix="select")
-    log.info("selection round %d at step %d: kept %d of %d (%s)", selection.state["rounds"], step, summary["kept"],
-             summary["total"], ", ".join(f"{k}={summary[k]:.3f}" for k in ("precision", "recall", "auc")
-                                         if summary.get(k) is not None) or "no noise labels")
-    return D.read_manifest(path, train_data.urls)
 
 
 def run_eval(cfg: Config, engine, tokenizer, metrics_log: MetricsLogger, step: int, out: Path, le: LaunchEnv):

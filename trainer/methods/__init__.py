@@ -1,138 +1,133 @@
-"""The methods beyond plain CLIP, one module each, each a config switch (../shared/METHODS.md).
+"""The methods beyond plain CLIP, one module each, registered here; the rest of the trainer asks
+this registry and never imports a method module by name.
 
 - ``eclipse``: ECLIPSE's momentum image teacher (EMA under every ZeRO stage) and its KL term
-- ``evit``: EViT token dropping / FLIP patch dropout inside the ``transformers`` vision tower
+  (``evit``: EViT token dropping / FLIP patch dropout for its expedited student)
 - ``psd``: progressive self-distillation's soft targets (self, momentum or previous teacher)
-- ``ema``: teacher weights that follow the student's fp32 masters under every ZeRO stage
 - ``text_lm``: EfficientCLIP's text-only stream and its language-modelling term (clm or mlm)
+- ``selection``: EfficientCLIP's ensemble confident learning, as rounds inside training
+- ``growth``: GrowCLIP's function-preserving growth operators; a run started from
+  ``checkpoint.init`` inherits a grown optimizer state
+- ``ema``: teacher weights that follow the student's fp32 masters under every ZeRO stage
 
-``trainer/train.py`` only calls what these expose: a teacher object the step updates, named loss
-terms, and runtime switches on the model.
+A method is a module with a ``SPEC`` (:class:`trainer.methods.base.MethodSpec`) and, when it acts
+during training, a :class:`~trainer.methods.base.Method`; adding one is one module and one line
+in ``REGISTRY``.
+
+    attach(model, cfg)                      # before DeepSpeed wraps the model
+    init = load_init(model, cfg)            # checkpoint.init: weights into the model
+    method = build_method(cfg, engine)      # what the train step calls
+    terms = loss_terms(cfg)                 # {"teacher_kl": w, ...}
+    model = load_trained_model(cfg, root, tag, tokenizer)   # eval / export / select
 """
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import resume_source
+from ..config import Config
+from ..model import ClipTrainModel, build_clip_config
+from ..sources import OPTIM, fp32_state_dict, init_source, is_grown
+from . import eclipse, growth, psd, selection, text_lm
+from .base import Inherited, Method, MethodSpec, Methods
+from .evit import keep_rate
+
+# In the order the model returns their forward outputs (ECLIPSE's teacher, then PSD's, then the
+# LM loss); ``attach`` runs in ascending ``attach_rank`` instead.
+REGISTRY: tuple[MethodSpec, ...] = (eclipse.SPEC, psd.SPEC, text_lm.SPEC, selection.SPEC, growth.SPEC)
+
+__all__ = ["REGISTRY", "Inherited", "Method", "MethodSpec", "attach", "build_method", "check", "eval_views",
+           "export_towers", "keep_rate", "load_init", "load_trained_model", "loss_terms", "prefixes", "trained_weights"]
 
 
-class Method:
-    """What the train step calls on the enabled method (the no-op here is plain CLIP).
-
-    ``prepare(step)`` before the forward; ``engine(..., **micro_kwargs(device))`` once per
-    micro-batch (default: the constant ``forward_kwargs``; a method with a data stream of its own
-    hands its next batch there); ``extras(*more)`` turns the forward's outputs beyond
-    ``(image, text, scale)`` into ``LossContext.extras``; ``update(step)`` after each applied
-    optimizer step; ``checkpoint_state()`` (``{name: state}`` or ``{}``) goes into every
-    checkpoint's per-rank trainer state and ``restore`` takes it back; ``close()`` when the run
-    ends (on every path): shut down loader workers the method started.
-    """
-    name = "none"
-    forward_kwargs: dict = {}
-    outputs = 0   # forward outputs after (image, text, scale) that ``extras`` takes
-
-    def prepare(self, step: int) -> None:
-        pass
-
-    def micro_kwargs(self, device) -> dict:
-        """The forward's keyword inputs for the next micro-batch (called once per micro-batch)."""
-        return self.forward_kwargs
-
-    def extras(self, *more) -> dict:
-        return {}
-
-    def update(self, step: int) -> None:
-        pass
-
-    def describe(self) -> str | None:
-        """One log line about the method at start-up (None: nothing to say)."""
-        return None
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def checkpoint_state(self) -> dict:
-        return {self.name: self.state_dict()} if self.name != "none" else {}
-
-    def restore(self, trainer_state: dict, where) -> None:
-        """Take this method's entry out of a resumed checkpoint's trainer state and load it."""
-        if self.name == "none":
-            return
-        if self.name not in trainer_state:
-            raise RuntimeError(f"checkpoint {where} has no '{self.name}' state: it was written with the method off")
-        self.load_state_dict(trainer_state.pop(self.name))
-
-    def inherit(self, weights: dict) -> None:
-        """A run started from a grown or trained model (``checkpoint.init``): ``weights`` holds
-        what a method's own copies start from (``{"teacher": state dict}``: ECLIPSE's teacher)."""
-
-    def close(self) -> None:
-        pass
+def enabled(cfg: Config) -> list[MethodSpec]:
+    return [spec for spec in REGISTRY if spec.enabled(cfg)]
 
 
-class Methods(Method):
-    """Several enabled methods at once (ECLIPSE + PSD): each gets its own forward outputs, in
-    the order the model returns them, and its own entry in the checkpoint."""
-
-    def __init__(self, methods: list[Method]):
-        self.methods = methods
-        self.name = "+".join(m.name for m in methods)
-        self.forward_kwargs = {k: v for m in methods for k, v in m.forward_kwargs.items()}
-        self.outputs = sum(m.outputs for m in methods)
-
-    def prepare(self, step: int) -> None:
-        for m in self.methods:
-            m.prepare(step)
-
-    def micro_kwargs(self, device) -> dict:
-        return {k: v for m in self.methods for k, v in m.micro_kwargs(device).items()}
-
-    def extras(self, *more) -> dict:
-        out, i = {}, 0
-        for m in self.methods:
-            out.update(m.extras(*more[i:i + m.outputs]))
-            i += m.outputs
-        return out
-
-    def update(self, step: int) -> None:
-        for m in self.methods:
-            m.update(step)
-
-    def describe(self) -> str | None:
-        return "; ".join(d for d in (m.describe() for m in self.methods) if d) or None
-
-    def checkpoint_state(self) -> dict:
-        return {k: v for m in self.methods for k, v in m.checkpoint_state().items()}
-
-    def restore(self, trainer_state: dict, where) -> None:
-        for m in self.methods:
-            m.restore(trainer_state, where)
-
-    def inherit(self, weights: dict) -> None:
-        for m in self.methods:
-            m.inherit(weights)
-
-    def close(self) -> None:
-        for m in self.methods:
-            m.close()
+def check(cfg: Config) -> None:
+    """Every method's config check (a ConfigError names the key), before any process starts."""
+    for spec in REGISTRY:
+        spec.check(cfg)
 
 
-def build_method(cfg, engine) -> Method:
-    """The method object for ``cfg`` around a built engine (after ``attach`` on the model)."""
-    methods: list[Method] = []
-    if cfg.eclipse.enabled:   # first: the model returns ECLIPSE's teacher output before PSD's
-        from .eclipse import Eclipse
-        methods.append(Eclipse(cfg, engine))
-    if cfg.psd.enabled:
-        from .psd import Psd
-        methods.append(Psd(cfg, engine))
-    if cfg.text_lm.enabled:   # last: the model returns the LM loss after the teachers' outputs
-        from .text_lm import TextLm
-        methods.append(TextLm(cfg, engine))
+def attach(model: torch.nn.Module, cfg: Config) -> None:
+    """Add what the enabled methods need to the model, before DeepSpeed wraps it."""
+    for spec in sorted(enabled(cfg), key=lambda s: s.attach_rank):
+        spec.attach(model, cfg)
+
+
+def build_method(cfg: Config, engine) -> Method:
+    """The runtime method object for ``cfg`` around a built engine (after :func:`attach`)."""
+    methods = [m for m in (spec.build(cfg, engine) for spec in enabled(cfg)) if m is not None]
     return methods[0] if len(methods) == 1 else Methods(methods) if methods else Method()
 
 
-def attach(model, cfg) -> None:
-    """Add what the enabled methods need to the model, before DeepSpeed wraps it."""
-    from . import eclipse, psd, text_lm
-    psd.attach(model, cfg)       # copies the stock towers, before ECLIPSE expedites the student's
-    eclipse.attach(model, cfg)
-    text_lm.attach(model, cfg)
+def loss_terms(cfg: Config) -> dict[str, float]:
+    """The weighted loss terms the enabled methods add, e.g. ``{"teacher_kl": eclipse.kl_weight}``."""
+    return {k: w for spec in enabled(cfg) for k, w in spec.loss_terms(cfg).items()}
+
+
+def prefixes() -> tuple[str, ...]:
+    """State-dict prefixes of the methods' own copies (not part of the CLIP model)."""
+    return tuple(p for spec in REGISTRY for p in spec.prefixes)
+
+
+def trained_weights(cfg: Config, root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a checkpoint or ``grow`` directory: the student (``CLIPModel`` layout)
+    and what the enabled methods keep as weights (ECLIPSE's teacher under ``teacher.*``); the
+    methods' training copies (PSD's teacher) are left behind."""
+    sd = {k: v for k, v in fp32_state_dict(root, tag).items() if not k.startswith(prefixes())}
+    for spec in enabled(cfg):
+        sd.update(spec.saved_weights(cfg, root, tag))
+    return sd
+
+
+def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrainModel:
+    """The checkpoint's model in fp32, eval mode, with the methods' evaluation copies attached
+    (ECLIPSE: ``model.teacher`` holds the momentum teacher, from the ranks' fp32 EMA shadows)."""
+    model = ClipTrainModel(build_clip_config(cfg.model, tokenizer))
+    attach(model, cfg)
+    kept = trained_weights(cfg, root, tag)
+    for name, _ in list(model.named_children()):   # training-only copies (PSD's teacher) are not loaded
+        if any(p.startswith(name + ".") for p in prefixes()) and not any(k.startswith(name + ".") for k in kept):
+            delattr(model, name)
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {root / tag} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return model.float().eval()
+
+
+def load_init(model: torch.nn.Module, cfg: Config) -> Inherited | None:
+    """On a fresh start with ``checkpoint.init``: load its weights into ``model`` (strictly, but for
+    the method copies the run adds) and return what the methods inherit after the engine is built
+    (``method.inherit(init)``). None when there is no init, or the run resumes its own checkpoint."""
+    if not cfg.checkpoint.init or resume_source(cfg) is not None:
+        return None
+    src, root, tag = init_source(cfg.checkpoint.init)
+    sd = trained_weights(src, root, tag)
+    own = prefixes()
+    student = {k: v for k, v in sd.items() if not k.startswith(own)}
+    missing, unexpected = model.load_state_dict(student, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids") and not k.startswith(own)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint.init {root / tag} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    here = tuple(p for spec in enabled(cfg) for p in spec.prefixes)   # copies this run's methods keep
+    copies = {k: v for k, v in sd.items() if here and k.startswith(here)}
+    optim = root / tag / OPTIM
+    return Inherited(root / tag, copies, optim if is_grown(root / tag) and optim.is_file() else None)
+
+
+def eval_views(model, cfg: Config) -> list[tuple[str, object, float]]:
+    """``(prefix, model-like, keep rate)`` for each evaluation: the model as trained (the plain
+    keys, at full capacity) and the enabled methods' views (ECLIPSE: ``fast/``, ``teacher/``)."""
+    return [("", model, 1.0)] + [v for spec in enabled(cfg) for v in spec.eval_views(model, cfg)]
+
+
+def export_towers(model) -> dict[str, dict]:
+    """Image towers ``export-hf --which NAME`` can write instead of the student's."""
+    return {name: sd for spec in REGISTRY for name, sd in spec.export_towers(model).items()}

@@ -36,7 +36,6 @@ those files for ``eval`` and ``export-hf --which teacher`` without DeepSpeed.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from pathlib import Path
@@ -45,8 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
-from . import Method
+from ..model import preset_shape
+from ..sources import grown_weights, is_grown
+from .base import Inherited, Method, MethodSpec
 from .ema import ShadowTeacher, shadow_state_dict
+from .evit import default_drop_layers, install, keep_rate_at, set_keep_rate
 
 PREFIX = "teacher."
 TOWER = ("vision_model", "visual_projection")   # what the teacher copies (the text tower is shared)
@@ -76,7 +78,6 @@ def check(cfg: Config, vision_layers: int) -> None:
         raise ConfigError(f"config key 'eclipse.drop_layers' must hold layer indices in [0, {vision_layers}) "
                           f"(the vision tower has {vision_layers} layers); got {e.drop_layers!r}")
     if e.expedite == "evit":
-        from ..model import preset_shape
         k = preset_shape(cfg.model)["shared_layers"]
         inside = [i for i in drop_layers(cfg, vision_layers) if i >= vision_layers - k]
         if inside:   # an EViT layer reorganises tokens: shared, it would drop text tokens too
@@ -91,7 +92,6 @@ def check(cfg: Config, vision_layers: int) -> None:
 
 
 def drop_layers(cfg: Config, vision_layers: int) -> list[int]:
-    from .evit import default_drop_layers
     return list(cfg.eclipse.drop_layers) or default_drop_layers(vision_layers)
 
 
@@ -106,7 +106,6 @@ def attach(model: torch.nn.Module, cfg: Config) -> None:
         return
     model.teacher = TeacherTower(model.vision_model, model.visual_projection)
     if e.expedite != "none":
-        from .evit import install
         install(model.vision_model, drop_layers(cfg, model.config.vision_config.num_hidden_layers),
                 fuse=e.fuse_tokens, mode=e.expedite)
         model.expedited_tower = True
@@ -123,7 +122,6 @@ def momentum_at(cfg: Config, step: int) -> float:
 
 def student_keep_rate(cfg: Config, step: int) -> float:
     """The student's keep rate at ``step``: 1 through the warm-up, then cosine down to ``keep_rate``."""
-    from .evit import keep_rate_at
     e = cfg.eclipse
     if e.expedite == "none":
         return 1.0
@@ -145,7 +143,6 @@ class Eclipse(Method):
 
     def prepare(self, step: int) -> None:
         if self.cfg.eclipse.expedite != "none":
-            from .evit import set_keep_rate
             set_keep_rate(self.module.vision_model, student_keep_rate(self.cfg, step))
 
     def describe(self) -> str:
@@ -170,9 +167,10 @@ class Eclipse(Method):
     def load_state_dict(self, state: dict) -> None:
         self.teacher.load_state_dict(state)
 
-    def inherit(self, weights: dict) -> None:
-        if weights.get("teacher"):   # a grown (or earlier) teacher, instead of a copy of the student
-            self.teacher.load_full(weights["teacher"])
+    def inherit(self, init: Inherited) -> None:
+        teacher = {k[len(PREFIX):]: v for k, v in init.weights.items() if k.startswith(PREFIX)}
+        if teacher:   # a grown (or earlier) teacher, instead of a copy of the student
+            self.teacher.load_full(teacher)
 
 
 # ----------------------------------------------------------------------------- evaluation views
@@ -195,37 +193,55 @@ class TeacherView(torch.nn.Module):
         # ZeRO-3 it is only gathered inside the wrapped module's own forward)
 
 
-@contextlib.contextmanager
-def keep_rate(model, rate: float):
-    """The student's image tower at keep rate ``rate`` inside the block (a no-op when it drops
-    no tokens); the rate it had is restored after."""
-    if not getattr(model, "expedited_tower", False):
-        yield
-        return
-    from .evit import expedited
-    with expedited(model.vision_model, rate):
-        yield
-
-
 def eval_views(model, cfg: Config):
-    """``(prefix, model-like, keep rate)`` for each evaluation: the student at full capacity
-    (the existing keys), the student expedited (``fast/``) and the teacher (``teacher/``)."""
-    views = [("", model, 1.0)]
-    if cfg.eclipse.enabled:
-        if cfg.eclipse.expedite != "none":
-            views.append(("fast/", model, cfg.eclipse.keep_rate))
-        views.append(("teacher/", TeacherView(model), 1.0))
+    """``(prefix, model-like, keep rate)`` of the evaluations beyond the student at full capacity
+    (the plain keys): the student expedited (``fast/``) and the teacher (``teacher/``)."""
+    views = []
+    if cfg.eclipse.expedite != "none":
+        views.append(("fast/", model, cfg.eclipse.keep_rate))
+    views.append(("teacher/", TeacherView(model), 1.0))
     return views
 
 
 def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 teacher (``vision_model.*``, ``visual_projection.*``) of a checkpoint, assembled
     from every rank's shadow slices in ``trainer_state/``."""
-    from .growth import TEACHER, grown_weights, is_grown
     if is_grown(Path(root) / tag):   # a grow directory holds its teacher whole, under teacher.*
-        sd = {k[len(TEACHER):]: v for k, v in grown_weights(Path(root) / tag).items() if k.startswith(TEACHER)}
+        sd = {k[len(PREFIX):]: v for k, v in grown_weights(Path(root) / tag).items() if k.startswith(PREFIX)}
         if not sd:
             raise ConfigError(f"{Path(root) / tag} has no ECLIPSE teacher (its source run had eclipse.enabled off)")
         return sd
     return shadow_state_dict(root, tag, lambda state: state.get("eclipse"), PREFIX,
                              "no ECLIPSE teacher (eclipse.enabled was off)")
+
+
+class EclipseSpec(MethodSpec):
+    name = "eclipse"
+    prefixes = (PREFIX,)
+
+    def enabled(self, cfg: Config) -> bool:
+        return cfg.eclipse.enabled
+
+    def check(self, cfg: Config) -> None:
+        check(cfg, preset_shape(cfg.model)["vision_layers"])
+
+    def attach(self, model, cfg: Config) -> None:
+        attach(model, cfg)
+
+    def build(self, cfg: Config, engine) -> Eclipse:
+        return Eclipse(cfg, engine)
+
+    def loss_terms(self, cfg: Config) -> dict[str, float]:
+        return {"teacher_kl": cfg.eclipse.kl_weight}
+
+    def saved_weights(self, cfg: Config, root: Path, tag: str) -> dict:
+        return {PREFIX + k: v for k, v in teacher_state_dict(root, tag).items()}
+
+    def eval_views(self, model, cfg: Config):
+        return eval_views(model, cfg)
+
+    def export_towers(self, model) -> dict[str, dict]:
+        return {"teacher": model.teacher.state_dict()} if hasattr(model, "teacher") else {}
+
+
+SPEC = EclipseSpec()

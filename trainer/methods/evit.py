@@ -166,3 +166,14 @@ def token_counts(vision_model) -> dict[int, int]:
     """Tokens leaving each drop layer in the last forward: ``{layer index: tokens}``."""
     return {i: layer.tokens_out for i, layer in enumerate(vision_model.encoder.layers)
             if isinstance(layer, EViTEncoderLayer)}
+
+
+@contextlib.contextmanager
+def keep_rate(model, rate: float):
+    """The student's image tower of ``model`` at keep rate ``rate`` inside the block (a no-op when
+    it drops no tokens); the rate it had is restored after."""
+    if not getattr(model, "expedited_tower", False):
+        yield
+        return
+    with expedited(model.vision_model, rate):
+        yield

@@ -55,22 +55,18 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import yaml
+from deepspeed.utils import safe_set_full_optimizer_state
 
-from ..config import ConfigError, load_config, to_dict
+from ..config import ConfigError
+from .base import Inherited, Method, MethodSpec
 
 log = logging.getLogger("trainer")
 
-WEIGHTS, INFO, OPTIM = "weights.pt", "grow.json", "optimizer.pt"
 TEACHER = "teacher."
 TOWERS = {"vision": "vision_model", "text": "text_model"}
 
@@ -381,121 +377,6 @@ def moments_exactness(plans: dict[str, TowerPlan], split: str, beta: float) -> d
 
 # ----------------------------------------------------------------------------- optimizer state
 
-def moments_source(root: Path, tag: str) -> str:
-    """Where the AdamW state of ``root / tag`` is: ``"grown"`` (a grow directory's optimizer.pt),
-    ``"zero"`` (ZeRO 1/2/3 optimizer files) or ``"zero0"`` (torch's state in the module states);
-    none is a ConfigError (``--optimizer transform`` needs it)."""
-    d = root / tag
-    if is_grown(d):
-        if (d / OPTIM).is_file():
-            return "grown"
-        raise ConfigError(f"--optimizer transform: {d} is a grow directory without {OPTIM} (it was grown with "
-                          "--optimizer reset, so it has no optimizer state); grow from its source checkpoint, or "
-                          "use --optimizer reset")
-    if any(d.glob("*optim_states.pt")):
-        return "zero"
-    states = d / "mp_rank_00_model_states.pt"
-    if states.is_file() and torch.load(states, map_location="cpu", weights_only=False).get("optimizer") is not None:
-        return "zero0"
-    raise ConfigError(f"--optimizer transform: checkpoint {d} has no optimizer state (no *optim_states.pt files, "
-                      "and no optimizer in mp_rank_00_model_states.pt); use --optimizer reset (a fresh AdamW, "
-                      "the learning rate warms up again)")
-
-
-def _one_step(steps: set, where: Path) -> int:
-    if len(steps) != 1:
-        raise RuntimeError(f"{where}: the parameters' optimizer step counts differ ({sorted(steps)})")
-    return int(steps.pop())
-
-
-def _universal_moments(d: Path, work: Path) -> tuple[int, dict, dict]:
-    """ZeRO 1/2/3: DeepSpeed's own converter (``ds_to_universal``) writes every parameter's full
-    ``exp_avg`` and ``exp_avg_sq`` into ``work``; read them back and remove the copy."""
-    import argparse
-    import contextlib
-    import sys
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-    out = work / "universal" / d.name   # it also writes 'latest_universal' next to its output folder
-    args = argparse.Namespace(input_folder=str(d), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=False,
-                              inject_missing_state=True)   # our checkpoints carry no universal-checkpoint info
-    try:
-        with contextlib.redirect_stdout(sys.stderr):   # its progress lines; grow's stdout is its JSON
-            ds_to_universal(args)
-        zero, m, v, steps = out / "zero", {}, {}, set()
-        read = lambda f: (lambda x: x["param"] if isinstance(x, dict) else x)(   # noqa: E731
-            torch.load(f, map_location="cpu", weights_only=False))   # ZeRO 1/2: {"param": ...}; 3: flat tensor
-        for p in sorted(q for q in zero.iterdir() if q.is_dir()):
-            if (p / "exp_avg.pt").is_file():   # a parameter that never had a gradient has none
-                m[p.name], v[p.name] = read(p / "exp_avg.pt").float(), read(p / "exp_avg_sq.pt").float()
-            if (p / "step.pt").is_file():
-                steps.add(float(torch.load(p / "step.pt", weights_only=False)))
-        if not steps:   # ZeRO-3 writes no per-parameter step; its sub-groups' optimizer states hold it
-            osd = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
-            steps = {float(st["step"]) for st in osd["optimizer_state_dict"]["state"].values() if "step" in st}
-        return _one_step(steps, d), m, v
-    finally:
-        shutil.rmtree(work / "universal", ignore_errors=True)
-
-
-def _zero0_moments(d: Path, cfg) -> tuple[int, dict, dict]:
-    """ZeRO-0: torch's AdamW state dict in the module states, keyed by the parameter's index in
-    the param-group order of ``trainer/model.py param_groups`` (rebuilt from the run's config)."""
-    from ..data import load_tokenizer
-    from ..model import build_model, param_groups
-    from . import attach
-
-    st = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["optimizer"]
-    if isinstance(st, dict) and "optimizer_state_dict" in st:   # bf16/fp16: DeepSpeed's FP16_(Unfused)Optimizer
-        st = st["optimizer_state_dict"]
-    if not isinstance(st, dict) or "state" not in st or "param_groups" not in st:
-        raise ConfigError(f"--optimizer transform: {d} is a ZeRO-0 checkpoint whose optimizer state is not a torch "
-                          f"optimizer's ({type(st).__name__}); use --optimizer reset")
-    model = build_model(cfg.model, load_tokenizer(cfg.tokenizer.path), cfg.seed)
-    attach(model, cfg)
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model, cfg.optim.weight_decay)
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in st["param_groups"]]:
-        raise RuntimeError(f"{d}: the optimizer's parameter groups do not match the model of its config")
-    m, v, steps = {}, {}, set()
-    for group, saved in zip(groups, st["param_groups"]):
-        for p, idx in zip(group["params"], saved["params"]):
-            state = st["state"].get(idx)
-            if state:   # none for a parameter that never had a gradient
-                m[names[id(p)]], v[names[id(p)]] = state["exp_avg"].float(), state["exp_avg_sq"].float()
-                steps.add(float(state["step"]))
-    return _one_step(steps, d), m, v
-
-
-def source_moments(root: Path, tag: str, cfg, weights: dict, work: Path) -> tuple[int, dict, dict]:
-    """``(step, exp_avg, exp_avg_sq)`` of a checkpoint (any ZeRO stage) or a transform grow
-    directory: fp32, by ``CLIPModel`` name, in the weights' shapes, both names of a shared layer;
-    a student parameter without state (it never had a gradient) gets zeros."""
-    from ..export import fill_shared_layers
-    from ..model import preset_shape
-
-    kind = moments_source(root, tag)
-    d = root / tag
-    if kind == "grown":
-        st = torch.load(d / OPTIM, map_location="cpu", weights_only=True)
-        return int(st["step"]), st["exp_avg"], st["exp_avg_sq"]
-    step, m, v = _universal_moments(d, work) if kind == "zero" else _zero0_moments(d, cfg)
-    student = {k: w for k, w in weights.items() if not k.startswith(TEACHER) and not k.endswith("position_ids")}
-    shape = preset_shape(cfg.model)
-    for moments in (m, v):
-        fill_shared_layers(moments, shape, d)
-    out = []
-    for moments in (m, v):
-        missing = sorted(set(student) - set(moments))
-        if missing:
-            log.warning("grow: no optimizer state for %d parameter(s) of %s (e.g. %s): zero moments", len(missing),
-                        d, missing[0])
-        out.append({k: moments[k].reshape(w.shape) if k in moments else torch.zeros_like(w)
-                    for k, w in student.items()})
-    return step, out[0], out[1]
-
-
 def _seed_adam_state(base, flat: torch.Tensor, step: int) -> None:
     """Create the AdamW state of ``flat`` as the optimizer's first step would (zero moments), at
     ``step``: torch keeps ``step`` as a tensor (on the device only when fused/capturable),
@@ -519,7 +400,6 @@ def _set_zero3_state(opt, param, value: torch.Tensor, key: str) -> None:
     ``set_full_hp_param`` narrows ``value`` to the rank's whole partition, which runs past the end on
     the last rank(s) when the size does not divide by the world size (it raises); for those the
     rank's own slice is written here, the padding zero."""
-    from deepspeed.utils import safe_set_full_optimizer_state
     world = opt._get_param_partition_world_size(param)
     if param.ds_numel % world == 0:
         safe_set_full_optimizer_state(param, value, key)
@@ -540,7 +420,6 @@ def load_optimizer_state(engine, state: dict) -> tuple[int, int]:
     copy). Torch's AdamW makes its state at the first step, so it is created here first (zeros, at
     ``step``) and, for ZeRO 1/2 and the bf16 optimizer, linked to the parameters' fragments.
     Returns (parameters set, trainable parameters without inherited state)."""
-    from deepspeed.utils import safe_set_full_optimizer_state
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)   # ZeRO's and the bf16/fp16 wrappers hold the torch optimizer
     zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
@@ -592,249 +471,42 @@ def load_optimizer_state(engine, state: dict) -> tuple[int, int]:
     return done, len(fresh)
 
 
-# ----------------------------------------------------------------------------- the verb
-
-def is_grown(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / INFO).is_file() and (p / WEIGHTS).is_file() and (p / "config.yaml").is_file()
-
-
-def grown_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A ``grow`` directory's state dict (with ``teacher.*`` when it grew an ECLIPSE teacher)."""
-    return torch.load(Path(path) / WEIGHTS, map_location="cpu", weights_only=True)
-
-
-def source_weights(root: Path, tag: str, cfg) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a checkpoint or ``grow`` directory: the student (``CLIPModel`` layout),
-    and the ECLIPSE teacher under ``teacher.*`` when the run had one. PSD's teacher copy is
-    training state, not model, and is left behind."""
-    from ..export import fp32_state_dict
-    from .eclipse import PREFIX, teacher_state_dict
-    from .psd import PREFIX as PSD_PREFIX
-
-    sd = {k: v for k, v in fp32_state_dict(root, tag).items() if not k.startswith((PREFIX, PSD_PREFIX))}
-    if cfg.eclipse.enabled:
-        sd.update({PREFIX + k: v for k, v in teacher_state_dict(root, tag).items()})
-    return sd
-
-
-def spelled_out(cfg, shape: dict) -> dict:
-    """``cfg`` as a dict with every shape key of the model section set (a grown model is a config)."""
-    from ..model import SHAPE_KEYS
-    raw = to_dict(cfg)
-    raw["model"].update({k: shape[k] for k in SHAPE_KEYS})
-    return raw
-
-
-def _probe(model, tokenizer, shape: dict, seed: int = 0):
-    """Embeddings of a fixed random image batch and caption batch (the function check)."""
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(4, 3, shape["image_size"], shape["image_size"], generator=g)
-    enc = tokenizer(["a photo of a red circle", "two blue squares", "a green triangle on grey", "x"],
-                    padding="max_length", truncation=True, max_length=shape["context_length"], return_tensors="pt")
-    with torch.no_grad():
-        image, text, scale = model(pixel_values=pixels, input_ids=enc["input_ids"],
-                                   attention_mask=enc["attention_mask"])[:3]
-    return image, text, scale
-
-
-def function_error(old_model, new_model, tokenizer, shape: dict) -> dict:
-    """Max |difference| of the two models' embeddings and logits on the probe batch."""
-    a, b = _probe(old_model, tokenizer, shape), _probe(new_model, tokenizer, shape)
-    logits = lambda img, txt, s: s * img @ txt.T   # noqa: E731
-    return {"image": float((a[0] - b[0]).abs().max()), "text": float((a[1] - b[1]).abs().max()),
-            "logits": float((logits(*a) - logits(*b)).abs().max())}
-
-
-def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, split: str = "equal",
-         noise: float = 0.1, optimizer: str = "reset") -> Path:
-    """Checkpoint surgery (module doc); returns ``out``. Re-running the same request on a
-    finished ``out`` is a no-op (safe to resubmit); another request for it is refused."""
-    from ..checkpoint import atomic_torch_save, atomic_write_text
-    from ..data import load_tokenizer
-    from ..export import checkpoint_config
-    from ..model import ClipTrainModel, build_clip_config, build_model, preset_shape
-
-    if not 0.0 <= beta <= 1.0:
-        raise ConfigError(f"--pim-beta must be in [0, 1]; got {beta}")
-    if optimizer not in ("reset", "transform"):
-        raise ConfigError(f"--optimizer {optimizer}: 'reset' (a fresh AdamW) or 'transform' (the moments mapped "
-                          "like the weights)")
-    bad = [o for o in overrides if not o.startswith("model.")]
-    if bad:
-        raise ConfigError(f"grow changes the model only; {bad[0]!r} is not a model.* key (set training keys "
-                          "when you train the grown model)")
-    cfg, root, tag = checkpoint_config(checkpoint)
-    raw_old = to_dict(cfg)
-    new_cfg = _with_overrides(raw_old, overrides)   # the normal loader: bad keys and values are named
-    old_shape, new_shape = preset_shape(cfg.model), preset_shape(new_cfg.model)
-    out_dir = Path(out).resolve()
-    request = {"source": str((root / tag).resolve()), "overrides": list(overrides), "pim_beta": beta,
-               "split": split, "noise": noise if split == "random" else 0.0, "optimizer": optimizer}
-    if out_dir.exists():
-        if is_grown(out_dir) and json.loads((out_dir / INFO).read_text()).get("request") == request:
-            log.info("grow: %s already holds this growth; nothing to do", out_dir)
-            return out_dir
-        raise ConfigError(f"--out {out_dir} already exists and is not this growth (other source or options); "
-                          "choose a new directory or remove it")
-    plans = check_growth(old_shape, new_shape)
-    if optimizer == "transform":
-        moments_source(root, tag)   # no optimizer state: exit 2 before any work
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
-    sd = source_weights(root, tag, cfg)
-    fresh = build_model(new_cfg.model, tokenizer, new_cfg.seed).state_dict()
-    grown = grow_state_dict(sd, old_shape, new_shape, fresh, beta=beta, split=split, noise=noise, seed=cfg.seed)
-
-    # The grown model must load strictly into the new shape, and (beta = 1) compute the old function.
-    old_model = ClipTrainModel(build_clip_config(cfg.model, tokenizer)).eval()
-    old_model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(TEACHER)})
-    new_model = ClipTrainModel(build_clip_config(new_cfg.model, tokenizer)).eval()
-    new_model.load_state_dict({k: v for k, v in grown.items() if not k.startswith(TEACHER)})
-    error = function_error(old_model, new_model, tokenizer, old_shape)
-
-    raw_new = spelled_out(new_cfg, new_shape)
-    raw_new["checkpoint"]["init"] = str(out_dir)
-    raw_new["checkpoint"]["resume"] = "auto"
-    raw_new["output_dir"] = str(out_dir / "train")
-    info = {"request": request, "source_step": step_of(root, tag), "old_shape": old_shape, "new_shape": new_shape,
-            "plans": {t: vars(p) for t, p in plans.items()}, "teacher": any(k.startswith(TEACHER) for k in grown),
-            "params": {"old": sum(v.numel() for k, v in sd.items() if not k.startswith(TEACHER)),
-                       "new": sum(p.numel() for p in new_model.parameters())},
-            "function_error": error}
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):   # left by a killed grow (never read)
-        if not _alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        if optimizer == "transform":
-            step, exp_avg, exp_avg_sq = source_moments(root, tag, cfg, sd, tmp)
-            atomic_torch_save({"step": step,
-                               "exp_avg": grow_moments(exp_avg, old_shape, new_shape, fresh, 1),
-                               "exp_avg_sq": grow_moments(exp_avg_sq, old_shape, new_shape, fresh, 2)}, tmp / OPTIM)
-            info["optimizer"] = {"mode": "transform", "step": step, **moments_exactness(plans, split, beta)}
-        else:
-            info["optimizer"] = {"mode": "reset"}
-        atomic_torch_save(grown, tmp / WEIGHTS)
-        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(raw_new, sort_keys=False))
-        atomic_write_text(tmp / INFO, json.dumps(info, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, out_dir)   # all or nothing: a killed grow leaves only a .tmp directory
-    log.info("grew %s (%d -> %d parameters) into %s; function error %s; optimizer %s", root / tag,
-             info["params"]["old"], info["params"]["new"], out_dir, error,
-             "reset" if optimizer == "reset" else
-             f"moments transformed at step {info['optimizer']['step']} "
-             f"({'exact' if info['optimizer']['exact'] else 'approximate: ' + '; '.join(info['optimizer']['approximate'])})")
-    return out_dir
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _with_overrides(raw: dict, overrides: list[str]):
-    import tempfile
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(raw, fh, sort_keys=False)
-    try:
-        return load_config(fh.name, overrides)
-    finally:
-        os.unlink(fh.name)
-
-
-def step_of(root: Path, tag: str) -> int:
-    """The training step of a checkpoint; of a grow directory, its source's."""
-    if is_grown(root / tag):
-        return int(json.loads((root / tag / INFO).read_text())["source_step"])
-    return int(tag.split("_")[-1])
-
-
-def main(args) -> int:
-    """``python -m trainer grow`` (trainer/cli.py)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    if args.search is not None:   # the candidates say the shapes; the other key=value train them
-        from .growth_search import search
-        model = [o for o in args.overrides if o.startswith("model.")]
-        if model:
-            raise ConfigError(f"grow --search: the candidates give the model shapes; {model[0]!r} cannot be set here")
-        return search(args, args.overrides)
-    out = grow(args.checkpoint, args.out, args.overrides, beta=args.pim_beta, split=args.split,
-               noise=args.split_noise, optimizer=args.optimizer)
-    print(json.dumps({"out": str(out), **json.loads((out / INFO).read_text())}, indent=2))
-    return 0
-
-
 # ----------------------------------------------------------------------------- checkpoint.init
 
-class Inherited:
-    """The weights a run starts from (``checkpoint.init``), loaded into the model before DeepSpeed
-    wraps it; ``apply(method, engine)`` after the engine hands a grown ECLIPSE teacher to the
-    method and, from a ``grow --optimizer transform`` directory, the transformed AdamW moments and
-    step count to the engine's optimizer (the learning-rate schedule starts fresh either way)."""
+class Growth(Method):
+    """A fresh run started from ``checkpoint.init`` (a trained or grown model): after the engine is
+    built, a ``grow --optimizer transform`` directory's AdamW moments and step count go into the
+    engine's optimizer (the learning-rate schedule starts fresh either way)."""
+    name = "growth"
 
-    def __init__(self, path: str, teacher: dict | None, optimizer: Path | None = None):
-        self.path, self.teacher, self.optimizer = path, teacher, optimizer
+    def __init__(self, engine):
+        self.engine = engine
 
-    def apply(self, method, engine) -> None:
-        if self.teacher:
-            method.inherit({"teacher": self.teacher})
+    def checkpoint_state(self) -> dict:
+        return {}   # nothing of its own to carry: the optimizer state is the engine's from now on
+
+    def restore(self, trainer_state: dict, where) -> None:
+        pass
+
+    def inherit(self, init: Inherited) -> None:
         opt = "fresh optimizer"
-        if self.optimizer is not None:
-            state = torch.load(self.optimizer, map_location="cpu", weights_only=True)
-            done, _ = load_optimizer_state(engine, state)
+        if init.optimizer is not None:
+            state = torch.load(init.optimizer, map_location="cpu", weights_only=True)
+            done, _ = load_optimizer_state(self.engine, state)
             opt = f"AdamW moments of {done} parameters and step {int(state['step'])} inherited"
-        log.info("started from the weights of %s (checkpoint.init; %s, fresh schedule)%s", self.path, opt,
-                 "; ECLIPSE teacher inherited" if self.teacher else "")
+        log.info("started from the weights of %s (checkpoint.init; %s, fresh schedule)%s", init.path, opt,
+                 f"; method copies inherited ({', '.join(sorted({k.split('.')[0] for k in init.weights}))})"
+                 if init.weights else "")
 
 
-def init_source(path: str):
-    """``(config, root, tag)`` of a ``checkpoint.init`` path: a checkpoint or a grow directory."""
-    from ..export import checkpoint_config
-    try:
-        return checkpoint_config(path)
-    except ConfigError:
-        raise ConfigError(f"config key 'checkpoint.init': {path} is neither a checkpoint (step_N directory or run "
-                          "directory) nor a 'grow' output directory") from None
+class GrowthSpec(MethodSpec):
+    name = "growth"
+
+    def enabled(self, cfg) -> bool:
+        return bool(cfg.checkpoint.init)
+
+    def build(self, cfg, engine) -> Growth:
+        return Growth(engine)
 
 
-def check_init(cfg) -> None:
-    """The init's model shape must be this run's (exit 2 naming both), before any process starts."""
-    if not cfg.checkpoint.init:
-        return
-    from ..model import preset_shape
-    src, root, tag = init_source(cfg.checkpoint.init)
-    have, want = preset_shape(src.model), preset_shape(cfg.model)
-    diff = {k: (have[k], want[k]) for k in want if have.get(k) != want[k]}
-    if diff:
-        raise ConfigError(f"config key 'checkpoint.init': {root / tag} holds a model of another shape "
-                          f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in diff.items())}); "
-                          f"train it with --config {root / tag / 'config.yaml'} or set model.* to match")
-
-
-def load_init(model, cfg) -> Inherited | None:
-    """On a fresh start with ``checkpoint.init``: load its weights into ``model`` (strictly, but for
-    the method copies the run adds) and return what the engine-side methods still need."""
-    from ..checkpoint import resume_source
-    if not cfg.checkpoint.init or resume_source(cfg) is not None:
-        return None
-    src, root, tag = init_source(cfg.checkpoint.init)
-    sd = source_weights(root, tag, src)
-    student = {k: v for k, v in sd.items() if not k.startswith(TEACHER)}
-    missing, unexpected = model.load_state_dict(student, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids") and not k.startswith((TEACHER, "psd_teacher."))]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint.init {root / tag} does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    teacher = {k[len(TEACHER):]: v for k, v in sd.items() if k.startswith(TEACHER)}
-    optim = root / tag / OPTIM
-    return Inherited(str(root / tag), teacher if cfg.eclipse.enabled and teacher else None,
-                     optim if is_grown(root / tag) and optim.is_file() else None)
+SPEC = GrowthSpec()

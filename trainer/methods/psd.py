@@ -33,6 +33,7 @@ the checkpoint; the teacher copy's fp32 shadows do (trainer_state/rank_R.pt).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from .. import data as D
 from ..config import Config, ConfigError
 from ..dist import rank as this_rank
-from . import Method
+from .base import MethodSpec, Method
 from .eclipse import TeacherTower
 from .ema import ShadowTeacher, shadow_state_dict
 
@@ -69,7 +70,6 @@ class PairTeacher(TeacherTower):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model.vision_model, model.visual_projection)
-        import copy
         self.text_model = copy.deepcopy(model.text_model)
         self.text_projection = copy.deepcopy(model.text_projection)
         self.requires_grad_(False)
@@ -196,3 +196,27 @@ def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     shadow slices in ``trainer_state/``."""
     return shadow_state_dict(root, tag, lambda state: (state.get("psd") or {}).get("teacher"), PREFIX,
                              "no PSD teacher copy (psd.teacher was self, or momentum with ECLIPSE on)")
+
+
+class PsdSpec(MethodSpec):
+    name = "psd"
+    prefixes = (PREFIX,)   # the teacher copy is training state, not model: eval and export leave it behind
+    attach_rank = -1       # copies the stock towers, before ECLIPSE expedites the student's
+
+    def enabled(self, cfg: Config) -> bool:
+        return cfg.psd.enabled
+
+    def check(self, cfg: Config) -> None:
+        check(cfg)
+
+    def attach(self, model, cfg: Config) -> None:
+        attach(model, cfg)
+
+    def build(self, cfg: Config, engine) -> Psd:
+        return Psd(cfg, engine)
+
+    def loss_terms(self, cfg: Config) -> dict[str, float]:
+        return {"self_distill": 1.0}   # its strength is a_t, applied inside the pass
+
+
+SPEC = PsdSpec()

@@ -53,6 +53,10 @@ from webdataset import tariterators
 
 from .. import data as D
 from ..config import Config, ConfigError
+from ..dist import all_reduce_flags, barrier, is_main, launch_env, rank as this_rank
+from ..model import preset_shape
+from .base import Method, MethodSpec
+from .evit import keep_rate
 
 log = logging.getLogger("trainer.select")
 FORMAT = "trainer-selection/1"
@@ -124,7 +128,6 @@ def share(units: list[Unit], rank: int, world: int) -> list[Unit]:
 def launch_share() -> tuple[int, int]:
     """``(rank, world)`` of this scoring process: torchrun/srun ranks, times SLURM array tasks
     (task ``t`` of an array of ``n`` with ``p`` ranks each is ranks ``t*p .. t*p + p - 1``)."""
-    from ..dist import launch_env
     le = launch_env()
     env = os.environ
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
@@ -188,8 +191,6 @@ def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, s
 def ensemble_cosines(models: list, batch: dict, device, dtype) -> torch.Tensor:
     """``sum_k cos(f_I^(k)(x), f_T^(k)(t))`` for a batch, float64 on the CPU. Each model runs at
     full capacity (an ECLIPSE student's expedition is switched off)."""
-    from .eclipse import keep_rate
-
     total = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float64)
     for model in models:
         with keep_rate(model, 1.0):
@@ -207,8 +208,6 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
     ``source`` identifies what is scored with (checkpoints, subset, precision): a part written
     from another source is scored again. ``lockstep``: every rank runs the same number of
     forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs."""
-    from ..dist import all_reduce_flags
-
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source)
@@ -437,93 +436,17 @@ def source_id(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- the verb
-
-def _load_ensemble(checkpoints: list[str]):
-    """``(configs, models, tokenizer, cfg)`` of the checkpoints; they must share the model and the
-    input pipeline (each sample is decoded once for the whole ensemble)."""
-    from ..data import load_tokenizer
-    from ..export import checkpoint_config, load_trained_model
-
-    loaded = []
-    for path in checkpoints:
-        cfg, root, tag = checkpoint_config(path)
-        loaded.append((path, cfg, root, tag))
-    first = loaded[0][1]
-    for path, cfg, _, _ in loaded[1:]:
-        for section in ("model", "tokenizer"):
-            a, b = vars(getattr(first, section)), vars(getattr(cfg, section))
-            diff = sorted(k for k in a if a[k] != b[k])
-            if diff:
-                raise ConfigError(f"--checkpoints: {path} has another {section} than {loaded[0][0]} "
-                                  f"({', '.join(f'{section}.{k}: {b[k]!r} vs {a[k]!r}' for k in diff)}); "
-                                  "the ensemble's members must share one model shape and tokenizer")
-        if (cfg.data.image_mean, cfg.data.image_std) != (first.data.image_mean, first.data.image_std):
-            raise ConfigError(f"--checkpoints: {path} normalises images differently from {loaded[0][0]}")
-    tokenizer = load_tokenizer(first.tokenizer.path)
-    models = []
-    for path, cfg, root, tag in loaded:
-        try:
-            models.append(load_trained_model(cfg, root, tag, tokenizer))
-        except RuntimeError as err:
-            raise ConfigError(f"--checkpoints {path}: its weights do not fit its config.yaml's model ({err})") from None
-    return [str(Path(r) / t) for _, _, r, t in loaded], models, tokenizer, first
-
-
-def main(args) -> int:
-    """``python -m trainer select ...`` (see the module docstring)."""
-    rule = make_rule(args.keep, args.threshold, args.percentile, "select")
-    urls = D.expand_shards(args.shards, "--shards")
-    out = Path(args.out)
-    rank, world = launch_share()
-    names, models, tokenizer, cfg = _load_ensemble(args.checkpoints)
-    subset = D.read_manifest(args.manifest, urls) if args.manifest else None
-    carried = [CarriedScores(d) for d in args.scores_from or []]
-    for c in carried:
-        missing = c.missing(urls)
-        if missing:
-            raise ConfigError(f"--scores-from {c.dir}: it holds no scores of shard {missing[0]}")
-    from ..dist import launch_env, select_device
-    device = select_device(launch_env().local_rank)   # LOCAL_RANK mod the GPUs this task sees
-    dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
-    source = source_id(names, [str(Path(u)) for u in urls], args.manifest, dtype)
-    units = work_units(len(urls), world)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.merge_only:
-        for m in models:
-            m.to(device, dtype)
-        from ..evaluate import eval_decoder
-        decoder = eval_decoder(cfg, tokenizer)
-        mine = share(units, rank, world)
-        n = score_units(models, urls, mine, decoder, out, source=source, device=device, dtype=dtype, subset=subset,
-                        batch_size=args.batch_size)
-        log.warning("select: rank %d/%d scored %d unit(s) (%d of its %d were done already)",
-                    rank, world, n, len(mine) - n, len(mine))
-    left = missing_units(out, units, source)
-    if left:
-        if args.merge_only:
-            raise ConfigError(f"select --merge-only: {len(left)} unit(s) are not scored yet (first: {left[0].name} "
-                              f"= shard {urls[left[0].shard]}); run the scoring tasks first")
-        return 0   # another rank or array task finishes last and merges
-    with merge_lock(out) as mine_to_merge:
-        if not mine_to_merge:
-            return 0
-        meta = {"checkpoints": names, "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,
-                "units": len(units), "world": world}
-        summary = merge(out, urls, units, source=source, rule=rule, carried=carried, meta=meta)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
 # ----------------------------------------------------------------------------- rounds in training
 
-class Selection:
-    """ECL rounds inside a training run (``select.*``).
+class Selection(Method):
+    """ECL rounds inside a training run (``select.*``); present in every run, since its state
+    (the rounds done and the current manifest) is in every checkpoint.
 
-        sel = Selection(cfg, rank, world, state.get("select"))
-        data = TrainData(..., manifest=sel.manifest)
-        ...after the checkpoint of step S:
-        if sel.due(S): data.set_manifest(sel.round(engine.module, S, tokenizer, device, log_fn))
+        sel = Selection(cfg, rank, world)                 # then restore() on resume
+        data = TrainData(..., manifest=sel.data_manifest())
+        ...after the checkpoint of step S (wants_checkpoint(S) forces one):
+        new = sel.between_steps(S, engine, tokenizer, log_metrics)   # a round, when due
+        if new: data.set_manifest(read_manifest(new))
 
     Round ``k`` (1, 2, ...) scores the current subset with the model as it is at step ``S``,
     plus round ``k-1``'s scores (``select.temporal``), into ``output_dir/select/round_k``, and
@@ -532,7 +455,9 @@ class Selection:
     units already written are kept: scoring is deterministic) and ends with the same manifest.
     """
 
-    def __init__(self, cfg: Config, rank: int, world: int, state: dict | None):
+    name = "select"
+
+    def __init__(self, cfg: Config, rank: int, world: int, state: dict | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
         sc = cfg.select
         self.every = sc.every_steps or D.steps_per_epoch(cfg, world)
@@ -542,6 +467,29 @@ class Selection:
     @property
     def manifest(self) -> str | None:
         return self.state["manifest"]
+
+    def data_manifest(self) -> str | None:
+        return self.manifest
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+    def wants_checkpoint(self, step: int) -> bool:
+        return self.due(step)
+
+    def between_steps(self, step: int, engine, tokenizer, log_metrics) -> str | None:
+        """One round on every rank when due; its summary goes to TensorBoard (``select/...``)."""
+        if not self.due(step):
+            return None
+        path, summary = self.round(engine.module, step, tokenizer, engine.device)
+        log_metrics(log_values(summary), step, "select")
+        log.info("selection round %d at step %d: kept %d of %d (%s)", self.state["rounds"], step, summary["kept"],
+                 summary["total"], ", ".join(f"{k}={summary[k]:.3f}" for k in ("precision", "recall", "auc")
+                                             if summary.get(k) is not None) or "no noise labels")
+        return path
 
     def due(self, step: int) -> bool:
         sc = self.cfg.select
@@ -553,10 +501,6 @@ class Selection:
 
     def round(self, model, step: int, tokenizer, device) -> tuple[str, dict]:
         """Run the round due at ``step`` on every rank; returns the new manifest path and summary."""
-        from ..dist import barrier, is_main
-        from ..evaluate import dummy_batch, eval_decoder
-        from ..model import preset_shape
-
         k = self.state["rounds"] + 1
         out = self.round_dir(k)
         urls = D.expand_shards(self.cfg.data.train_shards, "data.train_shards")
@@ -564,7 +508,7 @@ class Selection:
         subset = D.read_manifest(self.manifest, urls)
         source = source_id("train", step, self.manifest, str(prev))
         units = work_units(len(urls), self.world)
-        decoder = eval_decoder(self.cfg, tokenizer)
+        decoder = D.eval_decoder(self.cfg, tokenizer)
         summary_path = out / "summary.json"
         done = summary_path.is_file() and json.loads(summary_path.read_text()).get("source") == source
         barrier()
@@ -575,7 +519,7 @@ class Selection:
             model.eval()
             score_units([model], urls, share(units, self.rank, self.world), decoder, out, source=source,
                         device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
-                        lockstep=True, dummy=dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
+                        lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
                         on_unit=(lambda _u: os.kill(os.getpid(), signal.SIGKILL)) if kill else None)
             model.train(was_training)
             barrier()
@@ -603,3 +547,19 @@ def log_values(summary: dict) -> dict:
     names = ("kept", "kept_fraction", "precision", "recall", "auc", "round_precision", "round_recall",
              "kept_noise_rate", "score_threshold")
     return {k: float(summary[k]) for k in names if summary.get(k) is not None}
+
+
+class SelectionSpec(MethodSpec):
+    name = "select"
+
+    def enabled(self, cfg: Config) -> bool:
+        return True   # rounds run only with select.enabled, but every checkpoint carries the state
+
+    def check(self, cfg: Config) -> None:
+        check(cfg)
+
+    def build(self, cfg: Config, engine) -> Selection:
+        return Selection(cfg, this_rank(), engine.dp_world_size)
+
+
+SPEC = SelectionSpec()

@@ -43,11 +43,14 @@ half the learning rate.
 from __future__ import annotations
 
 import numpy as np
+import deepspeed
 import torch
 
+from .. import data as D
 from ..config import Config, ConfigError
 from ..dist import rank as this_rank
-from . import Method
+from ..model import preset_shape
+from .base import Method, MethodSpec
 
 
 def mask_token_id(tokenizer) -> int | None:
@@ -60,7 +63,6 @@ def check(cfg: Config) -> None:
     t = cfg.text_lm
     if not t.enabled:
         return
-    from .. import data as D
     if t.shards in (None, "", []):
         raise ConfigError("config key 'text_lm.shards' is empty but text_lm.enabled is true; give the "
                           "text-only shards (make-demo-data writes DIR/text) or text_lm.enabled=false")
@@ -75,7 +77,6 @@ def attach(model: torch.nn.Module, cfg: Config) -> None:
     register it with the top-level module, so that DeepSpeed gathers it for that forward (and its
     backward). Harmless under the other stages (only ZeRO-3's hooks read the registration)."""
     if cfg.text_lm.enabled:
-        import deepspeed
         deepspeed.zero.register_external_parameter(model, model.text_model.embeddings.token_embedding.weight)
 
 
@@ -118,8 +119,6 @@ class TextLm(Method):
     outputs = 1   # this rank's mean CE over its predicted tokens
 
     def __init__(self, cfg: Config, engine):
-        from .. import data as D
-        from ..model import preset_shape
         self.cfg = cfg
         t = cfg.text_lm
         self.rank, self.world = this_rank(), engine.dp_world_size
@@ -136,7 +135,6 @@ class TextLm(Method):
 
     def _next_batch(self) -> dict:
         if self.stream is None:
-            from .. import data as D
             t, d = self.cfg.text_lm, self.cfg.data
             self.stream = D.ResumableStream(self.urls, self.decoder, batch_size=t.batch_size,
                                             num_samples=t.num_samples, seed=self.cfg.seed, rank=self.rank,
@@ -184,3 +182,25 @@ class TextLm(Method):
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+
+
+class TextLmSpec(MethodSpec):
+    name = "text_lm"
+
+    def enabled(self, cfg: Config) -> bool:
+        return cfg.text_lm.enabled
+
+    def check(self, cfg: Config) -> None:
+        check(cfg)
+
+    def attach(self, model, cfg: Config) -> None:
+        attach(model, cfg)
+
+    def build(self, cfg: Config, engine) -> TextLm:
+        return TextLm(cfg, engine)
+
+    def loss_terms(self, cfg: Config) -> dict[str, float]:
+        return {"text_lm": cfg.text_lm.weight}
+
+
+SPEC = TextLmSpec()

@@ -18,7 +18,10 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
+from ..sources import INFO, is_grown
+from .growth_search import train_flops
+from .sweep import eval_curve
 
 
 def _world(run_dir: Path, cfg) -> int:
@@ -27,14 +30,12 @@ def _world(run_dir: Path, cfg) -> int:
 
 
 def run_flops(run_dir: Path, steps: int) -> float:
-    from .methods.growth_search import train_flops
     cfg = load_config(run_dir / "config.yaml")
     return train_flops(cfg, steps, _world(run_dir, cfg))
 
 
 def _source_run(run_dir: Path) -> tuple[Path, int] | None:
     """The stage-1 run directory and step a stage-2 run grew from, or None for a run from scratch."""
-    from .methods.growth import INFO, is_grown
     init = load_config(run_dir / "config.yaml").checkpoint.init
     if not init:
         return None
@@ -46,7 +47,6 @@ def _source_run(run_dir: Path) -> tuple[Path, int] | None:
 
 
 def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
-    from .sweep import eval_curve
     return [(step, value) for step, _, value in eval_curve(run_dir, f"eval/{key}")]
 
 

@@ -26,13 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import data as D
+from ..methods import selection as S
+from ..methods.selection import FORMAT, Unit, _write_lines
+
 
 def _urls(n: int) -> list[str]:
     return [f"/synthetic/train-{s:06d}.tar" for s in range(n)]
 
 
 def write_parts(work: Path, keys: int, shards: int, seed: int = 0) -> float:
-    from .methods.selection import FORMAT, Unit, _write_lines
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -61,8 +64,6 @@ def _peak_mib() -> float:
 
 def child(what: str, work: Path, shards: int) -> dict:
     """One measurement, in this (fresh) process."""
-    from . import data as D
-    from .methods import selection as S
 
     base = _rss_mib()
     if what == "merge":

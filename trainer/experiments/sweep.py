@@ -65,9 +65,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, check_world, load_config, to_dict
+from ..config import Config, ConfigError, load_config, to_dict
+from ..data import load_tokenizer
+from ..model import ClipTrainModel, build_clip_config
+from ..ports import find_free_port
+from ..preflight import check_run_inputs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]   # the repository
 SBATCH_SCRIPT = ROOT / "slurm" / "train.sbatch"
 META = "sweep.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -217,7 +221,6 @@ def _override_key(item: str) -> str:
 def _check_like_train(cfg: Config, world: int | None) -> None:
     """What ``train`` checks before it starts a process group, minus the resume check (the sweep
     checks its run directories itself)."""
-    from .cli import check_run_inputs
     check_run_inputs(cfg, world)
 
 
@@ -227,9 +230,6 @@ _PARAMS: dict[str, int] = {}
 def count_params(cfg: Config) -> int:
     """Exact parameter count of the run's model, built on the meta device (no memory, no init)."""
     import torch
-
-    from .data import load_tokenizer
-    from .model import ClipTrainModel, build_clip_config
 
     key = json.dumps([dataclasses.asdict(cfg.model), cfg.tokenizer.path], sort_keys=True, default=str)
     if key not in _PARAMS:
@@ -334,7 +334,6 @@ def _only_new_default_keys(meta: dict, run: Run) -> bool:
     """True when a run made earlier differs from this config only by keys the trainer gained since
     (absent from the saved config, at their default value now: e.g. a new method's section, off).
     Evidence measured before a method existed stays comparable with the method's variants."""
-    from .config import Config, to_dict
 
     old = _flat({"config": meta.get("config", {}), "launch": meta.get("launch", {})})
     new = _flat({"config": run.resolved, "launch": run.launch})
@@ -415,7 +414,6 @@ def train_command(sweep: Sweep, run: Run) -> list[str]:
     train = ["-m", "trainer", "train", "--config", sweep.base, *run.args]
     if sweep.nproc == 1:
         return [sys.executable, *train]
-    from .ports import find_free_port
     port, _ = find_free_port(random.randrange(1 << 20))
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sweep.nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(port), *train]
@@ -936,7 +934,7 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
           "Zero-shot top-1 against training wall time (thin: each seed's evaluations, placed at the wall time "
           "into the run when each was logged; big markers: each variant's mean final accuracy and the mean time "
           "it was reached, bars ± one sample std):", "", "![top-1 vs time](top1_vs_time.png)",
-          "", f"Rows behind this table: `results.jsonl`. Regenerate it all: run the same command again.", ""]
+          "", "Rows behind this table: `results.jsonl`. Regenerate it all: run the same command again.", ""]
     _atomic(path, "\n".join(L))
 
 

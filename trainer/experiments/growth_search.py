@@ -21,13 +21,18 @@ FLOPs are the standard dense-transformer count (matmuls only, forward x 3 for tr
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import yaml
 
 from ..config import ConfigError, load_config
+from ..grow import grow
+from ..methods.growth import check_growth
+from ..model import preset_shape
+from ..preflight import check_run_inputs
+from ..sources import checkpoint_config
+from .sweep import collect, plan, run_sweep, yaml_arg
 
 
 def _tower_flops(tokens: int, width: int, mlp: int, layers: int) -> float:
@@ -52,7 +57,6 @@ def forward_flops_per_sample(shape: dict) -> float:
 def train_flops(cfg, steps: int, world: int) -> float:
     """Training FLOPs of ``steps`` optimizer steps of ``cfg`` on ``world`` ranks (forward + backward
     = 3 x forward; the similarity matrix of the global batch included)."""
-    from ..model import preset_shape
     shape = preset_shape(cfg.model)
     batch = cfg.data.batch_size * cfg.train.grad_accum_steps * world
     logits = 2 * 2 * batch * shape["embed_dim"]   # each sample's row and column of the B x B logits
@@ -99,10 +103,6 @@ def _trainable(candidates: dict, source: Path, train_overrides: list[str], world
     """The candidates whose runs ``train`` would accept (checked before anything is grown): a
     default candidate that clashes with the run's config (e.g. shared layers where ECLIPSE drops
     tokens) is left out with a note; a given one is an error naming it."""
-    from ..cli import check_run_inputs
-    from ..sweep import yaml_arg
-    from .growth import check_growth
-    from ..model import preset_shape
 
     cfg0 = load_config(source / "config.yaml", train_overrides)
     keep = {}
@@ -125,8 +125,6 @@ def _trainable(candidates: dict, source: Path, train_overrides: list[str], world
 def budget_steps(candidates: dict, source: Path, train_overrides: list[str], steps: int) -> dict[str, int]:
     """Equal training compute for every candidate: the cheapest trains ``steps`` steps, each other
     one ``steps x (its FLOPs per step / the cheapest's)`` fewer (at least 1)."""
-    from ..model import preset_shape
-    from ..sweep import yaml_arg
     per = {}
     for name, body in candidates.items():
         cfg = load_config(source / "config.yaml", [*train_overrides, *(f"{k}={yaml_arg(v)}" for k, v in body.items())])
@@ -140,11 +138,9 @@ def search(args, train_overrides: list[str]) -> int:
     runner, and keep the lowest validation loss."""
     import argparse
 
-    from ..export import checkpoint_config
-    from ..model import preset_shape
-    from ..sweep import collect, plan, run_sweep, yaml_arg
-    from .growth import grow
-
+    model = [o for o in train_overrides if o.startswith("model.")]
+    if model:   # the candidates say the shapes; the other key=value train them
+        raise ConfigError(f"grow --search: the candidates give the model shapes; {model[0]!r} cannot be set here")
     if args.search_steps < 1:
         raise ConfigError(f"--search-steps must be >= 1; got {args.search_steps}")
     cfg, root, tag = checkpoint_config(args.checkpoint)

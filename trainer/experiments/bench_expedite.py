@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from ..methods import evit
+from ..model import PRESETS
+
 
 def _tower(preset: str, device):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from .model import PRESETS
     s = PRESETS[preset]
     cfg = CLIPVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_width"],
                            intermediate_size=4 * s["vision_width"], num_hidden_layers=s["vision_layers"],
@@ -35,7 +37,6 @@ def _tower(preset: str, device):
 
 
 def measure(preset: str, batch: int, keep_rates: list[float], rounds: int, device, bf16: bool) -> dict:
-    from .methods import evit
 
     evit_tower, s = _tower(preset, device)
     evit.install(evit_tower, evit.default_drop_layers(s["vision_layers"]))

@@ -1,0 +1,194 @@
+"""The protocol every method implements, and what the rest of the trainer asks of it.
+
+A method is one module under ``trainer/methods/`` that defines a :class:`MethodSpec` instance
+named ``SPEC`` (the static part: config check, model changes, loss terms, weights in checkpoints,
+evaluation and export views) and, when it acts during training, a :class:`Method` subclass (the
+runtime part the train step calls). ``trainer/methods/__init__.py`` lists the specs; nothing
+outside ``trainer/methods/`` imports a method module by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Inherited:
+    """What a fresh run inherits from ``checkpoint.init`` beyond the model weights (those are
+    loaded into the model before DeepSpeed wraps it)."""
+    path: Path                                   # the source: a step directory or a grow directory
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)   # method copies, under their prefixes
+    optimizer: Path | None = None               # a grow directory's transformed AdamW state
+
+
+class MethodSpec:
+    """A method as the rest of the trainer sees it.
+
+    ``enabled(cfg)``: whether the run uses it. ``check(cfg)``: values a user can get wrong (a
+    ``ConfigError`` naming the key), before any process starts. ``attach(model, cfg)``: change the
+    model before DeepSpeed wraps it (and before eval/export load weights), in ascending
+    ``attach_rank``. ``build(cfg, engine)``: the runtime :class:`Method` (None: nothing to do in
+    training). ``loss_terms(cfg)``: ``{term: weight}`` it adds to the loss. ``prefixes``: module
+    state-dict prefixes of its own copies, which are not part of the CLIP model.
+    ``saved_weights(cfg, root, tag)``: weights it keeps in a checkpoint outside the module state
+    (ECLIPSE's fp32 teacher), under its prefix. ``eval_views(model, cfg)``: extra
+    ``(prefix, model-like, keep rate)`` evaluations. ``export_towers(model)``: image towers
+    ``export-hf --which NAME`` may write instead of the student's.
+    """
+    name = "none"
+    prefixes: tuple[str, ...] = ()
+    attach_rank = 0
+
+    def enabled(self, cfg) -> bool:
+        return False
+
+    def check(self, cfg) -> None:
+        pass
+
+    def attach(self, model: torch.nn.Module, cfg) -> None:
+        pass
+
+    def build(self, cfg, engine) -> "Method | None":
+        return None
+
+    def loss_terms(self, cfg) -> dict[str, float]:
+        return {}
+
+    def saved_weights(self, cfg, root: Path, tag: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def eval_views(self, model, cfg) -> list[tuple[str, object, float]]:
+        return []
+
+    def export_towers(self, model) -> dict[str, dict]:
+        return {}
+
+
+class Method:
+    """What the train step calls on the enabled method (the no-op here is plain CLIP).
+
+    ``prepare(step)`` before the forward; ``engine(..., **micro_kwargs(device))`` once per
+    micro-batch (default: the constant ``forward_kwargs``; a method with a data stream of its own
+    hands its next batch there); ``extras(*more)`` turns the forward's outputs beyond
+    ``(image, text, scale)`` into ``LossContext.extras``; ``update(step)`` after each applied
+    optimizer step; ``checkpoint_state()`` (``{name: state}`` or ``{}``) goes into every
+    checkpoint's per-rank trainer state and ``restore`` takes it back; ``close()`` when the run
+    ends (on every path): shut down loader workers the method started.
+    """
+    name = "none"
+    forward_kwargs: dict = {}
+    outputs = 0   # forward outputs after (image, text, scale) that ``extras`` takes
+
+    def prepare(self, step: int) -> None:
+        pass
+
+    def micro_kwargs(self, device) -> dict:
+        """The forward's keyword inputs for the next micro-batch (called once per micro-batch)."""
+        return self.forward_kwargs
+
+    def extras(self, *more) -> dict:
+        return {}
+
+    def update(self, step: int) -> None:
+        pass
+
+    def describe(self) -> str | None:
+        """One log line about the method at start-up (None: nothing to say)."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def checkpoint_state(self) -> dict:
+        return {self.name: self.state_dict()} if self.name != "none" else {}
+
+    def restore(self, trainer_state: dict, where) -> None:
+        """Take this method's entry out of a resumed checkpoint's trainer state and load it."""
+        if self.name == "none":
+            return
+        if self.name not in trainer_state:
+            raise RuntimeError(f"checkpoint {where} has no '{self.name}' state: it was written with the method off")
+        self.load_state_dict(trainer_state.pop(self.name))
+
+    def inherit(self, init: "Inherited") -> None:
+        """A fresh run started from a trained or grown model (``checkpoint.init``), after the
+        engine is built: ``init.weights`` holds the source's method copies under their prefixes
+        (e.g. ECLIPSE's ``teacher.*``), ``init.optimizer`` a grow directory's AdamW state."""
+
+    def data_manifest(self) -> str | None:
+        """The subset of the training shards the paired stream reads (None: ``data.manifest``)."""
+        return None
+
+    def wants_checkpoint(self, step: int) -> bool:
+        """Whether ``step`` must be checkpointed before :meth:`between_steps` runs at it."""
+        return False
+
+    def between_steps(self, step: int, engine, tokenizer, log_metrics) -> str | None:
+        """Work between optimizer steps (after ``step``'s checkpoint), on every rank; returns a
+        new manifest for the paired stream, or None. ``log_metrics(values, step, prefix)``."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class Methods(Method):
+    """Several enabled methods at once (ECLIPSE + PSD): each gets its own forward outputs, in
+    the order the model returns them, and its own entry in the checkpoint."""
+
+    def __init__(self, methods: list[Method]):
+        self.methods = methods
+        self.name = "+".join(m.name for m in methods)
+        self.forward_kwargs = {k: v for m in methods for k, v in m.forward_kwargs.items()}
+        self.outputs = sum(m.outputs for m in methods)
+
+    def prepare(self, step: int) -> None:
+        for m in self.methods:
+            m.prepare(step)
+
+    def micro_kwargs(self, device) -> dict:
+        return {k: v for m in self.methods for k, v in m.micro_kwargs(device).items()}
+
+    def extras(self, *more) -> dict:
+        out, i = {}, 0
+        for m in self.methods:
+            out.update(m.extras(*more[i:i + m.outputs]))
+            i += m.outputs
+        return out
+
+    def update(self, step: int) -> None:
+        for m in self.methods:
+            m.update(step)
+
+    def describe(self) -> str | None:
+        return "; ".join(d for d in (m.describe() for m in self.methods) if d) or None
+
+    def checkpoint_state(self) -> dict:
+        return {k: v for m in self.methods for k, v in m.checkpoint_state().items()}
+
+    def restore(self, trainer_state: dict, where) -> None:
+        for m in self.methods:
+            m.restore(trainer_state, where)
+
+    def inherit(self, init: "Inherited") -> None:
+        for m in self.methods:
+            m.inherit(init)
+
+    def data_manifest(self) -> str | None:
+        return next((p for p in (m.data_manifest() for m in self.methods) if p is not None), None)
+
+    def wants_checkpoint(self, step: int) -> bool:
+        return any(m.wants_checkpoint(step) for m in self.methods)
+
+    def between_steps(self, step: int, engine, tokenizer, log_metrics) -> str | None:
+        new = [p for p in (m.between_steps(step, engine, tokenizer, log_metrics) for m in self.methods) if p]
+        return new[-1] if new else None
+
+    def close(self) -> None:
+        for m in self.methods:
+            m.close()

@@ -1,0 +1,32 @@
+"""Everything in a run's config a user can get wrong, checked before any process group starts.
+
+    check_run_inputs(cfg, world_size)   # raises ConfigError naming the key or path
+
+``train``, ``sweep`` and the growth search call it, so a bad variant fails before it launches.
+"""
+from __future__ import annotations
+
+from . import data as D
+from . import methods
+from .config import check_world
+from .engine import build_ds_config
+from .evaluate import load_zeroshot
+from .losses import build_terms
+from .sources import check_init
+
+
+def check_run_inputs(cfg, world: int | None) -> None:
+    """``world=None`` skips the batch arithmetic (a sweep checks its variants before it knows
+    the world size of each run)."""
+    if world is not None:
+        check_world(cfg, world)
+    methods.check(cfg)
+    check_init(cfg)
+    build_terms(cfg.loss, methods.loss_terms(cfg))
+    build_ds_config(cfg, world or 1)
+    train_urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
+    if cfg.data.val_shards:
+        D.expand_shards(cfg.data.val_shards, "data.val_shards")
+    if cfg.eval.zeroshot:
+        load_zeroshot(cfg.eval.zeroshot)
+    D.read_manifest(cfg.data.manifest, train_urls)
