@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import gathered_clip_loss
+
 IMPLS = ("torch", "open_clip", "chunked", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,7 +78,6 @@ def _sync(device):
 
 def _loss_fn(impl: str, workspace_bytes, world: int, rank: int):
     """``fn(x, y, s) -> loss`` for one implementation (None where it cannot run here)."""
-    from . import gathered_clip_loss
     if impl == "open_clip":
         try:
             from open_clip.loss import ClipLoss

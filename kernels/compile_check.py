@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .spec import GPU_WORKSPACE_BYTES, LossSpec
+
 # Per target: SMs of the usual part (A100 SXM, H100 SXM), registers per SM, shared memory per SM and
 # the most one block may opt into (CUDA C Programming Guide, compute capability table), max warps.
 ARCHS = {
@@ -102,12 +104,11 @@ class _Stand:
 
 
 def _tile(variant: Variant):
-    from .triton_launch import TileConfig
+    from .triton_launch import TileConfig   # imports triton: only when compiling
     return TileConfig(*variant.tile)
 
 
 def _spec(variant: Variant):
-    from .spec import LossSpec
     psd, ecl, source = FAMILIES[variant.family]
     # ECLIPSE's default (text stop-gradient, weight 1) is the variant with the second G_y panel
     return LossSpec(psd=psd, inv_tau=0.5, ecl=ecl, teacher_weight=1.0, psd_source=source)
@@ -115,9 +116,8 @@ def _spec(variant: Variant):
 
 def kernel_args(variant: Variant):
     """``(jit function, args, meta)`` of the variant's first launch, from the launcher's builders."""
-    from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel
+    from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel   # triton: only when compiling
     from .triton_launch import _forward_row_blocks, _split_columns, forward_args, grad_panel_args, panel_width
-    from .spec import GPU_WORKSPACE_BYTES
 
     spec, cfg, dt = _spec(variant), _tile(variant), DTYPES[variant.dtype]
     b, N, D = variant.b, variant.n, variant.dim

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import gathered_clip_loss, gathered_distill_loss
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
     """``max|a - b| / max(max|b|, floor)`` in fp64 (b is the reference; ``floor`` turns it
@@ -64,7 +66,6 @@ def run_case(batch: dict, rows: slice, impl: str, kind: str, *, group=None,
 
     ``kind``: ``clip``, ``self_distill``, ``teacher`` (momentum teacher only), ``distill`` (both)
     or one of ``TEACHER_KINDS``."""
-    from . import gathered_clip_loss, gathered_distill_loss
     fx = batch["fx"][rows].clone().requires_grad_()
     fy = batch["fy"][rows].clone().requires_grad_()
     proj = batch["proj"].clone().requires_grad_()
@@ -223,7 +224,6 @@ def peak_extra_rss(impl: str, n: int, dim: int, *, kind: str = "clip", backward:
     Set ``MALLOC_MMAP_THRESHOLD_`` in that process's environment to measure live memory rather
     than glibc's heap caching (its dynamic mmap threshold otherwise keeps freed blocks of up to
     32 MiB resident)."""
-    from . import gathered_clip_loss, gathered_distill_loss
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(n, dim, generator=g), dim=1).requires_grad_()

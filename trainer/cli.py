@@ -5,7 +5,7 @@ print one ``error:`` line and exit with status 2, before any process group or da
 
 The command line is the top layer (docs/development.md): it may import any module, and it
 imports a verb's modules only when that verb runs (inside its handler), so that ``--help`` and
-``make-demo-data`` start without loading torch, DeepSpeed and the methods.
+``make-demo-data`` start without loading DeepSpeed, ``transformers`` and the methods.
 """
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def _launch(impl: str, args, tmp: Path, rnd: int) -> dict:
     result = tmp / f"{impl}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_port", str(_free_port()), "-m", "trainer.bench_train", "--worker", impl,
+           "--master_port", str(_free_port()), "-m", "trainer.experiments.bench_train", "--worker", impl,
            "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--result", str(result), *(["--profile", args.profile] if args.profile else []),
            *_overrides(args, tmp / f"run_{impl}")]
