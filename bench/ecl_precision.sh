@@ -1,6 +1,6 @@
 #!/bin/bash
 # ECL's dropped set on the demo data with 30 % caption noise: one checkpoint against temporal
-# ensembles of several, keeping 70 % (METHODS.md section 3; issue 11's goal: precision >= 0.9 at
+# ensembles of several, keeping 70 % (docs/methods.md; the goal: precision >= 0.9 at
 # recall >= 0.8). Run from the repository root with the venv built (`make venv`):
 #
 #   bash bench/ecl_precision.sh            # ~15 min on 2 CPU cores
@@ -67,7 +67,7 @@ demo config, 260 steps (zero-shot top-1 {json.loads((warm / 'eval.json').read_te
 Each row is `python -m trainer select --checkpoints ... --keep 0.7` over the 10,000 training pairs
 (3,000 noisy); the score is the sum over the checkpoints of the image-caption cosine. Precision
 and recall are of the dropped 3,000 against the `"noisy"` flags; AUC is of the score as a
-clean-pair detector. Goal (issue 11): precision >= 0.9 at recall >= 0.8.
+clean-pair detector. Goal: precision >= 0.9 at recall >= 0.8.
 
 | selection | checkpoints (steps) | kept | precision | recall | AUC | noise left in kept | scoring samples/s per rank |
 |---|---|--:|--:|--:|--:|--:|--:|

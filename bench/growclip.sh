@@ -1,5 +1,5 @@
 #!/bin/bash
-# GrowCLIP's evidence on the noisy demo data (issue 12): the large model from scratch, the small
+# GrowCLIP's evidence on the noisy demo data: the large model from scratch, the small
 # model alone and the grown schedule (small -> grown), with and without PIM and shared layers, at
 # equal training FLOPs, 2 seeds each; then the FLOP report.
 #

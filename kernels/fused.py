@@ -1,7 +1,7 @@
 """The fused gathered loss as one autograd Function, shared by the chunked-torch and Triton
 backends (they differ only in how the two streaming passes run).
 
-Math (KERNELS.md; rank r holds rows o..o+b of N, k = world / (2N), s the logit scale):
+Math (kernels/README.md; rank r holds rows o..o+b of N, k = world / (2N), s the logit scale):
 
     forward   one pass over S = s X Y^T (Y = all texts, gathered with gradients) keeps, per row
               and per column, the online-softmax statistics of every family (stats.py);

@@ -1,6 +1,6 @@
 """Plain-torch gathered CLIP loss: materialised logits, obviously correct.
 
-Math (../shared/METHODS.md section 0): ``S = s * X Y^T`` over the global batch of ``N`` pairs.
+Math (docs/methods.md section 0): ``S = s * X Y^T`` over the global batch of ``N`` pairs.
 Rank ``r`` owns rows ``o .. o+b`` and computes only them, in both directions:
 
     image -> text: local images  vs all N texts,  labels o + arange(b)
@@ -57,7 +57,7 @@ def distill_loss_torch(image_emb, text_emb, logit_scale, *, self_distill_alpha=N
                        teacher_image_emb=None, teacher_weight: float = 1.0,
                        teacher_text_grad: bool = False, self_distill_teacher_image=None,
                        self_distill_teacher_text=None, group=None, sizes=None) -> DistillLoss:
-    """Materialised-logits reference of ``gathered_distill_loss`` (METHODS.md sections 1, 2).
+    """Materialised-logits reference of ``gathered_distill_loss`` (docs/methods.md).
 
     Both directions per rank: local images vs all texts and local texts vs all images.
     Self-distillation targets ``(1 - a_i) onehot + a_i softmax(W_i / tau)`` with

@@ -14,7 +14,7 @@ import torch
 
 from .gather import gathered_layout, world_info
 
-GPU_WORKSPACE_BYTES = 256 << 20   # KERNELS.md: the Triton backward panel stays under ~256 MB
+GPU_WORKSPACE_BYTES = 256 << 20   # kernels/README.md: the Triton backward panel stays under ~256 MB
 CPU_WORKSPACE_BYTES = 64 << 20    # the chunked path: CPU GEMMs need no wider chunks
 PSD_SOURCES = ("self", "teacher", "ecl")   # LossSpec.psd_source; the Triton PSD_SRC is the index
 

@@ -1,6 +1,6 @@
 """Triton kernels of the fused gathered contrastive loss (+ soft-target statistics).
 
-Derivation (KERNELS.md, METHODS.md sections 0-2). S = s X Y^T, X local [b, D], Y gathered
+Derivation (kernels/README.md, docs/methods.md). S = s X Y^T, X local [b, D], Y gathered
 [N, D]. For each family of softmax (student w = S; self-distillation teacher w = W / tau with
 value v = S; momentum teacher w = T = s Xbar Y^T with v = T - S) one streaming pass keeps
 

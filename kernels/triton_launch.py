@@ -92,7 +92,7 @@ def _check(X: torch.Tensor, Y: torch.Tensor, XT: torch.Tensor | None, XP=None, Y
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     """fp32 dots in IEEE precision (matches torch's default, no TF32); half dots accumulate in
-    fp32 on a GPU, but the interpreter needs fp32 operands (KERNELS.md). (3xTF32 for fp32 was
+    fp32 on a GPU, but the interpreter needs fp32 operands (kernels/README.md). (3xTF32 for fp32 was
     tried: it spilled more than IEEE at every tile the compile check tried.)"""
     return {"CAST_F32": INTERPRET or dtype == torch.float32,
             "IP": "ieee" if (INTERPRET or dtype == torch.float32) else "tf32"}

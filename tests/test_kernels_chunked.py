@@ -1,7 +1,7 @@
 """The chunked (pure-torch fused) loss and the torch reference against a textbook fp64 loss.
 
 The textbook loss below materialises the full N x N logits of one process in fp64 and spells
-out METHODS.md sections 0-2 directly; it shares no code with kernels/ except the test batch.
+out docs/methods.md directly; it shares no code with kernels/ except the test batch.
 """
 import pytest
 import torch
@@ -217,7 +217,7 @@ def test_chunked_terms_match_reference(case):
 
 
 def check_degenerate_teacher(impl: str) -> None:
-    """METHODS.md 1, "beware the degenerate teacher": with the self teacher at tau = 1 and every
+    """docs/methods.md, "beware the degenerate teacher": with the self teacher at tau = 1 and every
     row in the subset, dL/dS = (1 - a)(p - e), so every gradient is (1 - a) times the plain
     CLIP loss's; a teacher with its own embeddings gives a different gradient."""
     batch = make_batch(17, 10, seed=11)

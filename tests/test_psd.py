@@ -32,7 +32,7 @@ def losses(out: Path, key: str = "loss") -> dict[int, float]:
 # ----------------------------------------------------------------------------- the loss
 
 def _textbook(x, y, s, alpha, mask, tau, xp=None, yp=None):
-    """Float64, one process, logits materialised as a leaf: the soft-target CE of METHODS.md 1,
+    """Float64, one process, logits materialised as a leaf: the soft-target CE of docs/methods.md,
     rows and columns, and the logits' gradient. ``xp, yp``: teacher embeddings (None: this pass)."""
     x, y = x.double().detach().requires_grad_(), y.double().detach().requires_grad_()
     n = x.shape[0]

@@ -139,7 +139,7 @@ class DebugConfig:
 
 @dataclass
 class EclipseConfig:
-    enabled: bool = _f(False, "ECLIPSE (METHODS.md 2): momentum image teacher, shared text tower, expedited student, KL term 'teacher_kl'")
+    enabled: bool = _f(False, "ECLIPSE (docs/methods.md): momentum image teacher, shared text tower, expedited student, KL term 'teacher_kl'")
     momentum: float = _f(0.995, "EMA momentum m of the teacher (theta_bar <- m theta_bar + (1 - m) theta), every optimizer step", min=0.0, max=1.0)
     momentum_final: float | None = _f(None, "if set, m follows a cosine from eclipse.momentum to this value at max_steps")
     keep_rate: float = _f(0.7, "student's token keep rate after the schedule (EViT: fraction of patch tokens kept per drop layer; random: fraction kept at the input)", min=0.05, max=1.0)
@@ -154,7 +154,7 @@ class EclipseConfig:
 
 @dataclass
 class PsdConfig:
-    enabled: bool = _f(False, "progressive self-distillation (METHODS.md 1): soft image-text targets for a subset of each batch, loss term 'self_distill'")
+    enabled: bool = _f(False, "progressive self-distillation (docs/methods.md): soft image-text targets for a subset of each batch, loss term 'self_distill'")
     teacher: str = _f("self", "where the soft targets come from: self (this pass, detached, at psd.teacher_tau) | momentum (an EMA model; ECLIPSE's teacher when eclipse.enabled) | previous (the model as it was psd.refresh_every steps ago)", choices=("self", "momentum", "previous"))
     teacher_tau: float = _f(2.0, "teacher temperature tau_t: targets softmax(teacher logits / tau_t); 1 with psd.teacher=self is the degenerate case (a down-weighted hard-label loss)", min=1e-3)
     alpha_max: float = _f(0.5, "a_max: weight of the soft targets at the end of the schedule, yhat = (1 - a_t) onehot + a_t q", min=0.0, max=1.0)
@@ -166,7 +166,7 @@ class PsdConfig:
 
 @dataclass
 class TextLmConfig:
-    enabled: bool = _f(False, "EfficientCLIP's non-paired text (METHODS.md 3): a text-only stream trains the text tower with a language-modelling loss, term 'text_lm' (trainer/methods/text_lm.py)")
+    enabled: bool = _f(False, "EfficientCLIP's non-paired text (docs/methods.md): a text-only stream trains the text tower with a language-modelling loss, term 'text_lm' (trainer/methods/text_lm.py)")
     shards: Any = _f(None, "text-only shards (KEY.txt samples; make-demo-data writes DIR/text): a directory (all *.tar), a brace pattern, pipe: URL, or a list of those")
     batch_size: int = _f(40, "per-rank texts per micro-batch, next to data.batch_size pairs (public code: 256 pairs + 40 texts per GPU)", min=1)
     objective: str = _f("clm", "clm (next-token prediction with CLIP's causal text tower) | mlm (masked tokens, bidirectional attention for this stream only; the public code's)", choices=("clm", "mlm"))
@@ -179,7 +179,7 @@ class TextLmConfig:
 
 @dataclass
 class SelectConfig:
-    enabled: bool = _f(False, "EfficientCLIP's ensemble confident learning (METHODS.md 3) inside training: every select.every_steps, score the current subset with the model (plus the earlier rounds' scores) and train on the kept fraction only (trainer/methods/selection.py)")
+    enabled: bool = _f(False, "EfficientCLIP's ensemble confident learning (docs/methods.md) inside training: every select.every_steps, score the current subset with the model (plus the earlier rounds' scores) and train on the kept fraction only (trainer/methods/selection.py)")
     every_steps: int | None = _f(None, "a selection round every N optimizer steps (default: every epoch of the paired stream, as the public code)", min=1)
     keep: float | None = _f(None, "keep this fraction of the current subset per round, by score rank (default 0.9, the public code's; give at most one of keep, threshold, percentile)")
     threshold: float | None = _f(None, "instead of keep: keep samples whose ensemble score (a sum of cosines) is >= this")

@@ -46,7 +46,7 @@ class LossContext:
 
 
 def clip_term(ctx: LossContext) -> torch.Tensor:
-    """Symmetric contrastive loss over the gathered global batch (METHODS.md section 0)."""
+    """Symmetric contrastive loss over the gathered global batch (docs/methods.md)."""
     return gathered_clip_loss(ctx.image_emb, ctx.text_emb, ctx.logit_scale, group=ctx.group, impl=ctx.impl,
                               sizes=ctx.sizes)
 

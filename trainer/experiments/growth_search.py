@@ -1,4 +1,4 @@
-"""Which growth to take (GrowCLIP searches; METHODS.md section 4, "chosen"): make a few candidate
+"""Which growth to take (GrowCLIP searches; docs/methods.md, "chosen"): make a few candidate
 growths of one checkpoint, train each briefly on the newest data, and keep the best validation
 loss per training FLOP.
 

@@ -1,4 +1,4 @@
-"""ECLIPSE (Kim et al., AAAI 2024; METHODS.md section 2): a momentum image teacher, one shared
+"""ECLIPSE (Kim et al., AAAI 2024; docs/methods.md): a momentum image teacher, one shared
 text encoder, and an expedited student distilled from the teacher's image-text alignments.
 
     eclipse.attach(model, cfg)                 # before the engine: adds model.teacher, installs EViT

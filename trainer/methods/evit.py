@@ -1,5 +1,5 @@
 """Cheaper image towers at run time: EViT token reorganisation (Liang et al., ICLR 2022) and FLIP's
-random patch dropout, inside the ``transformers`` CLIP vision tower (METHODS.md section 5).
+random patch dropout, inside the ``transformers`` CLIP vision tower (docs/methods.md).
 
     install(model.vision_model, drop_layers=[3, 6, 9], fuse=True, mode="evit")
     set_keep_rate(model.vision_model, 0.7)           # 1.0: the stock tower, bit for bit

@@ -1,4 +1,4 @@
-"""GrowCLIP (Deng et al., ICCV 2023; METHODS.md sections 4 and 6): stage-wise model growth by
+"""GrowCLIP (Deng et al., ICCV 2023; docs/methods.md): stage-wise model growth by
 checkpoint surgery, with function-preserving operators and parameter inheriting with momentum.
 
     python -m trainer grow --checkpoint runs/small --out runs/small-grown \\
@@ -21,7 +21,7 @@ with the weights' index maps (:func:`grow_moments`): ``m' = c gather(m)``, ``v' 
 zeros for depth-added blocks and new MLP units. ``c`` is the factor of the grown model's gradient
 at the function-preserving point, ``g' = c gather(g)``: ``1 / f`` inside a tower of width ``x f``
 (``sqrt(r) / f`` for ``q_proj`` when heads grow by ``f / r``), 1 for the joint-space projections and
-the logit scale (not METHODS.md's blanket "m/2, v/4"; tests/test_growth_optim.py checks it on real
+the logit scale (not docs/methods.md's blanket "m/2, v/4"; tests/test_growth_optim.py checks it on real
 gradients). That makes the moments exact for ``--split equal`` with ``--pim-beta 1``; the random
 split and PIM blends move the gradients off the map, so there they are an approximation (grow.json
 says which). The next stage sets them into its optimizer after ``deepspeed.initialize`` (any ZeRO

@@ -1,4 +1,4 @@
-"""Progressive self-distillation (Andonian et al., CVPR 2022; METHODS.md section 1): soft
+"""Progressive self-distillation (Andonian et al., CVPR 2022; docs/methods.md): soft
 image-text targets for a subset of every batch, mixed with the one-hot targets by a weight that
 grows over training.
 
@@ -93,7 +93,7 @@ def check(cfg: Config) -> None:
         return
     if p.teacher == "self" and p.teacher_tau == 1.0:
         log.warning("psd.teacher=self with psd.teacher_tau=1 is degenerate: the soft targets' gradient "
-                    "cancels and PSD is a down-weighted hard-label loss (METHODS.md section 1)")
+                    "cancels and PSD is a down-weighted hard-label loss (docs/methods.md)")
     if p.subset * cfg.data.batch_size <= 0 and p.alpha_max > 0:
         raise ConfigError("config key 'psd.subset' is 0: no row gets soft targets; set it in (0, 1] or psd.enabled=false")
 

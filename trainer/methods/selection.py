@@ -1,4 +1,4 @@
-"""EfficientCLIP's ensemble confident learning (ECL, METHODS.md section 3): score every pair with
+"""EfficientCLIP's ensemble confident learning (ECL, docs/methods.md): score every pair with
 an ensemble, keep the best-scoring fraction of the current subset, train on that.
 
     python -m trainer select --checkpoints runs/a runs/b --shards data/train --out runs/sel --keep 0.7

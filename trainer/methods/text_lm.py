@@ -1,4 +1,4 @@
-"""EfficientCLIP's non-paired text (Wang et al., 2021; METHODS.md section 3): a second stream of
+"""EfficientCLIP's non-paired text (Wang et al., 2021; docs/methods.md): a second stream of
 text-only samples trains the text tower with a language-modelling loss, next to the contrastive
 loss, in every micro-batch of the step.
 
