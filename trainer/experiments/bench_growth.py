@@ -6,7 +6,7 @@
 Reads both sweeps' ``results.jsonl`` and run directories. A stage-2 run (one that started from a
 ``grow`` directory, ``checkpoint.init``) is charged its own training FLOPs plus those of the
 stage-1 run it grew from (``grow.json`` names the checkpoint); FLOPs are
-``trainer.methods.growth_search.train_flops`` (matmuls, forward x 3). Writes a table (mean and
+``trainer.experiments.growth_search.train_flops`` (matmuls, forward x 3). Writes a table (mean and
 sample std over seeds of zero-shot top-1, R@1 both ways, validation loss, total FLOPs) and
 ``<out>.png``: zero-shot top-1 and R@1 against cumulative FLOPs, from each run's periodic
 evaluations (TensorBoard), a grown run's curve continuing its stage-1 run's.
@@ -88,7 +88,7 @@ def _pct(values: list[float]) -> str:
 def write_report(rows: list[dict], out: Path, command: str) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lines = ["# GrowCLIP at equal training compute", "", f"Command: `{command}`", "",
-             "Training FLOPs: matmuls of both towers, forward x 3 (trainer/methods/growth_search.py `train_flops`); "
+             "Training FLOPs: matmuls of both towers, forward x 3 (trainer/experiments/growth_search.py `train_flops`); "
              "a grown run is charged its stage-1 run too. Mean ± sample std over seeds.", "",
              "| variant | n | steps | total TFLOPs | zero-shot top-1 % | I→T R@1 % | T→I R@1 % | val loss | params |",
              "|---|--:|---|--:|--:|--:|--:|--:|--:|"]

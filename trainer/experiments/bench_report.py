@@ -69,7 +69,7 @@ def markdown(rows: list[dict], meta: dict, png: str) -> str:
     lines = [f"# Training-step benchmark `{meta['tag']}`", "",
              "open_clip's training step, a bare torch loop (our model and loss, DDP, torch AdamW) and our "
              "trainer's step (DeepSpeed engine + `train_step`), one after the other on the same shards, global "
-             "batch, precision and ranks (`trainer/bench_train.py`).", "",
+             "batch, precision and ranks (`python -m trainer bench train`).", "",
              f"- device: {r0['device']}; {r0['world']} ranks; {r0.get('threads_per_rank')} thread(s) per rank; "
              f"torch {r0.get('torch')}",
              f"- date: {meta['date']}; commit {meta['commit']}",
