@@ -170,7 +170,7 @@ class TextLmConfig:
     shards: Any = _f(None, "text-only shards (KEY.txt samples; make-demo-data writes DIR/text): a directory (all *.tar), a brace pattern, pipe: URL, or a list of those")
     batch_size: int = _f(40, "per-rank texts per micro-batch, next to data.batch_size pairs (public code: 256 pairs + 40 texts per GPU)", min=1)
     objective: str = _f("clm", "clm (next-token prediction with CLIP's causal text tower) | mlm (masked tokens, bidirectional attention for this stream only; the public code's)", choices=("clm", "mlm"))
-    weight: float = _f(1.0, "weight of the 'text_lm' term next to the contrastive loss (the public code's (L_con + L_lm) / 2 is weight 1 at half the lr)", min=0.0)
+    weight: float = _f(1.0, "weight of the 'text_lm' term next to the contrastive loss (the public code's (L_con + L_lm) / 2 is weight 1: AdamW ignores a constant loss scale; the weight sets the terms' ratio and when grad clipping bites)", min=0.0)
     mask_rate: float = _f(0.15, "mlm: fraction of the non-special, non-pad tokens of each text batch that are predicted", min=1e-6, max=1.0)
     mask_token_rate: float = _f(0.8, "mlm: of the predicted tokens, the fraction replaced by the mask token; the rest get a random token (public code: 80/20)", min=0.0, max=1.0)
     num_samples: int = _f(10000, "text samples per epoch of the text stream (reseeded each epoch, like data.train_num_samples)", min=1)

@@ -37,8 +37,10 @@ this rank's predicted tokens (the logged value is the mean over ranks).
   stand-in. A tokenizer with neither is refused. The choices are drawn from a generator seeded
   by (seed, step, micro-batch, rank): a resumed run masks the same positions.
 
-Weight ``text_lm.weight`` (default 1): the public code's ``(L_con + L_lm) / 2`` is weight 1 at
-half the learning rate.
+Weight ``text_lm.weight`` (default 1): the public code's ``(L_con + L_lm) / 2`` is weight 1 here.
+AdamW's update does not change when the whole loss is scaled by a constant (up to its ``eps``),
+so the halving does not halve the learning rate; what the weight sets is the ratio of the two
+terms' gradients, and how soon ``optim.grad_clip`` bites (clipping sees the scaled gradient).
 """
 from __future__ import annotations
 
