@@ -104,6 +104,8 @@ class ShadowTeacher:
             for s in self.slots:
                 if s.n and not s.aliased:
                     s._local().copy_(s.shadow)
+            if self.kind == "zero3":
+                self._regather_live()
             return
         # Each rank owns fragments of the masters; one SUM all-reduce assembles the replicated
         # teacher (x + 0 is exact in any dtype).
@@ -119,6 +121,19 @@ class ShadowTeacher:
         for s in self.slots:
             s.teacher.data.copy_(flat[offset: offset + s.numel].view_as(s.teacher.data))
             offset += s.numel
+
+    def _regather_live(self) -> None:
+        """ZeRO-3 keeps small parameters (``stage3_param_persistence_threshold``: LayerNorms,
+        biases, embeddings; most of a small model) gathered between forwards and re-gathers them
+        from the partitions only at the end of its own optimizer step or in a checkpoint save.
+        The EMA writes the partitions after that step, so drop those full copies and gather them
+        again (collective: every rank calls this), or the next forward would mix this step's
+        partitioned weights with the previous step's persistent ones."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        live = [s.teacher for s in self.slots if s.teacher.ds_status == ZeroParamStatus.AVAILABLE]
+        if live:
+            live[0].partition(live)     # frees the stale full copies; the partitions hold the EMA
+            live[0].all_gather(live)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "slots": {s.name: s.state() for s in self.slots}}
