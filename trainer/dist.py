@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,9 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
 
 
+_STORE_DIR: str | None = None   # a single process's rendezvous file (removed by shutdown)
+
+
 def select_device(local_rank: int) -> torch.device:
     """The accelerator this rank drives, chosen from the devices it can see.
 
@@ -89,13 +94,20 @@ def init_distributed(le: LaunchEnv, backend: str = "auto", timeout_s: int = 1800
     device = select_device(le.local_rank)
     os.environ.update(RANK=str(le.rank), WORLD_SIZE=str(le.world_size),
                       LOCAL_RANK=str(device.index if device.type == "cuda" else le.local_rank),
-                      TRAINER_LAUNCH_LOCAL_RANK=str(le.local_rank),
-                      MASTER_ADDR=le.master_addr, MASTER_PORT=str(le.master_port))
+                      TRAINER_LAUNCH_LOCAL_RANK=str(le.local_rank), MASTER_ADDR=le.master_addr)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+    init_method = None
+    if le.launcher == "single" and "MASTER_PORT" not in os.environ:
+        # One process, no launcher: rendezvous through a private file instead of a TCP port, so
+        # concurrent single-process runs (eval, select, small tests) cannot collide on a port.
+        global _STORE_DIR
+        _STORE_DIR = tempfile.mkdtemp(prefix="trainer-pg-")
+        init_method = f"file://{_STORE_DIR}/store?rank=0&world_size=1"
+    os.environ.update(MASTER_PORT=str(le.master_port))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=init_method,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
@@ -154,9 +166,13 @@ def shutdown() -> None:
     turning a finished run into a failed SLURM step; NCCL warns and may block its peers. After an
     exception it is not called: a rank that raised would wait here for peers that never come.
     """
+    global _STORE_DIR
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+    if _STORE_DIR is not None:
+        shutil.rmtree(_STORE_DIR, ignore_errors=True)
+        _STORE_DIR = None
 
 
 def exit_process(status: int):
