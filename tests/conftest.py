@@ -4,17 +4,58 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+
+# ------------------------------------------------------------------ hypothesis: no "now and then"
+# "ci" (the default, what `make test` and CI run): derandomized, so a property test draws the same
+# examples on every run and a green run stays green; no example database, no deadline (a loaded
+# 2-core machine is not a bug). "explore" draws fresh random examples, for hunting new failures:
+#   .venv/bin/python -m pytest --hypothesis-profile=explore tests/test_kernels_chunked.py
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", deadline=None, print_blob=True, max_examples=200,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ------------------------------------------------------------------ child timeouts < test timeout
+# pytest-timeout kills a test after `timeout` seconds (pytest.ini, or @pytest.mark.timeout) counted
+# over setup, call and teardown; a child process killed by that loses its output. So every child
+# a test waits on gets at most what is left of the test's budget minus a margin: a hung child is
+# killed by its own timeout first, and its output is in the failure message.
+_MARGIN_S = 45
+_deadline: float | None = None
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _deadline
+    marker = item.get_closest_marker("timeout")
+    limit = (marker.args[0] if marker and marker.args else marker.kwargs.get("timeout") if marker else None)
+    if limit is None:
+        limit = float(item.config.getini("timeout") or 0) or None
+    _deadline = time.monotonic() + float(limit) if limit else None
+    try:
+        yield
+    finally:
+        _deadline = None
+
+
+def budget(seconds: float) -> float:
+    """``seconds``, or less: what is left of the running test's timeout minus a margin (>= 10 s)."""
+    if _deadline is None:
+        return seconds
+    return max(10.0, min(seconds, _deadline - time.monotonic() - _MARGIN_S))
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +65,6 @@ def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-data")
     make_demo_data(out, num_train=768, num_val=96, num_text=40, seed=0, shard_size=128)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_overrides(data: Path, out: Path) -> list[str]:
@@ -45,17 +80,24 @@ def trainer_env(**extra) -> dict:
     return env
 
 
+def torchrun(nproc: int) -> list[str]:
+    """torchrun on this host without a port number handed in: ``--standalone`` makes the launcher
+    bind its rendezvous store to port 0 and hold it, and the ranks join that store (torch's
+    agent store), so no port is picked, closed and raced for by a concurrent run."""
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
 def trainer_cmd(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [PY, "-m", "trainer", *args]
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-            "-m", "trainer", *args]
+    return [*torchrun(nproc), "-m", "trainer", *args]
 
 
 def run_trainer(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     """Run ``python -m trainer ARGS`` (under torchrun when nproc > 1) and capture its output.
     On a timeout the launcher and every rank under it are killed (no orphans left training)."""
     cmd = trainer_cmd(args, nproc)
+    timeout = budget(timeout)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -103,6 +145,7 @@ def read_metrics(out: Path) -> list[dict]:
 
 def wait_for_step(proc, out: Path, step: int, timeout: float = 300) -> None:
     """Poll a running trainer's metrics.jsonl until it logs ``step`` (fails if the process exits)."""
+    timeout = budget(timeout)
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-4000:]
