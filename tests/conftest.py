@@ -139,6 +139,20 @@ def kill_group(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=60)
 
 
+def capture_figures(monkeypatch) -> list:
+    """Record ``(figure, path)`` for every matplotlib figure saved from now on in this process (the
+    file is still written), so a test can check what a plot shows: its axes, labels, series."""
+    from matplotlib.figure import Figure
+
+    saved, real = [], Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved.append((self, Path(fname)))
+        return real(self, fname, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
