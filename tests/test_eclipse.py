@@ -128,7 +128,9 @@ def test_eval_reports_student_fast_student_and_teacher(stages, tmp_path):
     during = json.loads((stages[3] / "eval.json").read_text())
     for prefix in ("", "fast/", "teacher/"):
         for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
-            assert 0.0 <= during[prefix + key] <= 1.0, prefix + key
+            assert prefix + key in during, prefix + key
+    # three different models: the student's and the teacher's views differ
+    assert during["val_loss"] != during["teacher/val_loss"]
     out = tmp_path / "eval.json"
     check(run_trainer(["eval", "--checkpoint", str(stages[3] / "checkpoints"), "--out", str(out)]))
     single = json.loads(out.read_text())
@@ -289,16 +291,31 @@ def test_momentum_and_keep_rate_schedules_follow_their_closed_forms():
     assert student_keep_rate(cfg, 100) == 1.0
 
 
-def test_help_config_lists_every_eclipse_key_with_its_default(capsys):
-    import dataclasses
+# The ECLIPSE keys and defaults as documented (README "ECLIPSE", METHODS.md 2), written out here
+# rather than read from the dataclass that generates the help text.
+DOCUMENTED_ECLIPSE_DEFAULTS = {
+    "enabled": False, "momentum": 0.995, "momentum_final": None, "keep_rate": 0.7, "keep_schedule": "cosine",
+    "keep_warmup_steps": None, "drop_layers": [], "fuse_tokens": True, "expedite": "evit", "kl_weight": 1.0,
+    "text_stop_grad": True,
+}
+
+
+def test_help_config_and_a_loaded_config_give_the_documented_eclipse_defaults(capsys):
+    """`train --help-config` lists exactly the documented ECLIPSE keys, each with its documented
+    default and a help text; a config that sets none of them loads with those values."""
+    import ast
 
     from trainer.cli import main
-    from trainer.config import EclipseConfig
+    from trainer.config import load_config
 
     assert main(["train", "--help-config"]) == 0
-    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines()}
-    for f in dataclasses.fields(EclipseConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert lines[f"eclipse.{f.name}"].startswith(f"eclipse.{f.name} = {default!r}  # "), f.name
-        assert len(lines[f"eclipse.{f.name}"].split("# ", 1)[1]) > 10   # a real help text
-    assert "eclipse.momentum = 0.995" in lines["eclipse.momentum"]
+    listed = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("eclipse."):
+            key, rest = line.removeprefix("eclipse.").split(" = ", 1)
+            value, help_text = rest.split("  # ", 1)
+            listed[key] = ast.literal_eval(value)
+            assert len(help_text) > 10, key
+    assert listed == DOCUMENTED_ECLIPSE_DEFAULTS
+    cfg = load_config("trainer/configs/demo.yaml", [])
+    assert {k: getattr(cfg.eclipse, k) for k in DOCUMENTED_ECLIPSE_DEFAULTS} == DOCUMENTED_ECLIPSE_DEFAULTS
