@@ -139,6 +139,24 @@ def kill_group(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=60)
 
 
+class LazyRuns(dict):
+    """``runs[key]``: the output directory of ``make(key)``, made on first use and kept.
+
+    A module's ZeRO-stage matrix is one fixture of these, so the fast tier (``-m "not full"``)
+    only trains the stages its tests read (1 and 3), and the full tier adds 0 and 2."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        self[key] = value = self._make(key)
+        return value
+
+
+FULL_STAGES = [pytest.param(0, marks=pytest.mark.full), 1, pytest.param(2, marks=pytest.mark.full), 3]
+
+
 def capture_figures(monkeypatch) -> list:
     """Record ``(figure, path)`` for every matplotlib figure saved from now on in this process (the
     file is still written), so a test can check what a plot shows: its axes, labels, series."""
