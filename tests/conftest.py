@@ -80,6 +80,19 @@ def trainer_env(**extra) -> dict:
     return env
 
 
+def run_child(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` with the timeout clipped to the
+    test's budget; a child that times out fails the test with the tail of what it printed."""
+    timeout = budget(timeout)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        raise AssertionError(f"timed out after {timeout:.0f}s: {' '.join(map(str, cmd))}\n"
+                             f"{text(err.stdout)[-6000:]}{text(err.stderr)[-3000:]}") from None
+
+
 def torchrun(nproc: int) -> list[str]:
     """torchrun on this host without a port number handed in: ``--standalone`` makes the launcher
     bind its rendezvous store to port 0 and hold it, and the ranks join that store (torch's

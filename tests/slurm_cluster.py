@@ -110,6 +110,16 @@ def _free_ports(n: int) -> list[int]:
     raise RuntimeError(f"no {n} free ports outside the ephemeral range {rng}")
 
 
+def _budget(seconds: float) -> float:
+    """What is left of the running test's pytest timeout (tests/conftest.py), so a wait fails with
+    the daemons' logs before pytest-timeout kills the test."""
+    try:
+        from conftest import budget
+    except ImportError:   # used outside pytest
+        return seconds
+    return budget(seconds)
+
+
 def _proc_env(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -378,6 +388,7 @@ class SlurmCluster:
     def wait_state(self, jobid: int | str, states, timeout: float, poll: float = 0.5) -> dict[str, str]:
         """Wait until the job's state is one of ``states``; returns its record."""
         states = {states} if isinstance(states, str) else set(states)
+        timeout = _budget(timeout)
         deadline = time.monotonic() + timeout
         rec: dict[str, str] = {}
         while time.monotonic() < deadline:

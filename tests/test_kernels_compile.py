@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_child
 
 PTXAS = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "ptxas")
 # The pinned Triton wheel ships ptxas; where it does not (another platform's wheel) these tests
@@ -118,9 +118,9 @@ def test_command_writes_the_table_and_fails_on_a_kernel_that_does_not_fit(tmp_pa
     """``python -m kernels.compile_check``: a table per variant; exit 1 when a variant exceeds the
     target's shared memory (a tile config made to need more than sm_80's 163 KiB per block)."""
     out = tmp_path / "cc.md"
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "sm_90", "--dtypes", "bf16",
-                           "--tiles", "default", "--families", "psd+ecl", "psd@teacher+ecl", "--jobs", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = run_child([sys.executable, "-m", "kernels.compile_check", "--arch", "sm_90", "--dtypes", "bf16",
+                      "--tiles", "default", "--families", "psd+ecl", "psd@teacher+ecl", "--jobs", "2",
+                      "--out", str(out)], cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| forward") or
             line.startswith("| backward")]
