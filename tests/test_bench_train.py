@@ -45,6 +45,7 @@ def bench(demo_data, tmp_path_factory):
     return {"out": out, "rows": read_rows(out / "train_t.jsonl"), "log": text, "data": demo_data}
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_every_implementation_runs_and_learns(bench):
     rows = bench["rows"]
     assert list(rows) == ["openclip", "bare", "ours"]
@@ -59,6 +60,7 @@ def test_every_implementation_runs_and_learns(bench):
         assert r["peak_mem_mb"] > 0 and len(r["peak_mem_mb_per_rank"]) == WORLD
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_measured_window_lies_inside_the_run_the_launcher_timed(bench):
     """Against clocks the benchmark does not own: the parent's wall time of each torchrun launch
     (``wall_s``, start-up included) bounds the timed window, so samples/s can only be higher than
@@ -73,6 +75,7 @@ def test_measured_window_lies_inside_the_run_the_launcher_timed(bench):
         assert min(r[f"{p}_ms"] for p in ("forward", "backward", "optimizer")) > 0, impl
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_openclip_model_has_our_parameter_count(bench):
     from trainer.bench_train import build_openclip_model
     from trainer.config import load_config
@@ -88,6 +91,7 @@ def test_openclip_model_has_our_parameter_count(bench):
     assert {r["params"] for r in bench["rows"].values()} == {ours}
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_bare_loop_is_our_step_without_the_engine(bench):
     """Same weights, data, loss, AdamW, schedule and clip in fp32: the bare loop's losses are ours."""
     rows = bench["rows"]
@@ -95,6 +99,7 @@ def test_bare_loop_is_our_step_without_the_engine(bench):
     assert rows["openclip"]["losses"][0] != pytest.approx(rows["ours"]["losses"][0], rel=1e-4)  # its own init
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_markdown_table_and_plot(bench):
     out, rows = bench["out"], bench["rows"]
     md = (out / "train_t.md").read_text()
@@ -108,6 +113,7 @@ def test_markdown_table_and_plot(bench):
     assert "](train_t.png)" in md
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_plot_shows_each_implementations_throughput_and_phase_split(bench, tmp_path, monkeypatch):
     """The plot drawn from the rows (in process, the same function the run used): one bar per
     implementation at its samples/s, and stacked phase bars labelled with the phase names whose

@@ -282,6 +282,7 @@ def test_a_round_inside_training_selects_and_the_stream_follows(round_run):
     assert ea.Scalars("select/precision")[0].value == pytest.approx(summary["precision"])
 
 
+@pytest.mark.full   # a method's kill test beyond test_train_e2e's real SIGKILL; the select verb's resume of a killed scoring pass stays in the fast tier
 def test_a_round_killed_while_scoring_reruns_to_the_same_manifest_and_losses(round_run, ragged, tmp_path):
     out = tmp_path / "killed"
     proc = run_trainer(_train_args(ragged, out, "debug.kill_during_select_step=3"), nproc=2)
@@ -301,6 +302,7 @@ def test_a_round_killed_while_scoring_reruns_to_the_same_manifest_and_losses(rou
         assert lb[step] == pytest.approx(la[step], rel=1e-6, abs=1e-7), step
 
 
+@pytest.mark.full   # two more 2-rank runs (the ZeRO-0 variant); ZeRO-3 rounds run in test_efficientclip_config_runs_both_parts_together
 def test_rounds_under_zero_3_score_like_zero_0(round_run, ragged, tmp_path):
     runs = {}
     for stage in (0, 3):

@@ -240,6 +240,7 @@ def test_branching_from_a_checkpoint_path_continues_its_losses(baseline, demo_da
     assert losses(out) == pytest.approx({s: v for s, v in losses(baseline).items() if s > 8}, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.full   # a second real kill; test_sigkill_and_rerun_continues_with_identical_losses is the fast tier's
 def test_killed_branch_reruns_from_its_own_latest_checkpoint(baseline, demo_data, tmp_path):
     """A run branched with checkpoint.resume=PATH and killed after writing its own step_12 must come
     back from its own step_12 (the old rule reloaded the branch point at every restart, redoing its
