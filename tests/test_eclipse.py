@@ -181,8 +181,8 @@ def test_eval_reports_student_fast_student_and_teacher(stages, tmp_path):
     for prefix in ("", "fast/", "teacher/"):
         for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
             assert prefix + key in during, prefix + key
-    # three different models: the student's and the teacher's views differ
-    assert during["val_loss"] != during["teacher/val_loss"]
+    # the expedited student is another forward than the full one (the teacher has no logit scale)
+    assert during["val_loss"] != during["fast/val_loss"]
     out = tmp_path / "eval.json"
     check(run_trainer(["eval", "--checkpoint", str(stages[3] / "checkpoints"), "--out", str(out)]))
     single = json.loads(out.read_text())
