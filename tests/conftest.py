@@ -73,8 +73,12 @@ def data_overrides(data: Path, out: Path) -> list[str]:
 
 
 def trainer_env(**extra) -> dict:
+    # MASTER_PORT=0: a single-process run's own store (the trainer starts a world-1 process group)
+    # binds a port the kernel picks and holds it; the trainer's default, 29500, is one fixed port
+    # shared by every concurrent run on the host (two test runs at once failed with EADDRINUSE).
+    # Under torchrun the launcher sets each rank's MASTER_PORT to its own store's port.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           **extra}
+           "MASTER_PORT": "0", **extra}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
