@@ -5,7 +5,7 @@ DEMO_DIR ?= runs/demo-data
 DEMO_OUT ?= runs/demo
 NPROC ?= 2
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-all venv clean
 
 venv: .venv/.installed
 
@@ -26,8 +26,14 @@ venv: .venv/.installed
 demo: venv
 	bash scripts/demo.sh $(DEMO_DIR) $(DEMO_OUT) $(NPROC)
 
+# The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
+# (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Times: README "Tests".
 test: venv
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -rs -m "not full" --durations=15 tests
+
+# Everything: the fast tier and the `full` tests (ZeRO 0/2 variants, compile matrix, benchmarks, ...).
+test-all: venv
+	$(PY) -m pytest -q -rs --durations=25 tests
 
 clean:
 	rm -rf runs

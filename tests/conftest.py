@@ -4,17 +4,58 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+
+# ------------------------------------------------------------------ hypothesis: no "now and then"
+# "ci" (the default, what `make test` and CI run): derandomized, so a property test draws the same
+# examples on every run and a green run stays green; no example database, no deadline (a loaded
+# 2-core machine is not a bug). "explore" draws fresh random examples, for hunting new failures:
+#   .venv/bin/python -m pytest --hypothesis-profile=explore tests/test_kernels_chunked.py
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", deadline=None, print_blob=True, max_examples=200,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ------------------------------------------------------------------ child timeouts < test timeout
+# pytest-timeout kills a test after `timeout` seconds (pytest.ini, or @pytest.mark.timeout) counted
+# over setup, call and teardown; a child process killed by that loses its output. So every child
+# a test waits on gets at most what is left of the test's budget minus a margin: a hung child is
+# killed by its own timeout first, and its output is in the failure message.
+_MARGIN_S = 45
+_deadline: float | None = None
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _deadline
+    marker = item.get_closest_marker("timeout")
+    limit = (marker.args[0] if marker and marker.args else marker.kwargs.get("timeout") if marker else None)
+    if limit is None:
+        limit = float(item.config.getini("timeout") or 0) or None
+    _deadline = time.monotonic() + float(limit) if limit else None
+    try:
+        yield
+    finally:
+        _deadline = None
+
+
+def budget(seconds: float) -> float:
+    """``seconds``, or less: what is left of the running test's timeout minus a margin (>= 10 s)."""
+    if _deadline is None:
+        return seconds
+    return max(10.0, min(seconds, _deadline - time.monotonic() - _MARGIN_S))
 
 
 @pytest.fixture(scope="session")
@@ -26,36 +67,51 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def data_overrides(data: Path, out: Path) -> list[str]:
     return [f"output_dir={out}", f"data.train_shards={data}/train", f"data.val_shards={data}/val",
             f"tokenizer.path={data}/tokenizer", f"eval.zeroshot={data}/zeroshot.json"]
 
 
 def trainer_env(**extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           **extra}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+    # No MASTER_PORT: a single-process run rendezvouses through a private file (trainer/dist.py),
+    # so concurrent runs share no port; under torchrun the launcher sets each rank's MASTER_PORT.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for launcher_var in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(launcher_var, None)
+    return {**env, **extra}
+
+
+def run_child(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` with the timeout clipped to the
+    test's budget; a child that times out fails the test with the tail of what it printed."""
+    timeout = budget(timeout)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        raise AssertionError(f"timed out after {timeout:.0f}s: {' '.join(map(str, cmd))}\n"
+                             f"{text(err.stdout)[-6000:]}{text(err.stderr)[-3000:]}") from None
+
+
+def torchrun(nproc: int) -> list[str]:
+    """torchrun on this host without a port number handed in: ``--standalone`` makes the launcher
+    bind its rendezvous store to port 0 and hold it, and the ranks join that store (torch's
+    agent store), so no port is picked, closed and raced for by a concurrent run."""
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
 def trainer_cmd(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [PY, "-m", "trainer", *args]
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-            "-m", "trainer", *args]
+    return [*torchrun(nproc), "-m", "trainer", *args]
 
 
 def run_trainer(args: list[str], nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     """Run ``python -m trainer ARGS`` (under torchrun when nproc > 1) and capture its output.
     On a timeout the launcher and every rank under it are killed (no orphans left training)."""
     cmd = trainer_cmd(args, nproc)
+    timeout = budget(timeout)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -97,12 +153,45 @@ def kill_group(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=60)
 
 
+class LazyRuns(dict):
+    """``runs[key]``: the output directory of ``make(key)``, made on first use and kept.
+
+    A module's ZeRO-stage matrix is one fixture of these, so the fast tier (``-m "not full"``)
+    only trains the stages its tests read (1 and 3), and the full tier adds 0 and 2."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        self[key] = value = self._make(key)
+        return value
+
+
+FULL_STAGES = [pytest.param(0, marks=pytest.mark.full), 1, pytest.param(2, marks=pytest.mark.full), 3]
+
+
+def capture_figures(monkeypatch) -> list:
+    """Record ``(figure, path)`` for every matplotlib figure saved from now on in this process (the
+    file is still written), so a test can check what a plot shows: its axes, labels, series."""
+    from matplotlib.figure import Figure
+
+    saved, real = [], Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved.append((self, Path(fname)))
+        return real(self, fname, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def wait_for_step(proc, out: Path, step: int, timeout: float = 300) -> None:
     """Poll a running trainer's metrics.jsonl until it logs ``step`` (fails if the process exits)."""
+    timeout = budget(timeout)
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-4000:]

@@ -91,17 +91,33 @@ def _die_with_parent() -> None:
 
 
 def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
+    """``n`` distinct ports for the daemons, free now, outside the kernel's ephemeral range.
+
+    A port taken from ``bind(0)`` lies inside the ephemeral range, where any outgoing connection
+    (a torchrun store client, another test's cluster) can take it between the check and the
+    daemon's bind; ports outside that range are never handed out implicitly, and a random start
+    keeps two clusters started at once (two test runs) apart. trainer/ports.py draws the span."""
+    from trainer.ports import derive_port, ephemeral_range, port_is_free
+
+    rng, ports = ephemeral_range(), []
+    job = random.randrange(1 << 30)
+    for attempt in range(512):
+        port = derive_port(job, attempt, rng)
+        if port not in ports and port_is_free(port):
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise RuntimeError(f"no {n} free ports outside the ephemeral range {rng}")
+
+
+def _budget(seconds: float) -> float:
+    """What is left of the running test's pytest timeout (tests/conftest.py), so a wait fails with
+    the daemons' logs before pytest-timeout kills the test."""
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+        from conftest import budget
+    except ImportError:   # used outside pytest
+        return seconds
+    return budget(seconds)
 
 
 def _proc_env(pid: int) -> dict[str, str]:
@@ -372,6 +388,7 @@ class SlurmCluster:
     def wait_state(self, jobid: int | str, states, timeout: float, poll: float = 0.5) -> dict[str, str]:
         """Wait until the job's state is one of ``states``; returns its record."""
         states = {states} if isinstance(states, str) else set(states)
+        timeout = _budget(timeout)
         deadline = time.monotonic() + timeout
         rec: dict[str, str] = {}
         while time.monotonic() < deadline:

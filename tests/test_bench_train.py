@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check, run_trainer
+from conftest import capture_figures, check, run_trainer
 
 CONFIG = "trainer/configs/demo.yaml"
 STEPS, WARMUP, BATCH, WORLD = 6, 2, 16, 2
@@ -45,6 +45,7 @@ def bench(demo_data, tmp_path_factory):
     return {"out": out, "rows": read_rows(out / "train_t.jsonl"), "log": text, "data": demo_data}
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_every_implementation_runs_and_learns(bench):
     rows = bench["rows"]
     assert list(rows) == ["openclip", "bare", "ours"]
@@ -59,17 +60,22 @@ def test_every_implementation_runs_and_learns(bench):
         assert r["peak_mem_mb"] > 0 and len(r["peak_mem_mb_per_rank"]) == WORLD
 
 
-def test_samples_per_s_is_steps_times_global_batch_over_measured_time(bench):
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
+def test_measured_window_lies_inside_the_run_the_launcher_timed(bench):
+    """Against clocks the benchmark does not own: the parent's wall time of each torchrun launch
+    (``wall_s``, start-up included) bounds the timed window, so samples/s can only be higher than
+    steps x global batch over that wall time; the phases are booked inside the timed window (a
+    generous 1.25x covers the ranks' barrier skew on a loaded machine)."""
     for impl, r in bench["rows"].items():
         assert (r["world"], r["global_batch"], r["steps"]) == (WORLD, BATCH * WORLD, STEPS)
-        assert r["samples_per_s"] == pytest.approx(r["steps"] * r["global_batch"] / r["measured_s"], rel=1e-12)
-        assert r["step_ms"] == pytest.approx(1e3 * r["measured_s"] / r["steps"], rel=1e-12)
-        # The phases are booked inside the two barriers that bound the measured time.
+        assert 0 < r["measured_s"] < r["wall_s"], impl
+        assert r["samples_per_s"] > STEPS * BATCH * WORLD / r["wall_s"], impl
         split = sum(r[f"{p}_ms"] for p in ("data", "forward", "backward", "optimizer", "other"))
-        assert 0.6 * r["step_ms"] < split <= 1.01 * r["step_ms"], impl
+        assert split <= 1.25 * 1e3 * r["measured_s"] / STEPS, impl
         assert min(r[f"{p}_ms"] for p in ("forward", "backward", "optimizer")) > 0, impl
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_openclip_model_has_our_parameter_count(bench):
     from trainer.experiments.openclip_step import build_openclip_model
     from trainer.config import load_config
@@ -85,6 +91,7 @@ def test_openclip_model_has_our_parameter_count(bench):
     assert {r["params"] for r in bench["rows"].values()} == {ours}
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_bare_loop_is_our_step_without_the_engine(bench):
     """Same weights, data, loss, AdamW, schedule and clip in fp32: the bare loop's losses are ours."""
     rows = bench["rows"]
@@ -92,6 +99,7 @@ def test_bare_loop_is_our_step_without_the_engine(bench):
     assert rows["openclip"]["losses"][0] != pytest.approx(rows["ours"]["losses"][0], rel=1e-4)  # its own init
 
 
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
 def test_markdown_table_and_plot(bench):
     out, rows = bench["out"], bench["rows"]
     md = (out / "train_t.md").read_text()
@@ -101,11 +109,32 @@ def test_markdown_table_and_plot(bench):
         ratio = rows["ours"]["samples_per_s"] / rows[other]["samples_per_s"]
         assert f"ours / {other}: **{ratio:.2f}x** samples/s" in md
     assert "load average" in md and rows["ours"]["command"] in md
-    png = out / "train_t.png"
-    assert png.read_bytes()[:8] == PNG_SIGNATURE
-    from PIL import Image
-    with Image.open(png) as im:
-        assert im.size[0] > 300 and im.size[1] > 200
+    assert (out / "train_t.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "](train_t.png)" in md
+
+
+@pytest.mark.full   # the shared 3-implementation benchmark run; the fast tier's bench smoke is the --profile test
+def test_plot_shows_each_implementations_throughput_and_phase_split(bench, tmp_path, monkeypatch):
+    """The plot drawn from the rows (in process, the same function the run used): one bar per
+    implementation at its samples/s, and stacked phase bars labelled with the phase names whose
+    heights are the rows' per-phase ms."""
+    from trainer.experiments.bare_loop import PHASES
+    from trainer.experiments.bench_report import plot as _plot
+
+    rows = list(bench["rows"].values())
+    figures = capture_figures(monkeypatch)
+    _plot(rows, tmp_path / "p.png", "t")
+    ((fig, _),) = figures
+    ax1, ax2 = fig.axes
+    names = [r["impl"] for r in rows]
+    assert [t.get_text() for t in ax1.get_xticklabels()] == names
+    assert ax1.get_ylabel() == "samples/s (global)"
+    assert [p.get_height() for p in ax1.patches] == pytest.approx([r["samples_per_s"] for r in rows])
+    assert [t.get_text() for t in ax2.get_legend().get_texts()] == list(PHASES)
+    assert ax2.get_ylabel().startswith("ms per step")
+    heights = [p.get_height() for p in ax2.patches]        # phase by phase, one bar per impl
+    assert heights == pytest.approx([r[f"{ph}_ms"] for ph in PHASES for r in rows])
+    assert f"{rows[0]['world']} ranks" in fig._suptitle.get_text()
 
 
 def test_profile_timers_book_each_suspect_where_it_happens(demo_data, tmp_path):

@@ -157,23 +157,22 @@ def test_train_and_eval_end_their_process_group(demo_data, tmp_path):
     """A finished run destroys its process group before the interpreter exits: left to
     finalization, gloo aborted now and then ("terminate called without an active exception",
     SIGABRT) after a successful run, which SLURM reports as a failed step (pytorch#190489)."""
-    from conftest import PY, ROOT, check, data_overrides, free_port, trainer_env
+    from conftest import ROOT, budget, check, data_overrides, torchrun, trainer_env
     import subprocess
 
     wrap = tmp_path / "wrap.py"
     wrap.write_text(WRAP)
     out = tmp_path / "run"
 
-    def torchrun(*args):
-        return check(subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                                     str(free_port()), str(wrap), *args], cwd=ROOT, env=trainer_env(),
-                                    capture_output=True, text=True, timeout=600))
+    def run2(*args):
+        return check(subprocess.run([*torchrun(2), str(wrap), *args], cwd=ROOT, env=trainer_env(),
+                                    capture_output=True, text=True, timeout=budget(600)))
 
-    text = torchrun("train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
+    text = run2("train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
                     "model.context_length=24", "data.batch_size=16", "data.workers=0", "log.progress=false",
                     "data.train_num_samples=64", "eval.every_steps=0", "max_steps=2")
     assert text.count("exit 0, process group alive after main: False") == 2, text[-3000:]
-    text = torchrun("eval", "--checkpoint", str(out / "checkpoints"))
+    text = run2("eval", "--checkpoint", str(out / "checkpoints"))
     assert text.count("exit 0, process group alive after main: False") == 2, text[-3000:]
 
 
@@ -182,7 +181,7 @@ def test_ranks_of_a_multi_process_run_leave_without_finalization(demo_data, tmp_
     is the verb's, the output is flushed, and no interpreter finalization runs (an atexit hook
     registered at start-up never fires), where gloo aborted now and then after a finished run.
     A single process still exits normally (the hook fires)."""
-    from conftest import PY, ROOT, check, data_overrides, free_port, trainer_env
+    from conftest import PY, ROOT, budget, check, data_overrides, torchrun, trainer_env
     import subprocess
 
     site = tmp_path / "site"
@@ -195,11 +194,10 @@ def test_ranks_of_a_multi_process_run_leave_without_finalization(demo_data, tmp_
     args = ["-m", "trainer", "train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
             "model.context_length=24", "data.batch_size=16", "data.workers=0", "log.progress=false",
             "data.train_num_samples=64", "eval.every_steps=0", "max_steps=1"]
-    text = check(subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                                 str(free_port()), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=600))
+    text = check(subprocess.run([*torchrun(2), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=budget(600)))
     assert "eval step 1:" in text                      # rank 0's last log line was flushed
     assert text.count("FINALIZED") == 1, text[-3000:]  # torchrun's own process only, not the 2 ranks
     single = check(subprocess.run([PY, "-m", "trainer", "eval", "--checkpoint", str(out / "checkpoints")],
-                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget(600)))
     assert "zeroshot_top1" in single and single.count("FINALIZED") == 1

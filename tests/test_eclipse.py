@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer, wait_for_step
+from conftest import (FULL_STAGES, LazyRuns, check, data_overrides, kill_group, read_metrics, run_trainer,
+                      start_trainer, wait_for_step)
 
 CONFIG = "trainer/configs/eclipse.yaml"
 M = 0.8   # a fast EMA so that a few steps move the teacher well away from its start
@@ -31,13 +32,12 @@ def losses(out: Path, key: str = "loss") -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def stages(demo_data, tmp_path_factory) -> dict[int, Path]:
-    """One 6-step run per ZeRO stage, a checkpoint after every step."""
-    runs = {}
-    for stage in (0, 1, 2, 3):
+    """One 6-step run per ZeRO stage, a checkpoint after every step (each made when first read)."""
+    def make(stage):
         out = tmp_path_factory.mktemp(f"eclipse-zero{stage}")
         check(run_trainer(train_args(demo_data, out, f"deepspeed.zero_stage={stage}"), nproc=2))
-        runs[stage] = out
-    return runs
+        return out
+    return LazyRuns(make)
 
 
 def _initial_student(out: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +50,7 @@ def _initial_student(out: Path) -> dict[str, torch.Tensor]:
             .state_dict().items()}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", FULL_STAGES)
 def test_teacher_is_the_closed_form_ema_of_the_student(stages, stage):
     """teacher_0 = student_0; teacher_t = m teacher_(t-1) + (1 - m) student_t, with student_t the
     consolidated fp32 weights of checkpoint t (DeepSpeed's own zero_to_fp32 reader)."""
@@ -91,12 +91,12 @@ def test_zero3_teacher_holds_only_its_partition(stages):
         assert all(s["shadow"].dtype == torch.float32 for s in r["slots"].values())
 
 
-def test_zero_stages_give_the_same_losses(stages):
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.full), pytest.param(2, marks=pytest.mark.full), 3])
+def test_zero_stages_give_the_same_losses(stages, stage):
     want = losses(stages[1])
     assert sorted(want) == list(range(1, STEPS + 1))
-    for stage in (0, 2, 3):
-        assert losses(stages[stage]) == pytest.approx(want, rel=2e-4), stage
-        assert losses(stages[stage], "teacher_kl") == pytest.approx(losses(stages[1], "teacher_kl"), rel=2e-3, abs=1e-5)
+    assert losses(stages[stage]) == pytest.approx(want, rel=2e-4), stage
+    assert losses(stages[stage], "teacher_kl") == pytest.approx(losses(stages[1], "teacher_kl"), rel=2e-3, abs=1e-5)
     kl = losses(stages[1], "teacher_kl")
     assert kl[1] == pytest.approx(0.0, abs=1e-6)       # step 1: teacher == student, keep rate 1
     assert all(kl[s] > 1e-4 for s in range(2, STEPS + 1))
@@ -105,6 +105,58 @@ def test_zero_stages_give_the_same_losses(stages):
         assert total == pytest.approx(clip[s] + kl[s], rel=1e-5)   # loss = clip + 1.0 * teacher_kl
 
 
+def test_teacher_state_round_trips_through_a_checkpoint_in_process():
+    """The EMA teacher's state (ECLIPSE's and PSD's momentum teacher: trainer/methods/ema.py), saved
+    after 3 updates, written with torch.save and loaded into a fresh teacher of a fresh model:
+    the teacher weights come back exactly and 3 more updates equal the uninterrupted 6, i.e.
+    t_k = m t_(k-1) + (1 - m) s_k computed here. (The one real SIGKILL + rerun of the fast tier is
+    tests/test_train_e2e.py; this method's own kill test is in the full tier.)"""
+    import io
+    from types import SimpleNamespace
+
+    from trainer.methods.ema import ShadowTeacher
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Module()
+        m.proj = torch.nn.Linear(5, 3)
+        m.teacher = torch.nn.Module()
+        m.teacher.proj = torch.nn.Linear(5, 3)
+        return m
+
+    def engine(m):
+        return SimpleNamespace(module=m, dp_world_size=1)
+
+    students = [{k: torch.randn_like(v) for k, v in model(0).proj.state_dict().items()} for _ in range(6)]
+
+    def step(m, teacher, t):
+        m.proj.load_state_dict(students[t - 1])           # "the optimizer step": new student weights
+        teacher.update(t)
+
+    a = model(0)
+    ta = ShadowTeacher(engine(a), "teacher.", lambda step: M)
+    want = {k: v.clone() for k, v in a.proj.state_dict().items()}
+    for t in range(1, 4):
+        step(a, ta, t)
+    buf = io.BytesIO()
+    torch.save(ta.state_dict(), buf)
+    b = model(1)                                          # other initial weights everywhere
+    b.proj.load_state_dict(students[2])                   # the resumed student (its own checkpoint)
+    tb = ShadowTeacher(engine(b), "teacher.", lambda step: M)
+    tb.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    for k, v in a.teacher.proj.state_dict().items():
+        assert torch.equal(b.teacher.proj.state_dict()[k], v), k
+    for t in range(4, 7):
+        step(a, ta, t)
+        step(b, tb, t)
+    for t in range(1, 7):                                 # the closed form, from the initial student
+        want = {k: M * v + (1 - M) * students[t - 1][k] for k, v in want.items()}
+    for k in want:
+        torch.testing.assert_close(a.teacher.proj.state_dict()[k], want[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(b.teacher.proj.state_dict()[k], a.teacher.proj.state_dict()[k]), k
+
+
+@pytest.mark.full   # a real SIGKILL per method is redundant with test_train_e2e's; state round trip above
 def test_sigkill_and_rerun_continues_with_identical_losses(stages, demo_data, tmp_path):
     """Killed after step 3 (checkpoints every 2 steps), rerun: the teacher, the keep-rate
     schedule and the data come back, so every loss term equals the uninterrupted ZeRO-1 run's."""
@@ -128,7 +180,9 @@ def test_eval_reports_student_fast_student_and_teacher(stages, tmp_path):
     during = json.loads((stages[3] / "eval.json").read_text())
     for prefix in ("", "fast/", "teacher/"):
         for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "i2t_r5"):
-            assert 0.0 <= during[prefix + key] <= 1.0, prefix + key
+            assert prefix + key in during, prefix + key
+    # the expedited student is another forward than the full one (the teacher has no logit scale)
+    assert during["val_loss"] != during["fast/val_loss"]
     out = tmp_path / "eval.json"
     check(run_trainer(["eval", "--checkpoint", str(stages[3] / "checkpoints"), "--out", str(out)]))
     single = json.loads(out.read_text())
@@ -290,16 +344,31 @@ def test_momentum_and_keep_rate_schedules_follow_their_closed_forms():
     assert student_keep_rate(cfg, 100) == 1.0
 
 
-def test_help_config_lists_every_eclipse_key_with_its_default(capsys):
-    import dataclasses
+# The ECLIPSE keys and defaults as documented (README "ECLIPSE", METHODS.md 2), written out here
+# rather than read from the dataclass that generates the help text.
+DOCUMENTED_ECLIPSE_DEFAULTS = {
+    "enabled": False, "momentum": 0.995, "momentum_final": None, "keep_rate": 0.7, "keep_schedule": "cosine",
+    "keep_warmup_steps": None, "drop_layers": [], "fuse_tokens": True, "expedite": "evit", "kl_weight": 1.0,
+    "text_stop_grad": True,
+}
+
+
+def test_help_config_and_a_loaded_config_give_the_documented_eclipse_defaults(capsys):
+    """`train --help-config` lists exactly the documented ECLIPSE keys, each with its documented
+    default and a help text; a config that sets none of them loads with those values."""
+    import ast
 
     from trainer.cli import main
-    from trainer.config import EclipseConfig
+    from trainer.config import load_config
 
     assert main(["train", "--help-config"]) == 0
-    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines()}
-    for f in dataclasses.fields(EclipseConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert lines[f"eclipse.{f.name}"].startswith(f"eclipse.{f.name} = {default!r}  # "), f.name
-        assert len(lines[f"eclipse.{f.name}"].split("# ", 1)[1]) > 10   # a real help text
-    assert "eclipse.momentum = 0.995" in lines["eclipse.momentum"]
+    listed = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("eclipse."):
+            key, rest = line.removeprefix("eclipse.").split(" = ", 1)
+            value, help_text = rest.split("  # ", 1)
+            listed[key] = ast.literal_eval(value)
+            assert len(help_text) > 10, key
+    assert listed == DOCUMENTED_ECLIPSE_DEFAULTS
+    cfg = load_config("trainer/configs/demo.yaml", [])
+    assert {k: getattr(cfg.eclipse, k) for k in DOCUMENTED_ECLIPSE_DEFAULTS} == DOCUMENTED_ECLIPSE_DEFAULTS

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from conftest import check, data_overrides, free_port, run_trainer
+from conftest import check, data_overrides, run_trainer
 from test_train_e2e import CONFIG, FAST
 
 KS = (1, 5, 10)
@@ -203,11 +203,12 @@ def _stub_results(cfg, rank: int, world: int) -> dict:
             for name, same in (("stub", False), ("same_image", True))}
 
 
-def _rank_main(rank: int, world: int, port: int, outdir: str, data: str) -> None:
+def _rank_main(rank: int, world: int, outdir: str, data: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store in the fixture's own directory: no port to pick (and race for) at all.
+    dist.init_process_group("gloo", init_method=f"file://{outdir}/store", rank=rank, world_size=world)
     try:
         calls: list = []
         _record_collective_callers(calls)
@@ -238,7 +239,7 @@ def two_ranks(demo_data) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(_rank_main, args=(2, free_port(), outdir, str(demo_data)), nprocs=2,
+        mp.start_processes(_rank_main, args=(2, outdir, str(demo_data)), nprocs=2,
                            start_method="spawn")
         return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 

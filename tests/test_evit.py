@@ -183,10 +183,50 @@ def test_random_patch_dropout_is_reproducible_from_the_rng():
     assert evit.keep_rate_of(model) == 0.5
 
 
-def test_inference_benchmark_measures_every_case():
-    from trainer.experiments.bench_expedite import measure
+def test_inference_benchmark_times_each_case_at_its_keep_rate(monkeypatch):
+    """bench expedite's bookkeeping, against a clock the test controls: each forward "takes" one
+    tick per token it leaves in the last layer, and the first timed round of every case is an
+    outlier 100 times slower. images/s must then be batch / (the closed-form token count) for every
+    case -- so each case is timed at its own keep rate, on its own tower, and the median (not the
+    mean) over rounds is taken -- and each speedup the ratio of two of those numbers."""
+    import trainer.experiments.bench_expedite as B
 
-    row = measure("tiny", 4, [0.5], rounds=1, device=torch.device("cpu"), bf16=False)
-    assert set(row["images_per_s"]) == {"full", "evit@0.5", "flip@0.5"}
-    assert all(v > 0 for v in row["images_per_s"].values())
-    assert row["speedup_vs_full"]["full"] == 1.0 and row["drop_layers"] == [1, 2, 3]
+    clock = {"now": 0.0}
+    calls: dict = {}
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock["now"]
+
+    monkeypatch.setattr(B, "time", FakeTime)
+    real_tower = B._tower
+
+    def counting_tower(preset, device):
+        model, shape = real_tower(preset, device)
+        forward = model.forward
+
+        def timed_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            key = (id(model), evit.keep_rate_of(model))
+            calls[key] = calls.get(key, 0) + 1
+            # call 1 is the warm-up (not timed); call 2 is the first timed round: the outlier
+            clock["now"] += out.last_hidden_state.shape[1] * (100.0 if calls[key] == 2 else 1.0)
+            return out
+        model.forward = timed_forward
+        return model, shape
+
+    monkeypatch.setattr(B, "_tower", counting_tower)
+    batch, keep = 4, [0.5, 0.7]
+    row = B.measure("tiny", batch, keep, rounds=3, device=torch.device("cpu"), bf16=False)
+
+    def evit_tokens(k, n=65, drop=(1, 2, 3)):          # tiny: 64 patches + class token; fused token kept
+        for _ in drop:
+            n = 1 + math.ceil(k * (n - 1) - 1e-9) + 1
+        return n
+    want_tokens = {"full": 65, "evit@0.5": evit_tokens(0.5), "evit@0.7": evit_tokens(0.7), "flip@0.5": 1 + 32}
+    assert want_tokens["evit@0.5"] == 11 and want_tokens["evit@0.7"] == 26
+    assert row["drop_layers"] == [1, 2, 3] and row["rounds"] == 3 and row["batch"] == batch
+    assert row["images_per_s"] == pytest.approx({n: batch / t for n, t in want_tokens.items()}, rel=1e-12)
+    assert row["speedup_vs_full"] == pytest.approx({n: 65 / t for n, t in want_tokens.items()}, rel=1e-12)
+    assert sorted(calls.values()) == [4, 4, 4, 4]      # one warm-up and 3 rounds per case, nothing else

@@ -311,6 +311,7 @@ def test_default_search_leaves_out_candidates_the_run_cannot_train(source, capsy
         _trainable(cands, root / tag, [], 2, given=True)
 
 
+@pytest.mark.full   # the growth search trains every candidate; the grow verb itself is fast-tier tested above
 def test_search_trains_candidates_at_equal_flops_and_picks_the_lowest_val_loss(source, tmp_path):
     import yaml
 

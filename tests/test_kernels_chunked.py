@@ -296,18 +296,3 @@ def test_known_sizes_skip_the_layout_exchange_and_are_checked(impl):
         gathered_clip_loss(x, y, s, impl=impl, sizes=(5,))
     with pytest.raises(ValueError, match="do not describe this group"):
         gathered_clip_loss(x, y, s, impl=impl, sizes=(6, 6))
-
-
-def test_loss_benchmark_scaling_plot(tmp_path):
-    """The loss benchmark's time/memory-vs-N plot from rows (the committed results use it)."""
-    from PIL import Image
-
-    from kernels.bench import plot_scaling
-
-    rows = [{"impl": impl, "n": n, "dim": 512, "status": "ok", "ms_p50": n * k,
-             "peak_mem_bytes": (n * n * 4 if impl == "torch" else n * 2048)}
-            for impl, k in (("torch", 1.0), ("chunked", 0.7)) for n in (1024, 2048, 4096)]
-    path = plot_scaling(rows, tmp_path / "scaling.png")
-    with Image.open(path) as im:
-        im.verify()
-        assert im.size[0] > 600 and im.size[1] > 300

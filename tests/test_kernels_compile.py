@@ -9,11 +9,16 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_child
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(
-    os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "ptxas")),
-    reason="this Triton wheel ships no ptxas")
+PTXAS = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "ptxas")
+# The pinned Triton wheel ships ptxas; where it does not (another platform's wheel) these tests
+# skip with the reason, except under CI (.ci/run sets TRAINER_REQUIRE_PTXAS=1), where a missing
+# ptxas is a broken install and fails them.
+if not os.path.exists(PTXAS):
+    if os.environ.get("TRAINER_REQUIRE_PTXAS") == "1":
+        raise RuntimeError(f"no ptxas at {PTXAS} and TRAINER_REQUIRE_PTXAS=1: the Triton install is broken")
+    pytestmark = pytest.mark.skip(reason=f"this Triton wheel ships no ptxas ({PTXAS})")
 
 
 # The self-distillation families with their own logits (psd_source "teacher" / "ecl") run at bf16
@@ -37,6 +42,7 @@ def matrix():
     return run(vs, jobs=2)
 
 
+@pytest.mark.full   # ~200 ptxas compiles; the fast tier compiles 5 (test_command_...)
 def test_every_variant_compiles_and_fits_its_target(matrix):
     from kernels.compile_check import ARCHS, DTYPES, FAMILIES, KERNELS
     from kernels.triton_launch import candidates
@@ -52,12 +58,14 @@ def test_every_variant_compiles_and_fits_its_target(matrix):
         assert r.blocks_per_sm >= 1, r
 
 
+@pytest.mark.full   # ~200 ptxas compiles; the fast tier compiles 5 (test_command_...)
 def test_default_tiles_spill_nothing(matrix):
     spilling = [(r.variant.kernel, r.variant.family, r.variant.dtype, r.variant.arch, r.variant.tile,
                  r.spill_stores) for r in matrix if r.variant.default and (r.spill_stores or r.spill_loads)]
     assert not spilling, spilling
 
 
+@pytest.mark.full   # ~200 ptxas compiles; the fast tier compiles 5 (test_command_...)
 def test_no_candidate_spills(matrix):
     """Candidates that spilled were dropped: the tuner can only pick spill-free tiles."""
     spilling = [(r.variant.kernel, r.variant.family, r.variant.dtype, r.variant.arch, r.variant.tile,
@@ -110,9 +118,9 @@ def test_command_writes_the_table_and_fails_on_a_kernel_that_does_not_fit(tmp_pa
     """``python -m kernels.compile_check``: a table per variant; exit 1 when a variant exceeds the
     target's shared memory (a tile config made to need more than sm_80's 163 KiB per block)."""
     out = tmp_path / "cc.md"
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "sm_90", "--dtypes", "bf16",
-                           "--tiles", "default", "--families", "psd+ecl", "psd@teacher+ecl", "--jobs", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = run_child([sys.executable, "-m", "kernels.compile_check", "--arch", "sm_90", "--dtypes", "bf16",
+                      "--tiles", "default", "--families", "psd+ecl", "psd@teacher+ecl", "--jobs", "2",
+                      "--out", str(out)], cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| forward") or
             line.startswith("| backward")]

@@ -17,18 +17,35 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import run_child
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _measure(*args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "kernels.testing", "rss", *map(str, args)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = run_child([sys.executable, "-m", "kernels.testing", "rss", *map(str, args)], cwd=ROOT, env=env,
+                  timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def test_chunked_peak_memory_is_under_half_the_reference_at_4096():
+    """The fast tier's memory check (seconds): at N = 4096 the reference's two fp32 N x N logits
+    (128 MiB) dominate; the chunked path's fwd+bwd peak (~112 MiB here, most of it a fixed cost
+    that does not grow with N) is under half of it. The 1/10 claim is the N = 16384 test."""
+    n, dim = 4096, 512
+    ref = _measure("torch", n, dim, "clip", "fwd")
+    fused = _measure("chunked", n, dim, "clip")
+    assert ref["extra_bytes"] >= 2 * n * n * 4, ref
+    assert abs(ref["loss"] - fused["loss"]) < 1e-4 * abs(ref["loss"]), (ref, fused)
+    assert fused["extra_bytes"] < 0.5 * ref["extra_bytes"], (ref, fused)
+
+
+@pytest.mark.full   # ~1.5 min on 2 cores: two processes holding 2 GiB of logits
 def test_chunked_peak_memory_is_under_a_tenth_of_reference():
     n, dim = 16384, 512
     ref = _measure("torch", n, dim, "clip", "fwd")

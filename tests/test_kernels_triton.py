@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import run_child
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +26,8 @@ def _child_env(**extra) -> dict:
 if not CHILD:
     def test_triton_kernels_under_interpreter():
         env = _child_env(TRITON_INTERPRET="1", KERNELS_TRITON_CHILD="1")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                            "-W", "ignore::RuntimeWarning", __file__],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        r = run_child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                       "-W", "ignore::RuntimeWarning", __file__], cwd=ROOT, env=env, timeout=900)
         out = r.stdout[-6000:] + r.stderr[-3000:]
         assert r.returncode == 0, out
         assert " passed" in r.stdout and "skipped" not in r.stdout and "deselected" not in r.stdout, out
@@ -38,8 +39,7 @@ if not CHILD:
                 "except RuntimeError as e:\n    print('REFUSED', e)\n")
         env = _child_env()
         env.pop("TRITON_INTERPRET", None)
-        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=300)
+        r = run_child([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=300)
         assert "REFUSED impl='triton' needs CUDA tensors" in r.stdout, r.stdout + r.stderr
 
 else:

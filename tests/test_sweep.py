@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, check, kill_group, read_metrics, run_trainer, start_trainer
+from conftest import ROOT, capture_figures, check, kill_group, read_metrics, run_trainer, start_trainer
 
 CONFIG = "trainer/configs/demo.yaml"
 # FAST of tests/test_train_e2e.py with one loader worker: small and quick.
@@ -169,20 +169,49 @@ def test_table_numbers_recomputed_from_rows(sweep):
         assert f"]({png})" in text
 
 
-def test_plots_are_valid_pngs(sweep):
-    import matplotlib.image as mpimg
-    from PIL import Image
+def test_plots_show_each_variants_mean_over_seeds(sweep, tmp_path, monkeypatch):
+    """The three plots, drawn in process from the sweep's rows by the function the sweep used:
+    their axes and legends, and the plotted means recomputed here from each run's metrics.jsonl
+    and eval.json (read with json, not the sweep's readers)."""
+    from trainer.cli import build_parser
+    from trainer.experiments.sweep import plan, write_plots
 
-    for name in PNGS:
-        path = sweep["out"] / name
-        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
-        pixels = mpimg.imread(path)
-        assert pixels.ndim == 3 and pixels.shape[0] > 0 and pixels.shape[1] > 0
-        assert pixels.std() > 0.01  # something was drawn
+    out = sweep["out"]
+    for name in PNGS:   # the sweep itself wrote them
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    monkeypatch.chdir(ROOT)
+    planned = plan(build_parser().parse_args(sweep_args(sweep["variants"], out, sweep["data"])))
+    planned.out = tmp_path
+    figures = capture_figures(monkeypatch)
+    write_plots(planned, read_rows(out))
+    assert [path.name for _, path in figures] == [f"{n}.tmp.png" for n in PNGS]
+    (loss_fig, _), (top1_fig, _), (time_fig, _) = figures
+    loss_ax, top1_ax, time_ax = loss_fig.axes[0], top1_fig.axes[0], time_fig.axes[0]
+
+    def bold(ax, label):
+        (line,) = [l for l in ax.get_lines() if l.get_label() == label]
+        return list(line.get_xdata()), list(line.get_ydata())
+
+    def own_losses(d: Path) -> dict:
+        return {m["step"]: m["loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+
+    assert (loss_ax.get_xlabel(), loss_ax.get_ylabel()) == ("step", "loss")
+    assert (top1_ax.get_xlabel(), top1_ax.get_ylabel()) == ("step", "zero-shot top-1 (%)")
+    assert time_ax.get_ylabel() == "zero-shot top-1 (%)" and time_ax.get_xlabel().startswith("wall time")
+    legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend(loss_ax) == ["baseline (n=2)", "lowlr (n=2)"]
+    assert legend(top1_ax)[:2] == ["baseline (n=2)", "lowlr (n=2)"] and legend(top1_ax)[2].startswith("chance (")
+    for variant in ("baseline", "lowlr"):
+        dirs = [out / "runs" / variant / f"seed{s}" for s in SEEDS]
+        per_seed = [own_losses(d) for d in dirs]
+        xs, ys = bold(loss_ax, f"{variant} (n=2)")
+        assert xs == list(range(1, STEPS + 1))
+        assert ys == pytest.approx([statistics.fmean(m[s] for m in per_seed) for s in xs], rel=1e-12)
+        final = statistics.fmean(100 * json.loads((d / "eval.json").read_text())["zeroshot_top1"] for d in dirs)
+        xs, ys = bold(top1_ax, f"{variant} (n=2)")
+        assert xs == [2, STEPS] and ys[-1] == pytest.approx(final, abs=1e-4)
+        (mark,) = [t for t in legend(time_ax) if t.startswith(f"{variant}: ")]
+        assert mark.startswith(f"{variant}: {final:.1f} % in ") and mark.endswith("(n=2)")
 
 
 def test_zeroshot_curve_read_from_tensorboard(sweep):
@@ -205,9 +234,7 @@ def test_rerun_skips_finished_runs_and_regenerates_reports(sweep):
     rows_before = read_rows(out)
     for name in ("table.md", "results.jsonl", *PNGS):
         (out / name).unlink()
-    t0 = time.monotonic()
     text = check(run_trainer(sweep_args(sweep["variants"], out, sweep["data"])))
-    seconds = time.monotonic() - t0
     for d in run_dirs(out):
         name = f"{d.parent.name}/{d.name}"
         assert re.search(rf"{name}: finished earlier .*; skipped", text), text[-3000:]
@@ -216,7 +243,8 @@ def test_rerun_skips_finished_runs_and_regenerates_reports(sweep):
     assert read_rows(out) == rows_before  # same rows, wall times included
     for name in ("table.md", *PNGS):
         assert (out / name).stat().st_size > 0
-    assert seconds < sweep["seconds"] / 2  # no training happened
+    # no training happened: the counts above (no run started or resumed, every file untouched),
+    # not a wall-clock ratio that a loaded machine can break
 
 
 def test_changed_variant_refuses_existing_run_dir(sweep, tmp_path):

@@ -9,12 +9,11 @@ what the teacher's submodules compute with, through forward pre-hooks, against t
 student's full fp32 masters (DeepSpeed's ``safe_get_full_fp32_param``), kept in float64.
 """
 import json
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, trainer_env
+from conftest import ROOT, run_child, trainer_env
 
 CASES = {
     "eclipse-zero3": ("trainer/configs/eclipse.yaml", ["deepspeed.zero_stage=3", "eclipse.momentum=0.5"]),
@@ -26,7 +25,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+FULL = {"eclipse-zero1", "psd-momentum-zero3"}   # the control and the second EMA teacher: full tier
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.full) if c in FULL else c for c in CASES])
 def test_teacher_forward_uses_this_steps_teacher(case, demo_data, tmp_path):
     config, extra = CASES[case]
     out = tmp_path / "probe.json"
@@ -34,7 +36,7 @@ def test_teacher_forward_uses_this_steps_teacher(case, demo_data, tmp_path):
            str(ROOT / "tests" / "teacher_probe.py"), str(out), config, f"output_dir={tmp_path / 'run'}",
            f"data.train_shards={demo_data}/train", "data.val_shards=", f"tokenizer.path={demo_data}/tokenizer",
            "eval.zeroshot=", "max_steps=5", "data.workers=0", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    proc = run_child(cmd, timeout=600, cwd=ROOT, env=trainer_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     rows = json.loads(out.read_text())
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
