@@ -165,7 +165,7 @@ def _launch(impl: str, args, tmp: Path, rnd: int) -> dict:
     result = tmp / f"{impl}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_port", str(_free_port()), "-m", "trainer.experiments.bench_train", "--worker", impl,
+           "--standalone", "-m", "trainer.experiments.bench_train", "--worker", impl,
            "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--result", str(result), *(["--profile", args.profile] if args.profile else []),
            *_overrides(args, tmp / f"run_{impl}")]
@@ -185,13 +185,6 @@ def _launch(impl: str, args, tmp: Path, rnd: int) -> dict:
     out = json.loads(result.read_text())
     out.update(loadavg_before=load, loadavg_after=_loadavg(), wall_s=round(time.monotonic() - t0, 1), round=rnd + 1)
     return out
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loadavg() -> str:

@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shlex
 import signal
@@ -68,7 +67,6 @@ import yaml
 from ..config import Config, ConfigError, load_config, to_dict
 from ..data import load_tokenizer
 from ..model import ClipTrainModel, build_clip_config
-from ..ports import find_free_port
 from ..preflight import check_run_inputs
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository
@@ -414,9 +412,10 @@ def train_command(sweep: Sweep, run: Run) -> list[str]:
     train = ["-m", "trainer", "train", "--config", sweep.base, *run.args]
     if sweep.nproc == 1:
         return [sys.executable, *train]
-    port, _ = find_free_port(random.randrange(1 << 20))
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sweep.nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port), *train]
+    # --standalone: the launcher binds its rendezvous store to a port the kernel picks and holds
+    # it, so no port is chosen, closed and raced for by a concurrent run
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(sweep.nproc),
+            *train]
 
 
 def _die_with_sweep() -> None:
