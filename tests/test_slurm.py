@@ -675,6 +675,7 @@ def test_array_job_runs_every_index(cluster, jobs_dir):
     assert parts == {f"part-{i}": f"4 {i} 4" for i in range(4)}
 
 
+@pytest.mark.full   # three more SLURM jobs; bad input's exit 2 is fast-tier tested through the CLI (test_config_cli)
 @pytest.mark.timeout(600)
 def test_bad_input_fails_fast_with_a_clear_message(cluster, demo_data, jobs_dir, deepspeed_ops):
     one_node = ["-N", "1", *CPU_NODE_ARGS]
