@@ -153,6 +153,7 @@ print(f"exit {rc}, process group alive after main: {dist.is_initialized()}")
 """
 
 
+@pytest.mark.full   # 2 more 2-rank runs; the fast tier's test_ranks_of_a_multi_process_run_leave_without_finalization checks how ranks end
 def test_train_and_eval_end_their_process_group(demo_data, tmp_path):
     """A finished run destroys its process group before the interpreter exits: left to
     finalization, gloo aborted now and then ("terminate called without an active exception",

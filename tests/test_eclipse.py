@@ -216,6 +216,7 @@ def test_export_of_student_and_teacher_matches_the_trainer(stages, tmp_path, whi
     assert (student - teacher).abs().max() > 1e-4   # the two towers really differ
 
 
+@pytest.mark.full   # bf16 training end to end stays in the fast tier (test_train_precision)
 def test_bf16_teacher_accumulates_in_fp32_from_the_master_weights(demo_data, tmp_path):
     """bf16 training (ZeRO-1): the shadows are fp32 and follow the closed-form EMA of the fp32
     master weights, which a bf16 EMA could not (0.2 x a step's change is below bf16's resolution
@@ -295,10 +296,10 @@ def test_teacher_kl_term_equals_a_materialised_reference():
 
 @pytest.mark.parametrize("override,message", [
     ("eclipse.drop_layers=[1,4]", "config key 'eclipse.drop_layers' must hold layer indices in [0, 4)"),
-    ("eclipse.expedite=bogus", "config key 'eclipse.expedite' must be one of evit, random, none"),
-    ("eclipse.keep_rate=0", "config key 'eclipse.keep_rate' must be >= 0.05"),
-    ("eclipse.momentum_final=0.9", "config key 'eclipse.momentum_final' must be in [eclipse.momentum, 1]"),
-    ("loss.terms={clip: 0.0}", "config key 'loss.terms.clip' must be > 0"),
+    pytest.param("eclipse.expedite=bogus", "config key 'eclipse.expedite' must be one of evit, random, none", marks=pytest.mark.full),
+    pytest.param("eclipse.keep_rate=0", "config key 'eclipse.keep_rate' must be >= 0.05", marks=pytest.mark.full),
+    pytest.param("eclipse.momentum_final=0.9", "config key 'eclipse.momentum_final' must be in [eclipse.momentum, 1]", marks=pytest.mark.full),
+    pytest.param("loss.terms={clip: 0.0}", "config key 'loss.terms.clip' must be > 0", marks=pytest.mark.full),
 ])
 def test_bad_eclipse_values_exit_2_naming_the_key(demo_data, tmp_path, override, message):
     proc = run_trainer(["train", "--config", CONFIG, *data_overrides(demo_data, tmp_path / "bad"), override])
@@ -306,6 +307,7 @@ def test_bad_eclipse_values_exit_2_naming_the_key(demo_data, tmp_path, override,
     assert message in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.full   # an error path that trains a run first
 def test_export_of_the_teacher_without_eclipse_is_a_clear_error(demo_data, tmp_path):
     out = tmp_path / "plain"
     check(run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),

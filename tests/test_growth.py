@@ -212,6 +212,7 @@ def test_eval_of_grown_directory_matches_its_source(source, grown, tmp_path):
         assert results[0][key] == pytest.approx(results[1][key], abs=2e-3), key
 
 
+@pytest.mark.full   # trains the grown model again; its function preservation is checked in process by test_grown_zero3_checkpoint_keeps_student_and_teacher_functions
 def test_training_from_the_grown_model_starts_at_the_small_models_loss(source, grown, tmp_path):
     """Both runs start their data stream at the beginning with the same seed, so their first batch
     is the same: the grown model (beta = 1) must give the ungrown model's loss on it, and a fresh

@@ -67,6 +67,7 @@ def _agree(a: dict, b: dict, rel: float = 1e-5) -> None:
 
 # ------------------------------------------------------------------------------ reading the moments
 
+@pytest.mark.full   # a ZeRO-0 source run on top; the fast tier's transform tests read ZeRO-1 and ZeRO-3 moments and train from them on ZeRO 0, 1, 3
 def test_moments_read_from_zero_0_1_3_agree_with_the_live_torch_state(sources, tmp_path):
     from trainer.config import load_config
     from trainer.data import load_tokenizer

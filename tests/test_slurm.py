@@ -526,6 +526,7 @@ def test_pipeline_eval_stage_after_training(cluster, jobs_dir, reference_run):
     assert json.loads(result.read_text())["step"] == MAX_STEPS
 
 
+@pytest.mark.full   # array jobs (test_array_job_runs_every_index) and select are fast-tier tested separately
 @pytest.mark.timeout(JOB_TIMEOUT + 120)
 def test_pipeline_select_array_then_train_on_its_manifest(cluster, demo_data, jobs_dir, reference_run):
     """The documented selection pipeline after a training run: `select` as a 3-task array over the
@@ -560,6 +561,7 @@ def test_pipeline_select_array_then_train_on_its_manifest(cluster, demo_data, jo
 GROW_S1 = {"max_steps": 40, "optim.lr": 5e-4, "optim.warmup_steps": 4, "checkpoint.every_steps": 100}
 
 
+@pytest.mark.full   # the longest SLURM test; the grow verb and the pipeline helper are fast-tier tested separately
 @pytest.mark.timeout(2 * JOB_TIMEOUT)
 def test_pipeline_train_grow_train(cluster, demo_data, jobs_dir, deepspeed_ops):
     """The growth recipe (slurm/README.md, "Model growth as stages") on the loopback cluster:
@@ -673,6 +675,7 @@ def test_array_job_runs_every_index(cluster, jobs_dir):
     assert parts == {f"part-{i}": f"4 {i} 4" for i in range(4)}
 
 
+@pytest.mark.full   # three more SLURM jobs; bad input's exit 2 is fast-tier tested through the CLI (test_config_cli)
 @pytest.mark.timeout(600)
 def test_bad_input_fails_fast_with_a_clear_message(cluster, demo_data, jobs_dir, deepspeed_ops):
     one_node = ["-N", "1", *CPU_NODE_ARGS]

@@ -282,6 +282,7 @@ def test_bad_key_fails_before_anything_runs(demo_data, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.full   # a second kill test; test_train_e2e keeps the real SIGKILL
 def test_interrupted_run_is_resumed_not_restarted(demo_data, tmp_path):
     """SIGKILL the sweep and its trainer (2 ranks under torchrun) mid-run; the same command continues
     that run from its latest checkpoint, and its wall time adds up over both attempts."""
@@ -320,6 +321,7 @@ def test_interrupted_run_is_resumed_not_restarted(demo_data, tmp_path):
     assert row["zeroshot_top1"] == json.loads((run_dir / "eval.json").read_text())["zeroshot_top1"]
 
 
+@pytest.mark.full   # SLURM requeue is fast-tier tested in test_slurm; the sweep in test_sweep
 @pytest.mark.timeout(600)
 def test_slurm_sweep_waits_through_a_requeue(demo_data, tmp_path):
     """--slurm on a real SLURM cluster (tests/slurm_cluster.py): the job is preempted (USR1 to the

@@ -202,6 +202,7 @@ def test_sigkill_and_rerun_continues_with_identical_losses(baseline, demo_data, 
     assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.full   # a second kill; trainer state durability before 'latest' is in-process in test_checkpoint
 def test_kill_during_save_leaves_previous_checkpoint_as_latest(baseline, demo_data, tmp_path):
     out = tmp_path / "save-killed"
     proc = run_trainer(train_args(demo_data, out, "debug.kill_during_save_step=8"), nproc=2)
