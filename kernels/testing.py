@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import sys
 import tempfile
 import weakref
@@ -161,19 +160,13 @@ class AllocationMeter:
         return metered
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, outdir: str, sizes: list, batch: dict,
+def _rank_main(rank: int, world: int, outdir: str, sizes: list, batch: dict,
                cases: list, interpret: bool) -> None:
     if interpret:   # before kernels.triton_launch is imported in this fresh process
         os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    # a file store in the run's own directory: no port to pick and race for
+    dist.init_process_group("gloo", init_method=f"file://{outdir}/store", rank=rank, world_size=world)
     try:
         lo = sum(sizes[:rank])
         rows = slice(lo, lo + sizes[rank])
@@ -197,8 +190,7 @@ def spawn_ranks(sizes: list, batch: dict, cases: list, interpret: bool = False) 
     import torch.multiprocessing as mp
     world = len(sizes)
     with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(_rank_main, args=(world, free_port(), outdir, list(sizes), batch,
-                                             cases, interpret),
+        mp.start_processes(_rank_main, args=(world, outdir, list(sizes), batch, cases, interpret),
                            nprocs=world, start_method="spawn")
         return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
 

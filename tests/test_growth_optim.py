@@ -198,6 +198,7 @@ def _train_one_step(grown: Path, out: Path, stage: int) -> tuple[dict, dict]:
     return read_metrics(out)[0], out
 
 
+@pytest.mark.full   # fast tier: the ZeRO-3 source grown through the verb matches ZeRO-1
 def test_transformed_start_takes_the_ungrown_models_first_update(sources, tmp_path):
     """Three next stages from the same ZeRO-1 checkpoint, each one step on the same first batch:
     A the identity growth (the ungrown model with its own moments), B depth + MLP growth (f = 1,

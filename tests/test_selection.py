@@ -99,6 +99,7 @@ def test_auc_is_the_pairwise_probability():
 
 # ----------------------------------------------------------------------------- the verb
 
+@pytest.mark.full   # fast tier: the select array pipeline on SLURM and the killed-pass resume
 def test_scores_are_identical_from_1_2_and_3_ranks_and_cover_every_sample_once(single, ckpts, ragged, tmp_path):
     truth = shard_truth(ragged / "train")
     assert len(truth) == 300

@@ -25,7 +25,7 @@ CASES = {
 }
 
 
-FULL = {"eclipse-zero1", "psd-momentum-zero3"}   # the control and the second EMA teacher: full tier
+FULL = {"eclipse-zero1", "psd-momentum-zero3", "psd-previous-zero3"}   # fast tier: ECLIPSE under ZeRO-3
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.full) if c in FULL else c for c in CASES])

@@ -114,6 +114,7 @@ def reference_losses(cfg, steps: int, drops: dict[int, int | tuple[int, int]]) -
     return out
 
 
+@pytest.mark.full   # fast tier: test_train_faults' NaN cases
 def test_grad_accumulation_with_faulty_micro_batches_matches_a_plain_torch_loop(demo_data, tmp_path):
     """grad_accum_steps=3, one process, ZeRO-1 and ZeRO-3. Step 3's first micro-batch has a NaN
     loss (dropped, replaced by the next), or its last one (at the accumulation boundary, after two

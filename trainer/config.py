@@ -145,7 +145,7 @@ class EclipseConfig:
     keep_rate: float = _f(0.7, "student's token keep rate after the schedule (EViT: fraction of patch tokens kept per drop layer; random: fraction kept at the input)", min=0.05, max=1.0)
     keep_schedule: str = _f("cosine", "student keep rate over training: cosine (1 through the warm-up, then cosine down to keep_rate; EViT) | constant (keep_rate from the first step)", choices=("cosine", "constant"))
     keep_warmup_steps: int | None = _f(None, "steps at keep rate 1 before the cosine down to keep_rate (default: optim.warmup_steps)", min=0)
-    drop_layers: list = _f([], "0-indexed vision layers that drop tokens (EViT); empty: EViT's relative depths 4/12, 7/12, 10/12")
+    drop_layers: list = _f([], "0-indexed vision layers that drop tokens (EViT); empty: EViT's relative depths, layers 3, 6, 9 of 12 (1, 2, 3 of the tiny preset's 4)")
     fuse_tokens: bool = _f(True, "EViT: fuse the dropped tokens into one, weighted by the class token's attention")
     expedite: str = _f("evit", "how the student saves compute: evit (token reorganisation) | random (FLIP patch dropout at the input) | none", choices=("evit", "random", "none"))
     kl_weight: float = _f(1.0, "lambda: weight of KL(teacher || student) ('teacher_kl'), both directions", min=0.0)
