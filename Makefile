@@ -28,14 +28,14 @@ demo: venv
 
 # The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
 # (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-06 on a
-# clean clone, 2 cores, idle machine, venv already installed, CI's environment (TRAINER_REQUIRE_SLURM=1,
-# TRAINER_REQUIRE_PTXAS=1, real SLURM daemons): 407 tests in 15 min 35 s (commit 8143eb7).
+# clean clone by .ci/run (a fresh venv, CI's environment, real SLURM daemons), 2 idle cores:
+# 419 tests in 14 min 34 s, 16 min 35 s with the install (commit aaf1936).
 test: venv
 	$(PY) -m pytest -q -rs -m "not full" --durations=15 tests
 
 # Everything: the fast tier and the `full` tests (ZeRO 0/2 variants, compile matrix, benchmarks, ...).
-# Measured 2026-12-06 on a clean clone (commit bb18e00, same 450 tests): 44 min 50 s on 2 cores while
-# another full test run shared the machine (load 5-6), so an upper bound.
+# Measured 2026-12-06 on a clean clone of the tiers' branch (commit bb18e00: 450 of today's 468 tests):
+# 44 min 50 s on 2 cores while another full test run shared the machine (load 5-6), so an upper bound.
 test-all: venv
 	$(PY) -m pytest -q -rs --durations=25 tests
 
