@@ -323,7 +323,7 @@ def test_momentum_and_keep_rate_schedules_follow_their_closed_forms():
     import math
 
     from trainer.config import load_config
-    from trainer.methods.eclipse import momentum_at, student_keep_rate
+    from trainer.methods.eclipse import keep_window, mean_keep_rate, momentum_at, student_keep_rate
 
     base = ["max_steps=100", "optim.warmup_steps=10"]
     cfg = load_config(CONFIG, base)
@@ -334,10 +334,19 @@ def test_momentum_and_keep_rate_schedules_follow_their_closed_forms():
     assert ms[25] == pytest.approx(1.0 - 0.005 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert all(a <= b for a, b in zip(ms, ms[1:])) and momentum_at(cfg, 150) == pytest.approx(1.0)
 
-    ks = {t: student_keep_rate(cfg, t) for t in (1, 10, 11, 55, 100)}
+    # EViT's window: 1 through the warm-up (10), a cosine over a third of the run (33 steps), then held
+    ks = {t: student_keep_rate(cfg, t) for t in (1, 10, 11, 30, 43, 44, 100)}
     assert ks[1] == ks[10] == 1.0                                  # the warm-up keeps every token
-    assert ks[55] == pytest.approx(0.7 + 0.3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert ks[100] == pytest.approx(0.7) and 0.7 < ks[11] < 1.0
+    assert ks[30] == pytest.approx(0.7 + 0.3 * 0.5 * (1 + math.cos(math.pi * 20 / 33)))
+    assert ks[43] == ks[44] == ks[100] == pytest.approx(0.7) and 0.7 < ks[11] < 1.0
+    # the mean keep rate over the run: the window's mean (0.85) for 33 steps, 1 for 10, 0.7 for 57
+    mean = sum(student_keep_rate(cfg, t) for t in range(1, 101)) / 100
+    assert mean_keep_rate(cfg) == pytest.approx(mean) and mean == pytest.approx((10 + 33 * 0.85 + 57 * 0.7) / 100, abs=2e-3)
+    cfg = load_config(CONFIG, [*base, "eclipse.keep_shrink_steps=90"])  # the old schedule: target at the last step
+    assert student_keep_rate(cfg, 55) == pytest.approx(0.7 + 0.3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert student_keep_rate(cfg, 99) > 0.7 and student_keep_rate(cfg, 100) == pytest.approx(0.7)
+    cfg = load_config(CONFIG, [*base, "eclipse.keep_shrink_steps=500"])  # cut to fit the run
+    assert keep_window(cfg) == (10, 90)
     cfg = load_config(CONFIG, [*base, "eclipse.keep_schedule=constant", "eclipse.keep_rate=0.6"])
     assert student_keep_rate(cfg, 1) == 0.6
     cfg = load_config(CONFIG, [*base, "eclipse.keep_warmup_steps=40"])
@@ -346,11 +355,11 @@ def test_momentum_and_keep_rate_schedules_follow_their_closed_forms():
     assert student_keep_rate(cfg, 100) == 1.0
 
 
-# The ECLIPSE keys and defaults as documented (README "ECLIPSE", METHODS.md 2), written out here
+# The ECLIPSE keys and defaults as documented (docs/methods.md "ECLIPSE"), written out here
 # rather than read from the dataclass that generates the help text.
 DOCUMENTED_ECLIPSE_DEFAULTS = {
     "enabled": False, "momentum": 0.995, "momentum_final": None, "keep_rate": 0.7, "keep_schedule": "cosine",
-    "keep_warmup_steps": None, "drop_layers": [], "fuse_tokens": True, "expedite": "evit", "kl_weight": 1.0,
+    "keep_warmup_steps": None, "keep_shrink_steps": None, "drop_layers": [], "fuse_tokens": True, "expedite": "evit", "kl_weight": 1.0,
     "text_stop_grad": True,
 }
 

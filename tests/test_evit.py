@@ -62,9 +62,10 @@ def test_default_drop_layers_and_schedule():
     assert evit.default_drop_layers(4) == [1, 2, 3]
     assert evit.default_drop_layers(24) == [6, 12, 18]
     assert evit.kept_patches(10, 0.7) == 7 and evit.kept_patches(16, 0.7) == 12 and evit.kept_patches(3, 0.1) == 1
-    assert evit.keep_rate_at(10, 10, 110, 0.7) == 1.0
-    assert evit.keep_rate_at(60, 10, 110, 0.7) == pytest.approx(0.85)
-    assert evit.keep_rate_at(110, 10, 110, 0.7) == pytest.approx(0.7)
+    assert evit.keep_rate_at(10, 10, 100, 0.7) == 1.0
+    assert evit.keep_rate_at(60, 10, 100, 0.7) == pytest.approx(0.85)       # half-way through the window
+    assert evit.keep_rate_at(110, 10, 100, 0.7) == pytest.approx(0.7)
+    assert evit.keep_rate_at(500, 10, 100, 0.7) == pytest.approx(0.7)       # held after the window
     with pytest.raises(ValueError, match="mode"):
         evit.install(tower(), [1], mode="bogus")
     with pytest.raises(ValueError, match="drop_layers"):

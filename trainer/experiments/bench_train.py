@@ -22,6 +22,9 @@ world size (the config's, after the ``key=value`` overrides; ``max_steps`` becom
   ``eclipse.keep_rate`` from the first step: ``eclipse.keep_schedule=constant``): the expedited
   student's forward/backward plus the teacher's forward and EMA, against ``ours`` (not in the
   default ``--impls``; ``--impls ours,eclipse`` measures ECLIPSE's cost).
+- ``eclipse-run``: ``eclipse`` with the student held at the run's *mean* keep rate (the config's
+  keep-rate schedule averaged over ``max_steps``: warm-up at 1, the shrink window, the held
+  target), so its step cost is the per-step cost of the whole run, not of its cheapest steps.
 - ``psd-self``, ``psd-momentum``, ``psd-previous``: ``ours`` with progressive self-distillation
   on (``psd.enabled=true``, ``psd.teacher=...``, the other ``psd.*`` keys as given) and its soft
   targets from the first step (``psd.schedule=constant``, and the ``previous`` teacher refreshed
@@ -70,6 +73,7 @@ from ..engine import build_ds_config, build_engine
 from ..faults import GradGuard, NanInjector
 from ..losses import build_terms
 from ..methods import attach as attach_method, build_method, loss_terms
+from ..methods.eclipse import mean_keep_rate
 from ..metrics import MetricsLogger
 from ..model import build_model, preset_shape
 from ..train import TrainData, setup_logging
@@ -77,7 +81,7 @@ from .bare_loop import PHASES, Phases, build_bare, loss_impl_name
 from .bench_report import SUSPECTS, summary_row, write_report
 from .openclip_step import build_openclip
 
-IMPLS = ("openclip", "bare", "ours", "eclipse", "psd-self", "psd-momentum", "psd-previous")
+IMPLS = ("openclip", "bare", "ours", "eclipse", "eclipse-run", "psd-self", "psd-momentum", "psd-previous")
 ROOT = Path(__file__).resolve().parents[2]   # the repository
 
 
@@ -132,13 +136,23 @@ def main(argv=None) -> int:
     meta = {"tag": tag, "command": command, "commit": _commit(), "uptime_before": uptime_before,
             "uptime_after": _uptime(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     rows = [summary_row(results[impl], meta) for impl in impls]
+    for r in rows:   # the student's keep rate each ECLIPSE row ran at
+        if r["impl"].startswith("eclipse"):
+            r["keep_rate"] = _student_keep_rate(cfg, r["impl"])
     paths = write_report(rows, meta, out)
     for r in rows:
         print(json.dumps({k: r[k] for k in ("impl", "samples_per_s", "step_ms", "peak_mem_mb", "loss_first",
-                                            "loss_last", "params")}), flush=True)
+                                            "loss_last", "params", "keep_rate") if k in r}), flush=True)
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+def _student_keep_rate(cfg, impl: str) -> float:
+    """``eclipse``: the schedule's target; ``eclipse-run``: the run's mean keep rate."""
+    import dataclasses
+    cfg = dataclasses.replace(cfg, eclipse=dataclasses.replace(cfg.eclipse, enabled=True))
+    return mean_keep_rate(cfg) if impl == "eclipse-run" else cfg.eclipse.keep_rate
 
 
 def _check_config(args):
@@ -419,6 +433,15 @@ def _build_eclipse(cfg, *args):
     return _build_ours(cfg, *args)
 
 
+def _build_eclipse_run(cfg, *args):
+    """``eclipse`` at the run's mean keep rate (the schedule's average over ``max_steps``)."""
+    import dataclasses
+    k = _student_keep_rate(cfg, "eclipse-run")
+    cfg = dataclasses.replace(cfg, eclipse=dataclasses.replace(cfg.eclipse, enabled=True, keep_schedule="constant",
+                                                               keep_rate=k))
+    return _build_ours(cfg, *args)
+
+
 def _build_psd(teacher: str):
     def build(cfg, *args):
         """``ours`` with PSD on and its soft targets from the first step (see the module doc)."""
@@ -430,8 +453,9 @@ def _build_psd(teacher: str):
 
 
 BUILDERS = {"openclip": build_openclip, "bare": build_bare, "ours": _build_ours, "eclipse": _build_eclipse,
+            "eclipse-run": _build_eclipse_run,
             **{f"psd-{t}": _build_psd(t) for t in ("self", "momentum", "previous")}}
-OURS = ("ours", "eclipse", "psd-self", "psd-momentum", "psd-previous")   # run through the trainer's engine
+OURS = ("ours", "eclipse", "eclipse-run", "psd-self", "psd-momentum", "psd-previous")   # run through the trainer's engine
 
 
 # ---------------------------------------------------------------------------- --profile

@@ -120,15 +120,32 @@ def momentum_at(cfg: Config, step: int) -> float:
     return e.momentum_final - (e.momentum_final - e.momentum) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def keep_window(cfg: Config) -> tuple[int, int]:
+    """``(warm-up, shrink)`` steps of the student's keep-rate schedule: the warm-up defaults to
+    ``optim.warmup_steps`` and the shrink window to a third of the run (EViT's recipe shrinks over
+    100 of its 300 epochs, then holds the target), both cut to fit in ``max_steps``."""
+    e = cfg.eclipse
+    warmup = cfg.optim.warmup_steps if e.keep_warmup_steps is None else e.keep_warmup_steps
+    warmup = min(warmup, cfg.max_steps)
+    shrink = round(cfg.max_steps / 3) if e.keep_shrink_steps is None else e.keep_shrink_steps
+    return warmup, max(1, min(shrink, cfg.max_steps - warmup))
+
+
 def student_keep_rate(cfg: Config, step: int) -> float:
-    """The student's keep rate at ``step``: 1 through the warm-up, then cosine down to ``keep_rate``."""
+    """The student's keep rate at ``step``: 1 through the warm-up, a cosine down to ``keep_rate``
+    over the shrink window (:func:`keep_window`), then ``keep_rate`` held; or constant."""
     e = cfg.eclipse
     if e.expedite == "none":
         return 1.0
     if e.keep_schedule == "constant":
         return e.keep_rate
-    warmup = cfg.optim.warmup_steps if e.keep_warmup_steps is None else e.keep_warmup_steps
-    return keep_rate_at(step, warmup, cfg.max_steps, e.keep_rate)
+    return keep_rate_at(step, *keep_window(cfg), e.keep_rate)
+
+
+def mean_keep_rate(cfg: Config) -> float:
+    """The student's keep rate averaged over the run's steps ``1..max_steps``: what the
+    expedition saves, on average, of the patch tokens after the drop layers."""
+    return sum(student_keep_rate(cfg, t) for t in range(1, cfg.max_steps + 1)) / max(1, cfg.max_steps)
 
 
 class Eclipse(Method):
@@ -149,7 +166,8 @@ class Eclipse(Method):
         e, mem = self.cfg.eclipse, self.teacher.memory_bytes()
         where = (f"drop layers {drop_layers(self.cfg, self.module.config.vision_config.num_hidden_layers)}"
                  if e.expedite == "evit" else "input patch dropout")
-        student = f"student keep rate {e.keep_rate} ({e.expedite}, {where})" if e.expedite != "none" \
+        student = (f"student keep rate {e.keep_rate} ({e.expedite}, {where}; {e.keep_schedule} schedule, "
+                   f"mean over the run {mean_keep_rate(self.cfg):.3f})") if e.expedite != "none" \
             else "student keeps every token"
         return (f"eclipse: momentum teacher ({self.teacher.kind}) m={e.momentum}, this rank holds "
                 f"{mem['weights'] / 2**20:.1f} MiB of teacher weights + {mem['shadows'] / 2**20:.1f} MiB fp32 EMA "

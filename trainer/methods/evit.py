@@ -47,12 +47,12 @@ def kept_patches(num_tokens: int, keep_rate: float) -> int:
     return max(1, min(num_tokens, math.ceil(keep_rate * num_tokens - 1e-9)))
 
 
-def keep_rate_at(step: int, warmup_steps: int, total_steps: int, keep_rate: float) -> float:
-    """EViT's schedule: 1 through ``warmup_steps``, then a cosine from 1 down to ``keep_rate`` at
-    ``total_steps``."""
+def keep_rate_at(step: int, warmup_steps: int, shrink_steps: int, keep_rate: float) -> float:
+    """EViT's schedule (its ``adjust_keep_rate``): 1 through ``warmup_steps``, then a cosine from 1
+    down to ``keep_rate`` over the next ``shrink_steps``, then ``keep_rate`` held to the end."""
     if step <= warmup_steps:
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, shrink_steps))
     return keep_rate + (1.0 - keep_rate) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
