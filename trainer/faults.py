@@ -14,6 +14,12 @@ DeepSpeed only checks gradients itself for some stages and precisions (ZeRO-1/2 
 with clipping; the bf16 optimizer of stage 0), never for ZeRO-3 in bf16/fp32; the guard makes
 every stage behave alike.
 
+fp16 is different: DeepSpeed's dynamic loss scaling overflows on purpose (at the start, and each
+time it raises the scale) and owns that case: it skips the update and lowers the scale. So under
+fp16 a non-finite scaled gradient is a fault only when the scale is already at its floor
+(:func:`fp16_loss_scale`); above it, the step is skipped and counted as an overflow, not as bad
+micro-batches. A non-finite *loss* is a fault in every precision (it is computed unscaled).
+
     guard = GradGuard(engine.module)
     guard.reset()                      # at the start of each optimizer step
     ... engine.backward(loss) ...
@@ -53,6 +59,19 @@ class GradGuard:
         return self._bad.to(device, torch.float32)
 
 
+def fp16_loss_scale(engine) -> tuple[float, float] | None:
+    """DeepSpeed's dynamic fp16 loss scale as ``(current, floor)``, or None where it does not
+    scale dynamically (bf16, fp32, a static fp16 scale)."""
+    opt = engine.optimizer
+    scaler = getattr(opt, "loss_scaler", None)          # ZeRO 1-3: a DynamicLossScaler
+    if scaler is not None and getattr(scaler, "dynamic", False):
+        return float(scaler.cur_scale), float(scaler.min_scale)
+    conf = getattr(opt, "loss_scale_config", None)      # ZeRO 0: FP16_(Unfused)Optimizer
+    if conf is not None and getattr(conf, "dynamic_loss_scale", False):
+        return float(conf.cur_scale), float(conf.min_loss_scale)
+    return None
+
+
 @contextlib.contextmanager
 def skip_update(engine):
     """``engine.step()`` inside this block clears the gradients but updates nothing.
@@ -63,6 +82,9 @@ def skip_update(engine):
     """
     outer = engine.optimizer
     inner = getattr(outer, "optimizer", outer)  # ZeRO / bf16 wrappers hold the torch optimizer
+    scaler = getattr(outer, "loss_scaler", None)
+    if scaler is not None:  # at the floor the trainer's fault count decides, not DeepSpeed's exception
+        scaler.raise_error_at_min_scale = False
 
     def no_update(*_args, **_kwargs):
         outer.overflow = True

@@ -29,7 +29,7 @@ from .config import Config, to_dict
 from .dist import LaunchEnv, all_reduce, hostname, init_distributed, shutdown
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate_all
-from .faults import GradGuard, NanInjector, skip_update
+from .faults import GradGuard, NanInjector, fp16_loss_scale, skip_update
 from .losses import LossContext, build_terms, compute_loss
 from .methods import Inherited, Method, attach as attach_method, build_method, load_init, loss_terms
 from .metrics import MetricsLogger
@@ -76,7 +76,9 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
     A micro-batch whose loss is non-finite on any rank is dropped by every rank before backward
     (so no rank enters a collective the others skip) and replaced by the next one. If the loss was
     finite but a gradient was not, every rank skips the update and the step starts over with new
-    micro-batches (see trainer/faults.py). One small all-reduce per micro-batch (is the loss finite
+    micro-batches (see trainer/faults.py); under fp16 a gradient overflow above the loss scale's
+    floor is DeepSpeed's loss scaling at work: the step starts over and it is counted in
+    ``fp16_overflows``, not as bad micro-batches. One small all-reduce per micro-batch (is the loss finite
     everywhere?) and one at the boundary (gradients finite everywhere? a stop signal anywhere?);
     the logged values stay on the device until log time. ``method`` (trainer/methods) is called
     before the forward, for its loss inputs, and after each applied update. Returns
@@ -120,14 +122,24 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
             continue
         flags = torch.stack([guard.flag(total.device), torch.tensor(stop_flag(), device=total.device)])
         grads_bad, stop_now = all_reduce(flags, "max").tolist()
+        scale = fp16_loss_scale(engine)
         if not grads_bad:
             engine.step()
-            method.update(step)
-            return {k: v / good for k, v in sums.items()}, t_data, bool(stop_now)
-        with skip_update(engine):
-            engine.step()
-        _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
-                                     f"its {good} micro-batch(es) dropped")
+            # fp16: DeepSpeed's own check (after its reduction) may still find an overflow the
+            # per-parameter guard did not see; it skipped the update, so the step starts over.
+            if scale is None or engine.was_step_applied():
+                method.update(step)
+                return {k: v / good for k, v in sums.items()}, t_data, bool(stop_now)
+        else:
+            with skip_update(engine):
+                engine.step()
+        if scale is not None and scale[0] > scale[1]:   # fp16 loss scaling's own overflow
+            state["fp16_overflows"] = state.get("fp16_overflows", 0) + 1
+            log.info("step %d: fp16 gradients overflowed at loss scale %g; update skipped, DeepSpeed's scale "
+                     "now %g (not a fault)", step, scale[0], fp16_loss_scale(engine)[0])
+        else:
+            _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
+                                         f"its {good} micro-batch(es) dropped")
         sums, good = {}, 0
         guard.reset()
 
@@ -321,7 +333,9 @@ def _window_metrics(window: dict, engine, global_batch: int, state: dict, train_
     return {**{k: v / world for k, v in zip(names, shares)},
             "lr": engine.get_lr()[0], "samples_per_s": global_batch * window["steps"] / max(window["t"], 1e-9),
             "data_wait_frac": window["wait"] / max(window["t"], 1e-9), "logit_scale": _logit_scale(engine.module),
-            "data/skipped": int(skipped), "bad_microbatches": state["bad_total"]}
+            "data/skipped": int(skipped), "bad_microbatches": state["bad_total"],
+            **({"fp16_overflows": state.get("fp16_overflows", 0), "loss_scale": scale[0]}
+               if (scale := fp16_loss_scale(engine)) is not None else {})}
 
 
 def _logit_scale(module) -> float:

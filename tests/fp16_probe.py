@@ -1,0 +1,82 @@
+"""Run as a child process: train steps in fp16 with DeepSpeed's dynamic loss scaling starting far
+too high, so the first steps overflow as fp16 runs do at their start, and record what the trainer
+counted.
+
+    python tests/fp16_probe.py OUT.json STAGE INITIAL_SCALE_POWER MIN_LOSS_SCALE STEPS [key=value ...]
+
+DeepSpeed's CPU accelerator reports fp16 as unsupported (oneDNN has no fp16 kernels here), so the
+CLI refuses ``precision=fp16`` on CPU; torch's CPU half kernels compute it all the same, slowly.
+The probe says fp16 is supported and drives the trainer's own ``train_step`` through DeepSpeed's
+real fp16 optimizers (FP16_UnfusedOptimizer at ZeRO-0, the ZeRO optimizers' DynamicLossScaler),
+so the overflow path is DeepSpeed's, not a stand-in.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_fp32_param
+
+from trainer import data as D
+from trainer import methods
+from trainer import train as T
+from trainer.config import load_config
+from trainer.dist import init_distributed, launch_env
+from trainer.engine import build_ds_config, build_engine
+from trainer.faults import GradGuard, NanInjector, fp16_loss_scale
+from trainer.losses import build_terms
+from trainer.model import build_model, preset_shape
+
+get_accelerator().is_fp16_supported = lambda: True
+
+
+def main(out: str, stage: str, scale_power: str, min_scale: str, steps: str, *overrides: str) -> None:
+    cfg = load_config("trainer/configs/demo.yaml", ["deepspeed.precision=fp16", f"deepspeed.zero_stage={stage}",
+                                                    f"max_steps={steps}", *overrides])
+    le = launch_env()
+    init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
+    tokenizer = D.load_tokenizer(cfg.tokenizer.path)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    methods.attach(model, cfg)
+    ds = build_ds_config(cfg, le.world_size)
+    ds["fp16"].update(initial_scale_power=int(scale_power), min_loss_scale=float(min_scale), hysteresis=1)
+    engine, _ = build_engine(cfg, model, ds)
+    method = methods.build_method(cfg, engine)
+    shape = preset_shape(cfg.model)
+    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
+        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
+    data = T.TrainData(cfg, decoder, le.rank, le.world_size, None)
+    terms = build_terms(cfg.loss, methods.loss_terms(cfg))
+    guard = GradGuard(engine.module)
+    state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+    probe = engine.module.text_projection.weight
+
+    def master() -> torch.Tensor:   # ZeRO-0's fp16 optimizer has no per-parameter master to ask for
+        full = safe_get_full_fp32_param(probe)
+        return (probe.data if full is None else full).detach().float().clone()
+
+    rows, stopped = [], None
+    before = master()
+    for step in range(1, cfg.max_steps + 1):
+        scale_before = fp16_loss_scale(engine)[0]
+        try:
+            metrics, _, _ = T.train_step(engine, data.next, terms, cfg, step, state, guard,
+                                         NanInjector([], "loss", le.rank, []), lambda: 0.0, method)
+        except T.TooManyBadSteps as err:
+            stopped = str(err)
+            break
+        after = master()
+        rows.append({"step": step, "loss": float(metrics["loss"]), "scale_before": scale_before,
+                     "scale_after": fp16_loss_scale(engine)[0], "moved": float((after - before).abs().max()),
+                     "bad_total": state["bad_total"], "fp16_overflows": state.get("fp16_overflows", 0)})
+        before = after
+    data.close()
+    if le.rank == 0:
+        Path(out).write_text(json.dumps({"rows": rows, "stopped": stopped, "bad_total": state["bad_total"],
+                                         "fp16_overflows": state.get("fp16_overflows", 0),
+                                         "scale": fp16_loss_scale(engine)}, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
