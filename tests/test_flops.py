@@ -1,6 +1,7 @@
 """Training FLOPs (trainer/flops.py and each method's ``MethodSpec.step_flops``, summed by
 ``trainer.methods.step_flops``) against torch's ``FlopCounterMode`` on real training steps
-(tests/flops_probe.py: the engine, ``train.train_step``, one process).
+(tests/flops_probe.py: the engine, ``train.train_step``, one process), and the cumulative ``flops``
+of metrics.jsonl.
 
 The count is exact for every matrix product but one estimate: the text stream's LM head is
 charged at every position a text could predict (texts are padded to the context; the demo's
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_child, trainer_env
+from conftest import ROOT, check, data_overrides, read_metrics, run_child, run_trainer, trainer_env
 
 PROBE_COMMON = ["data.val_shards=", "eval.zeroshot=", "data.batch_size=8", "data.workers=0", "data.shuffle_buffer=16",
                 "max_steps=10", "optim.warmup_steps=2", "loss.impl=torch", "log.progress=false"]
@@ -107,3 +108,21 @@ def test_expedited_student_and_teacher_change_the_count_as_the_tokens_say():
     batch = 4 * 2
     want = batch * (full + 3 * (fast - full) + 3 * rows) + 7 * similarity_flops(batch, 64)
     assert methods.step_flops(cfg, 1, 2) - clip_step_flops(cfg, 2) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.full   # a training run, about 20 s; test_train_e2e checks plain CLIP's cumulative FLOPs in the fast tier
+def test_metrics_log_the_cumulative_training_flops(demo_data, tmp_path):
+    """metrics.jsonl's ``flops`` after step s is the sum of the steps' FLOPs up to s (ECLIPSE: the
+    keep rate, so the FLOPs, changes from step to step)."""
+    from trainer import methods
+    from trainer.config import load_config
+    out = tmp_path / "run"
+    args = [*data_overrides(demo_data, out), "max_steps=4", "optim.warmup_steps=1", "data.batch_size=8",
+            "data.workers=0", "log.every_steps=1", "log.progress=false", "data.val_shards=", "eval.zeroshot=",
+            "eclipse.keep_rate=0.5"]
+    check(run_trainer(["train", "--config", "trainer/configs/eclipse.yaml", *args]))
+    cfg = load_config("trainer/configs/eclipse.yaml", args)
+    got = [(m["step"], m["flops"]) for m in read_metrics(out)]
+    steps = [methods.step_flops(cfg, s, 1) for s in range(1, 5)]
+    assert len(set(steps)) > 1
+    assert got == [(s, pytest.approx(sum(steps[:s]), rel=1e-12)) for s in range(1, 5)]
