@@ -1,7 +1,7 @@
 """Training FLOPs (trainer/flops.py and each method's ``MethodSpec.step_flops``, summed by
 ``trainer.methods.step_flops``) against torch's ``FlopCounterMode`` on real training steps
-(tests/flops_probe.py: the engine, ``train.train_step``, one process), and the cumulative ``flops``
-of metrics.jsonl.
+(tests/flops_probe.py: the engine, ``train.train_step``, one process), the cumulative ``flops``
+of metrics.jsonl, and the growth search's equal-FLOP budget with each candidate's own schedule.
 
 The count is exact for every matrix product but one estimate: the text stream's LM head is
 charged at every position a text could predict (texts are padded to the context; the demo's
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, check, data_overrides, read_metrics, run_child, run_trainer, trainer_env
 
@@ -126,3 +127,58 @@ def test_metrics_log_the_cumulative_training_flops(demo_data, tmp_path):
     steps = [methods.step_flops(cfg, s, 1) for s in range(1, 5)]
     assert len(set(steps)) > 1
     assert got == [(s, pytest.approx(sum(steps[:s]), rel=1e-12)) for s in range(1, 5)]
+
+
+# ------------------------------------------------------------------ the growth search's budget
+
+def _search_until_the_sweep(monkeypatch, tmp_path, config: str, overrides: list[str], steps: int, world: int = 2):
+    """Run ``grow --search`` up to the sweep (the grow verb and the sweep are stubbed): what it
+    wrote in candidates.yaml, and each candidate's resolved config."""
+    import argparse
+
+    from trainer.config import load_config, to_dict
+    from trainer.experiments import growth_search as G
+    src = tmp_path / "src" / "step_4"
+    src.mkdir(parents=True)
+    cfg = load_config(config, overrides)
+    (src / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    monkeypatch.setattr(G, "checkpoint_config", lambda path: (cfg, src.parent, src.name))
+    monkeypatch.setattr(G, "grow", lambda source, out, *a, **k: out)
+    monkeypatch.setattr(G, "run_sweep", lambda args: 3)   # stop after candidates.yaml
+    out = tmp_path / "search"
+    args = argparse.Namespace(checkpoint=str(src), out=str(out), search=True, search_steps=steps, nproc=world,
+                              slurm=False, pim_beta=0.9, split="equal", split_noise=0.1, optimizer="reset")
+    assert G.search(args, []) == 3
+    variants = yaml.safe_load((out / "candidates.yaml").read_text())
+    configs = {name: load_config(src / "config.yaml", [f"{k}={G.yaml_arg(v)}" for k, v in body.items()])
+               for name, body in variants.items() if name != "seeds"}
+    return cfg, configs
+
+
+@pytest.mark.parametrize("config,overrides", [
+    ("demo", []),
+    ("eclipse", ["eclipse.keep_warmup_steps=40", "model.context_length=24"]),
+])
+def test_search_candidates_get_their_own_warmup_and_equal_flops(monkeypatch, tmp_path, demo_data, config, overrides):
+    """The demo config (260 steps, warm-up 25) at --search-steps 50: width x2 costs about 3.4x per
+    step and gets 15 steps; it used to get the source's 25 warm-up steps, so it stopped before
+    its peak learning rate. Each candidate's warm-up is now its share of its own steps, and the
+    candidates' training FLOPs (methods included) are equal up to one step's rounding."""
+    from trainer import methods
+    source = [f"data.train_shards={demo_data}/train", f"data.val_shards={demo_data}/val",
+              f"tokenizer.path={demo_data}/tokenizer", f"eval.zeroshot={demo_data}/zeroshot.json", *overrides]
+    cfg, configs = _search_until_the_sweep(monkeypatch, tmp_path, f"trainer/configs/{config}.yaml", source, 50)
+    assert cfg.max_steps == 260 and cfg.optim.warmup_steps == 25
+    steps = {n: c.max_steps for n, c in configs.items()}
+    assert max(steps.values()) == 50 and steps["wider-x2"] < cfg.optim.warmup_steps   # the case that failed
+    for name, c in configs.items():
+        assert 0 < c.optim.warmup_steps < c.max_steps, name
+        assert c.optim.warmup_steps == round(25 * c.max_steps / 260), name
+        if cfg.eclipse.keep_warmup_steps is not None:
+            assert c.eclipse.keep_warmup_steps == round(40 * c.max_steps / 260) < c.max_steps, name
+    spent = {n: methods.train_flops(c, c.max_steps, 2) for n, c in configs.items()}
+    per_step = {n: spent[n] / c.max_steps for n, c in configs.items()}
+    cheapest = min(spent, key=lambda n: per_step[n])
+    assert steps[cheapest] == 50
+    for name in configs:
+        assert abs(spent[name] - spent[cheapest]) <= 0.55 * per_step[name], name   # the nearest step count
