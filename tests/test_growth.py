@@ -316,9 +316,7 @@ def test_default_search_leaves_out_candidates_the_run_cannot_train(source, capsy
 def test_search_trains_candidates_at_equal_flops_and_picks_the_lowest_val_loss(source, tmp_path):
     import yaml
 
-    from trainer.experiments.growth_search import forward_flops_per_sample
-    from trainer.sources import checkpoint_config
-    from trainer.model import preset_shape
+    from trainer.config import load_config
     cands = {"deeper": {"model.vision_layers": 6}, "wider": {"model.vision_width": 256, "model.vision_heads": 8}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cands))
     out = tmp_path / "search"
@@ -330,14 +328,17 @@ def test_search_trains_candidates_at_equal_flops_and_picks_the_lowest_val_loss(s
     assert result["winner"] == min(val, key=val.get)
     assert (out / "winner").read_text().strip() == str((out / "candidates" / result["winner"]).resolve())
     assert {c["candidate"]: c["val_loss"] for c in result["candidates"]} == pytest.approx(val)
-    # equal compute: the cheaper candidate trains 4 steps, the dearer proportionally fewer
-    cfg, _, _ = checkpoint_config(str(source))
-    per = {name: forward_flops_per_sample(preset_shape(checkpoint_config(str(out / "candidates" / name))[0].model))
-           for name in cands}
+    # equal compute: the cheaper candidate trains 4 steps, the dearer the step count whose training
+    # FLOPs (trainer/flops.py, ECLIPSE's teacher and dropped tokens included) come nearest
+    from trainer import methods
+    cfgs = {name: load_config(runs[name] / "config.yaml") for name in cands}
+    spent = {name: methods.train_flops(c, c.max_steps, 1) for name, c in cfgs.items()}
     steps = {c["candidate"]: c["steps"] for c in result["candidates"]}
-    cheap = min(per, key=per.get)
+    cheap = min(cands, key=lambda n: spent[n] / steps[n])
     assert steps[cheap] == 4
     for name in cands:
-        assert steps[name] == max(1, round(4 * per[cheap] / per[name]))
+        assert abs(spent[name] - spent[cheap]) <= 0.55 * spent[name] / steps[name]
         assert read_metrics(runs[name])[-1]["step"] == steps[name]
+        assert read_metrics(runs[name])[-1]["flops"] == pytest.approx(spent[name], rel=1e-12)
+        assert cfgs[name].optim.warmup_steps < steps[name]   # each its own warm-up
     assert "| candidate |" in (out / "search.md").read_text()

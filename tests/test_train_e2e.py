@@ -52,6 +52,12 @@ def test_run_writes_contract_outputs(baseline):
         want = peak * ((s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (STEPS - warm))))
         assert m["lr"] == pytest.approx(want, rel=1e-6), s
     assert metrics[-1]["loss"] < metrics[0]["loss"]  # it learns something even in 12 steps
+    # cumulative training FLOPs (trainer/flops.py; tests/test_flops.py checks them against torch's
+    # counter): plain CLIP's step costs the same every step, on both ranks' global batch
+    from trainer.config import load_config
+    from trainer.flops import clip_step_flops
+    per_step = clip_step_flops(load_config(baseline / "config.yaml"), 2)
+    assert [m["flops"] for m in metrics] == pytest.approx([s * per_step for s in range(1, STEPS + 1)], rel=1e-12)
     assert (baseline / "config.yaml").is_file()
     ds = json.loads((baseline / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16

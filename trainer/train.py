@@ -31,7 +31,8 @@ from .engine import build_ds_config, build_engine
 from .evaluate import evaluate_all
 from .faults import GradGuard, NanInjector, fp16_loss_scale, skip_update
 from .losses import LossContext, build_terms, compute_loss
-from .methods import Inherited, Method, attach as attach_method, build_method, load_init, loss_terms
+from .methods import (Inherited, Method, attach as attach_method, build_method, load_init, loss_terms, step_flops,
+                      train_flops)
 from .metrics import MetricsLogger
 from .model import build_model, preset_shape
 
@@ -240,6 +241,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, state["injected"])
     progress = _progress(cfg, le.rank, state["step"])
     window = _new_window()
+    flops = train_flops(cfg, state["step"], le.world_size)   # analytic, cumulative (trainer/flops.py)
     status = 0
     try:
         while state["step"] < cfg.max_steps:
@@ -259,6 +261,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                 status = EXIT_BAD_LOSS
                 break
             state["step"] = upcoming
+            flops += step_flops(cfg, upcoming, le.world_size)
             if cfg.debug.raise_at_step == state["step"] and le.rank == 0:
                 raise RuntimeError(f"debug.raise_at_step: injected failure after step {state['step']}")
             dt = time.perf_counter() - t0
@@ -266,7 +269,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
             if progress is not None:
                 progress.update(1)
             if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
-                logged = _window_metrics(window, engine, global_batch, state, train_data, le.world_size)
+                logged = {**_window_metrics(window, engine, global_batch, state, train_data, le.world_size),
+                          "flops": flops}
                 metrics_log.log(logged, state["step"])
                 if progress is not None:
                     progress.set_postfix(loss=f"{logged['loss']:.3f}")

@@ -5,8 +5,9 @@
 
 Reads both sweeps' ``results.jsonl`` and run directories. A stage-2 run (one that started from a
 ``grow`` directory, ``checkpoint.init``) is charged its own training FLOPs plus those of the
-stage-1 run it grew from (``grow.json`` names the checkpoint); FLOPs are
-``trainer.experiments.growth_search.train_flops`` (matmuls, forward x 3). Writes a table (mean and
+stage-1 run it grew from (``grow.json`` names the checkpoint); FLOPs are the trainer's analytic
+training FLOPs, ``trainer.methods.train_flops`` (trainer/flops.py: both towers forward and
+backward, the loss, and what the run's methods add). Writes a table (mean and
 sample std over seeds of zero-shot top-1, R@1 both ways, validation loss, total FLOPs) and
 ``<out>.png``: zero-shot top-1 and R@1 against cumulative FLOPs, from each run's periodic
 evaluations (TensorBoard), a grown run's curve continuing its stage-1 run's.
@@ -19,9 +20,9 @@ import statistics
 from pathlib import Path
 
 from ..config import ConfigError, load_config
-from ..sources import INFO, is_grown
+from ..sources import INFO
 from .growth_search import train_flops
-from .sweep import eval_curve
+from .sweep import ROOT, eval_curve
 
 
 def _world(run_dir: Path, cfg) -> int:
@@ -39,11 +40,22 @@ def _source_run(run_dir: Path) -> tuple[Path, int] | None:
     init = load_config(run_dir / "config.yaml").checkpoint.init
     if not init:
         return None
-    if not is_grown(init):
-        raise ConfigError(f"{run_dir}: checkpoint.init {init} is not a grow directory")
+    if not (Path(init) / INFO).is_file():   # grow.json is enough: the weights are not committed
+        raise ConfigError(f"{run_dir}: checkpoint.init {init} is not a grow directory (no {INFO})")
     info = json.loads((Path(init) / INFO).read_text())
     source = Path(info["request"]["source"])          # .../<run>/checkpoints/step_N
-    return source.parent.parent, int(info["source_step"])
+    return _here(source.parent.parent), int(info["source_step"])
+
+
+def _here(run_dir: Path) -> Path:
+    """A run directory ``grow.json`` recorded by absolute path, maybe in another checkout: this
+    repository's copy when it has one (bench/results/... is committed), relative to the repository."""
+    parts = run_dir.parts
+    if run_dir.is_absolute() and "bench" in parts:
+        tail = Path(*parts[parts.index("bench"):])
+        if (ROOT / tail).is_dir():
+            return tail if Path.cwd().resolve() == ROOT else ROOT / tail
+    return run_dir
 
 
 def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -88,7 +100,8 @@ def _pct(values: list[float]) -> str:
 def write_report(rows: list[dict], out: Path, command: str) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lines = ["# GrowCLIP at equal training compute", "", f"Command: `{command}`", "",
-             "Training FLOPs: matmuls of both towers, forward x 3 (trainer/experiments/growth_search.py `train_flops`); "
+             "Training FLOPs: every matrix product of a training step, forward and backward, methods included "
+             "(trainer/flops.py, `trainer.methods.train_flops`); "
              "a grown run is charged its stage-1 run too. Mean ± sample std over seeds.", "",
              "| variant | n | steps | total TFLOPs | zero-shot top-1 % | I→T R@1 % | T→I R@1 % | val loss | params |",
              "|---|--:|---|--:|--:|--:|--:|--:|--:|"]

@@ -15,8 +15,16 @@ proportionally fewer), so the lowest validation loss (``eval``'s ``val_loss``) i
 per FLOP; ``OUT/search.md`` and ``OUT/search.json`` rank them, ``OUT/winner`` names the
 winner's grown directory.
 
-FLOPs are the standard dense-transformer count (matmuls only, forward x 3 for training):
-:func:`forward_flops_per_sample`.
+Each candidate runs its own schedule: the schedules ``max_steps`` sets (the cosine decay, EViT's
+keep rate, PSD's a_t, ECLIPSE's momentum) follow its step count, and the ones given in steps
+(``optim.warmup_steps``, and where set ``eclipse.keep_warmup_steps``, ``psd.refresh_every``,
+``select.every_steps``) are scaled to it, keeping their share of the source config's ``max_steps``
+(after the ``key=value`` arguments): :func:`scaled_schedule`. A candidate with fewer steps thus
+still reaches its peak learning rate and decays from it.
+
+FLOPs are the trainer's analytic training FLOPs (:func:`trainer.methods.train_flops`: both towers
+forward and backward, the loss, and whatever the enabled methods add: a teacher's forward, EViT's
+dropped tokens, the text stream, ECL's scoring passes; trainer/flops.py).
 """
 from __future__ import annotations
 
@@ -26,7 +34,9 @@ from pathlib import Path
 
 import yaml
 
+from .. import methods
 from ..config import ConfigError, load_config
+from ..flops import pair_flops
 from ..grow import grow
 from ..methods.growth import check_growth
 from ..model import preset_shape
@@ -35,32 +45,38 @@ from ..sources import checkpoint_config
 from .sweep import collect, plan, run_sweep, yaml_arg
 
 
-def _tower_flops(tokens: int, width: int, mlp: int, layers: int) -> float:
-    """Forward FLOPs of ``layers`` pre-LN blocks on ``tokens`` tokens: q/k/v/out projections
-    (4 d^2), the attention scores and weighted sum (2 n d), the MLP (2 d m), 2 FLOPs per MAC."""
-    per_token = 2 * (4 * width * width + 2 * width * mlp + 2 * tokens * width)
-    return tokens * per_token * layers
-
-
 def forward_flops_per_sample(shape: dict) -> float:
     """One image-caption pair's forward FLOPs through both towers and projections (shared layers
     run in both towers, so they count twice: sharing saves parameters, not compute)."""
-    patches = (shape["image_size"] // shape["patch_size"]) ** 2
-    nv, nt = patches + 1, shape["context_length"]
-    dv, dt, e = shape["vision_width"], shape["text_width"], shape["embed_dim"]
-    mv, mt = round(shape["mlp_ratio"] * dv), round(shape["mlp_ratio"] * dt)
-    vision = 2 * patches * 3 * shape["patch_size"] ** 2 * dv + _tower_flops(nv, dv, mv, shape["vision_layers"])
-    text = _tower_flops(nt, dt, mt, shape["text_layers"])
-    return vision + text + 2 * e * (dv + dt)
+    return pair_flops(shape)
 
 
 def train_flops(cfg, steps: int, world: int) -> float:
-    """Training FLOPs of ``steps`` optimizer steps of ``cfg`` on ``world`` ranks (forward + backward
-    = 3 x forward; the similarity matrix of the global batch included)."""
-    shape = preset_shape(cfg.model)
-    batch = cfg.data.batch_size * cfg.train.grad_accum_steps * world
-    logits = 2 * 2 * batch * shape["embed_dim"]   # each sample's row and column of the B x B logits
-    return 3.0 * steps * batch * (forward_flops_per_sample(shape) + logits)
+    """Training FLOPs of steps 1..``steps`` of ``cfg`` on ``world`` ranks (every enabled method's
+    extra work included): :func:`trainer.methods.train_flops`."""
+    return methods.train_flops(cfg, steps, world)
+
+
+def scaled_schedule(cfg, steps: int) -> dict:
+    """Overrides that give a run of ``steps`` steps the schedule ``cfg`` has over its own
+    ``max_steps``: each schedule key given in steps keeps its share of ``max_steps`` (the warm-up
+    stays shorter than the run; intervals stay >= 1). Keys left unset (their defaults follow the
+    data epoch or the warm-up) stay unset."""
+    ratio = steps / cfg.max_steps
+
+    def scale(value: int, least: int) -> int:
+        return max(least, round(value * ratio))
+    warmup = scale(cfg.optim.warmup_steps, 0)
+    if cfg.optim.warmup_steps < cfg.max_steps:
+        warmup = min(warmup, steps - 1)
+    out = {"optim.warmup_steps": warmup}
+    if cfg.eclipse.keep_warmup_steps is not None:
+        out["eclipse.keep_warmup_steps"] = min(scale(cfg.eclipse.keep_warmup_steps, 0), max(0, steps - 1))
+    if cfg.psd.refresh_every is not None:
+        out["psd.refresh_every"] = scale(cfg.psd.refresh_every, 1)
+    if cfg.select.every_steps is not None:
+        out["select.every_steps"] = scale(cfg.select.every_steps, 1)
+    return out
 
 
 # ----------------------------------------------------------------------------- the search
@@ -122,15 +138,32 @@ def _trainable(candidates: dict, source: Path, train_overrides: list[str], world
     return keep
 
 
-def budget_steps(candidates: dict, source: Path, train_overrides: list[str], steps: int) -> dict[str, int]:
-    """Equal training compute for every candidate: the cheapest trains ``steps`` steps, each other
-    one ``steps x (its FLOPs per step / the cheapest's)`` fewer (at least 1)."""
-    per = {}
+def _candidate_config(source: Path, train_overrides: list[str], body: dict, extra: dict | None = None):
+    return load_config(source / "config.yaml", [*train_overrides, *(f"{k}={yaml_arg(v)}" for k, v in body.items()),
+                                                *(f"{k}={yaml_arg(v)}" for k, v in (extra or {}).items())])
+
+
+def budget_steps(candidates: dict, source: Path, train_overrides: list[str], steps: int,
+                 world: int = 1) -> dict[str, int]:
+    """Equal training compute for every candidate: the cheapest per step trains ``steps`` steps,
+    and each other one the step count (at least 1) whose training FLOPs, with its own scaled
+    schedule (:func:`scaled_schedule`), come nearest the cheapest's. FLOPs are
+    :func:`train_flops`, methods included (a method's per-step cost may follow the schedule,
+    e.g. EViT's keep rate, so each count is summed over the steps, not multiplied)."""
+    cfg0 = load_config(source / "config.yaml", train_overrides)
+
+    def spent(body: dict, n: int) -> float:
+        cfg = _candidate_config(source, train_overrides, body, {"max_steps": n, **scaled_schedule(cfg0, n)})
+        return train_flops(cfg, n, world)
+    per = {name: spent(body, steps) / steps for name, body in candidates.items()}
+    cheapest = min(per, key=per.get)
+    budget = spent(candidates[cheapest], steps)
+    out = {}
     for name, body in candidates.items():
-        cfg = load_config(source / "config.yaml", [*train_overrides, *(f"{k}={yaml_arg(v)}" for k, v in body.items())])
-        per[name] = forward_flops_per_sample(preset_shape(cfg.model))
-    cheapest = min(per.values())
-    return {name: max(1, round(steps * cheapest / f)) for name, f in per.items()}
+        guess = max(1, round(steps * per[cheapest] / per[name]))
+        tries = [n for n in (guess - 1, guess, guess + 1) if n >= 1]
+        out[name] = steps if name == cheapest else min(tries, key=lambda n: abs(spent(body, n) - budget))
+    return out
 
 
 def search(args, train_overrides: list[str]) -> int:
@@ -148,7 +181,8 @@ def search(args, train_overrides: list[str]) -> int:
     candidates = load_candidates(args.search if isinstance(args.search, str) else None, shape)
     candidates = _trainable(candidates, root / tag, train_overrides, args.nproc if not args.slurm else None,
                             given=isinstance(args.search, str))
-    steps = budget_steps(candidates, root / tag, train_overrides, args.search_steps)
+    steps = budget_steps(candidates, root / tag, train_overrides, args.search_steps, args.nproc or 1)
+    cfg0 = load_config(root / tag / "config.yaml", train_overrides)
     out = Path(args.out)
     (out / "candidates").mkdir(parents=True, exist_ok=True)
     variants = {"seeds": [cfg.seed]}
@@ -156,7 +190,8 @@ def search(args, train_overrides: list[str]) -> int:
         over = [f"{k}={yaml_arg(v)}" for k, v in body.items()]
         grown = grow(args.checkpoint, str(out / "candidates" / name), over, beta=args.pim_beta, split=args.split,
                      noise=args.split_noise, optimizer=args.optimizer)
-        variants[name] = {**body, "checkpoint.init": str(grown), "max_steps": steps[name]}
+        variants[name] = {**body, "checkpoint.init": str(grown), "max_steps": steps[name],
+                          **scaled_schedule(cfg0, steps[name])}
     vfile = out / "candidates.yaml"
     vfile.write_text(yaml.safe_dump(variants, sort_keys=False))
     sweep_args = argparse.Namespace(config=str(root / tag / "config.yaml"), variants=str(vfile), out=str(out / "sweep"),
@@ -176,7 +211,8 @@ def search(args, train_overrides: list[str]) -> int:
                               "set data.val_shards for the search runs")
         world = (row.get("global_batch") or 0) // (run.cfg.data.batch_size * run.cfg.train.grad_accum_steps) or 1
         table.append({"candidate": name, "overrides": candidates[name], "params": row["params"],
-                      "steps": row["steps"], "train_flops": train_flops(run.cfg, row["steps"], world),
+                      "steps": row["steps"], "warmup_steps": run.cfg.optim.warmup_steps,
+                      "train_flops": train_flops(run.cfg, row["steps"], world),
                       "val_loss": row["val_loss"], "zeroshot_top1": row.get("zeroshot_top1"),
                       "val_loss_change": None if start is None else row["val_loss"] - start})
     table.sort(key=lambda t: t["val_loss"])   # equal compute: the lowest validation loss wins
@@ -185,14 +221,17 @@ def search(args, train_overrides: list[str]) -> int:
                                                  "candidates": table, "winner": winner["candidate"]}, indent=2))
     (out / "winner").write_text(str((out / "candidates" / winner["candidate"]).resolve()) + "\n")
     lines = [f"# Growth search from {root / tag}", "",
-             f"Each candidate trained for the same compute (the cheapest {args.search_steps} steps); "
-             f"ungrown validation loss {start:.4f}." if start is not None else "", "",
-             "| candidate | params | steps | train FLOPs | val loss | change | zero-shot top-1 % |",
-             "|---|---|---|---|---|---|---|"]
+             f"Each candidate trained for the same compute (the cheapest {args.search_steps} steps), each with its "
+             f"own warm-up and decay (trainer/experiments/growth_search.py `scaled_schedule`); training FLOPs: "
+             f"trainer/flops.py and the enabled methods' `step_flops`."
+             + (f" Ungrown validation loss {start:.4f}." if start is not None else ""), "",
+             "| candidate | params | steps | warm-up | train FLOPs | val loss | change | zero-shot top-1 % |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in table:
         zs = f"{100 * t['zeroshot_top1']:.1f}" if isinstance(t.get("zeroshot_top1"), float) else "n/a"
         change = f"{t['val_loss_change']:+.4f}" if t["val_loss_change"] is not None else "n/a"
-        lines.append(f"| {t['candidate']} | {t['params'] / 1e6:.2f}M | {t['steps']} | {t['train_flops']:.3g} | "
+        lines.append(f"| {t['candidate']} | {t['params'] / 1e6:.2f}M | {t['steps']} | {t['warmup_steps']} | "
+                     f"{t['train_flops']:.3g} | "
                      f"{t['val_loss']:.4f} | {change} | {zs} |")
     lines += ["", f"Winner: **{winner['candidate']}** ({out / 'candidates' / winner['candidate']})", ""]
     (out / "search.md").write_text("\n".join(lines))

@@ -18,6 +18,7 @@ in ``REGISTRY``.
     init = load_init(model, cfg)            # checkpoint.init: weights into the model
     method = build_method(cfg, engine)      # what the train step calls
     terms = loss_terms(cfg)                 # {"teacher_kl": w, ...}
+    flops = step_flops(cfg, step, world)    # training FLOPs of one step (trainer/flops.py + each method's)
     model = load_trained_model(cfg, root, tag, tokenizer)   # eval / export / select
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from ..checkpoint import resume_source
 from ..config import Config
+from ..flops import clip_step_flops
 from ..model import ClipTrainModel, build_clip_config
 from ..sources import OPTIM, fp32_state_dict, init_source, is_grown
 from . import eclipse, growth, psd, selection, text_lm
@@ -39,7 +41,8 @@ from .evit import keep_rate
 REGISTRY: tuple[MethodSpec, ...] = (eclipse.SPEC, psd.SPEC, text_lm.SPEC, selection.SPEC, growth.SPEC)
 
 __all__ = ["REGISTRY", "Inherited", "Method", "MethodSpec", "attach", "build_method", "check", "eval_views",
-           "export_towers", "keep_rate", "load_init", "load_trained_model", "loss_terms", "prefixes", "trained_weights"]
+           "export_towers", "keep_rate", "load_init", "load_trained_model", "loss_terms", "prefixes", "step_flops",
+           "train_flops", "trained_weights"]
 
 
 def enabled(cfg: Config) -> list[MethodSpec]:
@@ -131,3 +134,17 @@ def eval_views(model, cfg: Config) -> list[tuple[str, object, float]]:
 def export_towers(model) -> dict[str, dict]:
     """Image towers ``export-hf --which NAME`` can write instead of the student's."""
     return {name: sd for spec in REGISTRY for name, sd in spec.export_towers(model).items()}
+
+
+def step_flops(cfg: Config, step: int, world: int) -> float:
+    """Training FLOPs of optimizer step ``step`` (1-based) on ``world`` ranks: plain CLIP's
+    (:func:`trainer.flops.clip_step_flops`) plus what each enabled method adds at that step
+    (``MethodSpec.step_flops``: a teacher's forward, dropped tokens, a text stream, a scoring pass)."""
+    return clip_step_flops(cfg, world) + sum(spec.step_flops(cfg, step, world) for spec in enabled(cfg))
+
+
+def train_flops(cfg: Config, steps: int, world: int) -> float:
+    """Training FLOPs of steps 1..``steps`` of ``cfg`` on ``world`` ranks (:func:`step_flops` summed)."""
+    specs = enabled(cfg)
+    base = clip_step_flops(cfg, world)
+    return sum(base + sum(spec.step_flops(cfg, s, world) for spec in specs) for s in range(1, steps + 1))

@@ -35,7 +35,9 @@ class MethodSpec:
     ``saved_weights(cfg, root, tag)``: weights it keeps in a checkpoint outside the module state
     (ECLIPSE's fp32 teacher), under its prefix. ``eval_views(model, cfg)``: extra
     ``(prefix, model-like, keep rate)`` evaluations. ``export_towers(model)``: image towers
-    ``export-hf --which NAME`` may write instead of the student's.
+    ``export-hf --which NAME`` may write instead of the student's. ``step_flops(cfg, step, world)``:
+    the training FLOPs it adds to optimizer step ``step`` on ``world`` ranks beyond plain CLIP's
+    (``trainer.flops.clip_step_flops``; negative where it saves, as EViT's dropped tokens).
     """
     name = "none"
     prefixes: tuple[str, ...] = ()
@@ -64,6 +66,9 @@ class MethodSpec:
 
     def export_towers(self, model) -> dict[str, dict]:
         return {}
+
+    def step_flops(self, cfg, step: int, world: int) -> float:
+        return 0.0
 
 
 class Method:

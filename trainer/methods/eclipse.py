@@ -44,11 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
+from ..flops import global_batch, similarity_flops, vision_flops, vision_tokens
 from ..model import preset_shape
 from ..sources import grown_weights, is_grown
 from .base import Inherited, Method, MethodSpec
 from .ema import ShadowTeacher, shadow_state_dict
-from .evit import default_drop_layers, install, keep_rate_at, set_keep_rate
+from .evit import default_drop_layers, install, keep_rate_at, kept_patches, set_keep_rate
 
 PREFIX = "teacher."
 TOWER = ("vision_model", "visual_projection")   # what the teacher copies (the text tower is shared)
@@ -233,6 +234,49 @@ def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
                              "no ECLIPSE teacher (eclipse.enabled was off)")
 
 
+# ----------------------------------------------------------------------------- training FLOPs
+
+def student_layer_tokens(cfg: Config, shape: dict, rate: float) -> tuple[list[tuple[int, int]], float]:
+    """The expedited student's ``(tokens in, tokens out)`` per vision layer at keep rate ``rate``,
+    and the forward FLOPs per image of EViT's class-token attention rows (``2 n d`` in each layer
+    that drops). EViT: a drop layer with ``n`` tokens attends over all of them and keeps
+    ``1 + ceil(rate (n - 1))`` (+1 fused) for its MLP and onwards; FLIP: every layer sees
+    ``1 + ceil(rate (n - 1))`` tokens."""
+    e, n, layers = cfg.eclipse, vision_tokens(shape), shape["vision_layers"]
+    if e.expedite == "none" or rate >= 1.0:
+        return [(n, n)] * layers, 0.0
+    if e.expedite == "random":
+        kept = 1 + kept_patches(n - 1, rate)
+        return [(kept, kept)] * layers, 0.0
+    drops, out, row = set(drop_layers(cfg, layers)), [], 0.0
+    for i in range(layers):
+        keep = kept_patches(n - 1, rate)
+        if i in drops and keep < n - 1:
+            row += 2.0 * n * shape["vision_width"]
+            out.append((n, 1 + keep + (1 if e.fuse_tokens else 0)))
+            n = out[-1][1]
+        else:
+            out.append((n, n))
+    return out, row
+
+
+def step_flops(cfg: Config, step: int, world: int) -> float:
+    """What ECLIPSE adds to a step: the teacher's forward of the stock image tower (no gradient),
+    the student's saving from the tokens it drops at this step's keep rate (forward and backward;
+    the class-token rows EViT adds, with a gradient only when the dropped tokens are fused), and
+    the KL's four similarity matrices (teacher's and student's, both directions; the teacher's
+    without gradient; the student's with both operands' gradients, but for the stopped text side
+    of the image->text one under ``text_stop_grad``: the text->image one still needs its text
+    side's, through the logit scale)."""
+    shape = preset_shape(cfg.model)
+    batch, dim = global_batch(cfg, world), shape["embed_dim"]
+    layers, row = student_layer_tokens(cfg, shape, student_keep_rate(cfg, step))
+    saving = 3.0 * (vision_flops(shape, layers) - vision_flops(shape))
+    rows = row * (3.0 if cfg.eclipse.fuse_tokens else 1.0)
+    student_kl = 5.0 if cfg.eclipse.text_stop_grad else 6.0   # forward + backward of the two
+    return batch * (vision_flops(shape) + saving + rows) + (student_kl + 2) * similarity_flops(batch, dim)
+
+
 class EclipseSpec(MethodSpec):
     name = "eclipse"
     prefixes = (PREFIX,)
@@ -260,6 +304,9 @@ class EclipseSpec(MethodSpec):
 
     def export_towers(self, model) -> dict[str, dict]:
         return {"teacher": model.teacher.state_dict()} if hasattr(model, "teacher") else {}
+
+    def step_flops(self, cfg: Config, step: int, world: int) -> float:
+        return step_flops(cfg, step, world)
 
 
 SPEC = EclipseSpec()

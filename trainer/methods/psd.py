@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from .. import data as D
 from ..config import Config, ConfigError
 from ..dist import rank as this_rank
+from ..flops import global_batch, pair_flops, similarity_flops
+from ..model import preset_shape
 from .base import MethodSpec, Method
 from .eclipse import TeacherTower
 from .ema import ShadowTeacher, shadow_state_dict
@@ -198,6 +200,19 @@ def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
                              "no PSD teacher copy (psd.teacher was self, or momentum with ECLIPSE on)")
 
 
+def step_flops(cfg: Config, step: int, world: int) -> float:
+    """What PSD adds to a step: with its own teacher copy, that copy's forward of both towers (no
+    gradient, every token); with any teacher but ``self``, the teacher's two similarity matrices
+    (no gradient; the loss's torch reference forms them even for ECLIPSE's teacher, whose logits
+    the streaming kernels reuse). ``self`` reuses the step's own logits: nothing."""
+    if cfg.psd.teacher == "self":
+        return 0.0
+    shape = preset_shape(cfg.model)
+    batch = global_batch(cfg, world)
+    copy_forward = batch * pair_flops(shape) if own_teacher(cfg) else 0.0
+    return copy_forward + 2 * similarity_flops(batch, shape["embed_dim"])
+
+
 class PsdSpec(MethodSpec):
     name = "psd"
     prefixes = (PREFIX,)   # the teacher copy is training state, not model: eval and export leave it behind
@@ -217,6 +232,9 @@ class PsdSpec(MethodSpec):
 
     def loss_terms(self, cfg: Config) -> dict[str, float]:
         return {"self_distill": 1.0}   # its strength is a_t, applied inside the pass
+
+    def step_flops(self, cfg: Config, step: int, world: int) -> float:
+        return step_flops(cfg, step, world)
 
 
 SPEC = PsdSpec()

@@ -54,6 +54,7 @@ from webdataset import tariterators
 from .. import data as D
 from ..config import Config, ConfigError
 from ..dist import all_reduce_flags, barrier, is_main, launch_env, rank as this_rank
+from ..flops import pair_flops
 from ..model import preset_shape
 from .base import Method, MethodSpec
 from .evit import keep_rate
@@ -549,6 +550,38 @@ def log_values(summary: dict) -> dict:
     return {k: float(summary[k]) for k in names if summary.get(k) is not None}
 
 
+def scored_samples(cfg: Config, k: int) -> int:
+    """Pairs round ``k`` (1, 2, ...) scores, an estimate from the config: ``data.train_num_samples``
+    in the first round (the shards' size is not in the config), then what the rule keeps of
+    each round (``keep``: that fraction; ``percentile`` p: 1 - p/100; ``threshold``: unknown,
+    counted as keeping all)."""
+    sc = cfg.select
+    rule = make_rule(sc.keep, sc.threshold, sc.percentile, "config section 'select'")
+    n = cfg.data.train_num_samples
+    for _ in range(k - 1):
+        if rule.keep is not None:
+            n = int(round(rule.keep * n))
+        elif rule.percentile is not None:
+            n = int(round((1 - rule.percentile / 100) * n))
+    return n
+
+
+def step_flops(cfg: Config, step: int, world: int) -> float:
+    """What ECL adds to a step: the scoring pass of a round (forward of both towers at full
+    capacity, no gradient, :func:`scored_samples` pairs), charged to the step after the one it
+    is due at (it runs between them). Rounds are due as in :meth:`Selection.due`: every
+    ``select.every_steps`` (default one epoch) before ``max_steps``, at most ``select.max_rounds``."""
+    sc = cfg.select
+    done = step - 1
+    if not sc.enabled or done <= 0 or done >= cfg.max_steps:
+        return 0.0
+    every = sc.every_steps or D.steps_per_epoch(cfg, world)
+    k = done // every
+    if done % every or (sc.max_rounds is not None and k > sc.max_rounds):
+        return 0.0
+    return scored_samples(cfg, k) * pair_flops(preset_shape(cfg.model))
+
+
 class SelectionSpec(MethodSpec):
     name = "select"
 
@@ -560,6 +593,9 @@ class SelectionSpec(MethodSpec):
 
     def build(self, cfg: Config, engine) -> Selection:
         return Selection(cfg, this_rank(), engine.dp_world_size)
+
+    def step_flops(self, cfg: Config, step: int, world: int) -> float:
+        return step_flops(cfg, step, world)
 
 
 SPEC = SelectionSpec()

@@ -44,6 +44,8 @@ terms' gradients, and how soon ``optim.grad_clip`` bites (clipping sees the scal
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import deepspeed
 import torch
@@ -51,6 +53,7 @@ import torch
 from .. import data as D
 from ..config import Config, ConfigError
 from ..dist import rank as this_rank
+from ..flops import text_flops
 from ..model import preset_shape
 from .base import Method, MethodSpec
 
@@ -186,6 +189,31 @@ class TextLm(Method):
             self.stream.close()
 
 
+@functools.lru_cache(maxsize=8)
+def vocab_size(tokenizer_path: str) -> int:
+    """Rows of the token embedding, which is the LM head (the tokenizer's length, as the model's)."""
+    return len(D.load_tokenizer(tokenizer_path))
+
+
+def predicted_per_text(cfg: Config) -> float:
+    """Predicted positions per text, an upper bound (texts are padded to the context, and only
+    the tokens are predicted): clm, every position but the last; mlm, ``mask_rate`` of the
+    positions that can hold a non-special token (all but the start and end tokens)."""
+    n = preset_shape(cfg.model)["context_length"]
+    return n - 1.0 if cfg.text_lm.objective == "clm" else cfg.text_lm.mask_rate * (n - 2)
+
+
+def step_flops(cfg: Config, step: int, world: int) -> float:
+    """What the text-only stream adds to a step: ``text_lm.batch_size`` texts per micro-batch and
+    rank through the text tower (no projection) and the tied head ``h @ E^T`` at the predicted
+    positions (:func:`predicted_per_text`, an upper bound), forward and backward (the head's
+    weight is the token embedding, so it gets a gradient too)."""
+    shape = preset_shape(cfg.model)
+    texts = cfg.text_lm.batch_size * cfg.train.grad_accum_steps * world
+    head = 2.0 * predicted_per_text(cfg) * shape["text_width"] * vocab_size(cfg.tokenizer.path)
+    return 3.0 * texts * (text_flops(shape, projection=False) + head)
+
+
 class TextLmSpec(MethodSpec):
     name = "text_lm"
 
@@ -203,6 +231,9 @@ class TextLmSpec(MethodSpec):
 
     def loss_terms(self, cfg: Config) -> dict[str, float]:
         return {"text_lm": cfg.text_lm.weight}
+
+    def step_flops(self, cfg: Config, step: int, world: int) -> float:
+        return step_flops(cfg, step, world)
 
 
 SPEC = TextLmSpec()
