@@ -30,7 +30,7 @@ SEEDS = [0, 1]
 # `lowlr` names its override as a nested section: it must change optim.lr only, not the whole
 # optim section (warmup_steps=3 from the sweep's arguments must survive).
 VARIANTS = {"seeds": SEEDS, "baseline": {}, "lowlr": {"optim": {"lr": 2.0e-4}}}
-PNGS = ("loss.png", "zeroshot_top1.png", "top1_vs_time.png")
+PNGS = ("loss.png", "zeroshot_top1.png", "top1_vs_time.png", "vs_flops.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACC_KEYS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
 
@@ -185,7 +185,7 @@ def test_plots_show_each_variants_mean_over_seeds(sweep, tmp_path, monkeypatch):
     figures = capture_figures(monkeypatch)
     write_plots(planned, read_rows(out))
     assert [path.name for _, path in figures] == [f"{n}.tmp.png" for n in PNGS]
-    (loss_fig, _), (top1_fig, _), (time_fig, _) = figures
+    (loss_fig, _), (top1_fig, _), (time_fig, _), (flops_fig, _) = figures
     loss_ax, top1_ax, time_ax = loss_fig.axes[0], top1_fig.axes[0], time_fig.axes[0]
 
     def bold(ax, label):
@@ -212,6 +212,15 @@ def test_plots_show_each_variants_mean_over_seeds(sweep, tmp_path, monkeypatch):
         assert xs == [2, STEPS] and ys[-1] == pytest.approx(final, abs=1e-4)
         (mark,) = [t for t in legend(time_ax) if t.startswith(f"{variant}: ")]
         assert mark.startswith(f"{variant}: {final:.1f} % in ") and mark.endswith("(n=2)")
+        # against FLOPs: each evaluation at the training FLOPs metrics.jsonl logged at its step
+        flops = [{m["step"]: m["flops"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+                 for d in dirs]
+        xs, ys = bold(flops_fig.axes[0], f"{variant} (n=2)")
+        assert xs == pytest.approx([statistics.fmean(f[s] for f in flops) for s in (2, STEPS)], rel=1e-12)
+        assert ys[-1] == pytest.approx(final, abs=1e-4)
+    assert [ax.get_xlabel() for ax in flops_fig.axes] == ["training FLOPs"] * 3
+    assert [ax.get_ylabel() for ax in flops_fig.axes] == ["zero-shot top-1 (%)", "image→text R@1 (%)",
+                                                          "validation contrastive loss"]
 
 
 def test_zeroshot_curve_read_from_tensorboard(sweep):
@@ -382,6 +391,37 @@ def test_a_run_made_before_a_config_key_existed_still_counts(tmp_path):
     assert not _only_new_default_keys(changed, run)
     removed = {"config": {"seed": 0, "optim": {"lr": 1e-3}, "gone": 1}, "launch": {"nproc": 2}}
     assert not _only_new_default_keys(removed, run)
+
+
+def test_budget_flops_gives_each_run_the_steps_its_budget_buys(demo_data, tmp_path):
+    """``--budget-flops``: plain CLIP costs the same every step, so its step count is the budget
+    over one step's FLOPs (trainer/flops.py's closed form); ECLIPSE costs more per step (its
+    teacher's forward), so it gets fewer steps, the most whose count stays within the budget;
+    each run's warm-up keeps its share of the variant's own ``max_steps``."""
+    import argparse
+
+    from trainer.config import ConfigError, load_config
+    from trainer.experiments.sweep import plan
+    from trainer.flops import clip_step_flops
+    from trainer.methods import train_flops
+
+    variants = write_variants(tmp_path / "v.yaml", {"baseline": {}, "eclipse": {"eclipse.enabled": True}})
+    common = [*data_args(demo_data), *FAST, "max_steps=40", "optim.warmup_steps=10"]
+    one_step = clip_step_flops(load_config(CONFIG, common), 2)
+    args = argparse.Namespace(config=CONFIG, variants=str(variants), out=str(tmp_path / "out"), nproc=2,
+                              slurm=False, overrides=common, budget_flops=100.5 * one_step)
+    runs = {r.variant: r for r in plan(args).runs}
+    base, ecl = runs["baseline"].cfg, runs["eclipse"].cfg
+    assert base.max_steps == 100 and base.optim.warmup_steps == 25          # 10 of 40 -> 25 of 100
+    n = ecl.max_steps
+    assert 50 < n < 100 and ecl.optim.warmup_steps == round(10 * n / 40)
+    assert train_flops(ecl, n, 2) <= args.budget_flops
+    more = load_config(CONFIG, [*common, "eclipse.enabled=true", f"max_steps={n + 1}",
+                                f"optim.warmup_steps={round(10 * (n + 1) / 40)}"])
+    assert train_flops(more, n + 1, 2) > args.budget_flops
+    args.budget_flops = 0.5 * one_step
+    with pytest.raises(ConfigError, match="less than one training step"):
+        plan(args)
 
 
 def test_seed_placeholder_gives_each_seed_its_own_value(demo_data, tmp_path):

@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="sweep directory: runs/, results.jsonl, table.md, *.png")
     s.add_argument("--slurm", action="store_true", help="submit each run with slurm/train.sbatch and wait")
     s.add_argument("--nproc", type=int, default=2, help="ranks per run under torchrun (default 2)")
+    s.add_argument("--budget-flops", type=float, default=None, metavar="F",
+                   help="train every run to F training FLOPs (every method's forwards charged) instead of its "
+                        "max_steps; each run's schedule is scaled to its step count")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     c = sub.add_parser("select", help="ensemble confident learning: score pairs with checkpoints, keep the best (EfficientCLIP)")
     c.add_argument("--checkpoints", nargs="+", required=True, help="the ensemble: checkpoints or run directories of one model shape")

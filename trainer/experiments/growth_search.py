@@ -19,7 +19,7 @@ Each candidate runs its own schedule: the schedules ``max_steps`` sets (the cosi
 keep rate, PSD's a_t, ECLIPSE's momentum) follow its step count, and the ones given in steps
 (``optim.warmup_steps``, and where set ``eclipse.keep_warmup_steps``, ``psd.refresh_every``,
 ``select.every_steps``) are scaled to it, keeping their share of the source config's ``max_steps``
-(after the ``key=value`` arguments): :func:`scaled_schedule`. A candidate with fewer steps thus
+(after the ``key=value`` arguments): :func:`trainer.experiments.budget.scaled_schedule`. A candidate with fewer steps thus
 still reaches its peak learning rate and decays from it.
 
 FLOPs are the trainer's analytic training FLOPs (:func:`trainer.methods.train_flops`: both towers
@@ -42,6 +42,7 @@ from ..methods.growth import check_growth
 from ..model import preset_shape
 from ..preflight import check_run_inputs
 from ..sources import checkpoint_config
+from .budget import scaled_schedule
 from .sweep import collect, plan, run_sweep, yaml_arg
 
 
@@ -55,28 +56,6 @@ def train_flops(cfg, steps: int, world: int) -> float:
     """Training FLOPs of steps 1..``steps`` of ``cfg`` on ``world`` ranks (every enabled method's
     extra work included): :func:`trainer.methods.train_flops`."""
     return methods.train_flops(cfg, steps, world)
-
-
-def scaled_schedule(cfg, steps: int) -> dict:
-    """Overrides that give a run of ``steps`` steps the schedule ``cfg`` has over its own
-    ``max_steps``: each schedule key given in steps keeps its share of ``max_steps`` (the warm-up
-    stays shorter than the run; intervals stay >= 1). Keys left unset (their defaults follow the
-    data epoch or the warm-up) stay unset."""
-    ratio = steps / cfg.max_steps
-
-    def scale(value: int, least: int) -> int:
-        return max(least, round(value * ratio))
-    warmup = scale(cfg.optim.warmup_steps, 0)
-    if cfg.optim.warmup_steps < cfg.max_steps:
-        warmup = min(warmup, steps - 1)
-    out = {"optim.warmup_steps": warmup}
-    if cfg.eclipse.keep_warmup_steps is not None:
-        out["eclipse.keep_warmup_steps"] = min(scale(cfg.eclipse.keep_warmup_steps, 0), max(0, steps - 1))
-    if cfg.psd.refresh_every is not None:
-        out["psd.refresh_every"] = scale(cfg.psd.refresh_every, 1)
-    if cfg.select.every_steps is not None:
-        out["select.every_steps"] = scale(cfg.select.every_steps, 1)
-    return out
 
 
 # ----------------------------------------------------------------------------- the search
@@ -222,7 +201,7 @@ def search(args, train_overrides: list[str]) -> int:
     (out / "winner").write_text(str((out / "candidates" / winner["candidate"]).resolve()) + "\n")
     lines = [f"# Growth search from {root / tag}", "",
              f"Each candidate trained for the same compute (the cheapest {args.search_steps} steps), each with its "
-             f"own warm-up and decay (trainer/experiments/growth_search.py `scaled_schedule`); training FLOPs: "
+             f"own warm-up and decay (trainer/experiments/budget.py `scaled_schedule`); training FLOPs: "
              f"trainer/flops.py and the enabled methods' `step_flops`."
              + (f" Ungrown validation loss {start:.4f}." if start is not None else ""), "",
              "| candidate | params | steps | warm-up | train FLOPs | val loss | change | zero-shot top-1 % |",

@@ -21,6 +21,14 @@ Each (variant, seed) is the ordinary train command, ``python -m trainer train --
 ``-N 1 --ntasks-per-node 1 --gpus-per-node 0``, come from ``$TRAINER_SWEEP_SBATCH_ARGS``). A
 variant's override wins over the same key given on the sweep's command line.
 
+``--budget-flops F`` trains every run to the same compute instead of the same steps: each run's
+``max_steps`` becomes the largest step count whose training FLOPs (the trainer's analytic count,
+every forward of every enabled method charged: trainer/flops.py) stay within ``F``, and the
+schedule keys given in steps (warm-up, and where set EViT's keep-rate window, PSD's refresh
+interval, ECL's round interval) keep their share of the run's own ``max_steps``
+(trainer/experiments/budget.py). A variant's ``max_steps`` then only shapes its schedule. The
+FLOPs count the global batch of ``--nproc`` ranks (with ``--slurm``: give the ranks per run).
+
 Before anything runs, every run's config is resolved and checked as ``train`` checks it (one
 ``error: variant 'x': ...`` line, exit 2), and every existing run directory is checked against it:
 ``DIR/runs/<v>/seed<S>/sweep.json`` records the resolved config (minus ``output_dir``) and the
@@ -33,10 +41,12 @@ Outputs in DIR:
   runs/<v>/seed<S>/   the run's output_dir, plus sweep.json (config, hash, attempts with wall time)
                       and train.log (the trainer's output, every attempt; slurm-JOB.out under SLURM)
   results.jsonl       one row per finished run: variant, seed, overrides, every figure of its
-                      eval.json, median samples/s, wall time (s, all attempts), steps, parameters
+                      eval.json, median samples/s, wall time (s, all attempts), steps, parameters,
+                      training FLOPs (metrics.jsonl's ``flops`` at the last step)
   table.md            variants side by side (mean +- sample std over seeds; differences from the
                       first variant), every run, and the plots
-  loss.png, zeroshot_top1.png, top1_vs_time.png
+  loss.png, zeroshot_top1.png, top1_vs_time.png, vs_flops.png (zero-shot, R@1 and validation
+                      loss against training FLOPs)
   sweep.log           what every invocation of the sweep did
 
 Re-running the same command continues an unfinished sweep; with every run finished it only
@@ -68,6 +78,7 @@ from ..config import Config, ConfigError, load_config, to_dict
 from ..data import load_tokenizer
 from ..model import ClipTrainModel, build_clip_config
 from ..preflight import check_run_inputs
+from .budget import scaled_schedule, steps_for_budget
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository
 SBATCH_SCRIPT = ROOT / "slurm" / "train.sbatch"
@@ -116,6 +127,7 @@ class Sweep:
     variants: dict           # name -> (overrides dict, seeds)
     runs: list[Run]
     sbatch_args: list[str]
+    budget_flops: float | None = None
     log_fh: typing.Any = None
 
     def say(self, msg: str) -> None:
@@ -259,6 +271,9 @@ def plan(args) -> Sweep:
     launch = {"slurm": True, "sbatch_args": sbatch_args} if args.slurm else {"nproc": args.nproc}
     world = None if args.slurm else args.nproc
     out = Path(args.out)
+    budget = getattr(args, "budget_flops", None)
+    if budget is not None and not budget > 0:
+        raise ConfigError(f"--budget-flops must be > 0; got {budget}")
 
     # A mistake in the base config or in the sweep's own key=value arguments is nobody's variant.
     try:
@@ -274,6 +289,9 @@ def plan(args) -> Sweep:
                      f"output_dir={run_dir}"]
             try:
                 cfg = load_config(args.config, rargs)
+                if budget is not None:
+                    rargs = _budget_args(args.config, rargs, cfg, budget, args.nproc)
+                    cfg = load_config(args.config, rargs)
                 _check_like_train(cfg, world)
                 params = count_params(cfg)
             except ConfigError as err:
@@ -288,7 +306,16 @@ def plan(args) -> Sweep:
     # half-way already compares all variants.
     seed_rank = {(r.variant, r.seed): variants[r.variant][1].index(r.seed) for r in runs}
     runs.sort(key=lambda r: (seed_rank[(r.variant, r.seed)], list(variants).index(r.variant)))
-    return Sweep(args.config, args.variants, out, args.slurm, args.nproc, overrides, variants, runs, sbatch_args)
+    return Sweep(args.config, args.variants, out, args.slurm, args.nproc, overrides, variants, runs, sbatch_args,
+                 budget)
+
+
+def _budget_args(config: str, rargs: list[str], cfg: Config, budget: float, world: int) -> list[str]:
+    """``rargs`` plus ``max_steps`` and the scaled schedule that spend ``budget`` FLOPs (module doc)."""
+    def extra(n: int) -> list[str]:
+        return [f"max_steps={n}", *(f"{k}={v}" for k, v in scaled_schedule(cfg, n).items())]
+    steps = steps_for_budget(lambda n: load_config(config, [*rargs, *extra(n)]), budget, world)
+    return [*rargs, *extra(steps)]
 
 
 # ------------------------------------------------------------------ run directories
@@ -752,6 +779,7 @@ def command_line(sweep: Sweep) -> list[str]:
     cmd = ["python", "-m", "trainer", "sweep", "--config", sweep.base, "--variants", sweep.variants_file,
            "--out", str(sweep.out)]
     cmd += ["--slurm"] if sweep.slurm else ["--nproc", str(sweep.nproc)]
+    cmd += ["--budget-flops", f"{sweep.budget_flops:g}"] if sweep.budget_flops is not None else []
     return cmd + sweep.overrides
 
 
@@ -794,6 +822,7 @@ def collect(sweep: Sweep) -> list[dict]:
             "wall_s": meta.get("wall_s"), "attempts": len(meta.get("attempts", [])),
             "steps": metrics[-1]["step"] if metrics else ev.get("step"), "max_steps": run.cfg.max_steps,
             "params": run.params, "global_batch": global_batch,
+            "train_flops": metrics[-1].get("flops") if metrics else None, "budget_flops": sweep.budget_flops,
             "final_loss": metrics[-1].get("loss") if metrics else None,
             "run_dir": str(run.dir), "config_hash": run.hash,
         })
@@ -810,7 +839,7 @@ def summarize(values: list[float]) -> dict | None:
 
 def by_variant(sweep: Sweep, rows: list[dict]) -> dict[str, dict]:
     """``{variant: {key: summary}}`` for the table's figures, variants in file order."""
-    keys = [k for k, _ in ACCURACY] + ["samples_per_s", "wall_s", "final_loss"]
+    keys = [k for k, _ in ACCURACY] + ["samples_per_s", "wall_s", "final_loss", "train_flops", "steps"]
     out = {}
     for name in sweep.variants:
         mine = [r for r in rows if r["variant"] == name]
@@ -877,7 +906,9 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
         if sweep.slurm else (f"torchrun, {sweep.nproc} ranks per run" if sweep.nproc > 1 else "1 process per run")
     L = [f"# Sweep: `{Path(sweep.variants_file).name}` on `{sweep.base}`", ""]
     L.append(f"Command: `{shlex.join(command_line(sweep))}`  ")
-    L.append(f"{len(names)} variant(s); {', '.join(map(str, steps))} steps per run; {launch}; "
+    budget = (f"every run trained to the same compute, {sweep.budget_flops:.3g} training FLOPs (`--budget-flops`), "
+              "so the step counts differ; " if sweep.budget_flops is not None else "")
+    L.append(f"{len(names)} variant(s); {budget}{', '.join(map(str, steps))} steps per run; {launch}; "
              f"{len(rows)} of {len(sweep.runs)} runs finished"
              + (f"; zero-shot chance level {100 * chance:.1f} %." if chance else "."))
     L += ["",
@@ -889,7 +920,7 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
           "run after another under whatever load the machine had (a variant added later ran hours after "
           "the others): they are not a controlled speed comparison; for that, `python -m trainer bench "
           "train` alternates the implementations within one invocation.", ""]
-    head = ["variant", "n"]
+    head = ["variant", "n", "steps", "train FLOPs"]
     for key, label in ACCURACY:
         head += [f"{label} %", f"Δ {label} (pt)"]
     head += ["samples/s", f"samples/s ÷ {ref_name}", "wall s/run", "params"]
@@ -897,7 +928,7 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
     L.append("|" + "|".join(["---", "--:"] + ["--:"] * (len(head) - 2)) + "|")
     for name in names:
         s = stats[name]
-        cells = [f"`{name}`", str(len(s["seeds"]))]
+        cells = [f"`{name}`", str(len(s["seeds"])), _num(s["steps"], 0), _flops(s["train_flops"])]
         for key, _ in ACCURACY:
             cells += [_pct(s[key]), "—" if name == ref_name else _delta_pt(s[key], ref[key])]
         cells += [_num(s["samples_per_s"]), "1.00×" if name == ref_name and s["samples_per_s"] else
@@ -930,11 +961,18 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
           "Training loss (global batch; bold: mean over seeds, thin: each seed):", "", "![loss](loss.png)", "",
           "Zero-shot top-1 during training (evaluations every `eval.every_steps` and at the end; dashed: chance):",
           "", "![zero-shot top-1](zeroshot_top1.png)", "",
+          "Zero-shot top-1, image→text R@1 and the validation contrastive loss against training FLOPs "
+          "(every forward charged; thin: each seed, bold: mean over seeds):", "", "![against FLOPs](vs_flops.png)", "",
           "Zero-shot top-1 against training wall time (thin: each seed's evaluations, placed at the wall time "
           "into the run when each was logged; big markers: each variant's mean final accuracy and the mean time "
           "it was reached, bars ± one sample std):", "", "![top-1 vs time](top1_vs_time.png)",
           "", "Rows behind this table: `results.jsonl`. Regenerate it all: run the same command again.", ""]
     _atomic(path, "\n".join(L))
+
+
+def _flops(s: dict | None) -> str:
+    """Training FLOPs, mean over seeds (metrics.jsonl's ``flops``; runs before it existed: n/a)."""
+    return "n/a" if s is None else f"{s['mean']:.3g}"
 
 
 def _fmt(x, digits: int) -> str:
@@ -1100,6 +1138,40 @@ def write_plots(sweep: Sweep, rows: list[dict]) -> list[Path]:
     finish(fig, ax, "top1_vs_time.png", "Zero-shot top-1 against training wall time",
            f"wall time into the run when the evaluation was logged ({'minutes' if minutes else 'seconds'}; "
            "all attempts, start-up included)", "zero-shot top-1 (%)")
+
+    # 4. zero-shot, R@1 and validation loss against training FLOPs (metrics.jsonl's ``flops``)
+    panels = [("eval/zeroshot_top1", "zero-shot top-1 (%)", 100.0), ("eval/i2t_r1", "image→text R@1 (%)", 100.0),
+              ("eval/val_loss", "validation contrastive loss", 1.0)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (tag, ylabel, mult) in zip(axes, panels):
+        for name in names:
+            series = []
+            for run in (r for r in runs if r.variant == name):
+                at = {m["step"]: m["flops"] for m in read_metrics(run.dir) if isinstance(m.get("flops"), (int, float))}
+                c = [(at[s], v) for s, _, v in (curves[run.name] if tag == "eval/zeroshot_top1" else
+                                                eval_curve(run.dir, tag)) if s in at]
+                series.append(c)
+                ax.plot([f for f, _ in c], [mult * v for _, v in c], color=colors[name], lw=0.8, alpha=0.35,
+                        marker=".", ms=4)
+            n = min((len(c) for c in series), default=0)
+            if n:   # the mean over seeds at each evaluation (same schedule, so the same FLOPs up to rounding)
+                ax.plot([statistics.fmean(c[i][0] for c in series) for i in range(n)],
+                        [mult * statistics.fmean(c[i][1] for c in series) for i in range(n)], color=colors[name],
+                        lw=2, marker="o", ms=4, label=f"{name} (n={len(series)})")
+        if sweep.budget_flops is not None:
+            ax.axvline(sweep.budget_flops, color="gray", ls=":", lw=1, label="budget")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(ylabel)
+        ax.set_title(ylabel.split(" (")[0] + " against training FLOPs", fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax is axes[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = sweep.out / "vs_flops.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, sweep.out / "vs_flops.png")
+    paths.append(sweep.out / "vs_flops.png")
     return paths
 
 
