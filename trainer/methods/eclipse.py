@@ -29,6 +29,11 @@ master weights it owns, so the EMA itself needs no communication:
   of a flat buffer in the training dtype per step (every other rank contributes zeros there).
 - fp32 under ZeRO-0/1/2: the replicated module weights are bit-equal to the fp32 masters, so each
   rank keeps the whole EMA itself (the teacher's weights are the shadow) and nothing is exchanged.
+- fp16 under ZeRO-0: the masters are DeepSpeed's FP16 optimizer's own fp32 copies (per weight, or
+  one flat tensor per group with a fused Adam), not the fp16 module weights; each rank keeps the
+  whole EMA in an fp32 shadow and nothing is exchanged.
+- ZeRO-3 keeps small parameters gathered between forwards; after writing the teacher's
+  partitions the EMA re-gathers those (one collective), so every forward uses this step's teacher.
 
 The shadows (with each slice's place in its parameter) are the teacher's state in checkpoints
 (``trainer_state/rank_R.pt``); :func:`teacher_state_dict` assembles the full fp32 teacher from

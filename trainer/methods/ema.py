@@ -29,7 +29,8 @@ class _Slot:
     """One teacher parameter's EMA: the fp32 shadow of the flat slice ``[start, start + n)`` of
     the parameter that this rank owns, with the student master it follows."""
 
-    def __init__(self, name: str, teacher: torch.nn.Parameter, student: torch.nn.Parameter, world: int):
+    def __init__(self, name: str, teacher: torch.nn.Parameter, student: torch.nn.Parameter, world: int,
+                 fp32_master: Callable[[], torch.Tensor] | None = None):
         self.name, self.teacher, self.student = name, teacher, student
         self.shape, self.numel = tuple(student.ds_shape if hasattr(student, "ds_id") else student.shape), None
         if hasattr(student, "ds_id"):                                     # ZeRO-3 partition
@@ -49,10 +50,16 @@ class _Slot:
             self.n = mapping.lp_fragment_address.numel if mapping is not None else 0
             self._master = lambda: student._hp_mapping.get_hp_fragment().reshape(-1)
             self._local = None
-        else:   # fp32 ZeRO-0/1/2: the replicated module weights equal the fp32 masters exactly
+        else:   # ZeRO-0/1/2 in fp32 (the replicated module weights are the masters) or ZeRO-0 in fp16
             self.kind = "full"
             self.numel, self.start, self.n = student.numel(), 0, student.numel()
-            self._master = lambda: student.data.reshape(-1)
+            if student.dtype == torch.float32 or not student.requires_grad:   # (a frozen weight never moves)
+                self._master = lambda: student.data.reshape(-1)
+            elif fp32_master is not None:    # ZeRO-0 fp16: the FP16 optimizer's fp32 copy, not the module's
+                self._master = fp32_master
+            else:
+                raise RuntimeError(f"no fp32 master weight found for {name[name.index('.') + 1:]} "
+                                   f"({student.dtype} module weight, no ZeRO partition or fragment)")
             self._local = lambda: teacher.data.reshape(-1)
         local = self._local() if self._local is not None and self.n else None
         # an fp32 teacher is its own shadow (no second copy); a bf16/fp16 one gets an fp32 shadow
@@ -70,6 +77,31 @@ class _Slot:
         return {"shape": self.shape, "start": self.start, "shadow": self.shadow.detach().cpu()}
 
 
+def fp16_masters(optimizer) -> dict[int, Callable[[], torch.Tensor]]:
+    """ZeRO-0 in fp16: ``id(module weight) -> flat fp32 master``, read where DeepSpeed's FP16
+    optimizers keep them (they update the masters and copy them, rounded, into the module):
+    ``FP16_Optimizer`` (with a fused Adam: one flat fp32 tensor per group, the group's weights in
+    order) and ``FP16_UnfusedOptimizer`` (torch's AdamW: one fp32 copy per weight). Each call
+    reads the optimizer's current tensors (a checkpoint load copies into them). Empty for any
+    other optimizer: ZeRO-1/2/3 link the masters to the weights themselves (``_hp_mapping``,
+    ``ds_id``), and in fp32 the module weights are the masters."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    out: dict[int, Callable[[], torch.Tensor]] = {}
+    if groups is None:
+        return out
+    if hasattr(optimizer, "fp32_groups_flat"):
+        for i, group in enumerate(groups):
+            offset = 0
+            for p in group:
+                out[id(p)] = lambda i=i, o=offset, n=p.numel(): optimizer.fp32_groups_flat[i].narrow(0, o, n)
+                offset += p.numel()
+    elif hasattr(optimizer, "fp32_groups"):
+        for i, group in enumerate(groups):
+            for j, p in enumerate(group):
+                out[id(p)] = lambda i=i, j=j: optimizer.fp32_groups[i][j].reshape(-1)
+    return out
+
+
 class ShadowTeacher:
     """The teacher parameters under ``prefix``, moved towards the student's masters by
     ``momentum(step)`` after each optimizer step (see the module doc)."""
@@ -78,8 +110,12 @@ class ShadowTeacher:
         self.prefix, self.momentum = prefix, momentum
         module = engine.module
         world = engine.dp_world_size
-        self.slots = [_Slot(name, q, module.get_parameter(name[len(prefix):]), world)
-                      for name, q in module.named_parameters() if name.startswith(prefix)]
+        masters = fp16_masters(getattr(engine, "optimizer", None))
+        self.slots = []
+        for name, q in module.named_parameters():
+            if name.startswith(prefix):
+                student = module.get_parameter(name[len(prefix):])
+                self.slots.append(_Slot(name, q, student, world, masters.get(id(student))))
         kinds = {s.kind for s in self.slots}
         if len(kinds) != 1:
             raise RuntimeError(f"teacher parameters are held in mixed ways {sorted(kinds)}; cannot keep the EMA")
