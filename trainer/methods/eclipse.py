@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..config import Config, ConfigError
 from ..model import preset_shape
 from ..sources import grown_weights, is_grown
-from .base import Inherited, Method, MethodSpec
+from .base import Inherited, Method, MethodSpec, schedule_view
 from .ema import ShadowTeacher, shadow_state_dict
 from .evit import default_drop_layers, install, keep_rate_at, set_keep_rate
 
@@ -138,12 +138,12 @@ class Eclipse(Method):
 
     def __init__(self, cfg: Config, engine):
         self.cfg, self.module = cfg, engine.module
-        self.teacher = ShadowTeacher(engine, PREFIX, lambda step: momentum_at(cfg, step))
+        self.teacher = ShadowTeacher(engine, PREFIX, lambda step: momentum_at(*schedule_view(cfg, step)))
         self.forward_kwargs = {"with_teacher": True}
 
     def prepare(self, step: int) -> None:
         if self.cfg.eclipse.expedite != "none":
-            set_keep_rate(self.module.vision_model, student_keep_rate(self.cfg, step))
+            set_keep_rate(self.module.vision_model, student_keep_rate(*schedule_view(self.cfg, step)))
 
     def describe(self) -> str:
         e, mem = self.cfg.eclipse, self.teacher.memory_bytes()
