@@ -34,7 +34,8 @@ from .checkpoint import atomic_torch_save, atomic_write_text
 from .config import ConfigError, load_config, to_dict
 from .data import load_tokenizer
 from .methods import attach, carried_state, grown_config, growth_weights, prefixes, schedule_clock
-from .methods.growth import TEACHER, check_growth, grow_moments, grow_state_dict, moments_exactness
+from .methods.growth import (TEACHER, check_growth, grow_moments, grow_state_dict, grown_layer_index,
+                             moments_exactness)
 from .model import SHAPE_KEYS, ClipTrainModel, build_clip_config, build_model, param_groups, preset_shape
 from .sources import INFO, OPTIM, WEIGHTS, checkpoint_config, fill_shared_layers, is_grown, step_of
 
@@ -225,7 +226,8 @@ def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, spl
     raw_new["checkpoint"]["init"] = str(out_dir)
     raw_new["checkpoint"]["resume"] = "auto"
     raw_new["output_dir"] = str(out_dir / "train")
-    grown_config(raw_new, carried)   # e.g. ECL's latest kept set as data.manifest
+    # e.g. ECL's latest kept set as data.manifest, ECLIPSE's drop layers where those layers are now
+    grown_config(raw_new, cfg, carried, lambda tower, i: grown_layer_index(plans[tower], i))
     # Where the source's method schedules stand (a grow directory is at the start of its stage).
     at, length = schedule_clock(cfg, 0 if is_grown(root / tag) else step_of(root, tag))
     raw_new["growth"].update(schedule_start=at, schedule_steps=length)

@@ -103,11 +103,12 @@ def carried_state(cfg: Config, root: Path, tag: str) -> dict[str, dict]:
     return {spec.name: st for spec in enabled(cfg) if (st := spec.carried_state(cfg, root, tag)) is not None}
 
 
-def grown_config(raw: dict, carried: dict[str, dict]) -> None:
-    """Let each method with carried state edit the grown run's config dict (e.g. ``data.manifest``)."""
-    for spec in REGISTRY:
-        if spec.name in carried:
-            spec.grown_config(raw, carried[spec.name])
+def grown_config(raw: dict, cfg: Config, carried: dict[str, dict], layer_index) -> None:
+    """Let the source's enabled methods edit the grown run's config dict for the grown model and
+    their carried state (ECL's kept set as ``data.manifest``, ECLIPSE's drop layers moved with the
+    layers: ``layer_index(tower, i)`` is where old layer ``i`` is in the grown tower)."""
+    for spec in enabled(cfg):
+        spec.grown_config(raw, cfg, carried.get(spec.name), layer_index)
 
 
 def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrainModel:

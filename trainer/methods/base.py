@@ -64,9 +64,11 @@ class MethodSpec:
     which ``grow`` grows with the student's operator and a run started from the checkpoint may
     inherit. ``carried_state(cfg, root, tag)``: what the method learned during the source run
     that the next stage continues with (JSON: ECL's rounds and kept set), or None; ``grow``
-    writes it to ``grow.json`` and hands it to ``grown_config(raw, state)``, which edits the
-    grown config (a dict) to match (e.g. ``data.manifest``); the next stage's method gets it in
-    ``Inherited.state[name]``.
+    writes it to ``grow.json`` and the next stage's method gets it in ``Inherited.state[name]``.
+    ``grown_config(raw, cfg, state, layer_index)``: edit the grown config (a dict; ``cfg`` the
+    source's) for the grown model and the carried ``state`` (None without), e.g. ECL's kept set as
+    ``data.manifest``, ECLIPSE's drop layers moved to where ``layer_index(tower, i)`` puts old
+    layer ``i``.
     """
     name = "none"
     prefixes: tuple[str, ...] = ()
@@ -102,7 +104,7 @@ class MethodSpec:
     def carried_state(self, cfg, root: Path, tag: str) -> dict | None:
         return None
 
-    def grown_config(self, raw: dict, state: dict) -> None:
+    def grown_config(self, raw: dict, cfg, state: dict | None, layer_index) -> None:
         pass
 
 

@@ -243,5 +243,12 @@ class EclipseSpec(MethodSpec):
     def export_towers(self, model) -> dict[str, dict]:
         return {"teacher": model.teacher.state_dict()} if hasattr(model, "teacher") else {}
 
+    def grown_config(self, raw: dict, cfg: Config, state: dict | None, layer_index) -> None:
+        """EViT drops tokens in the same layers of the grown tower (spelled out: growth inserts
+        layers), so the expedited student keeps its function too, not only the full one."""
+        if cfg.eclipse.enabled and cfg.eclipse.expedite == "evit":
+            old = drop_layers(cfg, preset_shape(cfg.model)["vision_layers"])
+            raw["eclipse"]["drop_layers"] = [layer_index("vision", i) for i in old]
+
 
 SPEC = EclipseSpec()

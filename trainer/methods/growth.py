@@ -15,7 +15,8 @@ spelled out, ``checkpoint.init: DIR``, the methods' carried state, e.g. ECL's ke
 ``data.manifest``, and ``growth.schedule_start``/``schedule_steps``, where the methods' schedules
 continue) and ``grow.json`` (what was done, the measured function-preservation error, and
 ``carried``: the methods' state the next stage continues with). ``checkpoint.init=DIR`` starts a
-run from those weights with a fresh schedule (the learning rate warms up again) and, by default
+run from those weights with a fresh learning-rate schedule (it warms up again; the methods' schedules
+continue from the source's position unless ``growth.schedules=restart``) and, by default
 (``--optimizer reset``), a fresh AdamW.
 
 ``--optimizer transform`` also writes ``optimizer.pt``: the source's AdamW step count and moments
@@ -140,6 +141,13 @@ def depth_plan(n: int, n2: int) -> list[tuple[int, bool]]:
         out.extend((i, True) for a in after if a == i)
     # `after` can name n - 1 at most once per new block, so every new block is placed
     return out
+
+
+def grown_layer_index(p: TowerPlan, i: int) -> int:
+    """Where old layer ``i`` of a tower (private layers, then shared ones) is in the grown tower."""
+    (np_, np2), (k, k2) = p.private, p.shared
+    part, offset, n, n2 = (i, 0, np_, np2) if i < np_ else (i - np_, np2, k, k2)
+    return offset + [j for j, (_, new) in enumerate(depth_plan(n, n2)) if not new][part]
 
 
 # ----------------------------------------------------------------------------- tensor maps
@@ -511,7 +519,7 @@ class Growth(Method):
             state = torch.load(init.optimizer, map_location="cpu", weights_only=True)
             done, _ = load_optimizer_state(self.engine, state)
             opt = f"AdamW moments of {done} parameters and step {int(state['step'])} inherited"
-        log.info("started from the weights of %s (checkpoint.init; %s, fresh schedule)%s", init.path, opt,
+        log.info("started from the weights of %s (checkpoint.init; %s, fresh learning-rate schedule)%s", init.path, opt,
                  f"; method copies inherited ({', '.join(sorted({k.split('.')[0] for k in init.weights}))})"
                  if init.weights else "")
 

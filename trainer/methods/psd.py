@@ -29,7 +29,10 @@ Targets for row i of the subset ``B_s`` (both directions): ``(1 - a_t) onehot_i 
 The subset is ``round(psd.subset * N)`` rows of the global batch, drawn from a generator seeded
 by (seed, step, micro-batch): every rank takes its slice of the same draw, and a resumed run
 draws the same subsets (the schedule is a function of the step, too), so neither needs state in
-the checkpoint; the teacher copy's fp32 shadows do (trainer_state/rank_R.pt).
+the checkpoint; the teacher copy's fp32 shadows do (trainer_state/rank_R.pt), with whether it
+came from ``checkpoint.init``. A run started from a checkpoint or ``grow`` directory starts the
+teacher copy from the source's (``grow`` grows it with the student's operator) unless
+``psd.inherit_teacher`` is off; ``a_t`` follows ``growth.schedules`` (``base.schedule_view``).
 """
 from __future__ import annotations
 

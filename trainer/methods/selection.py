@@ -594,8 +594,9 @@ class SelectionSpec(MethodSpec):
                               "grow needs it to carry the kept set")
         return {"rounds": int(state["rounds"]), "manifest": str(manifest)}
 
-    def grown_config(self, raw: dict, state: dict) -> None:
-        raw["data"]["manifest"] = state["manifest"]
+    def grown_config(self, raw: dict, cfg: Config, state: dict | None, layer_index) -> None:
+        if state:   # the next stage reads the last round's kept set
+            raw["data"]["manifest"] = state["manifest"]
 
 
 SPEC = SelectionSpec()
