@@ -172,6 +172,12 @@ def test_grown_zero3_checkpoint_keeps_student_and_teacher_functions(source, grow
     small, tok, cfg = _load(source)
     big, _, big_cfg = _load(grown)
     assert preset_shape(big_cfg.model)["vision_width"] == 256 and big_cfg.checkpoint.init == str(grown)
+    # EViT drops tokens in the same layers as before: 1, 2, 3 of 4 are 1, 3, 5 of 6 (new blocks
+    # after layers 1 and 2), not the default relative depths of 6 (2, 3, 4)
+    assert big_cfg.eclipse.drop_layers == [1, 3, 5]
+    # the methods' schedules continue where the source's stood: step 4 of its 4
+    assert (big_cfg.growth.schedules, big_cfg.growth.schedule_start, big_cfg.growth.schedule_steps) == \
+        ("continue", SOURCE_STEPS, SOURCE_STEPS)
     shape = preset_shape(cfg.model)
     pixels = torch.randn(3, 3, shape["image_size"], shape["image_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -216,9 +222,11 @@ def test_eval_of_grown_directory_matches_its_source(source, grown, tmp_path):
 def test_training_from_the_grown_model_starts_at_the_small_models_loss(source, grown, tmp_path):
     """Both runs start their data stream at the beginning with the same seed, so their first batch
     is the same: the grown model (beta = 1) must give the ungrown model's loss on it, and a fresh
-    model of the grown shape must not."""
+    model of the grown shape must not. The grown config continues the ECLIPSE schedules from the
+    source's step 4 (keep rate at its end value, 0.7); the ungrown run is put at the same place."""
     common = ["max_steps=2", "deepspeed.zero_stage=3", "log.every_steps=1"]
-    runs = {"ungrown": ["--config", str(source / "config.yaml"), f"checkpoint.init={source}"],
+    runs = {"ungrown": ["--config", str(source / "config.yaml"), f"checkpoint.init={source}",
+                        f"growth.schedule_start={SOURCE_STEPS}", f"growth.schedule_steps={SOURCE_STEPS}"],
             "grown": ["--config", str(grown / "config.yaml")],
             "fresh": ["--config", str(grown / "config.yaml"), "checkpoint.init=null"]}
     first = {}

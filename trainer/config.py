@@ -163,6 +163,7 @@ class PsdConfig:
     schedule: str = _f("linear", "a_t over training: linear (a_max * t / max_steps) | constant (a_max from the first step)", choices=("linear", "constant"))
     momentum: float = _f(0.995, "EMA momentum of psd.teacher=momentum when ECLIPSE is off (with ECLIPSE on, its teacher and eclipse.momentum are used)", min=0.0, max=1.0)
     refresh_every: int | None = _f(None, "psd.teacher=previous: copy the model into the teacher every N optimizer steps (default: one data epoch, as PS-KD)", min=1)
+    inherit_teacher: bool = _f(True, "a run started from checkpoint.init (a checkpoint or a 'grow' directory) starts PSD's own teacher (momentum without ECLIPSE, previous) from the init's teacher, grown with the student's operator; false: from a copy of the init's student (a momentum teacher's EMA restarts; previous: a_t = 0 until the first refresh)")
 
 
 @dataclass
@@ -191,6 +192,13 @@ class SelectConfig:
 
 
 @dataclass
+class GrowthConfig:
+    schedules: str = _f("continue", "the methods' step schedules (ECLIPSE keep rate and momentum, PSD's a_t) in a run started from a 'grow' directory: continue (from where the source run's schedules were: step growth.schedule_start + t of growth.schedule_steps) | restart (step t of max_steps, like the learning rate)", choices=("continue", "restart"))
+    schedule_start: int = _f(0, "with growth.schedules=continue: the step the methods' schedules are at when this run starts ('grow' sets it to the source run's position)", min=0)
+    schedule_steps: int | None = _f(None, "with growth.schedules=continue: the length of the methods' schedules ('grow' sets it to the source run's; empty: growth.schedule_start + max_steps)", min=1)
+
+
+@dataclass
 class Config:
     output_dir: str = _f("runs/default", "where checkpoints, metrics, TensorBoard and eval.json go")
     seed: int = _f(0, "seed for weights, data order and augmentation")
@@ -210,6 +218,7 @@ class Config:
     psd: PsdConfig = field(default_factory=PsdConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     text_lm: TextLmConfig = field(default_factory=TextLmConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 

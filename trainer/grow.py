@@ -5,12 +5,15 @@
     python -m trainer train --config runs/small-grown/config.yaml output_dir=runs/stage2
 
 The source is read through ``trainer.sources`` (any ZeRO stage, consolidated to fp32) with the
-methods' weights (``trainer.methods.trained_weights``: ECLIPSE's teacher is grown with the
-student); the operators, PIM and the optimizer-moment maps are GrowCLIP's
+methods' weights and training copies (``trainer.methods.growth_weights``: ECLIPSE's and PSD's
+teachers are grown with the student) and their carried state (``trainer.methods.carried_state``:
+ECL's rounds and kept set); the operators, PIM and the optimizer-moment maps are GrowCLIP's
 (``trainer/methods/growth.py``, whose docstring has the math). ``DIR`` is written atomically:
-``weights.pt``, ``config.yaml`` (the grown shape spelled out, ``checkpoint.init: DIR``),
-``grow.json`` (the request, the plans, the measured function error) and, with
-``--optimizer transform``, ``optimizer.pt``.
+``weights.pt``, ``config.yaml`` (the grown shape spelled out, ``checkpoint.init: DIR``, the
+methods' edits for their carried state, and ``growth.schedule_start``/``schedule_steps``: where
+the methods' schedules stand, for ``growth.schedules=continue``), ``grow.json`` (the request, the
+plans, the measured function error, the carried state) and, with ``--optimizer transform``,
+``optimizer.pt``.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ import yaml
 from .checkpoint import atomic_torch_save, atomic_write_text
 from .config import ConfigError, load_config, to_dict
 from .data import load_tokenizer
-from .methods import attach, trained_weights
-from .methods.growth import (TEACHER, check_growth, grow_moments, grow_state_dict, moments_exactness)
+from .methods import attach, carried_state, grown_config, growth_weights, prefixes, schedule_clock
+from .methods.growth import (TEACHER, check_growth, grow_moments, grow_state_dict, grown_layer_index,
+                             moments_exactness)
 from .model import SHAPE_KEYS, ClipTrainModel, build_clip_config, build_model, param_groups, preset_shape
 from .sources import INFO, OPTIM, WEIGHTS, checkpoint_config, fill_shared_layers, is_grown, step_of
 
@@ -130,7 +134,7 @@ def source_moments(root: Path, tag: str, cfg, weights: dict, work: Path) -> tupl
         st = torch.load(d / OPTIM, map_location="cpu", weights_only=True)
         return int(st["step"]), st["exp_avg"], st["exp_avg_sq"]
     step, m, v = _universal_moments(d, work) if kind == "zero" else _zero0_moments(d, cfg)
-    student = {k: w for k, w in weights.items() if not k.startswith(TEACHER) and not k.endswith("position_ids")}
+    student = {k: w for k, w in weights.items() if not k.startswith(prefixes()) and not k.endswith("position_ids")}
     shape = preset_shape(cfg.model)
     for moments in (m, v):
         fill_shared_layers(moments, shape, d)
@@ -204,24 +208,34 @@ def grow(checkpoint: str, out: str, overrides: list[str], beta: float = 0.9, spl
     if optimizer == "transform":
         moments_source(root, tag)   # no optimizer state: exit 2 before any work
     tokenizer = load_tokenizer(cfg.tokenizer.path)
-    sd = trained_weights(cfg, root, tag)
+    copies = prefixes()   # the methods' copies (teachers) in the state dict, grown like the student
+    sd = growth_weights(cfg, root, tag)
+    carried = carried_state(cfg, root, tag)
     fresh = build_model(new_cfg.model, tokenizer, new_cfg.seed).state_dict()
-    grown = grow_state_dict(sd, old_shape, new_shape, fresh, beta=beta, split=split, noise=noise, seed=cfg.seed)
+    grown = grow_state_dict(sd, old_shape, new_shape, fresh, beta=beta, split=split, noise=noise, seed=cfg.seed,
+                            copies=copies)
 
     # The grown model must load strictly into the new shape, and (beta = 1) compute the old function.
     old_model = ClipTrainModel(build_clip_config(cfg.model, tokenizer)).eval()
-    old_model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(TEACHER)})
+    old_model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(copies)})
     new_model = ClipTrainModel(build_clip_config(new_cfg.model, tokenizer)).eval()
-    new_model.load_state_dict({k: v for k, v in grown.items() if not k.startswith(TEACHER)})
+    new_model.load_state_dict({k: v for k, v in grown.items() if not k.startswith(copies)})
     error = function_error(old_model, new_model, tokenizer, old_shape)
 
     raw_new = spelled_out(new_cfg, new_shape)
     raw_new["checkpoint"]["init"] = str(out_dir)
     raw_new["checkpoint"]["resume"] = "auto"
     raw_new["output_dir"] = str(out_dir / "train")
+    # e.g. ECL's latest kept set as data.manifest, ECLIPSE's drop layers where those layers are now
+    grown_config(raw_new, cfg, carried, lambda tower, i: grown_layer_index(plans[tower], i))
+    # Where the source's method schedules stand (a grow directory is at the start of its stage).
+    at, length = schedule_clock(cfg, 0 if is_grown(root / tag) else step_of(root, tag))
+    raw_new["growth"].update(schedule_start=at, schedule_steps=length)
     info = {"request": request, "source_step": step_of(root, tag), "old_shape": old_shape, "new_shape": new_shape,
             "plans": {t: vars(p) for t, p in plans.items()}, "teacher": any(k.startswith(TEACHER) for k in grown),
-            "params": {"old": sum(v.numel() for k, v in sd.items() if not k.startswith(TEACHER)),
+            "copies": sorted({p for p in copies for k in grown if k.startswith(p)}),
+            "carried": carried, "schedules": {"position": at, "length": length},
+            "params": {"old": sum(v.numel() for k, v in sd.items() if not k.startswith(copies)),
                        "new": sum(p.numel() for p in new_model.parameters())},
             "function_error": error}
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):   # left by a killed grow (never read)

@@ -23,6 +23,7 @@ in ``REGISTRY``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,18 +32,19 @@ from ..checkpoint import resume_source
 from ..config import Config
 from ..flops import clip_step_flops
 from ..model import ClipTrainModel, build_clip_config
-from ..sources import OPTIM, fp32_state_dict, init_source, is_grown
+from ..sources import INFO, OPTIM, fp32_state_dict, init_source, is_grown
 from . import eclipse, growth, psd, selection, text_lm
-from .base import Inherited, Method, MethodSpec, Methods
+from .base import Inherited, Method, MethodSpec, Methods, schedule_clock
 from .evit import keep_rate
 
 # In the order the model returns their forward outputs (ECLIPSE's teacher, then PSD's, then the
 # LM loss); ``attach`` runs in ascending ``attach_rank`` instead.
 REGISTRY: tuple[MethodSpec, ...] = (eclipse.SPEC, psd.SPEC, text_lm.SPEC, selection.SPEC, growth.SPEC)
 
-__all__ = ["REGISTRY", "Inherited", "Method", "MethodSpec", "attach", "build_method", "check", "eval_views",
-           "export_towers", "keep_rate", "load_init", "load_trained_model", "loss_terms", "prefixes", "step_flops",
-           "train_flops", "trained_weights"]
+__all__ = ["REGISTRY", "Inherited", "Method", "MethodSpec", "attach", "build_method", "carried_state", "check",
+           "eval_views", "export_towers", "grown_config", "growth_weights", "keep_rate", "load_init",
+           "load_trained_model", "loss_terms", "prefixes", "schedule_clock", "step_flops", "train_flops",
+           "trained_weights"]
 
 
 def enabled(cfg: Config) -> list[MethodSpec]:
@@ -87,6 +89,31 @@ def trained_weights(cfg: Config, root: Path, tag: str) -> dict[str, torch.Tensor
     return sd
 
 
+def growth_weights(cfg: Config, root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """:func:`trained_weights` plus the enabled methods' training copies (PSD's teacher), under
+    their prefixes: what ``grow`` grows and what a run started from the checkpoint inherits."""
+    sd = trained_weights(cfg, root, tag)
+    for spec in enabled(cfg):
+        sd.update(spec.training_copies(cfg, root, tag))
+    return sd
+
+
+def carried_state(cfg: Config, root: Path, tag: str) -> dict[str, dict]:
+    """``{method: state}`` the next stage continues with (ECL's rounds and kept set): a grow
+    directory's ``grow.json`` ``carried``, or what the enabled methods read from a checkpoint."""
+    if is_grown(root / tag):
+        return json.loads((root / tag / INFO).read_text()).get("carried", {})
+    return {spec.name: st for spec in enabled(cfg) if (st := spec.carried_state(cfg, root, tag)) is not None}
+
+
+def grown_config(raw: dict, cfg: Config, carried: dict[str, dict], layer_index) -> None:
+    """Let the source's enabled methods edit the grown run's config dict for the grown model and
+    their carried state (ECL's kept set as ``data.manifest``, ECLIPSE's drop layers moved with the
+    layers: ``layer_index(tower, i)`` is where old layer ``i`` is in the grown tower)."""
+    for spec in enabled(cfg):
+        spec.grown_config(raw, cfg, carried.get(spec.name), layer_index)
+
+
 def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrainModel:
     """The checkpoint's model in fp32, eval mode, with the methods' evaluation copies attached
     (ECLIPSE: ``model.teacher`` holds the momentum teacher, from the ranks' fp32 EMA shadows)."""
@@ -111,7 +138,7 @@ def load_init(model: torch.nn.Module, cfg: Config) -> Inherited | None:
     if not cfg.checkpoint.init or resume_source(cfg) is not None:
         return None
     src, root, tag = init_source(cfg.checkpoint.init)
-    sd = trained_weights(src, root, tag)
+    sd = growth_weights(src, root, tag)
     own = prefixes()
     student = {k: v for k, v in sd.items() if not k.startswith(own)}
     missing, unexpected = model.load_state_dict(student, strict=False)
@@ -122,7 +149,9 @@ def load_init(model: torch.nn.Module, cfg: Config) -> Inherited | None:
     here = tuple(p for spec in enabled(cfg) for p in spec.prefixes)   # copies this run's methods keep
     copies = {k: v for k, v in sd.items() if here and k.startswith(here)}
     optim = root / tag / OPTIM
-    return Inherited(root / tag, copies, optim if is_grown(root / tag) and optim.is_file() else None)
+    grown = is_grown(root / tag)
+    return Inherited(root / tag, copies, optim if grown and optim.is_file() else None,
+                     carried_state(src, root, tag) if grown else {})
 
 
 def eval_views(model, cfg: Config) -> list[tuple[str, object, float]]:

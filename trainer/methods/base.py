@@ -8,6 +8,7 @@ outside ``trainer/methods/`` imports a method module by name.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,27 @@ class Inherited:
     path: Path                                   # the source: a step directory or a grow directory
     weights: dict[str, torch.Tensor] = field(default_factory=dict)   # method copies, under their prefixes
     optimizer: Path | None = None               # a grow directory's transformed AdamW state
+    state: dict = field(default_factory=dict)   # a grow directory's carried method state, by method name
+
+
+def schedule_clock(cfg, step: int) -> tuple[int, int]:
+    """``(position, length)`` of the methods' step schedules at this run's optimizer step
+    ``step``: ``growth.schedules=restart`` (or a run that is no later stage) gives ``(step,
+    max_steps)``; ``continue`` gives ``(growth.schedule_start + step, growth.schedule_steps)``
+    (empty: ``schedule_start + max_steps``), where ``grow`` put the source run's position."""
+    g = cfg.growth
+    if g.schedules == "restart":
+        return step, cfg.max_steps
+    length = g.schedule_steps if g.schedule_steps is not None else g.schedule_start + cfg.max_steps
+    return g.schedule_start + step, length
+
+
+def schedule_view(cfg, step: int):
+    """``(cfg', t)`` to hand a schedule written as a function of ``(cfg, step)`` over
+    ``cfg.max_steps`` (ECLIPSE's keep rate and momentum, PSD's ``a_t``): the step and length of
+    :func:`schedule_clock`, so a later stage's schedules continue or restart as configured."""
+    t, length = schedule_clock(cfg, step)
+    return (cfg if length == cfg.max_steps else dataclasses.replace(cfg, max_steps=length)), t
 
 
 class MethodSpec:
@@ -38,6 +60,17 @@ class MethodSpec:
     ``export-hf --which NAME`` may write instead of the student's. ``step_flops(cfg, step, world)``:
     the training FLOPs it adds to optimizer step ``step`` on ``world`` ranks beyond plain CLIP's
     (``trainer.flops.clip_step_flops``; negative where it saves, as EViT's dropped tokens).
+
+    Growth (``grow`` and the next stage's ``checkpoint.init``): ``training_copies(cfg, root,
+    tag)``: weights of its training copies that are not model (PSD's teacher), under its prefix,
+    which ``grow`` grows with the student's operator and a run started from the checkpoint may
+    inherit. ``carried_state(cfg, root, tag)``: what the method learned during the source run
+    that the next stage continues with (JSON: ECL's rounds and kept set), or None; ``grow``
+    writes it to ``grow.json`` and the next stage's method gets it in ``Inherited.state[name]``.
+    ``grown_config(raw, cfg, state, layer_index)``: edit the grown config (a dict; ``cfg`` the
+    source's) for the grown model and the carried ``state`` (None without), e.g. ECL's kept set as
+    ``data.manifest``, ECLIPSE's drop layers moved to where ``layer_index(tower, i)`` puts old
+    layer ``i``.
     """
     name = "none"
     prefixes: tuple[str, ...] = ()
@@ -69,6 +102,15 @@ class MethodSpec:
 
     def step_flops(self, cfg, step: int, world: int) -> float:
         return 0.0
+
+    def training_copies(self, cfg, root: Path, tag: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def carried_state(self, cfg, root: Path, tag: str) -> dict | None:
+        return None
+
+    def grown_config(self, raw: dict, cfg, state: dict | None, layer_index) -> None:
+        pass
 
 
 class Method:
@@ -123,7 +165,8 @@ class Method:
     def inherit(self, init: "Inherited") -> None:
         """A fresh run started from a trained or grown model (``checkpoint.init``), after the
         engine is built: ``init.weights`` holds the source's method copies under their prefixes
-        (e.g. ECLIPSE's ``teacher.*``), ``init.optimizer`` a grow directory's AdamW state."""
+        (e.g. ECLIPSE's ``teacher.*``, PSD's ``psd_teacher.*``), ``init.optimizer`` a grow
+        directory's AdamW state, ``init.state`` a grow directory's carried method state."""
 
     def data_manifest(self) -> str | None:
         """The subset of the training shards the paired stream reads (None: ``data.manifest``)."""

@@ -52,7 +52,7 @@ from ..config import Config, ConfigError
 from ..flops import global_batch, similarity_flops, vision_flops, vision_tokens
 from ..model import preset_shape
 from ..sources import grown_weights, is_grown
-from .base import Inherited, Method, MethodSpec
+from .base import Inherited, Method, MethodSpec, schedule_view
 from .ema import ShadowTeacher, shadow_state_dict
 from .evit import default_drop_layers, install, keep_rate_at, kept_patches, set_keep_rate
 
@@ -161,12 +161,12 @@ class Eclipse(Method):
 
     def __init__(self, cfg: Config, engine):
         self.cfg, self.module = cfg, engine.module
-        self.teacher = ShadowTeacher(engine, PREFIX, lambda step: momentum_at(cfg, step))
+        self.teacher = ShadowTeacher(engine, PREFIX, lambda step: momentum_at(*schedule_view(cfg, step)))
         self.forward_kwargs = {"with_teacher": True}
 
     def prepare(self, step: int) -> None:
         if self.cfg.eclipse.expedite != "none":
-            set_keep_rate(self.module.vision_model, student_keep_rate(self.cfg, step))
+            set_keep_rate(self.module.vision_model, student_keep_rate(*schedule_view(self.cfg, step)))
 
     def describe(self) -> str:
         e, mem = self.cfg.eclipse, self.teacher.memory_bytes()
@@ -312,6 +312,13 @@ class EclipseSpec(MethodSpec):
 
     def step_flops(self, cfg: Config, step: int, world: int) -> float:
         return step_flops(cfg, step, world)
+
+    def grown_config(self, raw: dict, cfg: Config, state: dict | None, layer_index) -> None:
+        """EViT drops tokens in the same layers of the grown tower (spelled out: growth inserts
+        layers), so the expedited student keeps its function too, not only the full one."""
+        if cfg.eclipse.enabled and cfg.eclipse.expedite == "evit":
+            old = drop_layers(cfg, preset_shape(cfg.model)["vision_layers"])
+            raw["eclipse"]["drop_layers"] = [layer_index("vision", i) for i in old]
 
 
 SPEC = EclipseSpec()

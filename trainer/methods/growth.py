@@ -9,10 +9,14 @@ checkpoint surgery, with function-preserving operators and parameter inheriting 
 ``grow`` consolidates the checkpoint (any ZeRO stage) to fp32 with DeepSpeed's own reader, maps
 the weights to the requested shape with the operators below, blends them with a fresh
 initialisation (PIM), and writes ``DIR`` atomically: ``weights.pt`` (the ``CLIPModel`` state dict,
-plus ``teacher.*`` for an ECLIPSE teacher grown by the same operator), ``config.yaml`` (the source
-run's config with the grown shape spelled out and ``checkpoint.init: DIR``) and ``grow.json``
-(what was done, and the measured function-preservation error). ``checkpoint.init=DIR`` starts a
-run from those weights with a fresh schedule (the learning rate warms up again) and, by default
+plus the methods' copies grown by the same operator: ``teacher.*`` for an ECLIPSE teacher,
+``psd_teacher.*`` for PSD's own), ``config.yaml`` (the source run's config with the grown shape
+spelled out, ``checkpoint.init: DIR``, the methods' carried state, e.g. ECL's kept set as
+``data.manifest``, and ``growth.schedule_start``/``schedule_steps``, where the methods' schedules
+continue) and ``grow.json`` (what was done, the measured function-preservation error, and
+``carried``: the methods' state the next stage continues with). ``checkpoint.init=DIR`` starts a
+run from those weights with a fresh learning-rate schedule (it warms up again; the methods' schedules
+continue from the source's position unless ``growth.schedules=restart``) and, by default
 (``--optimizer reset``), a fresh AdamW.
 
 ``--optimizer transform`` also writes ``optimizer.pt``: the source's AdamW step count and moments
@@ -137,6 +141,13 @@ def depth_plan(n: int, n2: int) -> list[tuple[int, bool]]:
         out.extend((i, True) for a in after if a == i)
     # `after` can name n - 1 at most once per new block, so every new block is placed
     return out
+
+
+def grown_layer_index(p: TowerPlan, i: int) -> int:
+    """Where old layer ``i`` of a tower (private layers, then shared ones) is in the grown tower."""
+    (np_, np2), (k, k2) = p.private, p.shared
+    part, offset, n, n2 = (i, 0, np_, np2) if i < np_ else (i - np_, np2, k, k2)
+    return offset + [j for j, (_, new) in enumerate(depth_plan(n, n2)) if not new][part]
 
 
 # ----------------------------------------------------------------------------- tensor maps
@@ -290,34 +301,48 @@ def grow_tower(sd: dict, prefix: str, proj: str | None, p: TowerPlan, old: dict,
     return out, shared
 
 
+def _grow_towers(sd: dict, plans: dict, old: dict, new: dict, fresh: dict, noise: float, seed: int) -> dict:
+    """The towers ``sd`` holds (student names: both, or the image tower alone), grown; the text
+    tower's shared layers are the grown image tower's."""
+    out, vision_shared = grow_tower(sd, "vision_model", "visual_projection", plans["vision"], old, "vision",
+                                    fresh, noise, seed)
+    if any(k.startswith("text_model.") for k in sd):
+        text, _ = grow_tower(sd, "text_model", "text_projection", plans["text"], old, "text", fresh, noise, seed,
+                             shared=vision_shared if new["shared_layers"] else None)
+        out.update(text)
+    return out
+
+
 def grow_state_dict(sd: dict, old: dict, new: dict, fresh: dict, *, beta: float = 1.0, split: str = "equal",
-                    noise: float = 0.1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``sd`` (a ``CLIPModel`` state dict of shape ``old``, optionally with ``teacher.*``, the
-    ECLIPSE image-tower teacher) grown to ``new``, then PIM-blended with ``fresh`` (the new
-    shape's initial state dict): ``beta * Grow(sd) + (1 - beta) * fresh``."""
+                    noise: float = 0.1, seed: int = 0, copies: tuple[str, ...] = (TEACHER,)) -> dict[str, torch.Tensor]:
+    """``sd`` (a ``CLIPModel`` state dict of shape ``old``, optionally with the methods' copies
+    under the ``copies`` prefixes with student names: ECLIPSE's image-tower teacher ``teacher.*``,
+    PSD's two-tower teacher ``psd_teacher.*``) grown to ``new``, then PIM-blended with ``fresh``
+    (the new shape's initial state dict): ``beta * Grow(sd) + (1 - beta) * fresh``. Each copy is
+    grown by the student's operator, with the same split noise (by tensor name)."""
     plans = check_growth(old, new)
     sd = {k: v.detach().float() for k, v in sd.items()}
     fresh = {k: v.detach().float() for k, v in fresh.items()}
     noise = noise if split == "random" else 0.0
-    out, vision_shared = grow_tower(sd, "vision_model", "visual_projection", plans["vision"], old, "vision",
-                                    fresh, noise, seed)
-    text, _ = grow_tower(sd, "text_model", "text_projection", plans["text"], old, "text", fresh, noise, seed,
-                         shared=vision_shared if new["shared_layers"] else None)
-    out.update(text)
+    copies = tuple(copies)
+    out = _grow_towers({k: v for k, v in sd.items() if not k.startswith(copies)}, plans, old, new, fresh, noise, seed)
     out["logit_scale"] = sd["logit_scale"].reshape(fresh["logit_scale"].shape)   # ZeRO holds it as [1]
-    teacher = {k[len(TEACHER):]: v for k, v in sd.items() if k.startswith(TEACHER)}
-    if teacher:   # the same operator (and the same split noise, by tensor name) on the teacher's tower
-        t, _ = grow_tower(teacher, "vision_model", "visual_projection", plans["vision"], old, "vision", fresh,
-                          noise, seed)
-        out.update({TEACHER + k: v for k, v in t.items()})
-    missing = sorted(set(fresh) - {k[len(TEACHER):] if k.startswith(TEACHER) else k for k in out})
+    for prefix in copies:
+        copy = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if copy:
+            out.update({prefix + k: v for k, v in _grow_towers(copy, plans, old, new, fresh, noise, seed).items()})
+
+    def student_name(k: str) -> str:
+        return next((k[len(p):] for p in copies if k.startswith(p)), k)
+
+    missing = sorted(set(fresh) - {student_name(k) for k in out})
     if missing:
         raise RuntimeError(f"grow produced no tensor for {missing[:5]}")
     if beta != 1.0:
-        out = {k: v if k.endswith("position_ids") else
-               beta * v + (1 - beta) * fresh[k[len(TEACHER):] if k.startswith(TEACHER) else k] for k, v in out.items()}
+        out = {k: v if k.endswith("position_ids") else beta * v + (1 - beta) * fresh[student_name(k)]
+               for k, v in out.items()}
     for k, v in out.items():
-        ref = fresh[k[len(TEACHER):] if k.startswith(TEACHER) else k]
+        ref = fresh[student_name(k)]
         if v.shape != ref.shape:
             raise RuntimeError(f"grow: {k} has shape {tuple(v.shape)}, the grown model wants {tuple(ref.shape)}")
     return {k: v.contiguous() for k, v in out.items()}
@@ -494,7 +519,7 @@ class Growth(Method):
             state = torch.load(init.optimizer, map_location="cpu", weights_only=True)
             done, _ = load_optimizer_state(self.engine, state)
             opt = f"AdamW moments of {done} parameters and step {int(state['step'])} inherited"
-        log.info("started from the weights of %s (checkpoint.init; %s, fresh schedule)%s", init.path, opt,
+        log.info("started from the weights of %s (checkpoint.init; %s, fresh learning-rate schedule)%s", init.path, opt,
                  f"; method copies inherited ({', '.join(sorted({k.split('.')[0] for k in init.weights}))})"
                  if init.weights else "")
 

@@ -29,7 +29,10 @@ Targets for row i of the subset ``B_s`` (both directions): ``(1 - a_t) onehot_i 
 The subset is ``round(psd.subset * N)`` rows of the global batch, drawn from a generator seeded
 by (seed, step, micro-batch): every rank takes its slice of the same draw, and a resumed run
 draws the same subsets (the schedule is a function of the step, too), so neither needs state in
-the checkpoint; the teacher copy's fp32 shadows do (trainer_state/rank_R.pt).
+the checkpoint; the teacher copy's fp32 shadows do (trainer_state/rank_R.pt), with whether it
+came from ``checkpoint.init``. A run started from a checkpoint or ``grow`` directory starts the
+teacher copy from the source's (``grow`` grows it with the student's operator) unless
+``psd.inherit_teacher`` is off; ``a_t`` follows ``growth.schedules`` (``base.schedule_view``).
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ from ..config import Config, ConfigError
 from ..dist import rank as this_rank
 from ..flops import global_batch, pair_flops, similarity_flops
 from ..model import preset_shape
-from .base import MethodSpec, Method
+from ..sources import grown_weights, is_grown
+from .base import Inherited, MethodSpec, Method, schedule_view
 from .eclipse import TeacherTower
 from .ema import ShadowTeacher, shadow_state_dict
 
@@ -144,6 +148,7 @@ class Psd(Method):
         self.step, self.micro = 0, 0
         self.every = refresh_every(cfg, self.world)
         self.teacher = None
+        self.inherited = False   # the teacher came from checkpoint.init (a previous model exists from step 1)
         if own_teacher(cfg):
             if cfg.psd.teacher == "momentum":
                 momentum = lambda step: cfg.psd.momentum   # noqa: E731
@@ -157,9 +162,9 @@ class Psd(Method):
         self.step, self.micro = step, 0
 
     def alpha(self, step: int) -> float:
-        if self.cfg.psd.teacher == "previous" and step <= self.every:
+        if self.cfg.psd.teacher == "previous" and step <= self.every and not self.inherited:
             return 0.0   # no previous model yet: the teacher would be the initial weights
-        return alpha_at(self.cfg, step)
+        return alpha_at(*schedule_view(self.cfg, step))   # a grown run's schedule may continue the source's
 
     def extras(self, *teacher) -> dict:
         b = self.cfg.data.batch_size
@@ -184,13 +189,27 @@ class Psd(Method):
                 f"subset {p.subset} of each global batch")
 
     def state_dict(self) -> dict:
-        return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
+        return {"teacher": self.teacher.state_dict(), "inherited": self.inherited} if self.teacher is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.teacher is not None:
             if "teacher" not in state:
                 raise RuntimeError("checkpoint has no PSD teacher state: it was written with another psd.teacher")
             self.teacher.load_state_dict(state["teacher"])
+            self.inherited = bool(state.get("inherited", False))
+
+    def inherit(self, init: Inherited) -> None:
+        """``checkpoint.init`` with a PSD teacher of the same kind of copy (a grow directory's is
+        grown with the student's operator): start from it unless ``psd.inherit_teacher`` is off."""
+        teacher = {k[len(PREFIX):]: v for k, v in init.weights.items() if k.startswith(PREFIX)}
+        if self.teacher is None or not teacher:
+            return
+        if not self.cfg.psd.inherit_teacher:
+            log.info("psd: teacher starts from the student (psd.inherit_teacher=false), not from %s", init.path)
+            return
+        self.teacher.load_full(teacher)
+        self.inherited = True
+        log.info("psd: teacher inherited from %s", init.path)
 
 
 def teacher_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -229,6 +248,14 @@ class PsdSpec(MethodSpec):
 
     def build(self, cfg: Config, engine) -> Psd:
         return Psd(cfg, engine)
+
+    def training_copies(self, cfg: Config, root: Path, tag: str) -> dict[str, torch.Tensor]:
+        """The teacher copy of a checkpoint (or of a grow directory, grown), for grow and checkpoint.init."""
+        if not own_teacher(cfg):
+            return {}
+        if is_grown(Path(root) / tag):
+            return {k: v for k, v in grown_weights(Path(root) / tag).items() if k.startswith(PREFIX)}
+        return {PREFIX + k: v for k, v in teacher_state_dict(root, tag).items()}
 
     def loss_terms(self, cfg: Config) -> dict[str, float]:
         return {"self_distill": 1.0}   # its strength is a_t, applied inside the pass

@@ -56,7 +56,7 @@ from ..config import Config, ConfigError
 from ..dist import all_reduce_flags, barrier, is_main, launch_env, rank as this_rank
 from ..flops import pair_flops
 from ..model import preset_shape
-from .base import Method, MethodSpec
+from .base import Inherited, Method, MethodSpec
 from .evit import keep_rate
 
 log = logging.getLogger("trainer.select")
@@ -478,6 +478,22 @@ class Selection(Method):
     def load_state_dict(self, state: dict) -> None:
         self.state = state
 
+    def inherit(self, init: Inherited) -> None:
+        """A later stage (``checkpoint.init`` = a grow directory) continues the source run's rounds:
+        round ``k + 1`` comes next and carries round ``k``'s scores, on the kept set the grown config
+        reads (``data.manifest``). A config that reads other data restarts at round 1."""
+        carried = init.state.get(self.name)
+        if not carried:
+            return
+        if carried["manifest"] != self.cfg.data.manifest:
+            log.warning("selection: %s carries %d round(s) ending in %s, but data.manifest is %s: the rounds "
+                        "restart at 1 on that data", init.path, carried["rounds"], carried["manifest"],
+                        self.cfg.data.manifest)
+            return
+        self.state = {"rounds": int(carried["rounds"]), "manifest": carried["manifest"], "last_step": 0}
+        log.info("selection: continuing after round %d of %s (its kept set and scores)", carried["rounds"],
+                 init.path)
+
     def wants_checkpoint(self, step: int) -> bool:
         return self.due(step)
 
@@ -505,7 +521,8 @@ class Selection(Method):
         k = self.state["rounds"] + 1
         out = self.round_dir(k)
         urls = D.expand_shards(self.cfg.data.train_shards, "data.train_shards")
-        prev = self.round_dir(k - 1) if k > 1 and self.cfg.select.temporal else None
+        # after round k - 1 the manifest is that round's directory (this run's, or a grown run's source's)
+        prev = Path(self.manifest) if k > 1 and self.cfg.select.temporal else None
         subset = D.read_manifest(self.manifest, urls)
         source = source_id("train", step, self.manifest, str(prev))
         units = work_units(len(urls), self.world)
@@ -596,6 +613,26 @@ class SelectionSpec(MethodSpec):
 
     def step_flops(self, cfg: Config, step: int, world: int) -> float:
         return step_flops(cfg, step, world)
+
+    def carried_state(self, cfg: Config, root: Path, tag: str) -> dict | None:
+        """The rounds done and the last round's directory (its kept set and scores), absolute."""
+        state = torch.load(Path(root) / tag / "trainer_state" / "rank_0.pt", map_location="cpu",
+                           weights_only=False).get(self.name) or {}
+        if not state.get("rounds"):
+            return None
+        manifest = Path(state["manifest"])
+        if not manifest.is_absolute():   # round directories are under output_dir, which is root's parent
+            out = Path(cfg.output_dir)
+            manifest = (Path(root).parent / manifest.relative_to(out) if manifest.is_relative_to(out)
+                        else manifest).resolve()
+        if not (manifest / "summary.json").is_file():
+            raise ConfigError(f"{Path(root) / tag}: its selection round {state['rounds']} ({manifest}) is gone; "
+                              "grow needs it to carry the kept set")
+        return {"rounds": int(state["rounds"]), "manifest": str(manifest)}
+
+    def grown_config(self, raw: dict, cfg: Config, state: dict | None, layer_index) -> None:
+        if state:   # the next stage reads the last round's kept set
+            raw["data"]["manifest"] = state["manifest"]
 
 
 SPEC = SelectionSpec()
