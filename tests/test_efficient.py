@@ -38,9 +38,18 @@ def test_all_four_log_every_term_and_select_once(whole):
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
     for m in logged:
         for term in TERMS:
-            assert math.isfinite(m[term]) and m[term] > 0, (m["step"], term)
-    # the total is the weighted sum of the terms PSD does not fold into the contrastive one
-    assert all(m["loss"] == pytest.approx(m["clip"] + m["teacher_kl"] + m["text_lm"], rel=1e-5) for m in logged)
+            assert math.isfinite(m[term]) and m[term] >= 0, (m["step"], term)
+    # at step 1 the teacher is the student (the EMA starts from it) and the keep-rate warm-up keeps
+    # every token, so the KL is exactly 0; the other terms are positive from the first step
+    assert logged[0]["teacher_kl"] == 0 and logged[-1]["teacher_kl"] > 0
+    assert all(m[t] > 0 for m in logged for t in ("clip", "self_distill", "text_lm"))
+    # total = contrastive + teacher_kl + text_lm, where PSD's contrastive term mixes each subset
+    # row's one-hot CE with its soft-target CE by a_t = 0.5 t / T, so it lies in
+    # [(1 - a_t) clip, clip + a_t self_distill]
+    for m in logged:
+        a = 0.5 * m["step"] / STEPS
+        contrastive = m["loss"] - m["teacher_kl"] - m["text_lm"]
+        assert (1 - a) * m["clip"] - 1e-5 <= contrastive <= m["clip"] + a * m["self_distill"] + 1e-5, m
     summary = json.loads((whole / "select" / "round_001" / "summary.json").read_text())
     assert summary["kept"] == round(0.7 * 768)
     assert not (whole / "select" / "round_002").exists()   # max_rounds: 1
