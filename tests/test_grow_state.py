@@ -47,10 +47,11 @@ def test_schedules_continue_from_the_source_position_or_restart(demo_data, token
     grown = ["growth.schedule_start=30", "growth.schedule_steps=100"]
     expect = {
         # continue: position 30 + t of 100
-        "continue": lambda t: (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * (30 + t - 2) / 98)),
+        # (the keep rate: 1 through the warm-up of 2, then a cosine over a third of the schedule's length)
+        "continue": lambda t: (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * min(1.0, (30 + t - 2) / 33))),
                                1.0 - 0.1 * 0.5 * (1 + math.cos(math.pi * (30 + t) / 100)), 0.4 * (30 + t) / 100),
         # restart: t of max_steps = 10, keep rate 1 through the warm-up again
-        "restart": lambda t: (1.0 if t <= 2 else 0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 8)),
+        "restart": lambda t: (1.0 if t <= 2 else 0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - 2) / 3))),
                               1.0 - 0.1 * 0.5 * (1 + math.cos(math.pi * t / 10)), 0.4 * t / 10)}
     for mode, formula in expect.items():
         cfg = _cfg([*common, *grown, f"growth.schedules={mode}"], tok)
