@@ -24,15 +24,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
-from trainer import data as D
-from trainer import methods
+from harness import build_engine_and_method, build_stream, fresh_state
 from trainer import train as T
 from trainer.config import load_config
 from trainer.dist import init_distributed, launch_env
-from trainer.engine import build_ds_config, build_engine
 from trainer.faults import GradGuard, NanInjector
-from trainer.losses import build_terms
-from trainer.model import build_model, preset_shape
 
 aten = torch.ops.aten
 
@@ -53,17 +49,9 @@ def count(case: dict, started: list) -> dict:
     if not started:
         init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
         started.append(True)
-    tokenizer = D.load_tokenizer(cfg.tokenizer.path)
-    model = build_model(cfg.model, tokenizer, cfg.seed)
-    methods.attach(model, cfg)
-    engine, _ = build_engine(cfg, model, build_ds_config(cfg, le.world_size))
-    method = methods.build_method(cfg, engine)
-    shape = preset_shape(cfg.model)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
-    data = T.TrainData(cfg, decoder, le.rank, le.world_size, None)
-    terms = build_terms(cfg.loss, methods.loss_terms(cfg))
-    state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+    tokenizer, engine, method = build_engine_and_method(cfg, le)
+    data, terms = build_stream(cfg, tokenizer, le)
+    state = fresh_state()
     args = (engine, data.next, terms, cfg, case["step"], state, GradGuard(engine.module),
             NanInjector([], "loss", le.rank, []), lambda: 0.0, method)
     counter = FlopCounterMode(display=False)

@@ -18,15 +18,12 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 
-from trainer import data as D
-from trainer import methods
+from harness import build_engine_and_method, build_stream, fresh_state
 from trainer import train as T
 from trainer.config import load_config
 from trainer.dist import init_distributed, launch_env
-from trainer.engine import build_ds_config, build_engine
+from trainer.engine import build_ds_config
 from trainer.faults import GradGuard, NanInjector, fp16_loss_scale
-from trainer.losses import build_terms
-from trainer.model import build_model, preset_shape
 
 get_accelerator().is_fp16_supported = lambda: True
 
@@ -36,20 +33,12 @@ def main(out: str, stage: str, scale_power: str, min_scale: str, steps: str, *ov
                                                     f"max_steps={steps}", *overrides])
     le = launch_env()
     init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
-    tokenizer = D.load_tokenizer(cfg.tokenizer.path)
-    model = build_model(cfg.model, tokenizer, cfg.seed)
-    methods.attach(model, cfg)
     ds = build_ds_config(cfg, le.world_size)
     ds["fp16"].update(initial_scale_power=int(scale_power), min_loss_scale=float(min_scale), hysteresis=1)
-    engine, _ = build_engine(cfg, model, ds)
-    method = methods.build_method(cfg, engine)
-    shape = preset_shape(cfg.model)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
-    data = T.TrainData(cfg, decoder, le.rank, le.world_size, None)
-    terms = build_terms(cfg.loss, methods.loss_terms(cfg))
+    tokenizer, engine, method = build_engine_and_method(cfg, le, ds)
+    data, terms = build_stream(cfg, tokenizer, le)
     guard = GradGuard(engine.module)
-    state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+    state = fresh_state()
     probe = engine.module.text_projection.weight
 
     def master() -> torch.Tensor:   # ZeRO-0's fp16 optimizer has no per-parameter master to ask for

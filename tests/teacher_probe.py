@@ -38,17 +38,14 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
-from trainer import data as D
+from harness import build_engine_and_method, build_stream
 from trainer import methods
 from trainer import train as T
 from trainer.checkpoint import CheckpointManager
 from trainer.config import load_config, to_dict
 from trainer.dist import init_distributed, launch_env
-from trainer.engine import build_ds_config, build_engine
 from trainer.faults import GradGuard, NanInjector
-from trainer.losses import build_terms
 from trainer.methods.ema import ShadowTeacher
-from trainer.model import build_model, preset_shape
 
 MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 
@@ -82,12 +79,7 @@ def main(out: str, config: str, *args: str) -> None:
         ds_engine.FusedAdam = torch.optim.AdamW
     le = launch_env()
     init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s)
-    tokenizer = D.load_tokenizer(cfg.tokenizer.path)
-    model = build_model(cfg.model, tokenizer, cfg.seed)
-    methods.attach(model, cfg)
-    ds_config = build_ds_config(cfg, le.world_size)
-    engine, _ = build_engine(cfg, model, ds_config)
-    method = methods.build_method(cfg, engine)
+    tokenizer, engine, method = build_engine_and_method(cfg, le)
     prefix = "teacher." if cfg.eclipse.enabled else "psd_teacher."
     module = engine.module
     teacher_root = module.get_submodule(prefix[:-1])
@@ -125,11 +117,7 @@ def main(out: str, config: str, *args: str) -> None:
     closed_form = Path(cfg.output_dir) / "probe_closed_form.pt"
     state = T.resume_state(cfg, ckpt, engine, method, None)
     expected = torch.load(closed_form) if state["step"] else masters()
-    shape = preset_shape(cfg.model)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
-    data = T.TrainData(cfg, decoder, le.rank, le.world_size, state["data"])
-    terms = build_terms(cfg.loss, methods.loss_terms(cfg))
+    data, terms = build_stream(cfg, tokenizer, le, state["data"])
     guard = GradGuard(module)
     inject = NanInjector([], "loss", le.rank, [])
     rows = []
