@@ -120,6 +120,35 @@ def test_self_confidence_is_the_pairs_log_softmax_among_itself_and_the_pool():
     torch.testing.assert_close(S.self_confidence(img, txt, img, txt, 20.0, torch.eye(5, dtype=torch.bool)), ref)
 
 
+def test_free_scores_are_read_from_the_training_forward(tmp_path):
+    """select.free_scores: each micro-batch's pairs, scored against the micro-batch (and, for the
+    queue, the rank's earlier micro-batches), as CLIP's log-softmaxes would score them."""
+    from trainer.config import load_config
+
+    cfg = load_config("trainer/configs/demo.yaml", [f"output_dir={tmp_path}", "select.free_scores=true"])
+    sel = S.Selection(cfg, rank=1, world=2)
+    torch.manual_seed(0)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 6), dim=-1)
+    batches = [(unit(4), unit(4)), (unit(3), unit(3))]
+    for step, (img, txt) in enumerate(batches, start=1):
+        sel.prepare(step)
+        sel.observe({"keys": [f"s{step}-{i}" for i in range(len(img))]}, img, txt, torch.tensor(12.0))
+    rows = [json.loads(line) for line in (tmp_path / "select" / "free" / "rank_1.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["key"]) for r in rows] == [(1, f"s1-{i}") for i in range(4)] + [(2, f"s2-{i}") for i in range(3)]
+
+    def clip_diag(img, txt, t, n):   # the pairs are the first n rows; the rest only compete
+        logits = t * img.double() @ txt.double().T
+        return ((torch.log_softmax(logits[:n], 1).diagonal() + torch.log_softmax(logits[:, :n], 0).diagonal()) / 2)
+
+    (i1, t1), (i2, t2) = batches
+    for rows_b, (img, txt), (q_img, q_txt) in ((rows[:4], batches[0], batches[0]),
+                                               (rows[4:], batches[1], (torch.cat([i2, i1]), torch.cat([t2, t1])))):
+        np.testing.assert_allclose([r["cos"] for r in rows_b], (img * txt).sum(-1).numpy(), atol=1e-6)
+        np.testing.assert_allclose([r["sc_batch"] for r in rows_b], clip_diag(img, txt, 12.0, len(img)).numpy(), atol=1e-9)
+        np.testing.assert_allclose([r["sc_queue"] for r in rows_b], clip_diag(q_img, q_txt, 12.0, len(img)).numpy(), atol=1e-9)
+        np.testing.assert_allclose([r["sc_queue_t30"] for r in rows_b], clip_diag(q_img, q_txt, 30.0, len(img)).numpy(), atol=1e-9)
+
+
 def test_the_default_score_is_the_self_confidence_at_temperature_100():
     from trainer.cli import build_parser
     from trainer.config import Config
