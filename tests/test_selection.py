@@ -160,6 +160,17 @@ def test_the_default_score_is_the_self_confidence_at_temperature_100():
     assert S.Score() == S.make_score("selfconf", 100.0, 1024, "t")
 
 
+def test_the_score_benchmarks_dropped_set_counts():
+    from trainer.experiments.bench_select import separation
+
+    score = np.array([0.3, 0.1, 0.5, 0.2, 0.4])      # dropped lowest first: 0.1, 0.2, 0.3, ...
+    noisy = np.array([True, True, False, False, False])
+    got = separation(score, noisy, keep=0.6)          # drops 0.1 (noisy) and 0.2 (clean)
+    assert (got["precision_at_keep"], got["recall_at_keep"]) == (0.5, 0.5)
+    assert got["precision_at_recall_0.8"] == pytest.approx(2 / 3)   # both noisy only once 0.3 is dropped
+    assert got["auroc"] == pytest.approx(5 / 6)      # clean above noisy in 5 of the 6 pairs (0.2 < 0.3)
+
+
 # ----------------------------------------------------------------------------- the verb
 
 @pytest.mark.full   # fast tier: the select array pipeline on SLURM and the killed-pass resume
