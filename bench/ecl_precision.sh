@@ -6,7 +6,8 @@
 #   bash bench/ecl_precision.sh            # ~15 min on 2 CPU cores
 #
 # 1. a warm-up: plain CLIP, the demo config (260 steps, 2 ranks), checkpoints every 50 steps;
-# 2. `select --keep 0.7` with each checkpoint set, under torchrun on 2 ranks;
+# 2. `select --keep 0.7 --score cosine` (the public code's score, the default when this table was
+#    made) with each checkpoint set, under torchrun on 2 ranks;
 # 3. the table: bench/results/ecl_precision_cpu.md (from each selection's summary.json).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
@@ -21,7 +22,7 @@ export OMP_NUM_THREADS=1
 C=$W/checkpoints
 sel() { name=$1; shift
     [ -f "$OUT/$name/summary.json" ] || $PY -m torch.distributed.run --nproc_per_node 2 -m trainer select \
-        --shards "$D/train" --out "$OUT/$name" --keep 0.7 --checkpoints "$@" > "$OUT/$name.log" 2>&1; }
+        --shards "$D/train" --out "$OUT/$name" --keep 0.7 --score cosine --checkpoints "$@" > "$OUT/$name.log" 2>&1; }
 mkdir -p "$OUT"
 sel s50 $C/step_50
 sel s100 $C/step_100

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import check, data_overrides, read_metrics, run_trainer
@@ -97,6 +98,79 @@ def test_auc_is_the_pairwise_probability():
     assert S._auc(scores, noisy) == pytest.approx(brute, abs=1e-12)
 
 
+def test_self_confidence_is_the_pairs_log_softmax_among_itself_and_the_pool():
+    torch.manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape), dim=-1)
+    img, txt, pool_img, pool_txt = unit(5, 8), unit(5, 8), unit(7, 8), unit(7, 8)
+    pool_img[2], pool_txt[2] = img[1], txt[1]          # pair 1 is pool entry 2: not its own competitor
+    same = torch.zeros(5, 7, dtype=torch.bool)
+    same[1, 2] = True
+    got = S.self_confidence(img, txt, pool_img, pool_txt, 20.0, same)
+    for i in range(5):
+        others = [j for j in range(7) if not same[i, j]]
+        texts = torch.stack([txt[i], *pool_txt[others]]).double()     # own caption first
+        images = torch.stack([img[i], *pool_img[others]]).double()
+        i2t = torch.log_softmax(20.0 * texts @ img[i].double(), 0)[0]
+        t2i = torch.log_softmax(20.0 * images @ txt[i].double(), 0)[0]
+        assert got[i].item() == pytest.approx(((i2t + t2i) / 2).item(), abs=1e-12)
+    assert (got < 0).all()
+    # Against the whole batch as its own pool: the diagonal of CLIP's two log-softmaxes.
+    logits = 20.0 * img.double() @ txt.double().T
+    ref = (torch.log_softmax(logits, 1).diagonal() + torch.log_softmax(logits, 0).diagonal()) / 2
+    torch.testing.assert_close(S.self_confidence(img, txt, img, txt, 20.0, torch.eye(5, dtype=torch.bool)), ref)
+
+
+def test_free_scores_are_read_from_the_training_forward(tmp_path):
+    """select.free_scores: each micro-batch's pairs, scored against the micro-batch (and, for the
+    queue, the rank's earlier micro-batches), as CLIP's log-softmaxes would score them."""
+    from trainer.config import load_config
+
+    cfg = load_config("trainer/configs/demo.yaml", [f"output_dir={tmp_path}", "select.free_scores=true"])
+    sel = S.Selection(cfg, rank=1, world=2)
+    torch.manual_seed(0)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 6), dim=-1)
+    batches = [(unit(4), unit(4)), (unit(3), unit(3))]
+    for step, (img, txt) in enumerate(batches, start=1):
+        sel.prepare(step)
+        sel.observe({"keys": [f"s{step}-{i}" for i in range(len(img))]}, img, txt, torch.tensor(12.0))
+    rows = [json.loads(line) for line in (tmp_path / "select" / "free" / "rank_1.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["key"]) for r in rows] == [(1, f"s1-{i}") for i in range(4)] + [(2, f"s2-{i}") for i in range(3)]
+
+    def clip_diag(img, txt, t, n):   # the pairs are the first n rows; the rest only compete
+        logits = t * img.double() @ txt.double().T
+        return ((torch.log_softmax(logits[:n], 1).diagonal() + torch.log_softmax(logits[:, :n], 0).diagonal()) / 2)
+
+    (i1, t1), (i2, t2) = batches
+    for rows_b, (img, txt), (q_img, q_txt) in ((rows[:4], batches[0], batches[0]),
+                                               (rows[4:], batches[1], (torch.cat([i2, i1]), torch.cat([t2, t1])))):
+        np.testing.assert_allclose([r["cos"] for r in rows_b], (img * txt).sum(-1).numpy(), atol=1e-6)
+        np.testing.assert_allclose([r["sc_batch"] for r in rows_b], clip_diag(img, txt, 12.0, len(img)).numpy(), atol=1e-9)
+        np.testing.assert_allclose([r["sc_queue"] for r in rows_b], clip_diag(q_img, q_txt, 12.0, len(img)).numpy(), atol=1e-9)
+        np.testing.assert_allclose([r["sc_queue_t30"] for r in rows_b], clip_diag(q_img, q_txt, 30.0, len(img)).numpy(), atol=1e-9)
+
+
+def test_the_default_score_is_the_self_confidence_at_temperature_100():
+    from trainer.cli import build_parser
+    from trainer.config import Config
+
+    sc = Config().select
+    assert (sc.score, sc.temperature, sc.pool) == ("selfconf", 100.0, 1024)
+    args = build_parser().parse_args(["select", "--checkpoints", "c", "--shards", "s", "--out", "o"])
+    assert (args.score, args.temperature, args.pool) == ("selfconf", "100", 1024)
+    assert S.Score() == S.make_score("selfconf", 100.0, 1024, "t")
+
+
+def test_the_score_benchmarks_dropped_set_counts():
+    from trainer.experiments.bench_select import separation
+
+    score = np.array([0.3, 0.1, 0.5, 0.2, 0.4])      # dropped lowest first: 0.1, 0.2, 0.3, ...
+    noisy = np.array([True, True, False, False, False])
+    got = separation(score, noisy, keep=0.6)          # drops 0.1 (noisy) and 0.2 (clean)
+    assert (got["precision_at_keep"], got["recall_at_keep"]) == (0.5, 0.5)
+    assert got["precision_at_recall_0.8"] == pytest.approx(2 / 3)   # both noisy only once 0.3 is dropped
+    assert got["auroc"] == pytest.approx(5 / 6)      # clean above noisy in 5 of the 6 pairs (0.2 < 0.3)
+
+
 # ----------------------------------------------------------------------------- the verb
 
 @pytest.mark.full   # fast tier: the select array pipeline on SLURM and the killed-pass resume
@@ -154,14 +228,45 @@ def test_summary_counts_and_auc_match_the_shards_noise_flags(single, ragged):
     assert summary["precision"] == pytest.approx(len(dropped & noisy) / len(dropped))
     assert summary["recall"] == pytest.approx(len(dropped & noisy) / len(noisy))
     sc = dict(scores(single))
-    # Kept = the 210 best scores; the score is the sum of the two checkpoints' cosines (|c| <= 2).
+    # Kept = the 210 best scores; the score is the sum of the two checkpoints' self-confidences (log-probabilities).
     assert min(sc[k] for k in kept) >= max(sc[k] for k in dropped)
-    assert all(-2.0 <= v <= 2.0 for v in sc.values())
+    assert all(v < 0.0 for v in sc.values()) and summary["score"] == "selfconf" and summary["temperature"] == 100.0
     # AUC = P(a clean sample outscores a noisy one), ties counting half: every pair counted here
     clean = [v for k, v in sc.items() if not truth[k]]
     bad = [v for k, v in sc.items() if truth[k]]
     pairs = sum((c > b) + 0.5 * (c == b) for c in clean for b in bad)
     assert summary["auc"] == pytest.approx(pairs / (len(clean) * len(bad)), abs=1e-12)
+
+
+def test_the_verbs_scores_are_each_members_self_confidence_summed(single, ckpts, ragged):
+    """Recomputed from the members' embeddings of all 300 pairs (fewer than the pool of 1024, so
+    every pair competes with all others): CLIP's two log-softmaxes at logit scale 100, diagonal."""
+    from trainer.methods import load_trained_model
+    from trainer.sources import checkpoint_config
+
+    truth = shard_truth(ragged / "train")
+    total = torch.zeros(len(truth), dtype=torch.float64)
+    for ckpt in ckpts:
+        cfg, root, tag = checkpoint_config(str(ckpt))
+        tok = D.load_tokenizer(cfg.tokenizer.path)
+        model = load_trained_model(cfg, root, tag, tok)
+        dec = D.eval_decoder(cfg, tok)
+        batch = dec.collate([dec(s)[:2] for s in _samples(ragged / "train")])
+        with torch.no_grad():
+            img, txt, *_ = model(pixel_values=batch["image"], input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"])
+        logits = 100.0 * img.double() @ txt.double().T
+        total += (torch.log_softmax(logits, 1).diagonal() + torch.log_softmax(logits, 0).diagonal()) / 2
+    got = scores(single)
+    assert [k for k, _ in got] == [k for k, _ in truth]
+    np.testing.assert_allclose([v for _, v in got], total.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def _samples(shards: Path):
+    from webdataset import tariterators
+
+    for tar in sorted(shards.glob("*.tar")):
+        yield from tariterators.tarfile_samples([{"url": str(tar)}])
 
 
 def test_scores_from_an_earlier_selection_are_added(single, ckpts, ragged, tmp_path):
@@ -170,8 +275,8 @@ def test_scores_from_an_earlier_selection_are_added(single, ckpts, ragged, tmp_p
                  "--scores-from", str(single)))
     first = dict(scores(single))
     kept1 = (single / "manifest.txt").read_text().split()
-    alone = tmp_path / "alone"
-    check(select(ckpts[:1], ragged / "train", alone, "--keep", "0.5"))
+    alone = tmp_path / "alone"   # the same subset (the self-confidence's pool is drawn from it), nothing carried
+    check(select(ckpts[:1], ragged / "train", alone, "--keep", "0.5", "--manifest", str(single)))
     own = dict(scores(alone))
     two = dict(scores(out))
     assert sorted(two) == sorted(kept1)                                          # only the subset is scored
@@ -224,11 +329,13 @@ def test_corrupt_samples_are_skipped_and_counted(single, ckpts, ragged, tmp_path
                 payload = b"\xff\xd8 not a jpeg"
             m.size = len(payload)
             dst.addfile(m, io.BytesIO(payload))
-    out = tmp_path / "sel"
-    check(select(ckpts, shards, out, "--keep", "0.7"))
+    out, clean = tmp_path / "sel", tmp_path / "clean"
+    # A pool of the first 200 pairs: the corrupt sample (the 261st) is no competitor either way.
+    check(select(ckpts, shards, out, "--keep", "0.7", "--pool", "200"))
+    check(select(ckpts, ragged / "train", clean, "--keep", "0.7", "--pool", "200"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == 1 and summary["total"] == 299 and summary["samples_in_shards"] == 300
-    expected = [(k, v) for k, v in scores(single) if k != "train_00000260"]
+    expected = [(k, v) for k, v in scores(clean) if k != "train_00000260"]
     assert [k for k, _ in scores(out)] == [k for k, _ in expected]
     # Batches of shard 2 shift by one sample: the same scores up to float noise.
     np.testing.assert_allclose([v for _, v in scores(out)], [v for _, v in expected], atol=1e-5)

@@ -184,11 +184,15 @@ class SelectConfig:
     enabled: bool = _f(False, "EfficientCLIP's ensemble confident learning (docs/methods.md) inside training: every select.every_steps, score the current subset with the model (plus the earlier rounds' scores) and train on the kept fraction only (trainer/methods/selection.py)")
     every_steps: int | None = _f(None, "a selection round every N optimizer steps (default: every epoch of the paired stream, as the public code)", min=1)
     keep: float | None = _f(None, "keep this fraction of the current subset per round, by score rank (default 0.9, the public code's; give at most one of keep, threshold, percentile)")
-    threshold: float | None = _f(None, "instead of keep: keep samples whose ensemble score (a sum of cosines) is >= this")
+    threshold: float | None = _f(None, "instead of keep: keep samples whose ensemble score (the sum of the members' scores, select.score) is >= this")
     percentile: float | None = _f(None, "instead of keep: keep samples scoring >= this percentile (0-100) of the subset's scores")
     max_rounds: int | None = _f(None, "stop selecting after this many rounds (default: no limit)", min=1)
     temporal: bool = _f(True, "add the previous round's scores to this round's (the temporal ensemble of the public code)")
     batch_size: int = _f(256, "per-rank scoring batch size", min=1)
+    score: str = _f("selfconf", "each member's score of a pair: selfconf (confident learning's self-confidence: the pair's log-softmax against the first select.pool pairs, both directions, at logits select.temperature * cosine) or cosine (the public code's)", choices=("selfconf", "cosine"))
+    temperature: float | None = _f(100.0, "selfconf: the logit scale of the self-confidence (null: each member's own logit scale)")
+    pool: int = _f(1024, "selfconf: the candidate pool, the first N pairs (of the current subset) in shard order", min=1)
+    free_scores: bool = _f(False, "record each pair's self-confidence from the training forward itself (before the model trains on its micro-batch) to output_dir/select/free/")
 
 
 @dataclass

@@ -6,8 +6,9 @@
     python -m trainer train ... data.manifest=runs/sel                # train on the kept pairs
 
 The checkpoints (any source ``trainer.sources`` reads) are loaded as trained models and score
-every pair of the shards; the scoring, the units of work, the merge and the outputs are ECL's
-(``trainer/methods/selection.py``, which also runs the rounds inside training).
+every pair of the shards (``--score``: each member's self-confidence, by default, or cosine); the
+scoring, the units of work, the merge and the outputs are ECL's (``trainer/methods/selection.py``,
+which also runs the rounds inside training).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from .config import ConfigError
 from .data import load_tokenizer
 from .dist import launch_env, select_device
 from .methods import load_trained_model
-from .methods.selection import (CarriedScores, launch_share, make_rule, merge, merge_lock, missing_units, score_units,
-                                share, source_id, work_units)
+from .methods.selection import (CarriedScores, launch_share, make_rule, make_score, merge, merge_lock, missing_units,
+                                score_units, share, source_id, work_units)
 from .sources import checkpoint_config
 
 log = logging.getLogger("trainer.select")
@@ -57,9 +58,19 @@ def _load_ensemble(checkpoints: list[str]):
     return [str(Path(r) / t) for _, _, r, t in loaded], models, tokenizer, first
 
 
+def _temperature(text: str) -> float | None:
+    if text == "scale":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"select --temperature: a number or 'scale'; got {text!r}") from None
+
+
 def main(args) -> int:
     """``python -m trainer select ...`` (see the module docstring)."""
     rule = make_rule(args.keep, args.threshold, args.percentile, "select")
+    score = make_score(args.score, _temperature(args.temperature), args.pool, "select")
     urls = D.expand_shards(args.shards, "--shards")
     out = Path(args.out)
     rank, world = launch_share()
@@ -72,7 +83,7 @@ def main(args) -> int:
             raise ConfigError(f"--scores-from {c.dir}: it holds no scores of shard {missing[0]}")
     device = select_device(launch_env().local_rank)   # LOCAL_RANK mod the GPUs this task sees
     dtype = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")) else torch.float32
-    source = source_id(names, [str(Path(u)) for u in urls], args.manifest, dtype)
+    source = source_id(names, [str(Path(u)) for u in urls], args.manifest, dtype, score.describe())
     units = work_units(len(urls), world)
     out.mkdir(parents=True, exist_ok=True)
     if not args.merge_only:
@@ -81,7 +92,7 @@ def main(args) -> int:
         decoder = D.eval_decoder(cfg, tokenizer)
         mine = share(units, rank, world)
         n = score_units(models, urls, mine, decoder, out, source=source, device=device, dtype=dtype, subset=subset,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, score=score)
         log.warning("select: rank %d/%d scored %d unit(s) (%d of its %d were done already)",
                     rank, world, n, len(mine) - n, len(mine))
     left = missing_units(out, units, source)
@@ -93,7 +104,7 @@ def main(args) -> int:
     with merge_lock(out) as mine_to_merge:
         if not mine_to_merge:
             return 0
-        meta = {"checkpoints": names, "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,
+        meta = {"checkpoints": names, **score.describe(), "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,
                 "units": len(units), "world": world}
         summary = merge(out, urls, units, source=source, rule=rule, carried=carried, meta=meta)
     print(json.dumps(summary, indent=2))

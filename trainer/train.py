@@ -106,6 +106,7 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
             hook.remove()
         if fault == "grad":
             NanInjector.poison_grad(image)
+        method.observe(mb, image, text, scale)
         ctx = LossContext(image, text, scale, step=step, impl=cfg.loss.impl, sizes=sizes, extras=method.extras(*more))
         total, parts = compute_loss(terms, ctx)
         if fault == "loss":

@@ -119,7 +119,8 @@ class Method:
     ``prepare(step)`` before the forward; ``engine(..., **micro_kwargs(device))`` once per
     micro-batch (default: the constant ``forward_kwargs``; a method with a data stream of its own
     hands its next batch there); ``extras(*more)`` turns the forward's outputs beyond
-    ``(image, text, scale)`` into ``LossContext.extras``; ``update(step)`` after each applied
+    ``(image, text, scale)`` into ``LossContext.extras``; ``observe(batch, image, text, scale)``
+    sees each micro-batch's forward before its backward; ``update(step)`` after each applied
     optimizer step; ``checkpoint_state()`` (``{name: state}`` or ``{}``) goes into every
     checkpoint's per-rank trainer state and ``restore`` takes it back; ``close()`` when the run
     ends (on every path): shut down loader workers the method started.
@@ -137,6 +138,10 @@ class Method:
 
     def extras(self, *more) -> dict:
         return {}
+
+    def observe(self, batch: dict, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> None:
+        """After each micro-batch's forward, before its backward: the batch (with its ``keys``)
+        and the model's embeddings and logit scale, as the model was before training on it."""
 
     def update(self, step: int) -> None:
         pass
@@ -208,6 +213,10 @@ class Methods(Method):
             out.update(m.extras(*more[i:i + m.outputs]))
             i += m.outputs
         return out
+
+    def observe(self, batch: dict, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> None:
+        for m in self.methods:
+            m.observe(batch, image, text, scale)
 
     def update(self, step: int) -> None:
         for m in self.methods:

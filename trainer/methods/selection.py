@@ -6,9 +6,12 @@ an ensemble, keep the best-scoring fraction of the current subset, train on that
     sbatch --array 0-15 slurm/run.sbatch python -m trainer select ... # each array task its share
     python -m trainer train ... data.manifest=runs/sel                # train on the kept pairs
 
-The score of pair ``i`` is ``c_i = sum_k cos(f_I^(k)(x_i), f_T^(k)(t_i))`` over the checkpoints
-given, plus the scores carried over from earlier selections (``--scores-from``: the temporal
-ensemble of the public code, where each epoch's model adds its cosines to the running sum).
+The score of pair ``i`` is ``c_i = sum_k s^(k)_i`` over the checkpoints given, plus the scores
+carried over from earlier selections (``--scores-from``: the temporal ensemble of the public code,
+where each epoch's model adds its scores to the running sum). A member's ``s_i`` is, by default,
+confident learning's self-confidence (:func:`self_confidence`: the pair's log-softmax against a
+candidate pool, the first ``pool`` pairs, both directions, at logits ``100 * cos``), or, with the
+``cosine`` score, the public code's ``cos(f_I(x_i), f_T(t_i))`` (docs/methods.md has the measurements).
 The kept set is the top ``keep`` fraction of the current subset by score (rank-based, ties broken
 by data order; the public code keeps 0.9 per round), or everything at or above an absolute
 ``threshold`` or the score at a ``percentile`` of the subset.
@@ -61,6 +64,7 @@ from .evit import keep_rate
 
 log = logging.getLogger("trainer.select")
 FORMAT = "trainer-selection/1"
+FREE_QUEUE = 1024
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -188,22 +192,137 @@ def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, s
         yield "done", unit, records, counter.skipped, time.perf_counter() - t0
 
 
+def self_confidence(img: torch.Tensor, txt: torch.Tensor, pool_img: torch.Tensor, pool_txt: torch.Tensor,
+                    temperature: float, same: torch.Tensor | None = None) -> torch.Tensor:
+    """Confident learning's self-confidence of each pair (float64): the log-probability that the
+    image picks its own caption among the caption and the pool's captions, and that the caption
+    picks its own image among the image and the pool's images, at logits ``temperature * cos``,
+    averaged over the two directions. ``same[i, j]``: pool entry ``j`` is pair ``i`` itself (left
+    out, so that it is not its own competitor). Embeddings are L2-normalised, ``[B, d]`` / ``[P, d]``."""
+    img, txt, pool_img, pool_txt = (x.double() for x in (img, txt, pool_img, pool_txt))
+    own = temperature * (img * txt).sum(-1)
+    i2t, t2i = temperature * img @ pool_txt.T, temperature * txt @ pool_img.T
+    if same is not None:
+        i2t, t2i = i2t.masked_fill(same, float("-inf")), t2i.masked_fill(same, float("-inf"))
+    lse_i2t = torch.logsumexp(torch.cat([own[:, None], i2t], 1), 1)
+    lse_t2i = torch.logsumexp(torch.cat([own[:, None], t2i], 1), 1)
+    return ((own - lse_i2t) + (own - lse_t2i)) / 2
+
+
+@dataclass(frozen=True)
+class Score:
+    """What a pair's score is, per member (the ensemble sums the members' scores):
+    ``cosine``: ``cos(f_I(x), f_T(t))``, the public code's; ``selfconf``: :func:`self_confidence`
+    against the first ``pool`` pairs to score, at logits ``temperature * cos`` (None: the member's
+    own logit scale)."""
+    kind: str = "selfconf"
+    temperature: float | None = 100.0
+    pool: int = 1024
+
+    def describe(self) -> dict:
+        return {"score": self.kind} if self.kind == "cosine" else \
+            {"score": self.kind, "temperature": self.temperature or "logit scale", "pool": self.pool}
+
+
+SCORES = ("selfconf", "cosine")
+
+
+def make_score(kind: str, temperature: float | None, pool: int, where: str) -> Score:
+    if kind not in SCORES:
+        raise ConfigError(f"{where}: score must be one of {', '.join(SCORES)}; got {kind!r}")
+    if temperature is not None and not temperature > 0:
+        raise ConfigError(f"{where}: temperature must be > 0 (or null: the model's logit scale); got {temperature}")
+    if pool < 1:
+        raise ConfigError(f"{where}: pool must be >= 1; got {pool}")
+    return Score(kind, temperature, pool)
+
+
+def score_of(cfg: Config) -> Score:
+    sc = cfg.select
+    return make_score(sc.score, sc.temperature, sc.pool, "config section 'select'")
+
+
+def candidate_pool(urls: list[str], decoder: D.SampleDecoder, subset, size: int,
+                   batch_size: int = 256) -> Iterator[tuple[list[str], dict]]:
+    """The first ``size`` decodable samples of the shards (of the subset), in shard order, as
+    ``(keys, batch)`` of up to ``batch_size``: the competitors of every pair's self-confidence,
+    the same on every rank."""
+    keys, items, n = [], [], 0
+    for url in urls:
+        keep = None if subset is None else subset.keys_for(url)
+        for sample in tariterators.tarfile_samples([{"url": url}], handler=D._Counter().handler):
+            if keep is not None and sample["__key__"] not in keep:
+                continue
+            try:
+                pixels, caption, _ = decoder(sample)
+            except Exception:  # noqa: BLE001 - a corrupt sample is no competitor (scoring counts it)
+                continue
+            keys.append(sample["__key__"])
+            items.append((pixels, caption))
+            n += 1
+            if len(items) == batch_size or n == size:
+                yield keys, decoder.collate(items)
+                keys, items = [], []
+            if n == size:
+                return
+    if items:
+        yield keys, decoder.collate(items)
+
+
 @torch.no_grad()
-def ensemble_cosines(models: list, batch: dict, device, dtype) -> torch.Tensor:
-    """``sum_k cos(f_I^(k)(x), f_T^(k)(t))`` for a batch, float64 on the CPU. Each model runs at
-    full capacity (an ECLIPSE student's expedition is switched off)."""
-    total = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float64)
-    for model in models:
-        with keep_rate(model, 1.0):
-            img, txt, *_ = model(pixel_values=batch["image"].to(device, dtype), input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device))
-        total += (img.float() * txt.float()).sum(-1).double().cpu()
-    return total
+def _embed(model, batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One member's ``(image, text, logit scale)`` for a batch, float32 on the CPU, at full
+    capacity (an ECLIPSE student's expedition is switched off)."""
+    with keep_rate(model, 1.0):
+        img, txt, scale, *_ = model(pixel_values=batch["image"].to(device, dtype),
+                                    input_ids=batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device))
+    return img.float().cpu(), txt.float().cpu(), float(scale)
+
+
+class Scorer:
+    """A batch's ensemble scores (float64) under :class:`Score`; with ``selfconf``, each member
+    first embeds the candidate pool (``pool`` forwards, the same on every rank)."""
+
+    def __init__(self, models: list, score: Score, device, dtype, pool: Iterator[tuple[list[str], dict]] = ()):
+        self.models, self.score, self.device, self.dtype = models, score, device, dtype
+        self.pool_keys: dict[str, int] = {}
+        self.pools: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if score.kind == "selfconf":
+            keys, parts = [], [[] for _ in models]
+            for chunk_keys, batch in pool:
+                keys += chunk_keys
+                for k, model in enumerate(models):
+                    parts[k].append(_embed(model, batch, device, dtype)[:2])
+            if not keys:
+                raise ConfigError("select: no sample was scored: the shards (of the subset) hold no decodable "
+                                  "image-caption pair, not even for the self-confidence's candidate pool")
+            self.pool_keys = {key: j for j, key in enumerate(keys)}
+            self.pools = [(torch.cat([p[0] for p in mine]), torch.cat([p[1] for p in mine])) for mine in parts]
+
+    def __call__(self, batch: dict, keys: list[str] | None = None) -> torch.Tensor:
+        n = batch["input_ids"].shape[0]
+        total = torch.zeros(n, dtype=torch.float64)
+        same = None
+        if self.score.kind == "selfconf":
+            same = torch.zeros(n, len(self.pool_keys), dtype=torch.bool)
+            for i, key in enumerate(keys or []):
+                if key in self.pool_keys:
+                    same[i, self.pool_keys[key]] = True
+        for k, model in enumerate(self.models):
+            img, txt, scale = _embed(model, batch, self.device, self.dtype)
+            if self.score.kind == "cosine":
+                total += (img * txt).sum(-1).double()
+            else:
+                t = self.score.temperature if self.score.temperature is not None else scale
+                total += self_confidence(img, txt, *self.pools[k], t, same)
+        return total
 
 
 def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.SampleDecoder, out: Path, *,
                 source: str, device, dtype=torch.float32, subset=None, batch_size: int = 256,
-                lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None) -> int:
+                lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None,
+                score: Score = Score("cosine")) -> int:
     """Score this process's ``units`` into ``out/parts/UNIT.jsonl``; returns the units written.
 
     ``source`` identifies what is scored with (checkpoints, subset, precision): a part written
@@ -211,6 +330,11 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
     forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs."""
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    todo = [u for u in units if _part_source(parts, u) != source]
+    if not todo and not lockstep:
+        return 0
+    pool = candidate_pool(urls, decoder, subset, score.pool, batch_size) if score.kind == "selfconf" else ()
+    scorer = Scorer(models, score, device, dtype, pool)
     events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source)
     written = 0
     while True:
@@ -231,11 +355,13 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
                 break
         elif ev is None:
             break
-        cos = ensemble_cosines(models, ev[3] if ev is not None else dummy, device, dtype)
         if ev is not None:
-            _, records, positions, _ = ev
-            for pos, c in zip(positions, cos.tolist()):
+            _, records, positions, batch = ev
+            sc = scorer(batch, [records[pos]["key"] for pos in positions])
+            for pos, c in zip(positions, sc.tolist()):
                 records[pos]["score"] = c
+        else:
+            scorer(dummy)
     return written
 
 
@@ -463,7 +589,9 @@ class Selection(Method):
         sc = cfg.select
         self.every = sc.every_steps or D.steps_per_epoch(cfg, world)
         self.rule = make_rule(sc.keep, sc.threshold, sc.percentile, "config section 'select'")
+        self.score = score_of(cfg)
         self.state = state or {"rounds": 0, "manifest": cfg.data.manifest, "last_step": 0}
+        self.step, self.queue = 0, ([], [])
 
     @property
     def manifest(self) -> str | None:
@@ -497,6 +625,36 @@ class Selection(Method):
     def wants_checkpoint(self, step: int) -> bool:
         return self.due(step)
 
+    def prepare(self, step: int) -> None:
+        self.step = step
+
+    @torch.no_grad()
+    def observe(self, batch: dict, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> None:
+        """``select.free_scores``: each pair's confidence under the model before it trains on the
+        pair's micro-batch, among the micro-batch and the rank's last ``FREE_QUEUE`` pairs."""
+        if not self.cfg.select.free_scores:
+            return
+        img, txt, s = image.detach().float().cpu(), text.detach().float().cpu(), float(scale)
+        eye = torch.eye(img.shape[0], dtype=torch.bool)
+        q_img = torch.cat([img, *self.queue[0]]) if self.queue[0] else img
+        q_txt = torch.cat([txt, *self.queue[1]]) if self.queue[1] else txt
+        same = torch.zeros(img.shape[0], q_img.shape[0], dtype=torch.bool)
+        same[:, :img.shape[0]] = eye
+        rows = {"cos": (img.double() * txt.double()).sum(-1),
+                "sc_batch": self_confidence(img, txt, img, txt, s, eye),
+                "sc_queue": self_confidence(img, txt, q_img, q_txt, s, same),
+                "sc_queue_t30": self_confidence(img, txt, q_img, q_txt, 30.0, same)}
+        for buf, x in zip(self.queue, (img, txt)):
+            buf.append(x)
+            while sum(t.shape[0] for t in buf) > FREE_QUEUE:
+                buf.pop(0)
+        path = Path(self.cfg.output_dir) / "select" / "free" / f"rank_{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            for i, key in enumerate(batch["keys"]):
+                fh.write(json.dumps({"step": self.step, "key": key, "scale": s,
+                                     **{k: float(v[i]) for k, v in rows.items()}}) + "\n")
+
     def between_steps(self, step: int, engine, tokenizer, log_metrics) -> str | None:
         """One round on every rank when due; its summary goes to TensorBoard (``select/...``)."""
         if not self.due(step):
@@ -524,7 +682,7 @@ class Selection(Method):
         # after round k - 1 the manifest is that round's directory (this run's, or a grown run's source's)
         prev = Path(self.manifest) if k > 1 and self.cfg.select.temporal else None
         subset = D.read_manifest(self.manifest, urls)
-        source = source_id("train", step, self.manifest, str(prev))
+        source = source_id("train", step, self.manifest, str(prev), self.score.describe())
         units = work_units(len(urls), self.world)
         decoder = D.eval_decoder(self.cfg, tokenizer)
         summary_path = out / "summary.json"
@@ -538,13 +696,15 @@ class Selection(Method):
             score_units([model], urls, share(units, self.rank, self.world), decoder, out, source=source,
                         device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
                         lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
-                        on_unit=(lambda _u: os.kill(os.getpid(), signal.SIGKILL)) if kill else None)
+                        on_unit=(lambda _u: os.kill(os.getpid(), signal.SIGKILL)) if kill else None,
+                        score=self.score)
             model.train(was_training)
             barrier()
             if is_main():
                 carried = [CarriedScores(prev)] if prev is not None else []
                 merge(out, urls, units, source=source, rule=self.rule, carried=carried,
                       meta={"step": step, "round": k, "source": source, "manifest_in": self.manifest,
+                            **self.score.describe(),
                             "scores_from": [str(prev)] if prev else []})
             barrier()
         summary = json.loads(summary_path.read_text())
@@ -556,6 +716,7 @@ def check(cfg: Config) -> None:
     """``select.*`` against the rest of the config (before any process group starts)."""
     sc = cfg.select
     make_rule(sc.keep, sc.threshold, sc.percentile, "config section 'select'")
+    score_of(cfg)
     if sc.enabled and sc.every_steps is not None and sc.every_steps >= cfg.max_steps:
         log.warning("select.every_steps=%d >= max_steps=%d: no selection round will run", sc.every_steps, cfg.max_steps)
 
