@@ -34,12 +34,17 @@ CASES = {
     # the round due after step 1, over one shard (128 pairs of the test data)
     "select-round": ("demo", ["select.enabled=true", "select.every_steps=1", "data.train_num_samples=128",
                               "select.batch_size=64"], 2, True),
+    # the self-confidence (the default) against a smaller pool, and the plain cosine
+    "select-round-pool": ("demo", ["select.enabled=true", "select.every_steps=1", "data.train_num_samples=128",
+                                   "select.batch_size=64", "select.pool=48"], 2, True),
+    "select-round-cosine": ("demo", ["select.enabled=true", "select.every_steps=1", "data.train_num_samples=128",
+                                     "select.batch_size=64", "select.score=cosine"], 2, True),
 }
 
 
 def _case_overrides(name: str, data) -> list[str]:
     config, extra, _, _ = CASES[name]
-    shards = f"{data}/train/train-000000.tar" if name == "select-round" else f"{data}/train"
+    shards = f"{data}/train/train-000000.tar" if name.startswith("select-round") else f"{data}/train"
     more = [f"text_lm.shards={data}/text"] if config == "efficientclip" else []
     return [f"data.train_shards={shards}", f"tokenizer.path={data}/tokenizer", *PROBE_COMMON, *more, *extra]
 

@@ -746,7 +746,9 @@ def scored_samples(cfg: Config, k: int) -> int:
 
 def step_flops(cfg: Config, step: int, world: int) -> float:
     """What ECL adds to a step: the scoring pass of a round (forward of both towers at full
-    capacity, no gradient, :func:`scored_samples` pairs), charged to the step after the one it
+    capacity, no gradient, :func:`scored_samples` pairs; with ``select.score=selfconf`` also the
+    candidate pool's forward on every rank and each pair's similarities to the pool, both
+    directions), charged to the step after the one it
     is due at (it runs between them). Rounds are due as in :meth:`Selection.due`: every
     ``select.every_steps`` (default one epoch) before ``max_steps``, at most ``select.max_rounds``."""
     sc = cfg.select
@@ -757,7 +759,18 @@ def step_flops(cfg: Config, step: int, world: int) -> float:
     k = done // every
     if done % every or (sc.max_rounds is not None and k > sc.max_rounds):
         return 0.0
-    return scored_samples(cfg, k) * pair_flops(preset_shape(cfg.model))
+    shape = preset_shape(cfg.model)
+    n = scored_samples(cfg, k)
+    flops = n * pair_flops(shape)
+    if sc.score == "selfconf":   # every rank embeds the candidate pool; each pair meets it both ways
+        pool = min(sc.pool, n)
+        flops += world * pool * pair_flops(shape) + 2 * similarity_rect(n, pool, shape["embed_dim"])
+    return flops
+
+
+def similarity_rect(rows: int, cols: int, dim: int) -> float:
+    """Forward FLOPs of a ``rows x cols`` matrix of ``dim``-wide dot products."""
+    return 2.0 * rows * cols * dim
 
 
 class SelectionSpec(MethodSpec):
