@@ -8,6 +8,7 @@ happens, and bad arguments are refused before any rank starts.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -178,3 +179,21 @@ def test_with_rounds_a_row_is_the_median_round():
     assert row["samples_per_s"] == pytest.approx(10 * 128 / 4.0)
     assert row["samples_per_s_rounds"] == pytest.approx([320.0, 640.0, 160.0])
     assert row["loadavg_rounds"] == ["1.00", "2.00", "3.00"] and row["peak_mem_mb"] == 2.0
+
+
+def test_eclipse_run_holds_the_mean_keep_rate_of_the_configs_own_run():
+    """``--impls eclipse-run`` trains the student at the keep rate the config's run averages over
+    its own ``max_steps`` (EViT's window: 1 for the warm-up, the cosine, then the target), not
+    over the benchmark's few steps (which would be all warm-up: keep rate 1)."""
+    import argparse
+
+    from trainer.experiments.bench_train import _impl_overrides
+
+    args = argparse.Namespace(config="trainer/configs/demo.yaml", overrides=["max_steps=100", "optim.warmup_steps=10"])
+    # warm-up 10 steps at 1, a 33-step cosine from 1 to 0.7 (its mean: 0.85), then 57 steps at 0.7
+    want = (10 * 1.0 + sum(0.7 + 0.3 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / 33))) for i in range(1, 34))
+            + 57 * 0.7) / 100
+    schedule, rate = _impl_overrides("eclipse-run", args)
+    assert schedule == "eclipse.keep_schedule=constant"
+    assert float(rate.split("=")[1]) == pytest.approx(want, rel=1e-12)
+    assert _impl_overrides("eclipse", args) == [] and _impl_overrides("ours", args) == []

@@ -23,8 +23,9 @@ world size (the config's, after the ``key=value`` overrides; ``max_steps`` becom
   student's forward/backward plus the teacher's forward and EMA, against ``ours`` (not in the
   default ``--impls``; ``--impls ours,eclipse`` measures ECLIPSE's cost).
 - ``eclipse-run``: ``eclipse`` with the student held at the run's *mean* keep rate (the config's
-  keep-rate schedule averaged over ``max_steps``: warm-up at 1, the shrink window, the held
-  target), so its step cost is the per-step cost of the whole run, not of its cheapest steps.
+  keep-rate schedule averaged over its own ``max_steps``, before the benchmark shortens it: warm-up
+  at 1, the shrink window, the held target), so its step cost is the per-step cost of the whole
+  run, not of its cheapest steps.
 - ``psd-self``, ``psd-momentum``, ``psd-previous``: ``ours`` with progressive self-distillation
   on (``psd.enabled=true``, ``psd.teacher=...``, the other ``psd.*`` keys as given) and its soft
   targets from the first step (``psd.schedule=constant``, and the ``previous`` teacher refreshed
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     rows = [summary_row(results[impl], meta) for impl in impls]
     for r in rows:   # the student's keep rate each ECLIPSE row ran at
         if r["impl"].startswith("eclipse"):
-            r["keep_rate"] = _student_keep_rate(cfg, r["impl"])
+            r["keep_rate"] = _student_keep_rate(load_config(args.config, list(args.overrides)), r["impl"])
     paths = write_report(rows, meta, out)
     for r in rows:
         print(json.dumps({k: r[k] for k in ("impl", "samples_per_s", "step_ms", "peak_mem_mb", "loss_first",
@@ -182,7 +183,7 @@ def _launch(impl: str, args, tmp: Path, rnd: int) -> dict:
            "--standalone", "-m", "trainer.experiments.bench_train", "--worker", impl,
            "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--result", str(result), *(["--profile", args.profile] if args.profile else []),
-           *_overrides(args, tmp / f"run_{impl}")]
+           *_overrides(args, tmp / f"run_{impl}"), *_impl_overrides(impl, args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "TOKENIZERS_PARALLELISM": "false"}
     print(f"bench train: {impl} ({args.nproc} ranks, {args.warmup} + {args.steps} steps, round {rnd + 1} of "
@@ -433,13 +434,18 @@ def _build_eclipse(cfg, *args):
     return _build_ours(cfg, *args)
 
 
+def _impl_overrides(impl: str, args) -> list[str]:
+    """``eclipse-run``: the student held at the mean keep rate of the run the config describes
+    (its own ``max_steps``, before the benchmark shortens it to ``warmup + steps``)."""
+    if impl != "eclipse-run":
+        return []
+    k = _student_keep_rate(load_config(args.config, list(args.overrides)), impl)
+    return ["eclipse.keep_schedule=constant", f"eclipse.keep_rate={k!r}"]
+
+
 def _build_eclipse_run(cfg, *args):
-    """``eclipse`` at the run's mean keep rate (the schedule's average over ``max_steps``)."""
-    import dataclasses
-    k = _student_keep_rate(cfg, "eclipse-run")
-    cfg = dataclasses.replace(cfg, eclipse=dataclasses.replace(cfg.eclipse, enabled=True, keep_schedule="constant",
-                                                               keep_rate=k))
-    return _build_ours(cfg, *args)
+    """``eclipse`` at the run's mean keep rate (set by :func:`_impl_overrides`)."""
+    return _build_eclipse(cfg, *args)
 
 
 def _build_psd(teacher: str):
