@@ -8,6 +8,7 @@ themselves (tests/teacher_probe.py, tests/fp16_probe.py, tests/flops_probe.py).
 from trainer import data as D
 from trainer import methods
 from trainer import train as T
+from trainer.train import fresh_state  # noqa: F401 - the probes' state at step 0
 from trainer.engine import build_ds_config, build_engine
 from trainer.losses import build_terms
 from trainer.model import build_model, preset_shape
@@ -29,8 +30,3 @@ def build_stream(cfg, tokenizer, le, data_state: dict | None = None):
         shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
     return (T.TrainData(cfg, decoder, le.rank, le.world_size, data_state),
             build_terms(cfg.loss, methods.loss_terms(cfg)))
-
-
-def fresh_state() -> dict:
-    """The trainer state of a run at step 0."""
-    return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}

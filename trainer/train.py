@@ -180,6 +180,11 @@ def write_run_files(config_yaml: str, ds_config: dict, out: Path) -> None:
     atomic_write_text(out / "ds_config.json", json.dumps(ds_config, indent=2))
 
 
+def fresh_state() -> dict:
+    """The trainer state of a run at step 0 (what a checkpoint's trainer state restores)."""
+    return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+
+
 def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, inherited: Inherited | None) -> dict:
     """Load the checkpoint :func:`resume_source` selects into the engine; return the trainer state.
     (The CLI has checked it against this world size and worker count before any process group.)
@@ -188,7 +193,7 @@ def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, i
     if source is None:
         if inherited is not None:
             method.inherit(inherited)
-        return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+        return fresh_state()
     root, tag = source
     state = ckpt.load(engine, tag, root=root)
     _set_rng_state(state.pop("rng"))

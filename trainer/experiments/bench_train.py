@@ -137,9 +137,10 @@ def main(argv=None) -> int:
     meta = {"tag": tag, "command": command, "commit": _commit(), "uptime_before": uptime_before,
             "uptime_after": _uptime(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     rows = [summary_row(results[impl], meta) for impl in impls]
+    run_cfg = load_config(args.config, list(args.overrides))   # the config's own run, not the benchmark's
     for r in rows:   # the student's keep rate each ECLIPSE row ran at
         if r["impl"].startswith("eclipse"):
-            r["keep_rate"] = _student_keep_rate(load_config(args.config, list(args.overrides)), r["impl"])
+            r["keep_rate"] = _student_keep_rate(run_cfg, r["impl"])
     paths = write_report(rows, meta, out)
     for r in rows:
         print(json.dumps({k: r[k] for k in ("impl", "samples_per_s", "step_ms", "peak_mem_mb", "loss_first",
@@ -385,7 +386,7 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
     terms = build_terms(cfg.loss, loss_terms(cfg))
     guard = GradGuard(engine.module)
     inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, [])
-    state = {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
+    state = T.fresh_state()
     stop = T.StopRequest()
     if le.rank == 0:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
