@@ -187,3 +187,13 @@ def test_search_candidates_get_their_own_warmup_and_equal_flops(monkeypatch, tmp
     assert steps[cheapest] == 50
     for name in configs:
         assert abs(spent[name] - spent[cheapest]) <= 0.55 * per_step[name], name   # the nearest step count
+
+
+def test_peak_table_picks_the_most_specific_part_and_knows_no_cpu():
+    """MFU's denominator: the dense peak by CUDA's device name; none for CPUs or unknown parts."""
+    from trainer.flops import peak_tflops
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0     # not the SXM part's peak
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert peak_tflops("NVIDIA V100-SXM2-32GB", "bf16") is None  # no bf16 tensor cores
+    assert peak_tflops(None, "fp32") is None and peak_tflops("Some Future GPU", "bf16") is None

@@ -58,6 +58,13 @@ def test_run_writes_contract_outputs(baseline):
     from trainer.flops import clip_step_flops
     per_step = clip_step_flops(load_config(baseline / "config.yaml"), 2)
     assert [m["flops"] for m in metrics] == pytest.approx([s * per_step for s in range(1, STEPS + 1)], rel=1e-12)
+    # what a cluster user reads: model FLOPs per sample, achieved TFLOP/s per device; no MFU on a CPU
+    gb = load_config(baseline / "config.yaml").data.batch_size * 2
+    for m in metrics:
+        assert m["flops_per_sample"] == pytest.approx(per_step / gb, rel=1e-12)
+        # one window, one clock: TFLOP/s per device = samples/s x FLOPs per sample / world
+        assert m["tflops_per_s"] == pytest.approx(m["samples_per_s"] * m["flops_per_sample"] / 2 / 1e12, rel=1e-9)
+        assert "mfu" not in m
     assert (baseline / "config.yaml").is_file()
     ds = json.loads((baseline / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 16

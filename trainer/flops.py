@@ -88,3 +88,34 @@ def clip_step_flops(cfg, world: int) -> float:
     batch = global_batch(cfg, world)
     towers = batch * (3.0 * pair_flops(shape) - patch_embed_flops(shape))
     return towers + 2 * 3.0 * similarity_flops(batch, shape["embed_dim"])
+
+
+# Dense peak FLOP/s of a device (no sparsity), by the name CUDA reports, for MFU = achieved model
+# FLOP/s / peak. Tensor-core peaks for bf16/fp16; fp32 is the non-tensor FP32 rate (TF32 is not
+# assumed: torch leaves matmul TF32 off by default). Vendor data sheets; SXM parts unless named.
+# The longest matching key wins ("H100 PCIe" before "H100").
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+}
+
+
+def peak_tflops(device_name: str | None, precision: str) -> float | None:
+    """The dense peak TFLOP/s of ``device_name`` (``torch.cuda.get_device_name()``) at
+    ``precision``, or None where unknown (every CPU, an unlisted GPU): MFU is then not reported.
+
+    >>> peak_tflops("NVIDIA H100 80GB HBM3", "bf16"), peak_tflops("NVIDIA H100 PCIe", "bf16")
+    (989.0, 756.0)
+    """
+    if not device_name:
+        return None
+    hits = [k for k in PEAK_TFLOPS if k in device_name]
+    if not hits:
+        return None
+    return PEAK_TFLOPS[max(hits, key=len)].get(precision)

@@ -30,6 +30,7 @@ from .dist import LaunchEnv, all_reduce, hostname, init_distributed, shutdown
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate_all
 from .faults import GradGuard, NanInjector, fp16_loss_scale, skip_update
+from .flops import peak_tflops
 from .losses import LossContext, build_terms, compute_loss
 from .methods import (Inherited, Method, attach as attach_method, build_method, load_init, loss_terms, step_flops,
                       train_flops)
@@ -246,8 +247,10 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     guard = GradGuard(engine.module)
     inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, state["injected"])
     progress = _progress(cfg, le.rank, state["step"])
-    window = _new_window()
     flops = train_flops(cfg, state["step"], le.world_size)   # analytic, cumulative (trainer/flops.py)
+    window = _new_window(flops)
+    peak = peak_tflops(torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+                       cfg.deepspeed.precision)
     status = 0
     try:
         while state["step"] < cfg.max_steps:
@@ -267,7 +270,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                 status = EXIT_BAD_LOSS
                 break
             state["step"] = upcoming
-            flops += step_flops(cfg, upcoming, le.world_size)
+            last_step_flops = step_flops(cfg, upcoming, le.world_size)
+            flops += last_step_flops
             if cfg.debug.raise_at_step == state["step"] and le.rank == 0:
                 raise RuntimeError(f"debug.raise_at_step: injected failure after step {state['step']}")
             dt = time.perf_counter() - t0
@@ -276,11 +280,12 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                 progress.update(1)
             if state["step"] % cfg.log.every_steps == 0 or state["step"] == cfg.max_steps:
                 logged = {**_window_metrics(window, engine, global_batch, state, train_data, le.world_size),
-                          "flops": flops}
+                          "flops": flops, **_throughput(flops - window["flops0"], window["t"], le.world_size,
+                                                        last_step_flops / global_batch, peak)}
                 metrics_log.log(logged, state["step"])
                 if progress is not None:
                     progress.set_postfix(loss=f"{logged['loss']:.3f}")
-                window = _new_window()
+                window = _new_window(flops)
             if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
                 run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
             if (state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now
@@ -314,9 +319,20 @@ def _progress(cfg: Config, rank: int, initial: int):
                 file=sys.stderr, mininterval=2.0)
 
 
-def _new_window() -> dict:
-    """Sums over the steps since the last log line."""
-    return {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}}
+def _new_window(flops: float) -> dict:
+    """Sums over the steps since the last log line (``flops``: the run's count when it opens)."""
+    return {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}, "flops0": flops}
+
+
+def _throughput(window_flops: float, seconds: float, world: int, flops_per_sample: float,
+                peak: float | None) -> dict:
+    """What a cluster user compares with published throughput: the model FLOPs of one training
+    sample (forward + backward, every method's extra forwards charged; trainer/flops.py), the
+    achieved TFLOP/s per device over the window (data waits included, as MFU is usually quoted),
+    and MFU against the device's dense peak where it is known (GPUs in flops.PEAK_TFLOPS)."""
+    tflops = window_flops / max(seconds, 1e-9) / world / 1e12
+    return {"flops_per_sample": flops_per_sample, "tflops_per_s": tflops,
+            **({"mfu": tflops / peak} if peak else {})}
 
 
 def _accumulate(window: dict, metrics: dict, dt: float, t_data: float) -> None:
