@@ -82,6 +82,7 @@ class OptimConfig:
 class TrainConfig:
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     global_batch_size: int | None = _f(None, "if set, must equal data.batch_size * grad_accum_steps * world size")
+    accum_negatives: bool = _f(False, "with grad_accum_steps > 1: the contrastive loss over all batch_size x grad_accum_steps x world pairs of the step, exactly as one large batch (cached embeddings, then each micro-batch's forward again for its backward: GradCache, open_clip's --accum-freq), at one micro-batch's activation memory and one extra forward per micro-batch; false: each micro-batch's loss sees only its own batch_size x world pairs")
     max_bad_microbatches: int = _f(5, "stop after this many consecutive micro-batches dropped for a non-finite loss or gradient (an optimizer step whose accumulated gradients are non-finite drops all its micro-batches)", min=1)
 
 
@@ -334,6 +335,12 @@ def _cross_checks(cfg: Config) -> None:
                           f"got zero_stage={cfg.deepspeed.zero_stage}")
     if len(cfg.data.image_mean) != 3 or len(cfg.data.image_std) != 3:
         raise ConfigError("config keys 'data.image_mean' and 'data.image_std' must have 3 values each")
+    if cfg.train.accum_negatives and cfg.train.grad_accum_steps < 2:
+        raise ConfigError("config key 'train.accum_negatives' needs train.grad_accum_steps >= 2 "
+                          f"(got {cfg.train.grad_accum_steps}): it spans the micro-batches of one step")
+    if cfg.train.accum_negatives and cfg.debug.inject_nan_steps:
+        raise ConfigError("config key 'debug.inject_nan_steps' (fault injection) is not supported with "
+                          "train.accum_negatives")
     if cfg.debug.inject_nan_microbatch >= cfg.train.grad_accum_steps:
         raise ConfigError(f"config key 'debug.inject_nan_microbatch' must be < train.grad_accum_steps "
                           f"({cfg.train.grad_accum_steps}); got {cfg.debug.inject_nan_microbatch}")

@@ -86,6 +86,8 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
     before the forward, for its loss inputs, and after each applied update. Returns
     ``(metrics, data wait s, stop)``.
     """
+    if cfg.train.accum_negatives:
+        return cached_negatives_step(engine, next_batch, terms, cfg, step, state, guard, stop_flag, method)
     dtype = next(engine.module.parameters()).dtype
     sizes = (cfg.data.batch_size,) * engine.dp_world_size  # training micro-batches are always full
     sums: dict[str, torch.Tensor] = {}
@@ -99,10 +101,7 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
         t_data += time.perf_counter() - t0
         fault = inject.where if good == cfg.debug.inject_nan_microbatch and inject.due(step) else None
         hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
-        image, text, scale, *more = engine(pixel_values=mb["image"].to(engine.device, dtype, non_blocking=True),
-                                           input_ids=mb["input_ids"].to(engine.device, non_blocking=True),
-                                           attention_mask=mb["attention_mask"].to(engine.device, non_blocking=True),
-                                           **extra_inputs)
+        image, text, scale, *more = engine(**_inputs(mb, engine.device, dtype), **extra_inputs)
         if hook is not None:
             hook.remove()
         if fault == "grad":
@@ -123,27 +122,107 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
         if good < cfg.train.grad_accum_steps:
             engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
             continue
-        flags = torch.stack([guard.flag(total.device), torch.tensor(stop_flag(), device=total.device)])
-        grads_bad, stop_now = all_reduce(flags, "max").tolist()
-        scale = fp16_loss_scale(engine)
-        if not grads_bad:
-            engine.step()
-            # fp16: DeepSpeed's own check (after its reduction) may still find an overflow the
-            # per-parameter guard did not see; it skipped the update, so the step starts over.
-            if scale is None or engine.was_step_applied():
-                method.update(step)
-                return {k: v / good for k, v in sums.items()}, t_data, bool(stop_now)
-        else:
-            with skip_update(engine):
-                engine.step()
-        if scale is not None and scale[0] > scale[1]:   # fp16 loss scaling's own overflow
-            state["fp16_overflows"] = state.get("fp16_overflows", 0) + 1
-            log.info("step %d: fp16 gradients overflowed at loss scale %g; update skipped, DeepSpeed's scale "
-                     "now %g (not a fault)", step, scale[0], fp16_loss_scale(engine)[0])
-        else:
-            _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
-                                         f"its {good} micro-batch(es) dropped")
+        stop_now = _boundary(engine, guard, stop_flag, method, cfg, step, state, good)
+        if stop_now is not None:
+            return {k: v / good for k, v in sums.items()}, t_data, stop_now
         sums, good = {}, 0
+        guard.reset()
+
+
+def _inputs(mb: dict, device, dtype) -> dict:
+    return {"pixel_values": mb["image"].to(device, dtype, non_blocking=True),
+            "input_ids": mb["input_ids"].to(device, non_blocking=True),
+            "attention_mask": mb["attention_mask"].to(device, non_blocking=True)}
+
+
+def _boundary(engine, guard: GradGuard, stop_flag, method: Method, cfg: Config, step: int, state: dict,
+              good: int) -> bool | None:
+    """The accumulation boundary: every rank agrees whether the gradients are finite (and whether
+    a stop was asked) and applies or skips the update. Returns the stop flag when the update was
+    applied, None when the step must start over with new micro-batches."""
+    device = engine.device
+    flags = torch.stack([guard.flag(device), torch.tensor(stop_flag(), device=device)])
+    grads_bad, stop_now = all_reduce(flags, "max").tolist()
+    scale = fp16_loss_scale(engine)
+    if not grads_bad:
+        engine.step()
+        # fp16: DeepSpeed's own check (after its reduction) may still find an overflow the
+        # per-parameter guard did not see; it skipped the update, so the step starts over.
+        if scale is None or engine.was_step_applied():
+            method.update(step)
+            return bool(stop_now)
+    else:
+        with skip_update(engine):
+            engine.step()
+    if scale is not None and scale[0] > scale[1]:   # fp16 loss scaling's own overflow
+        state["fp16_overflows"] = state.get("fp16_overflows", 0) + 1
+        log.info("step %d: fp16 gradients overflowed at loss scale %g; update skipped, DeepSpeed's scale "
+                 "now %g (not a fault)", step, scale[0], fp16_loss_scale(engine)[0])
+    else:
+        _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
+                                     f"its {good} micro-batch(es) dropped")
+    return None
+
+
+def cached_negatives_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, guard: GradGuard,
+                          stop_flag, method: Method):
+    """One optimizer step with ``train.accum_negatives``: the loss over all ``K = grad_accum_steps``
+    micro-batches' pairs of every rank, as one batch of ``K x batch_size x world`` (GradCache,
+    Gao et al. 2021; open_clip's ``--accum-freq``).
+
+    1. Each micro-batch's forward without autograd: the embeddings are cached (the RNG state
+       before each forward too, so the second forward draws the same randomness).
+    2. The loss of the whole step over the cached embeddings (the gathered kernels, with this
+       rank's ``K x batch_size`` rows), backward to the embeddings and the logit scale only.
+    3. Each micro-batch's forward again, with autograd, and the backward of
+       ``<emb, dL/demb>`` (+ the scale's share): by the chain rule the parameters' gradients sum
+       to the large batch's, at one micro-batch's activation memory, for one extra forward each.
+       DeepSpeed's division by the accumulation steps is off (``scale_wrt_gas=False``): the
+       loss is already the step's mean.
+    A non-finite loss drops the step's K micro-batches; the boundary is train_step's."""
+    dtype = next(engine.module.parameters()).dtype
+    k_steps, b = cfg.train.grad_accum_steps, cfg.data.batch_size
+    sizes = (k_steps * b,) * engine.dp_world_size
+    cuda = engine.device.type == "cuda"
+    t_data = 0.0
+    guard.reset()
+    method.prepare(step)
+    while True:
+        inputs, rngs, images, texts = [], [], [], []
+        for _ in range(k_steps):
+            t0 = time.perf_counter()
+            mb = next_batch()
+            t_data += time.perf_counter() - t0
+            inputs.append(_inputs(mb, engine.device, dtype))
+            rngs.append((torch.get_rng_state(), torch.cuda.get_rng_state(engine.device) if cuda else None))
+            with torch.no_grad():
+                image, text, scale, *_ = engine(**inputs[-1])
+            images.append(image)
+            texts.append(text)
+        image = torch.cat(images).requires_grad_()
+        text = torch.cat(texts).requires_grad_()
+        scale = scale.detach().requires_grad_()
+        total, parts = compute_loss(terms, LossContext(image, text, scale, step=step, impl=cfg.loss.impl, sizes=sizes))
+        if all_reduce((~torch.isfinite(total.detach())).float().reshape(1), "max").item():
+            _count_bad(state, k_steps, cfg, f"step {step}: non-finite loss, its {k_steps} micro-batches dropped")
+            continue
+        total.backward()
+        g_image, g_text, g_scale = image.grad.split(b), text.grad.split(b), scale.grad / k_steps
+        for k in range(k_steps):
+            cpu_rng, cuda_rng = rngs[k]
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, engine.device)
+            image_k, text_k, scale_k, *_ = engine(**inputs[k])
+            surrogate = ((image_k * g_image[k]).sum() + (text_k * g_text[k]).sum()
+                         + (scale_k * g_scale).sum())
+            engine.backward(surrogate, scale_wrt_gas=False)
+            if k < k_steps - 1:
+                engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
+        state["bad_streak"] = 0
+        stop_now = _boundary(engine, guard, stop_flag, method, cfg, step, state, k_steps)
+        if stop_now is not None:
+            return {"loss": total.detach().float(), **{n: v.detach().float() for n, v in parts.items()}}, t_data, stop_now
         guard.reset()
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import resume_source
-from ..config import Config
+from ..config import Config, ConfigError
 from ..flops import clip_step_flops
 from ..model import ClipTrainModel, build_clip_config
 from ..sources import INFO, OPTIM, fp32_state_dict, init_source, is_grown
@@ -55,6 +55,12 @@ def check(cfg: Config) -> None:
     """Every method's config check (a ConfigError names the key), before any process starts."""
     for spec in REGISTRY:
         spec.check(cfg)
+    if cfg.train.accum_negatives:
+        refused = [s.name for s in enabled(cfg) if not s.cached_negatives_ok(cfg)]
+        if refused:
+            raise ConfigError(f"config key 'train.accum_negatives' computes the loss from the cached embeddings "
+                              f"alone; the enabled method(s) {', '.join(refused)} need more of the training "
+                              "forward: turn it off, or those methods")
 
 
 def attach(model: torch.nn.Module, cfg: Config) -> None:

@@ -79,6 +79,11 @@ class MethodSpec:
     def enabled(self, cfg) -> bool:
         return False
 
+    def cached_negatives_ok(self, cfg) -> bool:
+        """Can its run use ``train.accum_negatives`` (the loss over cached embeddings only)? Not
+        when it adds loss inputs or reads the training forward."""
+        return False
+
     def check(self, cfg) -> None:
         pass
 

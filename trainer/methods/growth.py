@@ -530,6 +530,9 @@ class GrowthSpec(MethodSpec):
     def enabled(self, cfg) -> bool:
         return bool(cfg.checkpoint.init)
 
+    def cached_negatives_ok(self, cfg) -> bool:
+        return True   # the start's weights only
+
     def build(self, cfg, engine) -> Growth:
         return Growth(engine)
 

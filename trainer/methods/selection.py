@@ -779,6 +779,9 @@ class SelectionSpec(MethodSpec):
     def enabled(self, cfg: Config) -> bool:
         return True   # rounds run only with select.enabled, but every checkpoint carries the state
 
+    def cached_negatives_ok(self, cfg: Config) -> bool:
+        return not cfg.select.free_scores   # rounds run between steps; free scores read the training forward
+
     def check(self, cfg: Config) -> None:
         check(cfg)
 
