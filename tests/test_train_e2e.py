@@ -75,6 +75,17 @@ def test_run_writes_contract_outputs(baseline):
     ev = json.loads((baseline / "eval.json").read_text())
     assert ev["step"] == STEPS and ev["num_samples"] == 96
     # the values of eval.json: test_in_training_eval_equals_a_plain_reference_on_the_exported_model
+    # each rank draws its own randomness (dropout, FLIP masks): their saved generators differ, and
+    # the same seed gives the same rank's generator (train.seed_rank, independently recomputed here)
+    import numpy as np
+    rngs = [torch.load(ckpts / f"step_{STEPS}" / "trainer_state" / f"rank_{r}.pt", weights_only=False)["rng"]
+            for r in (0, 1)]
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+    assert rngs[0]["numpy"][1].tolist() != rngs[1]["numpy"][1].tolist()
+    for r in (0, 1):
+        gen = torch.Generator()
+        gen.set_state(rngs[r]["torch"])
+        assert gen.initial_seed() == int(np.random.SeedSequence([0, r]).generate_state(1)[0])
 
 
 def test_tensorboard_events_match_metrics(baseline):

@@ -239,6 +239,16 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed the step's randomness (dropout, FLIP's patch masks, ...) per rank: the model was built
+    from ``seed`` on every rank (identical initial weights), which left every rank's generators
+    in the same state, so every rank would draw the same masks for different samples."""
+    s = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)   # CPU and every CUDA device
+
+
 def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
@@ -308,6 +318,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         log.info("%s", method.describe())
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
+    seed_rank(cfg.seed, le.rank)   # a resume then restores each rank's own saved generators
     state = resume_state(cfg, ckpt, engine, method, inherited)
 
     shape = preset_shape(cfg.model)
