@@ -346,6 +346,25 @@ def test_periodic_eval_is_logged_to_tensorboard(tiny):
         events = acc.Scalars(f"eval/{key}")
         assert [e.step for e in events] == [2, 4], key
         assert events[-1].value == pytest.approx(during[key], abs=1e-6), key
+    # eval.jsonl keeps the history: one line per evaluation, the same values as TensorBoard's
+    history = [json.loads(line) for line in (tiny / "eval.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4] and history[-1] == during
+    for key in EVAL_KEYS[:-1]:
+        assert history[0][key] == pytest.approx(acc.Scalars(f"eval/{key}")[0].value, abs=1e-6), key
+
+
+def test_eval_history_drops_a_killed_runs_later_lines(tmp_path):
+    """On resume at step 4, lines past it (written before the kill) go, as in metrics.jsonl."""
+    from trainer.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (2, 4, 6):
+        log.log({"zeroshot_top1": step / 10}, step, prefix="eval")
+        log.log({"loss": 1.0}, step)
+    log.close()
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=4).close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2, 4]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
 
 
 def test_val_loss_is_the_full_set_contrastive_loss():
