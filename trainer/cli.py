@@ -1,4 +1,4 @@
-"""CLIP pre-training with DeepSpeed ZeRO: train, make-demo-data, eval, export-hf, select, grow, sweep, bench.
+"""CLIP pre-training with DeepSpeed ZeRO: train, make-demo-data, make-tokenizer, eval, export-hf, select, grow, sweep, bench.
 
 ``python -m trainer VERB ...``. User mistakes (bad config, missing paths, bad batch arithmetic)
 print one ``error:`` line and exit with status 2, before any process group or data loader starts.
@@ -80,6 +80,12 @@ def _make_demo_data(args) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _make_tokenizer(args) -> int:
+    from .clip_tokenizer import write_clip_tokenizer
+    print(json.dumps(write_clip_tokenizer(args.out, args.bpe), indent=2))
     return 0
 
 
@@ -174,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-text", type=int, default=4000)
     m.add_argument("--noise-rate", type=float, default=0.0)
     m.add_argument("--seed", type=int, default=0)
+    k = sub.add_parser("make-tokenizer", help="write CLIP's tokenizer (transformers CLIPTokenizer, 77 tokens) "
+                                              "from the BPE vocabulary open_clip ships; no download")
+    k.add_argument("--from", dest="source", choices=("open_clip",), default="open_clip",
+                   help="where the BPE vocabulary comes from (the installed open_clip package)")
+    k.add_argument("--bpe", help="a bpe_simple_vocab_16e6.txt.gz to use instead of the installed open_clip's")
+    k.add_argument("--out", required=True, help="the tokenizer directory (then tokenizer.path=DIR)")
     e = sub.add_parser("eval", help="zero-shot and retrieval evaluation of a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", help="also write the result JSON here")
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "train" and not args.config:
         print("error: train needs --config FILE (e.g. trainer/configs/demo.yaml)", file=sys.stderr)
         return 2
-    handlers = {"train": _train, "make-demo-data": _make_demo_data, "eval": _eval, "export-hf": _export,
+    handlers = {"train": _train, "make-demo-data": _make_demo_data, "make-tokenizer": _make_tokenizer, "eval": _eval, "export-hf": _export,
                 "bench": _bench, "sweep": _sweep, "select": _select, "grow": _grow}
     try:
         return handlers[args.verb](args)
