@@ -1,7 +1,7 @@
 """Helpers of scripts/gpu_check.sh (`make gpu-check`): probe the machine, resolve the plan's commands
 without running them (DRY_RUN=1), record each step, and write summary.md from what the steps left.
 
-    python scripts/gpu_check.py probe                  # shell lines: GPUS=1, MISSING="open_clip ..."
+    python scripts/gpu_check.py probe [--gpus]         # shell lines: MISSING="open_clip ...", GPUS=1
     python scripts/gpu_check.py env --out DIR          # DIR/env.json: device, driver, versions, commit
     python scripts/gpu_check.py resolve PLAN           # PLAN: one "STEP<TAB>command" a line; exit 1 naming
                                                        # every step whose command does not resolve
@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # modules the steps need beside torch; a step needing a missing one is recorded as skipped
-OPTIONAL = ("triton", "deepspeed", "webdataset", "open_clip", "transformers", "pytest")
+OPTIONAL = ("triton", "deepspeed", "webdataset", "open_clip", "transformers", "pytest", "xdist")
 REPO_DIRS = ("tests/", "trainer/", "kernels/", "scripts/", "ds_configs/", "bench/sweeps/")
 
 
@@ -44,10 +44,14 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def probe() -> dict:
-    import torch
-    return {"GPUS": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-            "MISSING": " ".join(m for m in OPTIONAL if not _importable(m))}
+def probe(gpus: bool) -> dict:
+    """The optional modules this python lacks (found, not imported: cheap) and, with ``gpus``, the
+    number of GPUs torch sees."""
+    out = {"MISSING": " ".join(m for m in OPTIONAL if not _importable(m))}
+    if gpus:
+        import torch
+        out["GPUS"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return out
 
 
 def _version(dist: str) -> str | None:
@@ -121,6 +125,8 @@ def _resolve_module(module: str, args: list[str]) -> str:
         raise Unresolved(f"python module {module!r} not found")
     if module == "pytest":
         import pytest
+        # pytest-xdist's -n N collected in this process (-n 0): the flag is checked, no workers start
+        args = ["0" if prev == "-n" else a for prev, a in zip([None, *args], args)]
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *args])
@@ -332,7 +338,7 @@ def summary(out: Path) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("probe")
+    sub.add_parser("probe").add_argument("--gpus", action="store_true", help="also count the GPUs (imports torch)")
     sub.add_parser("env").add_argument("--out", required=True)
     sub.add_parser("resolve").add_argument("plan")
     r = sub.add_parser("record")
@@ -353,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.cmd == "probe":
-        for k, v in probe().items():
+        for k, v in probe(ns.gpus).items():
             print(f"{k}={shlex.quote(str(v))}")
         return 0
     if ns.cmd == "env":

@@ -21,8 +21,9 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
 DATA=$RUN/data
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
+# the plan adapts to what this python has (a dry run checks the commands this machine would run)
 GPUS=0 MISSING=""
-if [ "$DRY_RUN" != 1 ]; then eval "$("$PY" scripts/gpu_check.py probe)"; fi
+if [ "$DRY_RUN" = 1 ]; then eval "$("$PY" scripts/gpu_check.py probe)"; else eval "$("$PY" scripts/gpu_check.py probe --gpus)"; fi
 has() { [[ " $MISSING " != *" $1 "* ]]; }
 
 # ---------------------------------------------------------------------------------------- the plan
@@ -43,9 +44,12 @@ step() {
 step env 10 60 - -- "$PY" scripts/gpu_check.py env --out "$OUT"
 
 # The interpreter tests' cases, compiled (tests/test_kernels_triton.py: fp32 at 1e-5, half at 3e-2),
-# plus every tile the tuner may pick. Cold Triton cache: ~100 compiles.
-step kernels 150 200 gpu,mod:triton,mod:pytest -- env -u TRITON_INTERPRET KERNELS_TRITON_CHILD=1 \
-  TRAINER_TRITON_DEVICE=cuda "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels_triton.py
+# plus every tile the tuner may pick. Cold Triton cache: ~100 compiles of a few seconds each, spread
+# over 8 pytest-xdist workers where it is installed.
+XDIST=(); KERNELS_EST=150 KERNELS_TMO=200
+if has xdist; then XDIST=(-n 8); KERNELS_EST=60 KERNELS_TMO=150; fi
+step kernels $KERNELS_EST $KERNELS_TMO gpu,mod:triton,mod:pytest -- env -u TRITON_INTERPRET KERNELS_TRITON_CHILD=1 \
+  TRAINER_TRITON_DEVICE=cuda "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_triton.py
 
 # b = N = 32768, bf16: Triton (tuned; its tile in the row) vs the old 128 x 128 default tile vs
 # open_clip's ClipLoss vs the torch reference, against a cuBLAS GEMM of the same shape.
