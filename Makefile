@@ -4,8 +4,9 @@ PIP = .venv/bin/pip
 DEMO_DIR ?= runs/demo-data
 DEMO_OUT ?= runs/demo
 NPROC ?= 2
+DRY_RUN ?= 0
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all gpu-check venv clean
 
 venv: .venv/.installed
 
@@ -40,6 +41,14 @@ test: venv
 # today's 499 tests (68 full) were not timed together.
 test-all: venv
 	$(PY) -m pytest -q -rs --durations=25 tests
+
+# What runs first whenever a GPU is at hand (scripts/gpu_check.sh): the Triton kernels compiled against
+# the references, the loss and training-step benchmarks, a 2-rank NCCL run when 2 GPUs are visible;
+# under 10 minutes on one H100, everything under bench/results/gpu-DATE/ with a summary.md.
+# DRY_RUN=1 (a CPU is enough, seconds): print the plan and check that every command resolves.
+# A machine whose python already holds torch and the packages: make gpu-check PY=python3 (no .venv).
+gpu-check: $(if $(filter .venv/bin/python,$(PY)),venv)
+	DRY_RUN=$(DRY_RUN) PY=$(PY) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs

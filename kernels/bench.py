@@ -9,7 +9,10 @@ Implementations: ``torch`` (materialised-logits reference), ``open_clip`` (open_
 ``triton`` (the fused paths; triton only on CUDA). A ``cublas_gemm`` row times ``X @ Y^T`` of the
 same shape and dtype on the same device: the roofline the Triton row's ``vs_gemm`` is read
 against. ``tflops`` counts the fused algorithm's work, 8 b N D (forward GEMM, backward
-recompute, dX and dY GEMMs), for every loss row, so rows compare as time.
+recompute, dX and dY GEMMs), for every loss row, so rows compare as time. The ``triton`` row
+names the tile the tuner picked for its shape (``tile``); ``--tiles 128x128x64:8:3,...`` adds a
+row ``triton@TILE`` per fixed tile (any tile, not only the tuner's candidates: e.g. the old
+128 x 128 default, to see whether the tuner's choice is faster on this GPU).
 
 Peak memory of one forward + backward: on CUDA ``max_memory_allocated`` above what was
 allocated before the call; on CPU, in a fresh process per implementation, VmHWM above the RSS
@@ -47,6 +50,8 @@ def _args(argv):
     p.add_argument("--dim", type=int, nargs="+", default=[512], help="embedding dim D")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--tiles", type=_tiles, default=(), metavar="BMxBNxBK[:WARPS[:STAGES]],...",
+                   help="fixed Triton tiles to time beside the tuned 'triton' row (rows 'triton@TILE')")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--workspace-bytes", type=int, default=None)
@@ -55,6 +60,40 @@ def _args(argv):
     p.add_argument("--tag", default="loss", help="file name prefix")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)   # internal, see _Memory
     return p.parse_args(argv)
+
+
+def parse_tile(text: str):
+    """``"128x128x64:8:3"`` -> ``TileConfig(128, 128, 64, num_warps=8, num_stages=3)`` (warps 8 and
+    stages 3 when left out)."""
+    from .triton_launch import TileConfig   # the tile type only; Triton's launchers load on first use
+    dims, _, opts = text.partition(":")
+    try:
+        bm, bn, bk = (int(v) for v in dims.split("x"))
+        opt = [int(v) for v in opts.split(":")] if opts else []
+        if len(opt) > 2:
+            raise ValueError
+        warps, stages = opt + [8, 3][len(opt):]
+    except ValueError:
+        raise ValueError(f"a tile is BMxBNxBK[:WARPS[:STAGES]], e.g. 128x128x64:8:3. Got: {text!r}") from None
+    return TileConfig(bm, bn, bk, warps, stages)
+
+
+def tile_name(cfg) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}:{cfg.num_warps}:{cfg.num_stages}"
+
+
+def _tiles(text: str) -> tuple:
+    try:
+        return tuple(parse_tile(t) for t in text.split(",") if t)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _tuned_tile(b: int, n: int, dim: int, dtype, device) -> str | None:
+    """The tile the tuner chose for the plain contrastive loss at this shape (None: not tuned)."""
+    from .triton_launch import TritonBackend
+    cfg = TritonBackend._tuned.get((b, n, dim, dtype, False, False, 0, device))
+    return tile_name(cfg) if cfg is not None else None
 
 
 def _commit() -> str:
@@ -77,7 +116,12 @@ def _sync(device):
 
 
 def _loss_fn(impl: str, workspace_bytes, world: int, rank: int):
-    """``fn(x, y, s) -> loss`` for one implementation (None where it cannot run here)."""
+    """``fn(x, y, s) -> loss`` for one implementation (None where it cannot run here);
+    ``triton@TILE``: the Triton loss at that fixed tile."""
+    if impl.startswith("triton@"):
+        from .triton_launch import clip_loss_triton
+        cfg = parse_tile(impl.partition("@")[2])
+        return lambda x, y, s: clip_loss_triton(x, y, s, workspace_bytes=workspace_bytes, config=cfg)
     if impl == "open_clip":
         try:
             from open_clip.loss import ClipLoss
@@ -177,7 +221,7 @@ def _probe(args) -> int:
 
 def bench_impl(impl, b, dim, dtype, device, args, world, rank) -> dict:
     """One row: forward + backward of ``impl`` (or a status saying why it did not run)."""
-    if impl == "triton" and device.type != "cuda":
+    if impl.partition("@")[0] == "triton" and device.type != "cuda":
         return {"status": "skipped: triton needs a CUDA device"}
     fn = _loss_fn(impl, args.workspace_bytes, world, rank)
     if fn is None:
@@ -200,6 +244,10 @@ def bench_impl(impl, b, dim, dtype, device, args, world, rank) -> dict:
         return {"status": "oom"}
     n = b * world
     row = {"status": "ok", "peak_mem_bytes": peak, **_percentiles(ms)}
+    if impl == "triton":
+        row["tile"] = _tuned_tile(b, n, dim, dtype, device)
+    elif impl.startswith("triton@"):
+        row["tile"] = impl.partition("@")[2]
     row["tflops"] = 8 * b * n * dim / (row["ms_p50"] * 1e-3) / 1e12
     return row
 
@@ -297,13 +345,13 @@ def main(argv=None) -> int:
             shape = {"b": b, "n": b * world, "dim": dim}
             gemm = bench_gemm(b, dim, dtype, device, args, world)
             rows.append({**common, **shape, "impl": "cublas_gemm" if device.type == "cuda" else "torch_gemm", **gemm})
-            for impl in impls:
+            for impl in impls + [f"triton@{tile_name(t)}" for t in args.tiles]:
                 row = {**common, **shape, "impl": impl, **bench_impl(impl, b, dim, dtype, device, args, world, rank)}
                 if row.get("status") == "ok":
                     row["vs_gemm"] = row["tflops"] / gemm["tflops"]
                 rows.append(row)
                 if rank == 0:
-                    print(json.dumps({k: row.get(k) for k in ("b", "n", "dim", "impl", "status", "ms_p50", "peak_mem_bytes", "tflops", "vs_gemm")}), flush=True)
+                    print(json.dumps({k: row.get(k) for k in ("b", "n", "dim", "impl", "status", "ms_p50", "peak_mem_bytes", "tflops", "vs_gemm", "tile")}), flush=True)
     if rank == 0:
         stem = f"{args.tag}_{device.type}_{common['dtype']}_{_dt.date.today().isoformat()}"
         for p in write_rows(rows, Path(args.out), stem):

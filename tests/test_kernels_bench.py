@@ -105,3 +105,24 @@ def test_scaling_plot_shows_time_and_memory_per_impl_against_n(tmp_path, monkeyp
         assert list(line_t.get_ydata()) == pytest.approx([n * k for n in (1024, 2048, 4096)])
         mib = [(n * n * 4 if impl == "torch" else n * 2048) / 2**20 for n in (1024, 2048, 4096)]
         assert list(line_m.get_ydata()) == pytest.approx(mib)
+
+
+def test_fixed_tiles_parse_and_add_a_row_each(tmp_path):
+    """--tiles: each tile a row ``triton@TILE`` (skipped with the reason on a CPU, as the tuned
+    row is); a malformed tile is refused by argparse, naming the form."""
+    from kernels.triton_launch import TileConfig
+
+    assert KB.parse_tile("128x128x64:8:3") == TileConfig(128, 128, 64, 8, 3)
+    assert KB.parse_tile("64x32x16:4") == TileConfig(64, 32, 16, 4, 3)
+    assert KB.tile_name(KB.parse_tile("128x64x32")) == "128x64x32:8:3"
+    with pytest.raises(ValueError, match=r"BMxBNxBK\[:WARPS\[:STAGES\]\].*'128x128'"):
+        KB.parse_tile("128x128")
+    with pytest.raises(SystemExit) as e:
+        KB._args(["--tiles", "128x128x64,big"])
+    assert e.value.code == 2
+    assert KB.main(["--b", "8", "--dim", "8", "--impls", "triton", "--tiles", "128x128x64:8:3,64x64x64",
+                    "--reps", "1", "--warmup", "0", "--out", str(tmp_path), "--tag", "t"]) == 0
+    (jsonl,) = tmp_path.glob("t_cpu_fp32_*.jsonl")
+    rows = [json.loads(l) for l in open(jsonl)]
+    assert [r["impl"] for r in rows] == ["torch_gemm", "triton", "triton@128x128x64:8:3", "triton@64x64x64:8:3"]
+    assert all(r["status"] == "skipped: triton needs a CUDA device" for r in rows[1:])

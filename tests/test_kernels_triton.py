@@ -3,6 +3,16 @@
 The interpreter must be on before kernels.triton_launch is first imported, and must not leak
 into other test modules, so the real tests run in a child pytest process started by
 ``test_triton_kernels_under_interpreter`` (its output is shown when it fails).
+
+On a GPU the same cases run compiled: ``TRAINER_TRITON_DEVICE=cuda`` starts the child without the
+interpreter, and every ``impl="triton"`` call of the cases gets its tensors moved to the GPU (one
+copy per tensor, so that a tensor passed twice stays one tensor) and its results moved back; the
+references stay on the CPU, the tolerances are the same (fp32 1e-5, half 3e-2). The kernels run at
+each family's default tile (no tuner, as under the interpreter), and ``test_every_tile_candidate``,
+defined on a GPU only, runs every tile the tuner may pick. ``scripts/gpu_check.sh`` runs the child
+directly:
+
+    KERNELS_TRITON_CHILD=1 TRAINER_TRITON_DEVICE=cuda python -m pytest -q tests/test_kernels_triton.py
 """
 import os
 import subprocess
@@ -15,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = os.environ.get("KERNELS_TRITON_CHILD") == "1"
+DEVICE = os.environ.get("TRAINER_TRITON_DEVICE", "cpu")   # "cuda": the cases compiled on a GPU
 
 
 def _child_env(**extra) -> dict:
@@ -25,7 +36,11 @@ def _child_env(**extra) -> dict:
 
 if not CHILD:
     def test_triton_kernels_under_interpreter():
-        env = _child_env(TRITON_INTERPRET="1", KERNELS_TRITON_CHILD="1")
+        env = _child_env(KERNELS_TRITON_CHILD="1", TRAINER_TRITON_DEVICE=DEVICE)
+        if DEVICE == "cpu":
+            env["TRITON_INTERPRET"] = "1"
+        else:
+            env.pop("TRITON_INTERPRET", None)
         r = run_child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                        "-W", "ignore::RuntimeWarning", __file__], cwd=ROOT, env=env, timeout=900)
         out = r.stdout[-6000:] + r.stderr[-3000:]
@@ -47,13 +62,51 @@ else:
 
     import torch
 
+    import kernels
+    import kernels.testing
     import kernels.triton_launch as TL
+    import test_kernels_chunked
     from kernels import WORKSPACE
     from kernels.testing import TEACHER_KINDS, AllocationMeter, make_batch, run_case
     from test_kernels_chunked import (KINDS, TERM_CASES, assert_matches, check_degenerate_teacher,
                                       check_terms_against_reference, textbook)
 
-    assert TL.INTERPRET, "child must run with TRITON_INTERPRET=1"
+    if DEVICE == "cpu":
+        assert TL.INTERPRET, "child must run with TRITON_INTERPRET=1"
+    else:
+        assert not TL.INTERPRET and torch.cuda.is_available(), \
+            f"TRAINER_TRITON_DEVICE={DEVICE}: needs a GPU and TRITON_INTERPRET unset"
+
+    def _on_device(loss_fn):
+        """``loss_fn`` whose ``impl="triton"`` calls run on DEVICE: tensor arguments moved there
+        (autograd flows back to the CPU leaves), results moved back. On the CPU every move is the
+        tensor itself, so the interpreter's cases run unchanged."""
+        def call(*args, impl="auto", **kwargs):
+            if impl != "triton":
+                return loss_fn(*args, impl=impl, **kwargs)
+            moved = {}    # by identity: the momentum teacher's tensor passed twice stays one tensor
+
+            def move(v):
+                if not isinstance(v, torch.Tensor):
+                    return v
+                if id(v) not in moved:
+                    moved[id(v)] = v.to(DEVICE)
+                return moved[id(v)]
+            out = loss_fn(*map(move, args), impl=impl, **{k: move(v) for k, v in kwargs.items()})
+            return out.cpu() if isinstance(out, torch.Tensor) else type(out)(*(t.cpu() for t in out))
+        return call
+
+    @pytest.fixture(autouse=True)
+    def _triton_on_device(monkeypatch):
+        """Every module whose helpers call the loss entry points, and the default tile (no
+        tuner: each new shape would time every candidate, and the launch counts below would
+        include its launches)."""
+        for module in (kernels.testing, test_kernels_chunked, sys.modules[__name__]):
+            for name in ("gathered_clip_loss", "gathered_distill_loss"):
+                if hasattr(module, name):
+                    monkeypatch.setattr(module, name, _on_device(getattr(module, name)))
+        monkeypatch.setattr(kernels, "_backend", lambda impl: (
+            kernels.ChunkedBackend() if impl == "chunked" else TL.TritonBackend(tune=False)))
 
     @pytest.mark.parametrize("kind", KINDS)
     @pytest.mark.parametrize("n,dim,scale,near,go", [
@@ -131,7 +184,9 @@ else:
 
     def _small_tiles(monkeypatch):
         """16-wide tiles and 3 column splits: b = N = 45 has 3 row blocks and 3 column panels."""
-        monkeypatch.setattr(TL, "INTERPRETER_CONFIG", TL.TileConfig(16, 16, 16, 1, 1, col_splits=3))
+        small = TL.TileConfig(16, 16, 16, 1, 1, col_splits=3)
+        monkeypatch.setattr(TL, "INTERPRETER_CONFIG", small)
+        monkeypatch.setattr(TL.TritonBackend, "_cfg", lambda self, *a, **k: small)   # compiled too
         fwd, bwd = _Counted(TL._clip_fwd_kernel), _Counted(TL._clip_bwd_kernel)
         monkeypatch.setattr(TL, "_clip_fwd_kernel", fwd)
         monkeypatch.setattr(TL, "_clip_bwd_kernel", bwd)
@@ -192,3 +247,21 @@ else:
         batch = make_batch(8, 8, seed=1)
         with pytest.raises(ValueError, match="workspace_bytes=64 is too small"):
             run_case(batch, slice(0, 8), "triton", "clip", workspace_bytes=64)
+
+    if DEVICE != "cpu":
+        # kind -> (psd, ecl, psd_source) of triton_launch.candidates
+        _FAMILIES = {"clip": (False, False, "self"), "distill": (True, True, "self"),
+                     "distill_psd_teacher": (True, True, "teacher"), "distill_psd_ecl": (True, True, "ecl")}
+        _TILES = [(kind, dtype, cfg) for kind, (psd, ecl, src) in _FAMILIES.items()
+                  for dtype in (torch.float32, torch.bfloat16)
+                  for cfg in TL.candidates(psd, ecl, dtype, src)]
+
+        @pytest.mark.parametrize("kind,dtype,cfg", _TILES, ids=lambda v: str(v).replace(" ", ""))
+        def test_every_tile_candidate(kind, dtype, cfg, monkeypatch):
+            """Compiled only: every tile the tuner may pick, at a shape of several row blocks and
+            column tiles with ragged edges (b = N = 200, D = 72: not a multiple of BLOCK_K)."""
+            monkeypatch.setattr(TL.TritonBackend, "_cfg", lambda self, *a, **k: cfg)
+            batch = make_batch(200, 72, seed=13, scale=30.0)
+            got = run_case(batch, slice(0, 200), "triton", kind, dtype=dtype, grad_output=0.5)
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            assert_matches(got, textbook(batch, kind, grad_output=0.5), tol, f"{kind} {dtype} {cfg}")
