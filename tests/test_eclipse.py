@@ -50,7 +50,9 @@ def _initial_student(out: Path) -> dict[str, torch.Tensor]:
             .state_dict().items()}
 
 
-@pytest.mark.parametrize("stage", FULL_STAGES)
+# ZeRO-3's partitioned EMA in the full tier (with tests/test_teacher_fresh.py's ulp-level checks);
+# the fast tier checks the closed form on ZeRO-1 and ZeRO-3's partition layout below.
+@pytest.mark.parametrize("stage", [*FULL_STAGES[:3], pytest.param(3, marks=pytest.mark.full)])
 def test_teacher_is_the_closed_form_ema_of_the_student(stages, stage):
     """teacher_0 = student_0; teacher_t = m teacher_(t-1) + (1 - m) student_t, with student_t the
     consolidated fp32 weights of checkpoint t (DeepSpeed's own zero_to_fp32 reader)."""

@@ -47,6 +47,7 @@ def test_dry_run_prints_the_plan_and_resolves_every_command(tmp_path):
     assert make.stdout.splitlines()[-1] == "DRY_RUN=1 PY=.venv/bin/python bash scripts/gpu_check.sh", make.stdout
 
 
+@pytest.mark.full   # the fast tier resolves the whole plan in test_dry_run_prints_the_plan_...
 def test_broken_commands_are_named(tmp_path, capsys):
     """The resolver (what the dry run calls) on a plan with one good and four broken commands."""
     gc = _helper()
