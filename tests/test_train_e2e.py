@@ -220,6 +220,32 @@ def test_kill_during_save_leaves_previous_checkpoint_as_latest(baseline, demo_da
     assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.full   # a 4-step 2-rank rerun; the fallback itself is in-process in test_checkpoint
+def test_unreadable_newest_checkpoint_resumes_from_the_previous_one(baseline, demo_data, tmp_path):
+    """Rank 1's optimizer shard of the newest checkpoint (step_12) cut in half: the rerun warns,
+    naming both checkpoints, resumes from step_8 and trains steps 9-12 to the uninterrupted run's
+    losses."""
+    import shutil
+    out = tmp_path / "corrupt"
+    shutil.copytree(baseline, out)
+    shard = out / "checkpoints" / "step_12" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    text = check(run_trainer(train_args(demo_data, out), nproc=2))
+    assert f"checkpoint {out / 'checkpoints' / 'step_12'} is unreadable: {shard}" in text
+    assert (f"newest checkpoint {out / 'checkpoints' / 'step_12'} is unreadable (see above); resuming from the "
+            f"previous complete checkpoint {out / 'checkpoints' / 'step_8'}") in text
+    assert f"resumed from {out / 'checkpoints' / 'step_8'} (step 8)" in text
+    assert sorted(losses(out)) == list(range(1, STEPS + 1))
+    assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
+    assert C_unreadable(shard) is None   # step 12 saved afresh
+
+
+def C_unreadable(path):
+    from trainer.checkpoint import unreadable
+    return unreadable(path)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stages_give_the_same_losses(baseline, demo_data, tmp_path, stage):
     out = tmp_path / f"zero{stage}"

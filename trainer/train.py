@@ -195,6 +195,7 @@ def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, i
             method.inherit(inherited)
         return fresh_state()
     root, tag = source
+    tag = ckpt.readable_tag(tag, root)   # falls back to the previous complete one, saying so
     state = ckpt.load(engine, tag, root=root)
     _set_rng_state(state.pop("rng"))
     method.restore(state, where=root / tag)
