@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.checkpoint import unreadable
 from conftest import (check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer, wait_for_step)
 
 CONFIG = "trainer/configs/demo.yaml"
@@ -238,12 +239,27 @@ def test_unreadable_newest_checkpoint_resumes_from_the_previous_one(baseline, de
     assert sorted(losses(out)) == list(range(1, STEPS + 1))
     assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
-    assert C_unreadable(shard) is None   # step 12 saved afresh
+    assert unreadable(shard) is None   # step 12 saved afresh
 
 
-def C_unreadable(path):
-    from trainer.checkpoint import unreadable
-    return unreadable(path)
+@pytest.mark.full   # two 2-rank runs
+def test_stop_signal_during_evaluation_checkpoints_and_resumes(baseline, demo_data, tmp_path):
+    """SIGUSR1 reaches rank 0 at the first forward of step 6's evaluation: both ranks abandon the
+    evaluation at that forward, write step_6 and exit 75; the same command then finishes the run
+    with the uninterrupted run's losses."""
+    out = tmp_path / "stop-in-eval"
+    args = train_args(demo_data, out, "eval.every_steps=6", "debug.signal_during_eval_step=6")
+    proc = run_trainer(args, nproc=2)
+    text = proc.stdout + proc.stderr
+    # torchrun exits 1 for a rank's 75; the ranks' own statuses are in its report
+    assert proc.returncode != 0 and "(exitcode: 75)" in text and "(exitcode: 1)" not in text, text[-3000:]
+    assert "stop requested by signal: evaluation at step 6 abandoned" in text
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_6"
+    assert sorted(losses(out)) == list(range(1, 7)) and not (out / "eval.json").exists()
+    text = check(run_trainer(args, nproc=2))
+    assert f"resumed from {out / 'checkpoints' / 'step_6'} (step 6)" in text
+    assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
+    assert json.loads((out / "eval.json").read_text())["step"] == STEPS
 
 
 @pytest.mark.parametrize("stage", [2, 3])

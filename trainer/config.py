@@ -135,6 +135,8 @@ class DebugConfig:
     inject_nan_where: str = _f("loss", "where the injected NaN arises: loss (the finished loss) | forward (inside the vision tower) | grad (the gradient only; the loss stays finite)", choices=("loss", "forward", "grad"))
     raise_at_step: int | None = _f(None, "fault injection for tests: rank 0 raises an exception after this optimizer step (a failing rank must exit, not hang)")
     kill_during_select_step: int | None = _f(None, "fault injection for tests: SIGKILL rank 0 after it wrote its first scored unit of the selection round at step N")
+    signal_during_eval_step: int | None = _f(None, "fault injection for tests: rank 0 sends itself SIGUSR1 at the first forward of the evaluation after step N (eval.every_steps; not the final one)")
+    signal_during_select_step: int | None = _f(None, "fault injection for tests: rank 0 sends itself SIGUSR1 after writing each scored unit of the selection round at step N")
     kill_during_save_step: int | None = _f(None, "fault injection for tests: SIGKILL this process after writing checkpoint N but before marking it latest")
 
 
