@@ -97,7 +97,7 @@ class DeepSpeedConfig:
     zero_stage: int = _f(1, "ZeRO stage", min=0, max=3)
     precision: str = _f("bf16", "training precision", choices=("bf16", "fp16", "fp32"))
     offload: bool = _f(False, "ZeRO-3 with optimizer and parameters offloaded to CPU (ds_configs/zero3_offload.json)")
-    reduce_dtype: str = _f("fp32", "bf16 runs: the dtype gradients are accumulated over micro-batches and reduced across ranks in, the loss's gathered-embedding gradient included: fp32 (DeepSpeed's data_types.grad_accum_dtype at ZeRO 1-3 and communication_data_type; ZeRO-0 accumulates in bf16 all the same, DeepSpeed has no fp32 accumulation without ZeRO) | bf16 (DeepSpeed's default: every micro-batch sum and every hop of a ring reduction rounds to 8 bits of mantissa); under fp16 it sets only the loss's sum (DeepSpeed's loss-scaled fp16 reductions are left as they are)", choices=("fp32", "bf16"))
+    reduce_dtype: str = _f("fp32", "bf16 runs: the dtype gradients are reduced across ranks in (DeepSpeed's communication_data_type, and the loss's gathered-embedding gradient) and, at ZeRO 2-3, accumulated over micro-batches in (data_types.grad_accum_dtype): fp32 (ZeRO 0-1 still accumulate in bf16: DeepSpeed 0.19.8 has no fp32 accumulation for bf16 without ZeRO, and at stage 1 swaps in a BF16_Optimizer whose checkpoints its zero_to_fp32 cannot read) | bf16 (DeepSpeed's default: every micro-batch sum and every hop of a ring reduction rounds to 8 bits of mantissa); under fp16 it sets only the loss's sum (DeepSpeed's loss-scaled fp16 reductions are left as they are)", choices=("fp32", "bf16"))
 
 
 @dataclass

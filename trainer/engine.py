@@ -55,20 +55,23 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
 
 
 def apply_reduce_dtype(ds: dict, cfg: Config) -> None:
-    """bf16 runs accumulate and all-reduce gradients in ``deepspeed.reduce_dtype`` (default fp32).
+    """bf16 runs reduce gradients across ranks in ``deepspeed.reduce_dtype`` (default fp32), and
+    at ZeRO 2-3 accumulate them over micro-batches in it too.
 
     Left alone, DeepSpeed 0.19.8 accumulates a bf16 model's gradients in bf16 (a micro-batch's
     gradient below 1/256 of the running sum vanishes) and reduces them in bf16 (a ring rounds
-    at every hop). ``communication_data_type`` is honoured by every stage;
-    ``data_types.grad_accum_dtype`` only with ZeRO (stage 1 then runs DeepSpeed's BF16_Optimizer,
-    stages 2 and 3 keep fp32 gradient partitions): without ZeRO DeepSpeed raises
-    NotImplementedError for bf16 parameters with fp32 accumulation, so stage 0 keeps bf16 sums.
+    at every hop). ``communication_data_type`` is honoured by every stage.
+    ``data_types.grad_accum_dtype`` is set for stages 2 and 3 only (their ZeRO optimizer keeps
+    fp32 gradient partitions): at stage 1 DeepSpeed swaps its ZeRO optimizer for BF16_Optimizer,
+    whose checkpoints its own ``zero_to_fp32`` cannot read ("is not a zero checkpoint"; export,
+    eval and grow read through it), and without ZeRO it raises NotImplementedError. So stages
+    0 and 1 still accumulate in bf16 and reduce in fp32.
     """
     if cfg.deepspeed.precision != "bf16":
         return
     ds["communication_data_type"] = cfg.deepspeed.reduce_dtype
     types = ds.setdefault("data_types", {})
-    if cfg.deepspeed.zero_stage > 0:
+    if cfg.deepspeed.zero_stage >= 2:
         types["grad_accum_dtype"] = cfg.deepspeed.reduce_dtype
     else:
         types.pop("grad_accum_dtype", None)
