@@ -116,7 +116,7 @@ def _deepspeed_rank(rank: int, world: int, store: str, outdir: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.full   # six DeepSpeed engines on 2 gloo ranks: 154 s on 2 cores at load 20
+@pytest.mark.full   # six DeepSpeed engines on 2 gloo ranks: 80-150 s on 2 shared cores (load 20)
 def test_deepspeed_accumulates_and_reduces_bf16_gradients_in_fp32():
     """2 gloo ranks, 8 micro-batches, SGD with lr 1 from w = 0: the fp32 master weight after one
     step is minus the mean gradient. fp32 accumulation and reduction (ZeRO 2-3) give the float64
