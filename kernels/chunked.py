@@ -60,7 +60,7 @@ class ChunkedBackend:
 
     name = "chunked"
 
-    def stats(self, X, Y, XT, s32, spec: LossSpec, XP=None, YP=None):
+    def stats(self, X, Y, XT, s32, spec: LossSpec, XP=None, YP=None, group=None):
         b, N = X.shape[0], Y.shape[0]
         # alive per column: z, t, (t - z), w, exp(w - m) for each of two directions (+ tp)
         width = _width(b, N, 4 + 3 * int(spec.ecl) + int(spec.psd) + int(spec.psd_teacher),

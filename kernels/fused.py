@@ -127,7 +127,7 @@ class FusedGatheredLoss(torch.autograd.Function):
         # statistics stay fp32 even inside an autocast region
         with torch.no_grad(), torch.autocast(X.device.type, enabled=False):
             s32 = scale.detach().float()
-            (rmx, rsm), (cmx, csm) = backend.stats(X, Y, XT, s32, spec, XP=XP, YP=YP)
+            (rmx, rsm), (cmx, csm) = backend.stats(X, Y, XT, s32, spec, XP=XP, YP=YP, group=layout.group)
             cmx, csm = allreduce_stats(cmx, csm, layout)
             lse_row, row_vals = finalize(rmx, rsm, spec)
             lse_col, col_vals = finalize(cmx, csm, spec)

@@ -8,6 +8,11 @@ reduce-scatter SUM; gloo has no reduce-scatter, so there it is an all-reduce SUM
     >>> rows = all_gather_with_grad(local_emb, group)   # [N, D], differentiable
     >>> offset, sizes = gathered_layout(local_emb.shape[0], group)
 
+Half-precision gradients are summed in fp32 by default (``set_grad_reduce_dtype``): a ring
+reduce-scatter adds one rank's contribution per hop, and in bf16 each hop rounds to 8 bits of
+mantissa, so small contributions next to a large one vanish. The sum is cast back to the
+embeddings' dtype once, at the end.
+
 Every collective here (and in stats.py) hands the backend tensors on its communication device
 (``comm_device``): NCCL only moves CUDA tensors, gloo is used with CPU tensors. Inputs on another
 device are copied there and the results come back to the input's device.
@@ -16,6 +21,23 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+_GRAD_REDUCE_DTYPE: torch.dtype | None = torch.float32
+
+
+def set_grad_reduce_dtype(dtype: torch.dtype | None) -> None:
+    """The dtype the gather's backward sums gradients over ranks in, when theirs is narrower
+    (default fp32); None sums in the gradients' own dtype."""
+    global _GRAD_REDUCE_DTYPE
+    _GRAD_REDUCE_DTYPE = dtype
+
+
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    want = _GRAD_REDUCE_DTYPE
+    if want is None or torch.finfo(dtype).bits >= torch.finfo(want).bits:
+        return dtype
+    return want
 
 
 def world_info(group=None) -> tuple[int, int]:
@@ -114,16 +136,17 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_out = grad_out.to(ctx.comm).contiguous()
+        home_dtype = grad_out.dtype
+        grad_out = grad_out.to(ctx.comm, _reduce_dtype(home_dtype)).contiguous()
         offset = sum(ctx.sizes[: ctx.rank])
         rows = ctx.sizes[ctx.rank]
         uniform = all(s == rows for s in ctx.sizes)
         if uniform and _backend_name(ctx.group, ctx.comm) != "gloo":   # gloo: no reduce-scatter
             grad_local = grad_out.new_empty((rows,) + tuple(grad_out.shape[1:]))
             dist.reduce_scatter_tensor(grad_local, grad_out, op=dist.ReduceOp.SUM, group=ctx.group)
-            return grad_local.to(ctx.home), None, None
+            return grad_local.to(ctx.home, home_dtype), None, None
         dist.all_reduce(grad_out, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad_out[offset: offset + rows].to(ctx.home, copy=True), None, None
+        return grad_out[offset: offset + rows].to(ctx.home, home_dtype, copy=True), None, None
 
 
 def all_gather_with_grad(local: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:

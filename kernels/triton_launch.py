@@ -16,14 +16,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import triton
+from triton.runtime import errors as triton_errors
 
 from .fused import WORKSPACE, fused_loss
+from .gather import comm_device, world_info
 from .spec import GPU_WORKSPACE_BYTES, PSD_SOURCES, LossSpec
 from .stats import merge_into, merge_partials
 from .triton_clip import _clip_bwd_kernel, _clip_fwd_kernel
 
 INTERPRET = type(_clip_fwd_kernel).__name__ == "InterpretedFunction"
+# What Triton's own autotuner skips a config for: the tile needs more shared memory or registers
+# than the GPU has (PTXASError: ptxas refused it; absent from older Tritons). Anything else
+# raised while timing is a real fault and propagates.
+UNRUNNABLE = tuple(getattr(triton_errors, name) for name in ("OutOfResources", "PTXASError")
+                   if hasattr(triton_errors, name))
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -261,14 +269,18 @@ class TritonBackend:
     def __init__(self, config: TileConfig | None = None, tune: bool = True):
         self.config, self.tune = config, tune
 
-    def _cfg(self, X, Y, XT, s32, spec, XP=None, YP=None) -> TileConfig:
+    def _cfg(self, X, Y, XT, s32, spec, XP=None, YP=None, group=None) -> TileConfig:
         if self.config is not None:
             return self.config
         if INTERPRET or not X.is_cuda or not self.tune:
             return INTERPRETER_CONFIG if INTERPRET else candidates(spec.psd, spec.ecl, X.dtype, spec.psd_source)[0]
-        key = (X.shape[0], Y.shape[0], X.shape[1], X.dtype, spec.psd, spec.ecl, psd_src(spec), X.device)
+        # Every rank of the group reaches this with the same key at the same call (N is the
+        # gathered size; the local b may differ in a ragged batch, so it is not in the key).
+        key = (Y.shape[0], X.shape[1], X.dtype, spec.psd, spec.ecl, psd_src(spec), X.device.type)
         if key not in self._tuned:
-            self._tuned[key] = _time_candidates(X, Y, XT, s32, spec, XP, YP)
+            tiles = candidates(spec.psd, spec.ecl, X.dtype, spec.psd_source)
+            self._tuned[key] = tiles[agree_on_tile(lambda: tiles.index(_time_candidates(X, Y, XT, s32, spec, XP, YP)),
+                                                   group, X.device)]
         return self._tuned[key]
 
     @staticmethod
@@ -276,10 +288,10 @@ class TritonBackend:
         """A teacher input in the student's dtype, contiguous (None stays None)."""
         return T.to(X.dtype).contiguous() if T is not None else None
 
-    def stats(self, X, Y, XT, s32, spec, XP=None, YP=None):
+    def stats(self, X, Y, XT, s32, spec, XP=None, YP=None, group=None):
         X, Y = X.contiguous(), Y.contiguous()
         XT, XP, YP = self._like(XT, X), self._like(XP, X), self._like(YP, X)
-        self._last = self._cfg(X, Y, XT, s32, spec, XP, YP)
+        self._last = self._cfg(X, Y, XT, s32, spec, XP, YP, group)
         return launch_forward(X, Y, XT, s32, spec, self._last, XP, YP)
 
     def panels(self, b, N, dtype, device, spec):
@@ -291,6 +303,23 @@ class TritonBackend:
         return launch_grad_panel(X.contiguous(), Y.contiguous(), XT, s32, lse_row.contiguous(),
                                  lse_col.contiguous(), a_row, a_col, offset, p0, p1, spec, bufs,
                                  self._last, XP, YP)
+
+
+def agree_on_tile(choose, group=None, device=None) -> int:
+    """The index rank 0 of ``group`` picks with ``choose()`` (the timing), on every rank.
+
+    Timings differ from GPU to GPU (clocks, neighbours, a straggler), so ranks timing for
+    themselves can pick different tiles, and different tiles sum the statistics in different
+    orders: the ranks' losses and gradients would differ in their last bits and runs would not
+    reproduce. So one rank times and broadcasts its choice; the others wait at the broadcast
+    (one integer, on the backend's device) instead of timing."""
+    rank, world = world_info(group)
+    if world == 1:
+        return int(choose())
+    pick = torch.tensor([int(choose()) if rank == 0 else -1], dtype=torch.long, device=comm_device(group, device))
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast(pick, src=src, group=group)
+    return int(pick.item())
 
 
 def _time_candidates(X, Y, XT, s32, spec, XP=None, YP=None) -> TileConfig:
@@ -307,7 +336,7 @@ def _time_candidates(X, Y, XT, s32, spec, XP=None, YP=None) -> TileConfig:
             end.record()
             torch.cuda.synchronize(X.device)
             ms = start.elapsed_time(end)
-        except Exception:   # a config this GPU cannot run (shared memory, registers): skip it
+        except UNRUNNABLE:   # a tile this GPU cannot run (shared memory, registers): skip it
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
@@ -323,6 +352,6 @@ def clip_loss_triton(image_emb, text_emb, logit_scale, *, group=None,
     return loss
 
 
-__all__ = ["TileConfig", "TritonBackend", "candidates", "psd_src", "clip_loss_triton", "forward_bytes", "forward_args",
+__all__ = ["TileConfig", "TritonBackend", "agree_on_tile", "candidates", "psd_src", "clip_loss_triton", "forward_bytes", "forward_args",
            "grad_panel_args", "launch_forward",
            "launch_grad_panel", "panel_buffers", "panel_width", "INTERPRET"]

@@ -410,6 +410,31 @@ def test_a_round_killed_while_scoring_reruns_to_the_same_manifest_and_losses(rou
         assert lb[step] == pytest.approx(la[step], rel=1e-6, abs=1e-7), step
 
 
+@pytest.mark.full   # two 2-rank runs, like the kill test above
+def test_a_stop_signal_during_a_round_exits_75_and_the_rerun_selects_the_same(round_run, ragged, tmp_path):
+    """SIGUSR1 on rank 0 after its first scored unit of the round at step 3: every rank stops at
+    the next forward, the run exits 75 with step_3 (written before the round) as the latest, and
+    the same command without the fault finishes the round from the units written, to the same
+    manifest, scores and losses as the uninterrupted run."""
+    out = tmp_path / "stopped"
+    proc = run_trainer(_train_args(ragged, out, "debug.signal_during_select_step=3"), nproc=2)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "(exitcode: 75)" in text and "(exitcode: 1)" not in text, text[-3000:]
+    assert "stop requested by signal between steps (e.g. an ECL round) at step 3" in text
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert not (out / "select" / "round_001" / "summary.json").exists()
+    assert len(list((out / "select" / "round_001" / "parts").glob("*.jsonl"))) >= 1
+    check(run_trainer(_train_args(ragged, out), nproc=2))
+    a, b = round_run / "select" / "round_001", out / "select" / "round_001"
+    assert (a / "manifest.txt").read_text() == (b / "manifest.txt").read_text()
+    assert scores(a) == scores(b)
+    la = {m["step"]: m["loss"] for m in read_metrics(round_run)}
+    lb = {m["step"]: m["loss"] for m in read_metrics(out)}
+    assert sorted(lb) == [1, 2, 3, 4, 5, 6]
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], rel=1e-6, abs=1e-7), step
+
+
 @pytest.mark.full   # two more 2-rank runs (the ZeRO-0 variant); ZeRO-3 rounds run in test_efficientclip_config_runs_both_parts_together
 def test_rounds_under_zero_3_score_like_zero_0(round_run, ragged, tmp_path):
     runs = {}

@@ -65,6 +65,21 @@ def test_scripts_parse_and_header_defaults():
     assert "--time" in opts
 
 
+@pytest.mark.parametrize("tasks_env", [{"SLURM_NTASKS_PER_NODE": "4"}, {"SLURM_TASKS_PER_NODE": "4(x2)"}],
+                         ids=["ntasks-per-node", "tasks-per-node-only"])
+def test_tasks_per_node_unlike_gpus_per_node_is_exit_2_naming_both(tasks_env, tmp_path):
+    """No cluster needed: the check runs before anything else asks SLURM (the environment below
+    is what sbatch gives a job of -N 2 --ntasks-per-node 4 --gpus-per-node 8)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="42", SLURM_GPUS_ON_NODE="8", PATH="/usr/bin:/bin", **tasks_env)
+    proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), CONFIG], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "train.sbatch[42]: error: 4 tasks per node but 8 GPUs per node: one task per GPU is needed; submit "
+        "with --ntasks-per-node 8 --gpus-per-node 8 (or --gpus-per-node 0 for CPU nodes)"]
+
+
 def test_missing_binaries_skip_with_install_hint(monkeypatch):
     monkeypatch.setattr(sc, "_which", lambda name: None if name in ("slurmd", "munged") else "/bin/true")
     reason = sc.missing_requirements()
@@ -371,6 +386,11 @@ def test_two_node_training_run(reference_run):
     # one rank per node, world size 2, rendezvous on the first node's address
     assert "train-task: rank 0/2 local_rank 0 on node node1" in log
     assert "train-task: rank 1/2 local_rank 0 on node node2" in log
+    # kernel caches on each node, per job, unless set at submission
+    for rank in (0, 1):
+        cache = re.search(rf"train-task: rank {rank} TRITON_CACHE_DIR=(\S+) TORCH_EXTENSIONS_DIR=(\S+)", log)
+        assert cache and cache.group(1).endswith(f"-{reference_run['job']}/triton"), log[-3000:]
+        assert cache.group(2).endswith(f"-{reference_run['job']}/torch_extensions")
     assert re.search(r"world_size=2 rank=0\b", log)
     assert re.search(r"rank 1/2 on ", log)
     assert "MASTER_ADDR=127.0.0.1" in log

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.checkpoint import unreadable
 from conftest import (check, data_overrides, kill_group, read_metrics, run_trainer, start_trainer, wait_for_step)
 
 CONFIG = "trainer/configs/demo.yaml"
@@ -236,6 +237,47 @@ def test_kill_during_save_leaves_previous_checkpoint_as_latest(baseline, demo_da
     text = check(run_trainer(train_args(demo_data, out), nproc=2))
     assert "step_4 (step 4)" in text
     assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.full   # a 4-step 2-rank rerun; the fallback itself is in-process in test_checkpoint
+def test_unreadable_newest_checkpoint_resumes_from_the_previous_one(baseline, demo_data, tmp_path):
+    """Rank 1's optimizer shard of the newest checkpoint (step_12) cut in half: the rerun warns,
+    naming both checkpoints, resumes from step_8 and trains steps 9-12 to the uninterrupted run's
+    losses."""
+    import shutil
+    out = tmp_path / "corrupt"
+    shutil.copytree(baseline, out)
+    shard = out / "checkpoints" / "step_12" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    text = check(run_trainer(train_args(demo_data, out), nproc=2))
+    assert f"checkpoint {out / 'checkpoints' / 'step_12'} is unreadable: {shard}" in text
+    assert (f"newest checkpoint {out / 'checkpoints' / 'step_12'} is unreadable (see above); resuming from the "
+            f"previous complete checkpoint {out / 'checkpoints' / 'step_8'}") in text
+    assert f"resumed from {out / 'checkpoints' / 'step_8'} (step 8)" in text
+    assert sorted(losses(out)) == list(range(1, STEPS + 1))
+    assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
+    assert unreadable(shard) is None   # step 12 saved afresh
+
+
+@pytest.mark.full   # two 2-rank runs
+def test_stop_signal_during_evaluation_checkpoints_and_resumes(baseline, demo_data, tmp_path):
+    """SIGUSR1 reaches rank 0 at the first forward of step 6's evaluation: both ranks abandon the
+    evaluation at that forward, write step_6 and exit 75; the same command then finishes the run
+    with the uninterrupted run's losses."""
+    out = tmp_path / "stop-in-eval"
+    args = train_args(demo_data, out, "eval.every_steps=6", "debug.signal_during_eval_step=6")
+    proc = run_trainer(args, nproc=2)
+    text = proc.stdout + proc.stderr
+    # torchrun exits 1 for a rank's 75; the ranks' own statuses are in its report
+    assert proc.returncode != 0 and "(exitcode: 75)" in text and "(exitcode: 1)" not in text, text[-3000:]
+    assert "stop requested by signal: evaluation at step 6 abandoned" in text
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_6"
+    assert sorted(losses(out)) == list(range(1, 7)) and not (out / "eval.json").exists()
+    text = check(run_trainer(args, nproc=2))
+    assert f"resumed from {out / 'checkpoints' / 'step_6'} (step 6)" in text
+    assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
+    assert json.loads((out / "eval.json").read_text())["step"] == STEPS
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -98,6 +98,7 @@ class DeepSpeedConfig:
     zero_stage: int = _f(1, "ZeRO stage", min=0, max=3)
     precision: str = _f("bf16", "training precision", choices=("bf16", "fp16", "fp32"))
     offload: bool = _f(False, "ZeRO-3 with optimizer and parameters offloaded to CPU (ds_configs/zero3_offload.json)")
+    reduce_dtype: str = _f("fp32", "bf16 runs: the dtype gradients are reduced across ranks in (DeepSpeed's communication_data_type, and the loss's gathered-embedding gradient) and, at ZeRO 2-3, accumulated over micro-batches in (data_types.grad_accum_dtype): fp32 (ZeRO 0-1 still accumulate in bf16: DeepSpeed 0.19.8 has no fp32 accumulation for bf16 without ZeRO, and at stage 1 swaps in a BF16_Optimizer whose checkpoints its zero_to_fp32 cannot read) | bf16 (DeepSpeed's default: every micro-batch sum and every hop of a ring reduction rounds to 8 bits of mantissa); under fp16 it sets only the loss's sum (DeepSpeed's loss-scaled fp16 reductions are left as they are)", choices=("fp32", "bf16"))
 
 
 @dataclass
@@ -135,6 +136,8 @@ class DebugConfig:
     inject_nan_where: str = _f("loss", "where the injected NaN arises: loss (the finished loss) | forward (inside the vision tower) | grad (the gradient only; the loss stays finite)", choices=("loss", "forward", "grad"))
     raise_at_step: int | None = _f(None, "fault injection for tests: rank 0 raises an exception after this optimizer step (a failing rank must exit, not hang)")
     kill_during_select_step: int | None = _f(None, "fault injection for tests: SIGKILL rank 0 after it wrote its first scored unit of the selection round at step N")
+    signal_during_eval_step: int | None = _f(None, "fault injection for tests: rank 0 sends itself SIGUSR1 at the first forward of the evaluation after step N (eval.every_steps; not the final one)")
+    signal_during_select_step: int | None = _f(None, "fault injection for tests: rank 0 sends itself SIGUSR1 after writing each scored unit of the selection round at step N")
     kill_during_save_step: int | None = _f(None, "fault injection for tests: SIGKILL this process after writing checkpoint N but before marking it latest")
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.gather import set_grad_reduce_dtype
+
 from .config import Config, ConfigError
 from .model import param_groups
 
@@ -46,9 +48,40 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
     ds["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
                   "min_loss_scale": 1, **ds.get("fp16", {}), "enabled": prec == "fp16"}
+    apply_reduce_dtype(ds, cfg)
     ds.setdefault("steps_per_print", 10**9)  # the trainer does its own logging
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def apply_reduce_dtype(ds: dict, cfg: Config) -> None:
+    """bf16 runs reduce gradients across ranks in ``deepspeed.reduce_dtype`` (default fp32), and
+    at ZeRO 2-3 accumulate them over micro-batches in it too.
+
+    Left alone, DeepSpeed 0.19.8 accumulates a bf16 model's gradients in bf16 (a micro-batch's
+    gradient below 1/256 of the running sum vanishes) and reduces them in bf16 (a ring rounds
+    at every hop). ``communication_data_type`` is honoured by every stage.
+    ``data_types.grad_accum_dtype`` is set for stages 2 and 3 only (their ZeRO optimizer keeps
+    fp32 gradient partitions): at stage 1 DeepSpeed swaps its ZeRO optimizer for BF16_Optimizer,
+    whose checkpoints its own ``zero_to_fp32`` cannot read ("is not a zero checkpoint"; export,
+    eval and grow read through it), and without ZeRO it raises NotImplementedError. So stages
+    0 and 1 still accumulate in bf16 and reduce in fp32.
+    """
+    if cfg.deepspeed.precision != "bf16":
+        return
+    ds["communication_data_type"] = cfg.deepspeed.reduce_dtype
+    types = ds.setdefault("data_types", {})
+    if cfg.deepspeed.zero_stage >= 2:
+        types["grad_accum_dtype"] = cfg.deepspeed.reduce_dtype
+    else:
+        types.pop("grad_accum_dtype", None)
+    if not types:
+        del ds["data_types"]
+
+
+def grad_reduce_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype the loss's gathered-embedding gradient is summed over ranks in (None: its own)."""
+    return torch.float32 if cfg.deepspeed.reduce_dtype == "fp32" else None
 
 
 def lr_lambda(cfg: Config):
@@ -93,6 +126,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
+    set_grad_reduce_dtype(grad_reduce_dtype(cfg))   # the loss's gathered-embedding gradient
     optimizer, name = build_optimizer(cfg, model, on_gpu)
     # A callable, so the schedule drives the optimizer DeepSpeed wraps (ZeRO's), not the raw one.
     def scheduler(opt):

@@ -10,6 +10,11 @@ at most ``RETRIEVAL_BLOCK_ROWS`` rows, so a rank holds at most ``block x N`` sco
 the hit counts are summed across ranks. Ties count against the model: a query's match ranks below
 every other candidate with an equal score (repeated captions do not inflate R@k).
 
+A stop signal (SLURM's SIGUSR1 before the time limit, SIGTERM on preemption) need not wait for
+the evaluation to finish: ``should_stop`` is polled at every forward, the ranks agree in the
+all-reduce each forward makes anyway, and every rank raises :class:`StopRequested` at the same
+forward; the run then checkpoints and exits (trainer/train.py).
+
 Every rank runs the same number of forward passes (a rank whose share is exhausted runs a
 discarded dummy batch), which ZeRO-3's parameter gathering needs. Every collective goes through
 ``trainer.dist`` (tensors moved to the backend's communication device: NCCL needs CUDA tensors)
@@ -28,6 +33,7 @@ from kernels.gather import all_gather_with_grad, gathered_layout
 from . import data as D
 from .config import Config, ConfigError
 from .dist import all_reduce, all_reduce_flags
+from .faults import StopRequested
 from .methods import eval_views, keep_rate
 from .model import preset_shape
 
@@ -64,14 +70,17 @@ def zeroshot_classifier(model, decoder: D.SampleDecoder, classnames, templates, 
 
 
 @torch.no_grad()
-def embed_split(model, batches, dummy: dict, device, dtype):
+def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
     """Image/text embeddings and labels of this rank's share, with lockstep forwards across ranks,
-    and the model's logit scale (None for a view without one)."""
+    and the model's logit scale (None for a view without one). ``should_stop()`` true on any rank
+    raises :class:`StopRequested` on every rank."""
     imgs, txts, labels, scale = [], [], [], None
     it = iter(batches)
     while True:
         batch = next(it, None)
-        (anyone_left,) = all_reduce_flags(float(batch is not None))
+        anyone_left, stop = all_reduce_flags(float(batch is not None), float(bool(should_stop and should_stop())))
+        if stop:
+            raise StopRequested
         if not anyone_left:
             break
         real = batch is not None
@@ -154,15 +163,19 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
     return result
 
 
-def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> dict:
+def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, should_stop=None) -> dict:
     shape = preset_shape(cfg.model)
     decoder = D.eval_decoder(cfg, tokenizer)
     urls = D.expand_shards(cfg.data.val_shards, "data.val_shards")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
-    img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
-                                          D.dummy_batch(decoder, shape["image_size"]), device, dtype)
+    try:
+        img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
+                                              D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop)
+    except StopRequested:
+        model.train(was_training)
+        raise
     result: dict = {}
     if cfg.eval.zeroshot:
         classnames, templates = load_zeroshot(cfg.eval.zeroshot)
@@ -181,13 +194,13 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device) -> di
     return result
 
 
-def evaluate_all(model, cfg: Config, tokenizer, rank: int, world: int, device) -> dict:
+def evaluate_all(model, cfg: Config, tokenizer, rank: int, world: int, device, should_stop=None) -> dict:
     """:func:`evaluate` for every view the enabled methods define: the model as trained (the plain
     keys; an ECLIPSE student at full capacity), the expedited student (``fast/...``) and the
-    momentum teacher (``teacher/...``)."""
+    momentum teacher (``teacher/...``). ``should_stop``: see :func:`embed_split`."""
     result: dict = {}
     for prefix, view, rate in eval_views(model, cfg):
         with keep_rate(model, rate):
-            one = evaluate(view, cfg, tokenizer, rank, world, device)
+            one = evaluate(view, cfg, tokenizer, rank, world, device, should_stop)
         result.update({prefix + k: v for k, v in one.items() if not (prefix and k == "num_samples")})
     return result

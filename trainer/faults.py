@@ -36,6 +36,12 @@ import contextlib
 import torch
 
 
+class StopRequested(Exception):
+    """A stop signal (SIGUSR1/SIGTERM) reached some rank during long work outside the training
+    step (an evaluation, an ECL round); raised on every rank at the same point, after the ranks
+    agreed in a collective they make anyway, so the run can checkpoint or exit 75 in time."""
+
+
 class GradGuard:
     """Records, without a host sync, whether any parameter received a non-finite gradient."""
 

@@ -6,7 +6,11 @@ and loops: fetch micro-batches, ``train_step``, log, evaluate, checkpoint. The s
 the outer loop.
 
 Exit status: 0 finished; 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (re-run the
-same command to resume); 1 too many consecutive non-finite losses.
+same command to resume); 1 too many consecutive non-finite losses. A stop signal is answered at
+the next optimizer step's boundary, at the next forward of an evaluation (which is abandoned: the
+step's checkpoint is written and the run exits 75), at the next forward of an ECL round (which runs
+after its step's checkpoint: exit 75, the round re-runs on resume, reusing its finished units),
+and right after a resume (exit 75 with the checkpoint just loaded still ``latest``).
 """
 from __future__ import annotations
 
@@ -26,10 +30,10 @@ import yaml
 from . import data as D
 from .checkpoint import CheckpointManager, atomic_write_text, resume_source
 from .config import Config, to_dict
-from .dist import LaunchEnv, all_reduce, hostname, init_distributed, shutdown
+from .dist import LaunchEnv, all_reduce, all_reduce_flags, hostname, init_distributed, shutdown
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate_all
-from .faults import GradGuard, NanInjector, fp16_loss_scale, skip_update
+from .faults import GradGuard, NanInjector, StopRequested, fp16_loss_scale, skip_update
 from .flops import peak_tflops
 from .losses import LossContext, build_terms, compute_loss
 from .methods import (Inherited, Method, attach as attach_method, build_method, load_init, loss_terms, step_flops,
@@ -52,6 +56,14 @@ class StopRequest:
 
     def _handle(self, signum, _frame):
         self.signum = signum
+
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def anywhere(self) -> bool:
+        """Whether some rank got the signal (a collective: every rank calls it)."""
+        (flag,) = all_reduce_flags(float(self.requested()))
+        return bool(flag)
 
 
 class TrainData(D.ResumableStream):
@@ -285,6 +297,7 @@ def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, i
             method.inherit(inherited)
         return fresh_state()
     root, tag = source
+    tag = ckpt.readable_tag(tag, root)   # falls back to the previous complete one, saying so
     state = ckpt.load(engine, tag, root=root)
     _set_rng_state(state.pop("rng"))
     method.restore(state, where=root / tag)
@@ -320,6 +333,12 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
     seed_rank(cfg.seed, le.rank)   # a resume then restores each rank's own saved generators
     state = resume_state(cfg, ckpt, engine, method, inherited)
+    if state["step"] > 0 and stop.anywhere():   # loading can take minutes of SLURM's grace time
+        log.warning("stop requested by signal while resuming: step %d's checkpoint is still the latest; re-run "
+                    "the same command to resume", state["step"])
+        method.close()
+        shutdown()
+        return EXIT_PREEMPTED
 
     shape = preset_shape(cfg.model)
     decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
@@ -345,14 +364,21 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     try:
         while state["step"] < cfg.max_steps:
             # e.g. an ECL round: after this step's checkpoint, so a kill re-runs it
-            manifest = method.between_steps(state["step"], engine, tokenizer, metrics_log.log)
+            try:
+                manifest = method.between_steps(state["step"], engine, tokenizer, metrics_log.log,
+                                                should_stop=stop.requested)
+            except StopRequested:   # the work re-runs on resume (what it finished is kept)
+                log.warning("stop requested by signal between steps (e.g. an ECL round) at step %d: checkpoint %s "
+                            "is the latest; re-run the same command to resume", state["step"], ckpt.latest_tag())
+                status = EXIT_PREEMPTED
+                break
             if manifest is not None:
                 train_data.set_manifest(D.read_manifest(manifest, train_data.urls))
             t0 = time.perf_counter()
             upcoming = state["step"] + 1
             try:
                 metrics, t_data, stop_now = train_step(engine, train_data.next, terms, cfg, upcoming, state, guard,
-                                                       inject, lambda: float(stop.signum != 0), method)
+                                                       inject, lambda: float(stop.requested()), method)
             except TooManyBadSteps as err:
                 log.error("stopping: %s consecutive micro-batches dropped for a non-finite loss or gradient "
                           "(train.max_bad_microbatches=%d); lower optim.lr, check the data, or use "
@@ -377,7 +403,8 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                     progress.set_postfix(loss=f"{logged['loss']:.3f}")
                 window = _new_window(flops)
             if cfg.eval.every_steps and state["step"] % cfg.eval.every_steps == 0 and state["step"] < cfg.max_steps:
-                run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
+                stop_now |= run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le,
+                                     _eval_stop(cfg, stop, state["step"], le.rank)) is STOPPED
             if (state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == cfg.max_steps or stop_now
                     or method.wants_checkpoint(state["step"])):
                 save()
@@ -386,8 +413,11 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                             ckpt.root / f"step_{state['step']}")
                 status = EXIT_PREEMPTED
                 break
-        if status == 0:
-            run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le)
+        if status == 0 and run_eval(cfg, engine, tokenizer, metrics_log, state["step"], out, le,
+                                    stop.requested) is STOPPED:
+            log.warning("stop requested by signal during the final evaluation: checkpoint %s holds the finished "
+                        "run; re-run the same command to evaluate it", ckpt.root / f"step_{state['step']}")
+            status = EXIT_PREEMPTED
     finally:
         # Stop the loader workers before the interpreter exits, on every path: they ignore
         # SIGTERM (see data.ignore_stop_signals), so after an exception multiprocessing's exit
@@ -461,10 +491,30 @@ def _logit_scale(module) -> float:
         return float(module.scale().float())
 
 
-def run_eval(cfg: Config, engine, tokenizer, metrics_log: MetricsLogger, step: int, out: Path, le: LaunchEnv):
+STOPPED = object()   # run_eval's answer when a stop signal cut the evaluation short
+
+
+def _eval_stop(cfg: Config, stop: StopRequest, step: int, rank: int):
+    """The evaluation's stop poll; ``debug.signal_during_eval_step`` sends rank 0 SIGUSR1 from it."""
+    def poll() -> bool:
+        if cfg.debug.signal_during_eval_step == step and rank == 0 and not stop.requested():
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return stop.requested()
+    return poll
+
+
+def run_eval(cfg: Config, engine, tokenizer, metrics_log: MetricsLogger, step: int, out: Path, le: LaunchEnv,
+             should_stop=None):
+    """Evaluate every view and log it; None without validation shards, ``STOPPED`` when a stop
+    signal on any rank cut it short (nothing is logged then)."""
     if not cfg.data.val_shards:
         return None
-    result = evaluate_all(engine.module, cfg, tokenizer, le.rank, le.world_size, device=engine.device)
+    try:
+        result = evaluate_all(engine.module, cfg, tokenizer, le.rank, le.world_size, device=engine.device,
+                              should_stop=should_stop)
+    except StopRequested:
+        log.warning("stop requested by signal: evaluation at step %d abandoned", step)
+        return STOPPED
     result["step"] = step
     if le.rank == 0:
         metrics_log.log({k: v for k, v in result.items() if k != "step"}, step, prefix="eval")

@@ -186,9 +186,11 @@ class Method:
         """Whether ``step`` must be checkpointed before :meth:`between_steps` runs at it."""
         return False
 
-    def between_steps(self, step: int, engine, tokenizer, log_metrics) -> str | None:
+    def between_steps(self, step: int, engine, tokenizer, log_metrics, should_stop=None) -> str | None:
         """Work between optimizer steps (after ``step``'s checkpoint), on every rank; returns a
-        new manifest for the paired stream, or None. ``log_metrics(values, step, prefix)``."""
+        new manifest for the paired stream, or None. ``log_metrics(values, step, prefix)``.
+        Long work polls ``should_stop()`` and, when it is true on any rank, raises
+        ``trainer.faults.StopRequested`` on every rank."""
         return None
 
     def close(self) -> None:
@@ -247,8 +249,9 @@ class Methods(Method):
     def wants_checkpoint(self, step: int) -> bool:
         return any(m.wants_checkpoint(step) for m in self.methods)
 
-    def between_steps(self, step: int, engine, tokenizer, log_metrics) -> str | None:
-        new = [p for p in (m.between_steps(step, engine, tokenizer, log_metrics) for m in self.methods) if p]
+    def between_steps(self, step: int, engine, tokenizer, log_metrics, should_stop=None) -> str | None:
+        new = [p for p in (m.between_steps(step, engine, tokenizer, log_metrics, should_stop) for m in self.methods)
+               if p]
         return new[-1] if new else None
 
     def close(self) -> None:

@@ -57,6 +57,7 @@ from webdataset import tariterators
 from .. import data as D
 from ..config import Config, ConfigError
 from ..dist import all_reduce_flags, barrier, is_main, launch_env, rank as this_rank
+from ..faults import StopRequested
 from ..flops import pair_flops
 from ..model import preset_shape
 from .base import Inherited, Method, MethodSpec
@@ -322,12 +323,14 @@ class Scorer:
 def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.SampleDecoder, out: Path, *,
                 source: str, device, dtype=torch.float32, subset=None, batch_size: int = 256,
                 lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None,
-                score: Score = Score("cosine")) -> int:
+                score: Score = Score("cosine"), should_stop: Callable[[], bool] | None = None) -> int:
     """Score this process's ``units`` into ``out/parts/UNIT.jsonl``; returns the units written.
 
     ``source`` identifies what is scored with (checkpoints, subset, precision): a part written
     from another source is scored again. ``lockstep``: every rank runs the same number of
-    forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs."""
+    forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs, and
+    ``should_stop()`` true on any rank raises ``StopRequested`` on every rank at the same forward
+    (the units written so far are kept and not scored again)."""
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if _part_source(parts, u) != source]
@@ -350,7 +353,9 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
                 on_unit(unit)
             ev = next(events, None)
         if lockstep:
-            (anyone,) = all_reduce_flags(float(ev is not None))
+            anyone, stop = all_reduce_flags(float(ev is not None), float(bool(should_stop and should_stop())))
+            if stop:
+                raise StopRequested
             if not anyone:
                 break
         elif ev is None:
@@ -655,16 +660,28 @@ class Selection(Method):
                 fh.write(json.dumps({"step": self.step, "key": key, "scale": s,
                                      **{k: float(v[i]) for k, v in rows.items()}}) + "\n")
 
-    def between_steps(self, step: int, engine, tokenizer, log_metrics) -> str | None:
+    def between_steps(self, step: int, engine, tokenizer, log_metrics, should_stop=None) -> str | None:
         """One round on every rank when due; its summary goes to TensorBoard (``select/...``)."""
         if not self.due(step):
             return None
-        path, summary = self.round(engine.module, step, tokenizer, engine.device)
+        path, summary = self.round(engine.module, step, tokenizer, engine.device, should_stop)
         log_metrics(log_values(summary), step, "select")
         log.info("selection round %d at step %d: kept %d of %d (%s)", self.state["rounds"], step, summary["kept"],
                  summary["total"], ", ".join(f"{k}={summary[k]:.3f}" for k in ("precision", "recall", "auc")
                                              if summary.get(k) is not None) or "no noise labels")
         return path
+
+    def _on_unit(self, step: int):
+        """Fault injection after each scored unit: ``debug.kill_during_select_step`` (SIGKILL) and
+        ``debug.signal_during_select_step`` (SIGUSR1, as SLURM's warning), on rank 0."""
+        d = self.cfg.debug
+        if self.rank != 0:
+            return None
+        if d.kill_during_select_step == step:
+            return lambda _u: os.kill(os.getpid(), signal.SIGKILL)
+        if d.signal_during_select_step == step:
+            return lambda _u: os.kill(os.getpid(), signal.SIGUSR1)
+        return None
 
     def due(self, step: int) -> bool:
         sc = self.cfg.select
@@ -674,7 +691,7 @@ class Selection(Method):
     def round_dir(self, k: int) -> Path:
         return Path(self.cfg.output_dir) / "select" / f"round_{k:03d}"
 
-    def round(self, model, step: int, tokenizer, device) -> tuple[str, dict]:
+    def round(self, model, step: int, tokenizer, device, should_stop=None) -> tuple[str, dict]:
         """Run the round due at ``step`` on every rank; returns the new manifest path and summary."""
         k = self.state["rounds"] + 1
         out = self.round_dir(k)
@@ -689,16 +706,16 @@ class Selection(Method):
         done = summary_path.is_file() and json.loads(summary_path.read_text()).get("source") == source
         barrier()
         if not done:
-            kill = self.cfg.debug.kill_during_select_step == step and self.rank == 0
             dtype = next(model.parameters()).dtype
             was_training = model.training
             model.eval()
-            score_units([model], urls, share(units, self.rank, self.world), decoder, out, source=source,
-                        device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
-                        lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
-                        on_unit=(lambda _u: os.kill(os.getpid(), signal.SIGKILL)) if kill else None,
-                        score=self.score)
-            model.train(was_training)
+            try:
+                score_units([model], urls, share(units, self.rank, self.world), decoder, out, source=source,
+                            device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
+                            lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
+                            on_unit=self._on_unit(step), score=self.score, should_stop=should_stop)
+            finally:
+                model.train(was_training)
             barrier()
             if is_main():
                 carried = [CarriedScores(prev)] if prev is not None else []
