@@ -391,6 +391,13 @@ def test_a_run_made_before_a_config_key_existed_still_counts(tmp_path):
     assert not _only_new_default_keys(changed, run)
     removed = {"config": {"seed": 0, "optim": {"lr": 1e-3}, "gone": 1}, "launch": {"nproc": 2}}
     assert not _only_new_default_keys(removed, run)
+    # A new key at the value that does what the trainer did before it existed (ECL's cosine score,
+    # config.BEFORE_KEY) keeps the run too; any other non-default value does not.
+    before["config"]["select"] = {"enabled": True}
+    run.resolved["select"] = {"enabled": True, "score": "cosine"}
+    assert _only_new_default_keys(before, run)
+    run.resolved["select"]["score"] = "other"
+    assert not _only_new_default_keys(before, run)
 
 
 def test_budget_flops_gives_each_run_the_steps_its_budget_buys(demo_data, tmp_path):

@@ -74,7 +74,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, load_config, to_dict
+from ..config import BEFORE_KEY, Config, ConfigError, load_config, to_dict
 from ..data import load_tokenizer
 from ..model import ClipTrainModel, build_clip_config
 from ..preflight import check_run_inputs
@@ -357,13 +357,15 @@ def _differences(old: dict, new: dict, limit: int = 4) -> str:
 
 def _only_new_default_keys(meta: dict, run: Run) -> bool:
     """True when a run made earlier differs from this config only by keys the trainer gained since
-    (absent from the saved config, at their default value now: e.g. a new method's section, off).
+    (absent from the saved config, at their default value now: e.g. a new method's section, off;
+    or at the value that gives what the trainer did before the key existed, config.BEFORE_KEY).
     Evidence measured before a method existed stays comparable with the method's variants."""
 
     old = _flat({"config": meta.get("config", {}), "launch": meta.get("launch", {})})
     new = _flat({"config": run.resolved, "launch": run.launch})
     default = _flat({"config": to_dict(Config())})
-    return all(old.get(k, "<unset>") == v or (k not in old and default.get(k, "<unset>") == v)
+    before = {f"config.{k}": v for k, v in BEFORE_KEY.items()}
+    return all(old.get(k, "<unset>") == v or (k not in old and v in (default.get(k, "<unset>"), before.get(k, "<unset>")))
                for k, v in new.items()) and set(old) <= set(new)
 
 
