@@ -197,3 +197,11 @@ def test_eclipse_run_holds_the_mean_keep_rate_of_the_configs_own_run():
     assert schedule == "eclipse.keep_schedule=constant"
     assert float(rate.split("=")[1]) == pytest.approx(want, rel=1e-12)
     assert _impl_overrides("eclipse", args) == [] and _impl_overrides("ours", args) == []
+    # A sweep variant (--variants) with ECLIPSE on is held the same way (trainer.methods.steady_overrides);
+    # one with ECL has its round moved past the benchmark's steps (the scoring pass runs between steps).
+    from trainer.experiments.bench_train import _variant_overrides
+
+    args.steps, args.warmup = 20, 5
+    assert _variant_overrides(args, ["eclipse.enabled=true"]) == [schedule, rate]
+    assert _variant_overrides(args, ["select.enabled=true", "select.every_steps=10"]) == ["select.every_steps=25"]
+    assert _variant_overrides(args, []) == []
