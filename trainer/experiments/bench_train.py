@@ -1,7 +1,7 @@
 """Training-step benchmark: open_clip's step, a bare torch loop and ours, on the same data.
 
     python -m trainer bench train [--config trainer/configs/demo.yaml] [--steps 30] [--warmup 5]
-        [--nproc 2] [--impls openclip,bare,ours] [--out bench/results] [--tag T]
+        [--nproc 2] [--impls openclip,bare,ours | --variants FILE] [--out bench/results] [--tag T]
         [--profile timers|cprofile] [key=value ...]
 
 Each implementation runs in its own ``torchrun`` child (``--nproc`` ranks; gloo on CPU, NCCL on
@@ -89,6 +89,7 @@ from ..train import TrainData, setup_logging
 from .bare_loop import PHASES, Phases, build_bare, loss_impl_name
 from .bench_report import SUSPECTS, summary_row, write_report
 from .openclip_step import build_openclip
+from .sweep import load_variants, yaml_arg
 
 IMPLS = ("openclip", "bare", "ours", "eclipse", "eclipse-run", "psd-self", "psd-momentum", "psd-previous")
 ROOT = Path(__file__).resolve().parents[2]   # the repository
@@ -181,8 +182,6 @@ def _student_keep_rate(cfg, impl: str) -> float:
 def _read_variants(path: str) -> dict[str, list[str]]:
     """``{name: [key=value, ...]}`` from a sweep's variants file (its ``seeds`` ignored; a
     ``{seed}`` placeholder gets the first seed)."""
-    from .sweep import load_variants, yaml_arg
-
     return {name: [f"{k}={yaml_arg(v)}".replace("{seed}", str(seeds[0])) for k, v in flat.items()]
             for name, (flat, seeds) in load_variants(path).items()}
 
@@ -190,8 +189,6 @@ def _read_variants(path: str) -> dict[str, list[str]]:
 def _variant_overrides(args, variant: list[str]) -> list[str]:
     """What holds the variant's run at its average per-step cost for the benchmark's steps
     (the run's own config, before the benchmark shortens ``max_steps``)."""
-    from .sweep import yaml_arg
-
     run_cfg = load_config(args.config, [*args.overrides, *variant])
     return [f"{k}={yaml_arg(v)}" for k, v in steady_overrides(run_cfg, args.warmup + args.steps).items()]
 
