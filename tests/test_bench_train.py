@@ -162,6 +162,12 @@ def test_bad_arguments_exit_2_before_any_rank(demo_data, tmp_path):
     proc = run_trainer(bench_args(tmp_path, demo_data, "model.nope=1"), timeout=120)
     assert proc.returncode == 2 and "model.nope" in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+    from trainer.config import ConfigError
+    from trainer.experiments.bench_train import main
+    with pytest.raises(ConfigError, match="--variants and --impls exclude each other"):
+        main(["--variants", str(tmp_path / "v.yaml"), "--impls", "ours"])
+    with pytest.raises(ConfigError, match="variants file not found"):
+        main(["--variants", str(tmp_path / "v.yaml")])
 
 
 def test_with_rounds_a_row_is_the_median_round():

@@ -492,6 +492,9 @@ def test_budget_flops_gives_each_run_the_steps_its_budget_buys(demo_data, tmp_pa
     args.budget_flops = 0.5 * one_step
     with pytest.raises(ConfigError, match="less than one training step"):
         plan(args)
+    args.throughput_rounds = 0
+    with pytest.raises(ConfigError, match="--throughput-rounds must be >= 1"):
+        plan(args)
 
 
 def test_seed_placeholder_gives_each_seed_its_own_value(demo_data, tmp_path):

@@ -266,6 +266,7 @@ def plan(args) -> Sweep:
     """Resolve and check every run before anything runs (raises ConfigError; writes nothing)."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1; got {args.nproc}")
+    throughput = sweep_speed.settings_from(args)
     overrides = list(args.overrides or [])
     for item in overrides:
         if "=" not in item:
@@ -314,7 +315,7 @@ def plan(args) -> Sweep:
     seed_rank = {(r.variant, r.seed): variants[r.variant][1].index(r.seed) for r in runs}
     runs.sort(key=lambda r: (seed_rank[(r.variant, r.seed)], list(variants).index(r.variant)))
     return Sweep(args.config, args.variants, out, args.slurm, args.nproc, overrides, variants, runs, sbatch_args,
-                 budget, sweep_speed.settings_from(args))
+                 budget, throughput)
 
 
 def _budget_args(config: str, rargs: list[str], cfg: Config, budget: float, world: int) -> list[str]:
