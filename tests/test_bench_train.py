@@ -162,6 +162,12 @@ def test_bad_arguments_exit_2_before_any_rank(demo_data, tmp_path):
     proc = run_trainer(bench_args(tmp_path, demo_data, "model.nope=1"), timeout=120)
     assert proc.returncode == 2 and "model.nope" in proc.stderr, proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+    from trainer.config import ConfigError
+    from trainer.experiments.bench_train import main
+    with pytest.raises(ConfigError, match="--variants and --impls exclude each other"):
+        main(["--variants", str(tmp_path / "v.yaml"), "--impls", "ours"])
+    with pytest.raises(ConfigError, match="variants file not found"):
+        main(["--variants", str(tmp_path / "v.yaml")])
 
 
 def test_with_rounds_a_row_is_the_median_round():
@@ -197,3 +203,11 @@ def test_eclipse_run_holds_the_mean_keep_rate_of_the_configs_own_run():
     assert schedule == "eclipse.keep_schedule=constant"
     assert float(rate.split("=")[1]) == pytest.approx(want, rel=1e-12)
     assert _impl_overrides("eclipse", args) == [] and _impl_overrides("ours", args) == []
+    # A sweep variant (--variants) with ECLIPSE on is held the same way (trainer.methods.steady_overrides);
+    # one with ECL has its round moved past the benchmark's steps (the scoring pass runs between steps).
+    from trainer.experiments.bench_train import _variant_overrides
+
+    args.steps, args.warmup = 20, 5
+    assert _variant_overrides(args, ["eclipse.enabled=true"]) == [schedule, rate]
+    assert _variant_overrides(args, ["select.enabled=true", "select.every_steps=10"]) == ["select.every_steps=25"]
+    assert _variant_overrides(args, []) == []

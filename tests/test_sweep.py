@@ -40,10 +40,13 @@ def data_args(data: Path) -> list[str]:
             f"eval.zeroshot={data}/zeroshot.json"]
 
 
-def sweep_args(variants: Path, out: Path, data: Path, *extra, nproc: int = 1, slurm: bool = False) -> list[str]:
+def sweep_args(variants: Path, out: Path, data: Path, *extra, nproc: int = 1, slurm: bool = False,
+               throughput: bool = False) -> list[str]:
+    """The sweep's command line; without the throughput measurement (its own tests ask for it)."""
     launch = ["--slurm"] if slurm else ["--nproc", str(nproc)]
     return ["sweep", "--config", CONFIG, "--variants", str(variants), "--out", str(out), *launch,
-            *data_args(data), *FAST, f"max_steps={STEPS}", "eval.every_steps=2", "checkpoint.every_steps=2", *extra]
+            *([] if throughput else ["--no-throughput"]), *data_args(data), *FAST, f"max_steps={STEPS}",
+            "eval.every_steps=2", "checkpoint.every_steps=2", *extra]
 
 
 def write_variants(path: Path, variants: dict) -> Path:
@@ -145,8 +148,9 @@ def test_table_numbers_recomputed_from_rows(sweep):
         for key in ACC_KEYS:
             mean, sd = stats(variant, key)
             assert body[variant][col[f"{labels[key]} %"]] == f"{100 * mean:.1f} ± {100 * sd:.1f}", (variant, key)
-        mean, sd = stats(variant, "samples_per_s")
-        assert body[variant][col["samples/s"]] == f"{mean:.1f} ± {sd:.1f}"
+        # --no-throughput: no controlled measurement, so no throughput cells (never the runs' own)
+        for head in ("samples/s", "samples/s ÷ baseline", "step ms", "train FLOP/s", "s/run at that speed"):
+            assert body[variant][col[head]] == "—", (variant, head)
     # The relative columns: differences of the means in points, throughput as a ratio.
     for key in ACC_KEYS:
         cell = body["lowlr"][col[f"Δ {labels[key]} (pt)"]]
@@ -154,15 +158,15 @@ def test_table_numbers_recomputed_from_rows(sweep):
         assert re.fullmatch(r"[+-]\d+\.\d", cell), cell
         assert float(cell) == pytest.approx(want, abs=0.05 + 1e-9), key
         assert body["baseline"][col[f"Δ {labels[key]} (pt)"]] == "—"
-    ratio = body["lowlr"][col["samples/s ÷ baseline"]]
-    want = stats("lowlr", "samples_per_s")[0] / stats("baseline", "samples_per_s")[0]
-    assert ratio.endswith("×") and float(ratio[:-1]) == pytest.approx(want, abs=0.005 + 1e-9)
-    assert body["baseline"][col["samples/s ÷ baseline"]] == "1.00×"
+    assert "**Throughput** columns: not measured (`--no-throughput`)" in text
     params = rows[0]["params"]
     assert body["baseline"][col["params"]] == f"{params / 1e6:.2f}M"
     # Every run has its line, and the verdict names the best variant by mean zero-shot top-1.
+    # Every run has its line, with its own samples/s and wall time, labelled uncontrolled.
+    assert "| samples/s (median, uncontrolled) | wall s (uncontrolled) |" in text
     for r in rows:
         assert f"| `{r['variant']}` | {r['seed']} | {100 * r['zeroshot_top1']:.1f} |" in text
+        assert f" | {r['samples_per_s']:.1f} | {r['wall_s']:.0f} | 1 | {STEPS} | " in text
     best = max(("baseline", "lowlr"), key=lambda v: stats(v, "zeroshot_top1")[0])
     assert f"Highest mean zero-shot top-1: `{best}`" in text
     for png in PNGS:
@@ -221,6 +225,59 @@ def test_plots_show_each_variants_mean_over_seeds(sweep, tmp_path, monkeypatch):
     assert [ax.get_xlabel() for ax in flops_fig.axes] == ["training FLOPs"] * 3
     assert [ax.get_ylabel() for ax in flops_fig.axes] == ["zero-shot top-1 (%)", "image→text R@1 (%)",
                                                           "validation contrastive loss"]
+
+
+def test_throughput_columns_come_from_the_controlled_measurement(sweep, tmp_path, monkeypatch):
+    """The table's throughput cells are the stored ``bench train --variants`` rows (a made-up
+    measurement here, its hash the one the sweep computes): samples/s, the ratio to the first
+    variant, step ms, FLOP/s and each run's steps x step ms; a variant measured at another
+    parameter count than its runs gets "—"; a measurement of other settings is not used."""
+    from trainer.cli import build_parser
+    from trainer.experiments import sweep_speed
+    from trainer.experiments.sweep import plan, write_table
+
+    monkeypatch.chdir(ROOT)
+    planned = plan(build_parser().parse_args(sweep_args(sweep["variants"], sweep["out"], sweep["data"],
+                                                        "--throughput-rounds", "2", throughput=True)))
+    assert planned.throughput == sweep_speed.Settings(steps=20, warmup=5, rounds=2)
+    assert sweep_speed.bench_variants(planned) == {"baseline": {}, "lowlr": {"optim.lr": 2e-4}}
+    planned.out = tmp_path
+    rows = read_rows(sweep["out"])
+    params = rows[0]["params"]
+
+    def bench_row(variant, samples_per_s, step_ms, flops_per_s, n_params=params):
+        return {"variant": variant, "impl": variant, "samples_per_s": samples_per_s, "step_ms": step_ms,
+                "flops_per_s": flops_per_s, "params": n_params, "held": [], "samples_per_s_rounds": [1.0, 2.0],
+                "device": "cpu:test", "world": 1, "rounds": 2, "warmup": 5, "steps": 20, "global_batch": 16}
+    measured = {"hash": sweep_speed.measurement_hash(planned, planned.throughput), "command": "python -m trainer bench "
+                "train --variants X", "date": "2026-01-01", "rows": [bench_row("baseline", 80.0, 200.0, 4.0e10),
+                                                                      bench_row("lowlr", 100.0, 160.0, 5.0e10)]}
+    (tmp_path / "throughput").mkdir()
+    stored = tmp_path / "throughput" / "throughput.json"
+    stored.write_text(json.dumps(measured))
+    write_table(planned, rows, tmp_path / "table.md")
+    text = (tmp_path / "table.md").read_text()
+    header, body = _main_table(text)
+    col = {name: i for i, name in enumerate(header)}
+    want = {"baseline": ["80.0", "1.00×", "200", "4e+10", f"{STEPS * 0.2:.0f}"],
+            "lowlr": ["100.0", f"{100 / 80:.2f}×", "160", "5e+10", f"{STEPS * 0.16:.0f}"]}
+    heads = ["samples/s", "samples/s ÷ baseline", "step ms", "train FLOP/s", "s/run at that speed"]
+    for variant, cells in want.items():
+        assert [body[variant][col[h]] for h in heads] == cells, variant
+    assert "come from one controlled measurement, `python -m trainer bench train --variants X`" in text
+    assert "2 rounds of 5 + 20 steps" in text and "`baseline` 1.0, 2.0; `lowlr` 1.0, 2.0" in text
+    assert "Step throughput 1.25× `baseline` (the controlled measurement above)" in text
+    # Another parameter count than the runs trained: not this variant's model.
+    measured["rows"][1]["params"] = params + 1
+    stored.write_text(json.dumps(measured))
+    write_table(planned, rows, tmp_path / "table.md")
+    _, body = _main_table((tmp_path / "table.md").read_text())
+    assert [body["lowlr"][col[h]] for h in heads] == ["—"] * 5 and body["baseline"][col["samples/s"]] == "80.0"
+    # Other settings (3 rounds, the default): the stored measurement is not this one.
+    planned.throughput = sweep_speed.Settings()
+    write_table(planned, rows, tmp_path / "table.md")
+    _, body = _main_table((tmp_path / "table.md").read_text())
+    assert body["baseline"][col["samples/s"]] == "—"
 
 
 def test_zeroshot_curve_read_from_tensorboard(sweep):
@@ -391,6 +448,13 @@ def test_a_run_made_before_a_config_key_existed_still_counts(tmp_path):
     assert not _only_new_default_keys(changed, run)
     removed = {"config": {"seed": 0, "optim": {"lr": 1e-3}, "gone": 1}, "launch": {"nproc": 2}}
     assert not _only_new_default_keys(removed, run)
+    # A new key at the value that does what the trainer did before it existed (ECL's cosine score,
+    # config.BEFORE_KEY) keeps the run too; any other non-default value does not.
+    before["config"]["select"] = {"enabled": True}
+    run.resolved["select"] = {"enabled": True, "score": "cosine"}
+    assert _only_new_default_keys(before, run)
+    run.resolved["select"]["score"] = "other"
+    assert not _only_new_default_keys(before, run)
 
 
 def test_budget_flops_gives_each_run_the_steps_its_budget_buys(demo_data, tmp_path):
@@ -410,7 +474,8 @@ def test_budget_flops_gives_each_run_the_steps_its_budget_buys(demo_data, tmp_pa
     one_step = clip_step_flops(load_config(CONFIG, common), 2)
     args = argparse.Namespace(config=CONFIG, variants=str(variants), out=str(tmp_path / "out"), nproc=2,
                               slurm=False, overrides=common, budget_flops=100.5 * one_step)
-    runs = {r.variant: r for r in plan(args).runs}
+    planned = plan(args)
+    runs = {r.variant: r for r in planned.runs}
     base, ecl = runs["baseline"].cfg, runs["eclipse"].cfg
     assert base.max_steps == 100 and base.optim.warmup_steps == 25          # 10 of 40 -> 25 of 100
     n = ecl.max_steps
@@ -419,8 +484,16 @@ def test_budget_flops_gives_each_run_the_steps_its_budget_buys(demo_data, tmp_pa
     more = load_config(CONFIG, [*common, "eclipse.enabled=true", f"max_steps={n + 1}",
                                 f"optim.warmup_steps={round(10 * (n + 1) / 40)}"])
     assert train_flops(more, n + 1, 2) > args.budget_flops
+    # The throughput measurement times each variant as its runs trained: their step count and schedule.
+    from trainer.experiments.sweep_speed import bench_variants
+    assert bench_variants(planned) == {
+        "baseline": {"max_steps": 100, "optim.warmup_steps": 25},
+        "eclipse": {"eclipse.enabled": True, "max_steps": n, "optim.warmup_steps": round(10 * n / 40)}}
     args.budget_flops = 0.5 * one_step
     with pytest.raises(ConfigError, match="less than one training step"):
+        plan(args)
+    args.throughput_rounds = 0
+    with pytest.raises(ConfigError, match="--throughput-rounds must be >= 1"):
         plan(args)
 
 
@@ -440,3 +513,42 @@ def test_seed_placeholder_gives_each_seed_its_own_value(demo_data, tmp_path):
         (tmp_path / f"seed{seed}.txt").write_text("x\n")
     runs = plan(args).runs
     assert {r.seed: r.cfg.data.manifest for r in runs} == {0: f"{tmp_path}/seed0.txt", 3: f"{tmp_path}/seed3.txt"}
+
+
+@pytest.mark.full   # two tiny training runs and a 2-implementation bench train: about a minute
+def test_sweep_measures_throughput_in_one_bench_train_and_reuses_it(demo_data, tmp_path):
+    """A finished sweep runs ``bench train --variants`` once over its variants; the table's cells are
+    its rows, each row's FLOPs those of the measured step (plain CLIP: the closed form), and a rerun
+    reuses the stored measurement instead of measuring again."""
+    from trainer.config import load_config
+    from trainer.flops import clip_step_flops
+
+    variants = write_variants(tmp_path / "v.yaml", {"seeds": [0], "baseline": {}, "lowlr": {"optim.lr": 2.0e-4}})
+    out = tmp_path / "out"
+    args = sweep_args(variants, out, demo_data, "--throughput-steps", "2", "--throughput-warmup", "1",
+                      "--throughput-rounds", "1", throughput=True)
+    args[args.index(f"max_steps={STEPS}")] = "max_steps=2"
+    check(run_trainer(args))
+    measured = json.loads((out / "throughput" / "throughput.json").read_text())
+    bench_rows = [json.loads(line) for line in (out / "throughput" / "train_sweep.jsonl").read_text().splitlines()]
+    assert measured["rows"] == bench_rows and [r["variant"] for r in bench_rows] == ["baseline", "lowlr"]
+    assert "bench train --config trainer/configs/demo.yaml --variants" in measured["command"]
+    cfg = load_config(CONFIG, [*data_args(demo_data), *FAST, "max_steps=3"])
+    runs = {r["variant"]: r for r in read_rows(out)}
+    for r in bench_rows:
+        assert (r["steps"], r["warmup"], r["rounds"], r["world"], r["global_batch"]) == (2, 1, 1, 1, 16)
+        assert r["samples_per_s"] == pytest.approx(2 * 16 / r["measured_s"], rel=1e-9)
+        assert r["params"] == runs[r["variant"]]["params"]
+        assert r["flops_per_step"] == pytest.approx(clip_step_flops(cfg, 1), rel=1e-12)
+        assert r["flops_per_s"] == pytest.approx(r["flops_per_step"] * r["samples_per_s"] / 16, rel=1e-9)
+    assert bench_rows[1]["overrides"] == ["optim.lr=0.0002"]
+    header, body = _main_table((out / "table.md").read_text())
+    col = {name: i for i, name in enumerate(header)}
+    base, low = bench_rows
+    assert body["baseline"][col["samples/s"]] == f"{base['samples_per_s']:.1f}"
+    assert body["lowlr"][col["samples/s ÷ baseline"]] == f"{low['samples_per_s'] / base['samples_per_s']:.2f}×"
+    assert body["lowlr"][col["step ms"]] == f"{low['step_ms']:.0f}"
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "throughput").iterdir()}
+    text = check(run_trainer(args))
+    assert "throughput: measured earlier" in text and "reused" in text
+    assert {p: p.stat().st_mtime_ns for p in (out / "throughput").iterdir()} == stamp

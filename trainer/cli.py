@@ -204,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-flops", type=float, default=None, metavar="F",
                    help="train every run to F training FLOPs (every method's forwards charged) instead of its "
                         "max_steps; each run's schedule is scaled to its step count")
+    s.add_argument("--no-throughput", action="store_true",
+                   help="skip the controlled step-throughput measurement (bench train over every variant, once "
+                        "every run has finished; reused while the variants and config are unchanged)")
+    s.add_argument("--throughput-steps", type=int, default=20, metavar="N", help="timed steps per variant and round")
+    s.add_argument("--throughput-warmup", type=int, default=5, metavar="N", help="untimed steps before them")
+    s.add_argument("--throughput-rounds", type=int, default=3, metavar="R",
+                   help="rounds, alternating the variants' order (each variant's median round is kept)")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     c = sub.add_parser("select", help="ensemble confident learning: score pairs with checkpoints, keep the best (EfficientCLIP)")
     c.add_argument("--checkpoints", nargs="+", required=True, help="the ensemble: checkpoints or run directories of one model shape")

@@ -266,6 +266,9 @@ def _check_scalar(key: str, value, hint, meta: dict):
 
 
 RENAMED = {"train.max_bad_steps": "train.max_bad_microbatches (it counts micro-batches, not optimizer steps)"}
+# What a run whose saved config predates a key did, where that differs from the key's default
+# (ECL scored with the public code's cosine before select.score and its self-confidence default).
+BEFORE_KEY = {"select.score": "cosine"}
 
 
 def _build(cls, raw: dict, prefix: str = ""):

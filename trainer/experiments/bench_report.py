@@ -49,6 +49,8 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> list[Path]:
 
 
 def ratios(rows: list[dict]) -> list[str]:
+    if rows and "variant" in rows[0]:
+        return variant_lines(rows)
     by = {r["impl"]: r for r in rows}
     if "ours" not in by:
         return []
@@ -63,13 +65,32 @@ def ratios(rows: list[dict]) -> list[str]:
     return lines
 
 
+def variant_lines(rows: list[dict]) -> list[str]:
+    """``--variants``: each variant against the first, its overrides, what was held, its FLOPs."""
+    ref = rows[0]
+    out = []
+    for r in rows:
+        what = " ".join(f"`{o}`" for o in r["overrides"]) or "(the config)"
+        held = (", held: " + " ".join(f"`{o}`" for o in r["held"])) if r["held"] else ""
+        out.append(f"`{r['impl']}` / `{ref['impl']}`: **{r['samples_per_s'] / ref['samples_per_s']:.2f}x** samples/s "
+                   f"(step time {r['step_ms'] / ref['step_ms']:.2f}x); {r['flops_per_step']:.3g} training FLOPs per "
+                   f"step, {r['flops_per_s']:.3g} FLOP/s; overrides {what}{held}")
+    return out
+
+
+INTRO = ("open_clip's training step, a bare torch loop (our model and loss, DDP, torch AdamW) and our trainer's step "
+         "(DeepSpeed engine + `train_step`), one after the other on the same shards, global batch, precision and "
+         "ranks (`python -m trainer bench train`).")
+INTRO_VARIANTS = ("Our trainer's step (DeepSpeed engine + `train_step`) for each variant of a sweep (the config, the "
+                  "`key=value` arguments and the variant's overrides), one after the other on the same shards, seed, "
+                  "global batch, precision and ranks (`python -m trainer bench train --variants`); each held at the "
+                  "per-step cost of its whole run (listed below).")
+
+
 def markdown(rows: list[dict], meta: dict, png: str) -> str:
     r0 = rows[0]
     params = sorted({r["params"] for r in rows})
-    lines = [f"# Training-step benchmark `{meta['tag']}`", "",
-             "open_clip's training step, a bare torch loop (our model and loss, DDP, torch AdamW) and our "
-             "trainer's step (DeepSpeed engine + `train_step`), one after the other on the same shards, global "
-             "batch, precision and ranks (`python -m trainer bench train`).", "",
+    lines = [f"# Training-step benchmark `{meta['tag']}`", "", INTRO_VARIANTS if "variant" in r0 else INTRO, "",
              f"- device: {r0['device']}; {r0['world']} ranks; {r0.get('threads_per_rank')} thread(s) per rank; "
              f"torch {r0.get('torch')}",
              f"- date: {meta['date']}; commit {meta['commit']}",

@@ -1,7 +1,7 @@
 """Training-step benchmark: open_clip's step, a bare torch loop and ours, on the same data.
 
     python -m trainer bench train [--config trainer/configs/demo.yaml] [--steps 30] [--warmup 5]
-        [--nproc 2] [--impls openclip,bare,ours] [--out bench/results] [--tag T]
+        [--nproc 2] [--impls openclip,bare,ours | --variants FILE] [--out bench/results] [--tag T]
         [--profile timers|cprofile] [key=value ...]
 
 Each implementation runs in its own ``torchrun`` child (``--nproc`` ranks; gloo on CPU, NCCL on
@@ -30,6 +30,14 @@ world size (the config's, after the ``key=value`` overrides; ``max_steps`` becom
   on (``psd.enabled=true``, ``psd.teacher=...``, the other ``psd.*`` keys as given) and its soft
   targets from the first step (``psd.schedule=constant``, and the ``previous`` teacher refreshed
   every step, the costliest case): the cost of each teacher against ``ours``.
+
+``--variants FILE`` (a sweep's variants file: names mapped to overrides; ``seeds`` is ignored)
+replaces ``--impls``: each variant is one implementation, ``ours`` on the config plus the
+``key=value`` arguments plus the variant's overrides, at the per-step cost of the run that config
+describes (``trainer.methods.steady_overrides``: ECLIPSE's student held at the run's mean keep
+rate, ECL's rounds, which run between steps, kept out of the window). Its row adds the analytic
+training FLOPs of the measured step (``trainer.methods.step_flops``) and FLOPs per second.
+``python -m trainer sweep`` measures its variants this way (trainer/experiments/sweep_speed.py).
 
 All three read batches from ``TrainData`` (the WebDataset stream), so the data cost is the same.
 After ``--warmup`` steps, ``--steps`` steps are timed between two barriers:
@@ -73,7 +81,7 @@ from ..dist import all_reduce, all_reduce_flags, barrier, init_distributed, laun
 from ..engine import build_ds_config, build_engine
 from ..faults import GradGuard, NanInjector
 from ..losses import build_terms
-from ..methods import attach as attach_method, build_method, loss_terms
+from ..methods import attach as attach_method, build_method, loss_terms, steady_overrides, step_flops
 from ..methods.eclipse import mean_keep_rate
 from ..metrics import MetricsLogger
 from ..model import build_model, preset_shape
@@ -81,6 +89,7 @@ from ..train import TrainData, setup_logging
 from .bare_loop import PHASES, Phases, build_bare, loss_impl_name
 from .bench_report import SUSPECTS, summary_row, write_report
 from .openclip_step import build_openclip
+from .sweep import load_variants, yaml_arg
 
 IMPLS = ("openclip", "bare", "ours", "eclipse", "eclipse-run", "psd-self", "psd-momentum", "psd-previous")
 ROOT = Path(__file__).resolve().parents[2]   # the repository
@@ -92,7 +101,10 @@ def _args(argv):
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
     p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
-    p.add_argument("--impls", default="openclip,bare,ours", help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--impls", default=None, help="comma-separated subset of " + ",".join(IMPLS)
+                   + " (default openclip,bare,ours)")
+    p.add_argument("--variants", default=None, help="a sweep's variants file: each variant is one implementation "
+                   "(our step with its overrides), instead of --impls")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default=None, help="file names train_<tag>.*; default DEVICE_PRESET_DATE")
     p.add_argument("--rounds", type=int, default=1, help="run the impls this many times, alternating the order; "
@@ -111,13 +123,21 @@ def main(argv=None) -> int:
     args = _args(argv)
     if args.worker:
         return _worker(args)
-    impls = [i for i in args.impls.split(",") if i]
-    bad = sorted(set(impls) - set(IMPLS))
+    if args.variants and args.impls:
+        raise ConfigError("--variants and --impls exclude each other (each variant runs our step)")
+    variants = _read_variants(args.variants) if args.variants else {}
+    impls = list(variants) or [i for i in (args.impls or "openclip,bare,ours").split(",") if i]
+    bad = sorted(set(impls) - set(IMPLS)) if not variants else []
     if bad or not impls:
         raise ConfigError(f"--impls: unknown {bad or impls}; choose from {','.join(IMPLS)}")
     if args.steps < 1 or args.warmup < 0 or args.nproc < 1 or args.rounds < 1:
         raise ConfigError("--steps, --nproc and --rounds must be >= 1, --warmup >= 0")
     cfg = _check_config(args)
+    for name, overrides in variants.items():
+        try:
+            _check_config(args, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"variant {name!r}: {err}") from None
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tag = args.tag or f"{device}_{cfg.model.preset}_{_dt.date.today().isoformat()}"
@@ -127,7 +147,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for rnd in range(args.rounds):  # alternate the order, so no impl always runs first
             for impl in impls if rnd % 2 == 0 else impls[::-1]:
-                results[impl].append(_launch(impl, args, Path(tmp), rnd))
+                results[impl].append(_launch(impl, args, Path(tmp), rnd, variants.get(impl)))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for impl in impls:
@@ -138,8 +158,10 @@ def main(argv=None) -> int:
             "uptime_after": _uptime(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     rows = [summary_row(results[impl], meta) for impl in impls]
     run_cfg = load_config(args.config, list(args.overrides))   # the config's own run, not the benchmark's
-    for r in rows:   # the student's keep rate each ECLIPSE row ran at
-        if r["impl"].startswith("eclipse"):
+    for r in rows:
+        if r["impl"] in variants:
+            r.update(_variant_fields(args, r, variants[r["impl"]]))
+        elif r["impl"].startswith("eclipse"):   # the student's keep rate each ECLIPSE row ran at
             r["keep_rate"] = _student_keep_rate(run_cfg, r["impl"])
     paths = write_report(rows, meta, out)
     for r in rows:
@@ -157,10 +179,34 @@ def _student_keep_rate(cfg, impl: str) -> float:
     return mean_keep_rate(cfg) if impl == "eclipse-run" else cfg.eclipse.keep_rate
 
 
-def _check_config(args):
+def _read_variants(path: str) -> dict[str, list[str]]:
+    """``{name: [key=value, ...]}`` from a sweep's variants file (its ``seeds`` ignored; a
+    ``{seed}`` placeholder gets the first seed)."""
+    return {name: [f"{k}={yaml_arg(v)}".replace("{seed}", str(seeds[0])) for k, v in flat.items()]
+            for name, (flat, seeds) in load_variants(path).items()}
+
+
+def _variant_overrides(args, variant: list[str]) -> list[str]:
+    """What holds the variant's run at its average per-step cost for the benchmark's steps
+    (the run's own config, before the benchmark shortens ``max_steps``)."""
+    run_cfg = load_config(args.config, [*args.overrides, *variant])
+    return [f"{k}={yaml_arg(v)}" for k, v in steady_overrides(run_cfg, args.warmup + args.steps).items()]
+
+
+def _variant_fields(args, row: dict, variant: list[str]) -> dict:
+    """A variant's row: its overrides, what the benchmark held, and the FLOPs of the measured step."""
+    held = _variant_overrides(args, variant)
+    cfg = load_config(args.config, [*_overrides(args, "flops", variant), *held])
+    timed = range(args.warmup + 1, args.warmup + args.steps + 1)
+    flops_per_step = sum(step_flops(cfg, s, row["world"]) for s in timed) / args.steps
+    return {"variant": row["impl"], "overrides": variant, "held": held, "flops_per_step": flops_per_step,
+            "flops_per_s": flops_per_step * row["samples_per_s"] / row["global_batch"]}
+
+
+def _check_config(args, variant: list[str] = ()):
     """Everything a user can get wrong, before any rank starts (ConfigError: exit 2)."""
 
-    cfg = load_config(args.config, _overrides(args, "check"))
+    cfg = load_config(args.config, _overrides(args, "check", variant))
     check_world(cfg, args.nproc)
     preset_shape(cfg.model)
     build_terms(cfg.loss, loss_terms(cfg))
@@ -171,20 +217,22 @@ def _check_config(args):
     return cfg
 
 
-def _overrides(args, output_dir) -> list[str]:
-    return [*args.overrides, f"max_steps={args.warmup + args.steps}", f"output_dir={output_dir}",
+def _overrides(args, output_dir, variant=()) -> list[str]:
+    return [*args.overrides, *variant, f"max_steps={args.warmup + args.steps}", f"output_dir={output_dir}",
             "log.progress=false"]
 
 
-def _launch(impl: str, args, tmp: Path, rnd: int) -> dict:
-    """One implementation under torchrun; returns rank 0's result (exits 1 on a failed run)."""
+def _launch(impl: str, args, tmp: Path, rnd: int, variant: list[str] | None = None) -> dict:
+    """One implementation (or a variant: our step with its overrides) under torchrun; returns
+    rank 0's result (exits 1 on a failed run)."""
     result = tmp / f"{impl}.json"
     result.unlink(missing_ok=True)
+    extra = _impl_overrides(impl, args) if variant is None else _variant_overrides(args, variant)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--standalone", "-m", "trainer.experiments.bench_train", "--worker", impl,
+           "--standalone", "-m", "trainer.experiments.bench_train", "--worker", "ours" if variant is not None else impl,
            "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--result", str(result), *(["--profile", args.profile] if args.profile else []),
-           *_overrides(args, tmp / f"run_{impl}"), *_impl_overrides(impl, args)]
+           *_overrides(args, tmp / f"run_{impl}", variant or ()), *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "TOKENIZERS_PARALLELISM": "false"}
     print(f"bench train: {impl} ({args.nproc} ranks, {args.warmup} + {args.steps} steps, round {rnd + 1} of "
@@ -199,7 +247,7 @@ def _launch(impl: str, args, tmp: Path, rnd: int) -> dict:
         sys.stderr.write(text[-6000:])
         raise SystemExit(f"bench train: {impl} failed (exit {code}); its output is above")
     out = json.loads(result.read_text())
-    out.update(loadavg_before=load, loadavg_after=_loadavg(), wall_s=round(time.monotonic() - t0, 1), round=rnd + 1)
+    out.update(impl=impl, loadavg_before=load, loadavg_after=_loadavg(), wall_s=round(time.monotonic() - t0, 1), round=rnd + 1)
     return out
 
 

@@ -44,7 +44,12 @@ Outputs in DIR:
                       eval.json, median samples/s, wall time (s, all attempts), steps, parameters,
                       training FLOPs (metrics.jsonl's ``flops`` at the last step)
   table.md            variants side by side (mean +- sample std over seeds; differences from the
-                      first variant), every run, and the plots
+                      first variant; step throughput from the controlled measurement below), every
+                      run (with its own, uncontrolled samples/s and wall time), and the plots
+  throughput/         the controlled measurement: once every run has finished, one ``bench train
+                      --variants`` invocation over every variant, alternating over rounds
+                      (trainer/experiments/sweep_speed.py; ``--throughput-steps/-warmup/-rounds``,
+                      ``--no-throughput``); throughput.json is reused while its hash matches
   loss.png, zeroshot_top1.png, top1_vs_time.png, vs_flops.png (zero-shot, R@1 and validation
                       loss against training FLOPs)
   sweep.log           what every invocation of the sweep did
@@ -74,10 +79,11 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, load_config, to_dict
+from ..config import BEFORE_KEY, Config, ConfigError, load_config, to_dict
 from ..data import load_tokenizer
 from ..model import ClipTrainModel, build_clip_config
 from ..preflight import check_run_inputs
+from . import sweep_speed
 from .budget import scaled_schedule, steps_for_budget
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository
@@ -128,6 +134,7 @@ class Sweep:
     runs: list[Run]
     sbatch_args: list[str]
     budget_flops: float | None = None
+    throughput: sweep_speed.Settings | None = sweep_speed.Settings()   # None: --no-throughput
     log_fh: typing.Any = None
 
     def say(self, msg: str) -> None:
@@ -259,6 +266,7 @@ def plan(args) -> Sweep:
     """Resolve and check every run before anything runs (raises ConfigError; writes nothing)."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1; got {args.nproc}")
+    throughput = sweep_speed.settings_from(args)
     overrides = list(args.overrides or [])
     for item in overrides:
         if "=" not in item:
@@ -307,7 +315,7 @@ def plan(args) -> Sweep:
     seed_rank = {(r.variant, r.seed): variants[r.variant][1].index(r.seed) for r in runs}
     runs.sort(key=lambda r: (seed_rank[(r.variant, r.seed)], list(variants).index(r.variant)))
     return Sweep(args.config, args.variants, out, args.slurm, args.nproc, overrides, variants, runs, sbatch_args,
-                 budget)
+                 budget, throughput)
 
 
 def _budget_args(config: str, rargs: list[str], cfg: Config, budget: float, world: int) -> list[str]:
@@ -357,13 +365,15 @@ def _differences(old: dict, new: dict, limit: int = 4) -> str:
 
 def _only_new_default_keys(meta: dict, run: Run) -> bool:
     """True when a run made earlier differs from this config only by keys the trainer gained since
-    (absent from the saved config, at their default value now: e.g. a new method's section, off).
+    (absent from the saved config, at their default value now: e.g. a new method's section, off;
+    or at the value that gives what the trainer did before the key existed, config.BEFORE_KEY).
     Evidence measured before a method existed stays comparable with the method's variants."""
 
     old = _flat({"config": meta.get("config", {}), "launch": meta.get("launch", {})})
     new = _flat({"config": run.resolved, "launch": run.launch})
     default = _flat({"config": to_dict(Config())})
-    return all(old.get(k, "<unset>") == v or (k not in old and default.get(k, "<unset>") == v)
+    before = {f"config.{k}": v for k, v in BEFORE_KEY.items()}
+    return all(old.get(k, "<unset>") == v or (k not in old and v in (default.get(k, "<unset>"), before.get(k, "<unset>")))
                for k, v in new.items()) and set(old) <= set(new)
 
 
@@ -762,9 +772,11 @@ def execute(sweep: Sweep) -> int:
                 if result == "failed":
                     tail = (run.dir / "train.log").read_text(errors="replace").splitlines()[-15:]
                     sweep.say(f"{run.name}: last lines of {run.dir / 'train.log'}:\n" + "\n".join(tail))
+        failed = [n for n, r in results.items() if r == "failed"]
+        if not sig.stop and all(is_finished(run) for run in sweep.runs) and not throughput(sweep, sig):
+            failed.append("the throughput measurement")
     paths = write_reports(sweep)
     sweep.say("wrote " + ", ".join(str(p) for p in paths))
-    failed = [n for n, r in results.items() if r == "failed"]
     if sig.stop:
         sweep.say(f"stopped by signal {sig.stop}; run the same command to continue")
         return EXIT_INTERRUPTED if sig.stop == signal.SIGINT else EXIT_STOPPED
@@ -775,12 +787,37 @@ def execute(sweep: Sweep) -> int:
     return 0
 
 
+def throughput(sweep: Sweep, sig: Signals) -> bool:
+    """The controlled step-throughput measurement of every variant (sweep_speed.py), unless one of
+    the same variants and settings is stored; False when it failed."""
+    s = sweep.throughput
+    if s is None or sweep.slurm:
+        return True
+    if sweep_speed.load(sweep, s) is not None:
+        sweep.say(f"throughput: measured earlier ({sweep.out / sweep_speed.SUBDIR / sweep_speed.RESULT}, same "
+                  "variants and settings); reused")
+        return True
+    sweep.say(f"throughput: {shlex.join(sweep_speed.command(sweep, s))} ({len(sweep.variants)} variants x "
+              f"{s.rounds} rounds; log {sweep.out / sweep_speed.SUBDIR / 'bench.log'})")
+    try:
+        result, why = sweep_speed.measure(sweep, s, _child_env(), sig)
+    except KeyboardInterrupt:
+        sig.stop = signal.SIGINT
+        return True
+    if result is None:
+        if not sig.stop:
+            sweep.say(f"error: throughput: {why}")
+        return sig.stop != 0
+    sweep.say("throughput: " + ", ".join(f"{r['variant']} {r['samples_per_s']:.1f} samples/s" for r in result["rows"]))
+    return True
+
+
 def command_line(sweep: Sweep) -> list[str]:
     cmd = ["python", "-m", "trainer", "sweep", "--config", sweep.base, "--variants", sweep.variants_file,
            "--out", str(sweep.out)]
     cmd += ["--slurm"] if sweep.slurm else ["--nproc", str(sweep.nproc)]
     cmd += ["--budget-flops", f"{sweep.budget_flops:g}"] if sweep.budget_flops is not None else []
-    return cmd + sweep.overrides
+    return cmd + sweep_speed.flags(sweep.throughput) + sweep.overrides
 
 
 # ------------------------------------------------------------------ results, table, plots
@@ -865,10 +902,6 @@ def _delta_pt(s: dict | None, ref: dict | None) -> str:
     return "n/a" if s is None or ref is None else f"{100 * (s['mean'] - ref['mean']):+.1f}"
 
 
-def _ratio(s: dict | None, ref: dict | None) -> str:
-    return "n/a" if s is None or ref is None or not ref["mean"] else f"{s['mean'] / ref['mean']:.2f}×"
-
-
 def _chance(sweep: Sweep) -> float | None:
     path = sweep.runs[0].cfg.eval.zeroshot if sweep.runs else None
     try:
@@ -915,15 +948,14 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
           "**How to read it.** Each cell is the mean ± sample standard deviation (n−1) over the variant's "
           "seeds (n = number of seeds; no ± with one seed). Accuracies in %. "
           f"Δ columns: difference of the means from the first variant, `{ref_name}`, in percentage points; "
-          f"samples/s also as the ratio to `{ref_name}`. Wall time: seconds per run, all attempts "
-          "(start-up and evaluations included). Speed columns are each run's own measurement, made one "
-          "run after another under whatever load the machine had (a variant added later ran hours after "
-          "the others): they are not a controlled speed comparison; for that, `python -m trainer bench "
-          "train` alternates the implementations within one invocation.", ""]
+          f"samples/s also as the ratio to `{ref_name}`.", ""]
+    measured = sweep_speed.load(sweep, sweep.throughput)
+    speed = sweep_speed.per_variant(measured, {n: stats[n]["params"] for n in names})
+    L += sweep_speed.paragraph(measured, speed, names, sweep.throughput, sweep.slurm) + [""]
     head = ["variant", "n", "steps", "train FLOPs"]
     for key, label in ACCURACY:
         head += [f"{label} %", f"Δ {label} (pt)"]
-    head += ["samples/s", f"samples/s ÷ {ref_name}", "wall s/run", "params"]
+    head += [h.format(ref=ref_name) for h in sweep_speed.HEAD] + ["params"]
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "|".join(["---", "--:"] + ["--:"] * (len(head) - 2)) + "|")
     for name in names:
@@ -931,13 +963,12 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
         cells = [f"`{name}`", str(len(s["seeds"])), _num(s["steps"], 0), _flops(s["train_flops"])]
         for key, _ in ACCURACY:
             cells += [_pct(s[key]), "—" if name == ref_name else _delta_pt(s[key], ref[key])]
-        cells += [_num(s["samples_per_s"]), "1.00×" if name == ref_name and s["samples_per_s"] else
-                  _ratio(s["samples_per_s"], ref["samples_per_s"]),
-                  _num(s["wall_s"], 0), f"{s['params'] / 1e6:.2f}M" if s["params"] else "n/a"]
+        cells += sweep_speed.cells(speed, name, ref_name, s["steps"] and s["steps"]["mean"])
+        cells += [f"{s['params'] / 1e6:.2f}M" if s["params"] else "n/a"]
         L.append("| " + " | ".join(cells) + " |")
     L += _views_table(rows, names)
     L += ["", "## Verdict", ""]
-    L += _verdict(stats, names)
+    L += _verdict(stats, names, speed)
     L += ["", "## Variants", "", "| variant | seeds | overrides |", "|---|---|---|"]
     for name in names:
         flat, seeds = sweep.variants[name]
@@ -946,8 +977,11 @@ def write_table(sweep: Sweep, rows: list[dict], path: Path) -> None:
     if sweep.overrides:
         L += ["", "Every variant also gets: " + " ".join(f"`{o}`" for o in sweep.overrides)]
     L += ["", "## Runs", "",
-          "| variant | seed | top-1 % | top-5 % | I→T R@1 % | T→I R@1 % | samples/s (median) | wall s | attempts | "
-          "steps | final loss | run directory |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+          "A run's own samples/s (the median of its logged windows) and wall time (all attempts, start-up and "
+          "evaluations included) were measured while it trained, under whatever else the machine ran then: "
+          "uncontrolled, not a speed comparison between variants (the throughput columns above are).", "",
+          "| variant | seed | top-1 % | top-5 % | I→T R@1 % | T→I R@1 % | samples/s (median, uncontrolled) | "
+          "wall s (uncontrolled) | attempts | steps | final loss | run directory |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         acc = [f"{100 * r[k]:.1f}" if isinstance(r.get(k), (int, float)) else "n/a" for k, _ in ACCURACY]
         L.append(f"| `{r['variant']}` | {r['seed']} | " + " | ".join(acc) +
@@ -979,7 +1013,7 @@ def _fmt(x, digits: int) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "n/a"
 
 
-def _verdict(stats: dict, names: list[str]) -> list[str]:
+def _verdict(stats: dict, names: list[str], speed: dict) -> list[str]:
     key = "zeroshot_top1"
     have = [n for n in names if stats[n][key] is not None]
     if not have:
@@ -1003,9 +1037,9 @@ def _verdict(stats: dict, names: list[str]) -> list[str]:
                         else "do not overlap."))
         else:
             line += "; one seed, so no estimate of seed noise."
-        sps, rsps = stats[name]["samples_per_s"], stats[ref_name]["samples_per_s"]
-        if sps and rsps and rsps["mean"]:
-            line += f" Throughput {sps['mean'] / rsps['mean']:.2f}× `{ref_name}` (uncontrolled; see above)."
+        ratio = sweep_speed.ratio(speed, name, ref_name)
+        if ratio is not None:
+            line += f" Step throughput {ratio:.2f}× `{ref_name}` (the controlled measurement above)."
         out.append(line)
     return out
 

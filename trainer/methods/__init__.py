@@ -43,8 +43,8 @@ REGISTRY: tuple[MethodSpec, ...] = (eclipse.SPEC, psd.SPEC, text_lm.SPEC, select
 
 __all__ = ["REGISTRY", "Inherited", "Method", "MethodSpec", "attach", "build_method", "carried_state", "check",
            "eval_views", "export_towers", "grown_config", "growth_weights", "keep_rate", "load_init",
-           "load_trained_model", "loss_terms", "prefixes", "schedule_clock", "step_flops", "train_flops",
-           "trained_weights"]
+           "load_trained_model", "loss_terms", "prefixes", "schedule_clock", "steady_overrides", "step_flops",
+           "train_flops", "trained_weights"]
 
 
 def enabled(cfg: Config) -> list[MethodSpec]:
@@ -183,3 +183,12 @@ def train_flops(cfg: Config, steps: int, world: int) -> float:
     specs = enabled(cfg)
     base = clip_step_flops(cfg, world)
     return sum(base + sum(spec.step_flops(cfg, s, world) for spec in specs) for s in range(1, steps + 1))
+
+
+def steady_overrides(cfg: Config, bench_steps: int) -> dict:
+    """Overrides that make a ``bench_steps``-step benchmark of ``cfg`` cost, per step, what the
+    run ``cfg`` describes costs on average (each enabled method's ``MethodSpec.steady_overrides``)."""
+    out: dict = {}
+    for spec in enabled(cfg):
+        out.update(spec.steady_overrides(cfg, bench_steps))
+    return out

@@ -108,6 +108,12 @@ class MethodSpec:
     def step_flops(self, cfg, step: int, world: int) -> float:
         return 0.0
 
+    def steady_overrides(self, cfg, bench_steps: int) -> dict:
+        """Config overrides under which a benchmark of ``bench_steps`` steps runs this method at
+        the per-step cost of the whole run ``cfg`` describes: schedules that change a step's cost
+        held at their run mean, events between steps (a selection round) kept out of the window."""
+        return {}
+
     def training_copies(self, cfg, root: Path, tag: str) -> dict[str, torch.Tensor]:
         return {}
 

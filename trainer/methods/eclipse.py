@@ -313,6 +313,10 @@ class EclipseSpec(MethodSpec):
     def step_flops(self, cfg: Config, step: int, world: int) -> float:
         return step_flops(cfg, step, world)
 
+    def steady_overrides(self, cfg: Config, bench_steps: int) -> dict:
+        """The student held at the run's mean keep rate (a benchmark's few steps would be all warm-up)."""
+        return {"eclipse.keep_schedule": "constant", "eclipse.keep_rate": mean_keep_rate(cfg)}
+
     def grown_config(self, raw: dict, cfg: Config, state: dict | None, layer_index) -> None:
         """EViT drops tokens in the same layers of the grown tower (spelled out: growth inserts
         layers), so the expedited student keeps its function too, not only the full one."""

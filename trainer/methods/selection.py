@@ -808,6 +808,11 @@ class SelectionSpec(MethodSpec):
     def step_flops(self, cfg: Config, step: int, world: int) -> float:
         return step_flops(cfg, step, world)
 
+    def steady_overrides(self, cfg: Config, bench_steps: int) -> dict:
+        """No round inside the benchmark: the scoring pass runs between steps, not in one
+        (its FLOPs are in the run's count, its time is not a step's)."""
+        return {"select.every_steps": bench_steps} if cfg.select.enabled else {}
+
     def carried_state(self, cfg: Config, root: Path, tag: str) -> dict | None:
         """The rounds done and the last round's directory (its kept set and scores), absolute."""
         state = torch.load(Path(root) / tag / "trainer_state" / "rank_0.pt", map_location="cpu",
