@@ -318,7 +318,8 @@ def _reader_record(where: dict, buf: list[dict], shuffle_rng: random.Random) -> 
     version, internal, gauss = shuffle_rng.getstate()
     return {"draw": where["draw"], "member": where["member"],
             "shuffle_rng": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-            "buffer_at": torch.tensor([(b["__draw__"], b["__member__"]) for b in buf], dtype=torch.int64).reshape(-1, 2),
+            "buffer_at": torch.tensor([(b["__draw__"], b["__member__"]) for b in buf],
+                                      dtype=torch.int64).reshape(-1, 2),
             "buffer_keys": "\n".join(b["__key__"] for b in buf)}
 
 
