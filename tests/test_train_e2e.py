@@ -227,6 +227,29 @@ def test_sigkill_and_rerun_continues_with_identical_losses(baseline, demo_data, 
     assert losses(out) == pytest.approx(losses(baseline), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.full   # a second real kill; test_data counts what a resume reads and checks the batches in-process
+def test_sigkill_deep_into_the_epoch_continues_with_identical_losses(demo_data, tmp_path):
+    """An epoch of 48 steps (1536 pairs, 2 ranks of 16), killed after its step-40 checkpoint (5/6
+    into the epoch, each loader worker 2.5 shards in): the rerun, whose workers re-read only their
+    current shards and buffers' samples, logs the uninterrupted run's losses for steps 41-44."""
+    def args(out):
+        return train_args(demo_data, out, "data.train_num_samples=1536", "max_steps=44", "checkpoint.every_steps=20",
+                          "eval.every_steps=0")
+    whole = tmp_path / "whole"
+    check(run_trainer(args(whole), nproc=2))
+    out = tmp_path / "killed"
+    proc = start_trainer(args(out), nproc=2)
+    wait_for_step(proc, out, 41, timeout=500)
+    kill_group(proc)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_40"
+    state = torch.load(out / "checkpoints" / "step_40" / "trainer_state" / "rank_1.pt", weights_only=False)
+    assert state["data"]["in_epoch"] == 40 and set(state["data"]["stream"]["reader"]) == {"0", "1"}
+    text = check(run_trainer(args(out), nproc=2))
+    assert "resumed from" in text and "(step 40)" in text
+    assert sorted(losses(out)) == list(range(1, 45))
+    assert losses(out) == pytest.approx(losses(whole), rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.full   # a second kill; trainer state durability before 'latest' is in-process in test_checkpoint
 def test_kill_during_save_leaves_previous_checkpoint_as_latest(baseline, demo_data, tmp_path):
     out = tmp_path / "save-killed"

@@ -3,9 +3,11 @@
 Training (``TrainStream``): shards resampled with replacement, a shuffle buffer, decode + CLIP
 augmentation + tokenisation in loader workers, batches assembled in the workers. Every random
 choice is a pure function of ``(seed, epoch, rank, logical worker, sample index)``, and each batch
-carries its worker's count of raw samples consumed. A resumed run rebuilds the stream, rotates
-the worker order to where it stopped and skips exactly the raw samples already consumed (before
-decoding), so it sees the samples and augmentations the uninterrupted run would have seen.
+carries its worker's read position: the shard it is reading (which draw, how many samples in), the
+shuffle buffer's samples as ``(draw, member, key)`` and the shuffle RNG's state. A resumed run
+rebuilds the stream, rotates the worker order to where it stopped, and each worker re-reads only
+the current shard up to its position and the samples its buffer held (verified by key), so it sees
+the samples and augmentations the uninterrupted run would have seen without replaying the epoch.
 
 Evaluation (``eval_batches``): each rank reads its share (by shard when there are enough shards,
 else every world-th sample), in order, with the deterministic eval transform.
@@ -196,20 +198,36 @@ class _Counter:
                         key, type(err).__name__, err)
 
 
-def _raw_samples(urls, counter: _Counter, manifest, max_empty_shards: int = 100) -> Iterator[dict]:
+def _raw_samples(urls, counter: _Counter, manifest, max_empty_shards: int = 100, where: dict | None = None,
+                 current=None) -> Iterator[dict]:
     """Samples shard by shard (never grouped across shard boundaries), filtered by the manifest.
-    A shard that yields no sample at all (empty, or unreadable from the start) counts as skipped."""
+    A shard that yields no sample at all (empty, or unreadable from the start) counts as skipped.
+
+    ``where`` follows the read position: ``draw`` (the current shard's index among the shards
+    opened, counting from where's start value) and ``member`` (raw samples read from it, kept or
+    not); each sample carries the two as ``__draw__`` and ``__member__``. ``current``: a shard
+    ``(url, members)`` already opened and read up to ``where``, to continue before ``urls``."""
+    where = {"draw": -1, "member": 0} if where is None else where
+    urls = iter(urls)
     empty = 0
-    for url in urls:
-        n_raw = n_kept = 0
+    while True:
+        if current is not None:   # resumed mid-shard: it gave a kept sample before the save
+            (url, members), current, n_kept = current, None, 1
+        else:
+            url = next(urls, None)
+            if url is None:
+                return
+            members = tariterators.tarfile_samples([{"url": url}], handler=counter.handler)
+            where["draw"], where["member"], n_kept = where["draw"] + 1, 0, 0
         errors_before = counter.skipped
         keep = None if manifest is None else manifest.keys_for(url)
-        for sample in tariterators.tarfile_samples([{"url": url}], handler=counter.handler):
-            n_raw += 1
+        for sample in members:
+            sample["__draw__"], sample["__member__"] = where["draw"], where["member"]
+            where["member"] += 1
             if keep is None or sample["__key__"] in keep:
                 n_kept += 1
                 yield sample
-        if n_raw == 0 and counter.skipped == errors_before:
+        if where["member"] == 0 and counter.skipped == errors_before:
             counter.handler(ValueError("shard holds no sample", url))
         empty = 0 if n_kept else empty + 1
         if empty >= max_empty_shards:  # resampling would otherwise spin forever
@@ -217,8 +235,9 @@ def _raw_samples(urls, counter: _Counter, manifest, max_empty_shards: int = 100)
                                "the shards are unreadable or data.manifest keeps none of their keys")
 
 
-def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    buf: list[dict] = []
+def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random, buf: list | None = None) -> Iterator[dict]:
+    """A shuffle buffer; ``buf`` (changed in place, so a caller can record it) may start filled."""
+    buf = [] if buf is None else buf
     for sample in samples:
         if len(buf) < bufsize:
             buf.append(sample)
@@ -228,6 +247,91 @@ def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iter
         yield sample
     rng.shuffle(buf)
     yield from buf
+
+
+RESTORE_ATTEMPTS = 3
+
+
+class _Resume:
+    """Puts one worker's reader back where a checkpoint recorded it, reading only what it must.
+
+    The record (``reader`` in a batch) is the current shard's draw index and how many raw samples
+    had been read from it, the shuffle buffer as ``(draw, member, key)`` per slot, and the shuffle
+    RNG's state. The shard draws are replayed without I/O (they are seeded RNG calls); then each
+    shard that holds a buffered sample is read up to its last buffered member, and the current
+    shard up to the recorded position, where reading continues. So a restart reads one shard
+    prefix per worker plus the shards its buffer still holds samples of, whatever the epoch
+    position. A shard that reads differently (shorter, or another key where a buffered sample was:
+    a transient error, or changed data) is read again, up to ``RESTORE_ATTEMPTS`` times, then the
+    run stops with an error rather than continue on a shifted stream.
+    """
+
+    def __init__(self, urls: list[str], shard_rng: random.Random, record: dict, counter: _Counter):
+        self.record, self.counter, self.restored = record, counter, False
+        self.buffer = _buffer_of(record)
+        self.drawn = [shard_rng.choice(urls) for _ in range(int(record["draw"]) + 1)]  # no I/O
+
+    def _handler(self, exn: Exception) -> bool:
+        """Errors met again while restoring are in the saved count; after it, the current shard's count."""
+        return (self.counter if self.restored else _Counter()).handler(exn)
+
+    def apply(self, shuffle_rng: random.Random) -> tuple[list[dict], tuple]:
+        """The refilled buffer and the current shard ``(url, members)`` opened at the position."""
+        rec, cur = self.record, int(self.record["draw"])
+        wanted: dict[int, dict[int, int]] = {}
+        for slot, (draw, member, _key) in enumerate(self.buffer):
+            wanted.setdefault(int(draw), {})[int(member)] = slot
+        buf: list = [None] * len(self.buffer)
+        for draw in sorted(d for d in wanted if d != cur):
+            self._read(draw, wanted[draw], max(wanted[draw]) + 1, buf)
+        members = self._read(cur, wanted.get(cur, {}), int(rec["member"]), buf)
+        shuffle_rng.setstate(_rng_state_in(rec["shuffle_rng"]))
+        self.restored = True
+        return buf, (self.drawn[cur], members)
+
+    def _read(self, draw: int, wanted: dict[int, int], upto: int, buf: list):
+        """Read shard ``draw``'s first ``upto`` raw samples into ``buf``'s slots; return the open rest."""
+        url, problem = self.drawn[draw], ""
+        for _attempt in range(RESTORE_ATTEMPTS):
+            members = iter(tariterators.tarfile_samples([{"url": url}], handler=self._handler))
+            n, problem = 0, ""
+            while n < upto and (sample := next(members, None)) is not None:
+                if n in wanted:
+                    key = self.buffer[wanted[n]][2]
+                    if sample["__key__"] != key:
+                        problem = f"sample {n} is {sample['__key__']!r}, the checkpoint recorded {key!r}"
+                        break
+                    sample["__draw__"], sample["__member__"] = draw, n
+                    buf[wanted[n]] = sample
+                n += 1
+            if not problem and n == upto:
+                return members
+            problem = problem or f"it gave {n} samples, the checkpoint's position needs {upto}"
+            log.warning("resume: re-reading shard %s (%s)", url, problem)
+        raise RuntimeError(f"cannot resume the data stream exactly: shard {url} read differently "
+                           f"{RESTORE_ATTEMPTS} times ({problem}); the shard changed or is unreadable")
+
+
+def _reader_record(where: dict, buf: list[dict], shuffle_rng: random.Random) -> dict:
+    """A worker's read position as a batch carries it: tensors and one string, which the loader
+    passes through as they are (a list of a thousand tuples would cost it milliseconds a batch)."""
+    version, internal, gauss = shuffle_rng.getstate()
+    return {"draw": where["draw"], "member": where["member"],
+            "shuffle_rng": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+            "buffer_at": torch.tensor([(b["__draw__"], b["__member__"]) for b in buf],
+                                      dtype=torch.int64).reshape(-1, 2),
+            "buffer_keys": "\n".join(b["__key__"] for b in buf)}
+
+
+def _buffer_of(record: dict) -> list[tuple[int, int, str]]:
+    """The recorded shuffle buffer as ``(draw, member, key)`` per slot."""
+    keys = record["buffer_keys"].split("\n") if record["buffer_keys"] else []
+    return [(int(d), int(m), k) for (d, m), k in zip(record["buffer_at"].tolist(), keys)]
+
+
+def _rng_state_in(state: dict) -> tuple:
+    """``random.Random.getstate()``'s tuple from its recorded form."""
+    return int(state["version"]), tuple(int(x) for x in state["internal"].tolist()), state["gauss"]
 
 
 class SampleDecoder:
@@ -292,8 +396,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     ``decoder.collate(items)`` makes the batch dict (``SampleDecoder``: image-text pairs,
     ``TextDecoder``: text only). ``stream_id`` names the stream in every random choice, so two
     streams of one run (pairs, text) draw independently; ``"pairs"`` keeps the historical seeds.
-    ``resume`` is ``{"worker_offset": k, "consumed": {logical_worker: n}, "skipped": {...}}`` as
-    returned by :func:`position_after`.
+    ``resume`` is ``{"worker_offset": k, "consumed": {logical_worker: n}, "skipped": {...},
+    "reader": {...}}`` as returned by :func:`position_after` (a position without ``reader``,
+    written before readers were recorded, is replayed from the epoch's start).
     """
 
     def __init__(self, urls, decoder: SampleDecoder, *, batch_size: int, seed: int, epoch: int,
@@ -315,16 +420,23 @@ class TrainStream(torch.utils.data.IterableDataset):
         w = self._logical_worker()
         base = (self.seed, self.epoch, self.rank, w) + (() if self.stream_id == "pairs" else (self.stream_id,))
         shard_rng, shuffle_rng = random.Random(_seed("shards", *base)), random.Random(_seed("shuffle", *base))
-        counter = _Counter()
-        urls = iter(lambda: shard_rng.choice(self.urls), None)  # resampled, with replacement
-        samples = _shuffled(_raw_samples(urls, counter, self.manifest), self.shuffle_buffer, shuffle_rng)
         consumed = int(self.resume["consumed"].get(str(w), 0))
-        for _ in range(consumed):  # resume: skip raw samples already trained on, undecoded
-            next(samples)
-        # The replay read exactly the raw data the interrupted run had read when it saved, so it
-        # met the same unreadable entries again; the saved count already holds them (and the
-        # corrupt samples it decoded), so it replaces the replay's count instead of adding to it.
-        counter.skipped = int(self.resume["skipped"].get(str(w), 0))
+        record = self.resume.get("reader", {}).get(str(w))
+        # The saved count holds the unreadable entries and corrupt samples met before the save;
+        # what a resume reads again is not counted a second time.
+        counter = _Counter(int(self.resume["skipped"].get(str(w), 0)))
+        where = {"draw": -1, "member": 0}
+        buf, current = [], None
+        if record is not None:
+            buf, current = _Resume(self.urls, shard_rng, record, counter).apply(shuffle_rng)
+            where = {"draw": int(record["draw"]), "member": int(record["member"])}
+        urls = iter(lambda: shard_rng.choice(self.urls), None)  # resampled, with replacement
+        samples = _shuffled(_raw_samples(urls, counter, self.manifest, where=where, current=current),
+                            self.shuffle_buffer, shuffle_rng, buf)
+        if record is None and consumed:   # a position saved before readers were recorded: replay it
+            for _ in range(consumed):
+                next(samples)
+            counter.skipped = int(self.resume["skipped"].get(str(w), 0))   # the replay met them again
         items, keys = [], []
         for sample in samples:
             consumed += 1
@@ -336,8 +448,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             items.append(item)
             keys.append(sample["__key__"])
             if len(items) == self.batch_size:
-                yield {**self.decoder.collate(items), "keys": keys,
-                       "worker": w, "consumed": consumed, "skipped": counter.skipped}
+                reader = _reader_record(where, buf, shuffle_rng)
+                yield {**self.decoder.collate(items), "keys": keys, "worker": w, "consumed": consumed,
+                       "skipped": counter.skipped, "reader": reader}
                 items, keys = [], []
 
 
@@ -346,6 +459,7 @@ def position_after(batch_meta: dict, state: dict, n_logical: int) -> dict:
     w = str(batch_meta["worker"])
     state.setdefault("consumed", {})[w] = int(batch_meta["consumed"])
     state.setdefault("skipped", {})[w] = int(batch_meta["skipped"])
+    state.setdefault("reader", {})[w] = batch_meta["reader"]
     state["worker_offset"] = (int(batch_meta["worker"]) + 1) % n_logical
     return state
 
