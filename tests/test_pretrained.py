@@ -1,0 +1,179 @@
+"""checkpoint.init from pretrained weights (trainer/pretrained.py): a local transformers CLIPModel
+directory and an open_clip checkpoint, built here with tiny random weights (nothing downloaded).
+The reference is the source library's own forward on the same inputs: open_clip's encode_image /
+encode_text and transformers' get_*_features must equal the trainer's model loaded through
+checkpoint.init, whose shape comes from the source."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TEXTS = ["a photo of a cat.", "a red car parked near three trees", "x " * 100]
+
+
+VOCAB = 516   # the tiny tokenizer's: 512 byte symbols (plain and word-final), 2 merges, start, end
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer(tmp_path_factory):
+    """A CLIP tokenizer (make-tokenizer's writer) with 2 merges instead of 49,152: the same format
+    and the same pooling (the end token is the largest id), built in well under a second."""
+    import gzip
+
+    import trainer.clip_tokenizer as C
+
+    out = tmp_path_factory.mktemp("clip-tokenizer")
+    bpe = out.parent / "tiny_bpe.txt.gz"
+    bpe.write_bytes(gzip.compress(b"#version: 0.2\nt h\nth e</w>\n"))
+    saved, C.N_MERGES = C.N_MERGES, 2
+    try:
+        assert C.write_clip_tokenizer(out, bpe)["vocab_size"] == VOCAB
+    finally:
+        C.N_MERGES = saved
+    return out
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Zero biases and unit norms would hide a swapped or dropped tensor: make every one distinct."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def open_clip_cfg(quick_gelu: bool, **vision) -> dict:
+    return dict(embed_dim=32, quick_gelu=quick_gelu,
+                vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8, **vision),
+                text_cfg=dict(context_length=77, vocab_size=VOCAB, width=64, heads=2, layers=2))
+
+
+def save_open_clip(out, cfg: dict):
+    """An open_clip CLIP in open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors)."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = CLIP(**cfg).eval()
+    _randomize(model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return model
+
+
+def save_hf(out, tokenizer_dir, act: str = "quick_gelu"):
+    """A transformers CLIPModel saved with save_pretrained, with its tokenizer in the same directory.
+    Its text config has the legacy eos_token_id=2 of OpenAI's configs on the hub, with which
+    transformers pools at the largest token id; the trainer pools at the tokenizer's end token,
+    the same position."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, projection_dim=32, hidden_act=act, bos_token_id=0, eos_token_id=2,
+                pad_token_id=1)
+    vision = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, projection_dim=32, hidden_act=act)
+    torch.manual_seed(2)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    _randomize(model)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return model
+
+
+def trainer_model(tmp_path, overrides: list[str]):
+    """What ``train`` builds before the engine: config + source shape, tokenizer, model, init weights."""
+    from trainer.config import load_config
+    from trainer.data import load_tokenizer
+    from trainer.methods import load_init
+    from trainer.model import build_model
+    from trainer.sources import apply_pretrained_shape, check_init_tokenizer
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])
+    apply_pretrained_shape(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    check_init_tokenizer(cfg, tokenizer)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    assert load_init(model, cfg) is not None
+    return cfg, tokenizer, model.eval()
+
+
+def inputs(tokenizer, context_length: int):
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 32, 32)
+    tok = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
+    return images, tok["input_ids"], tok["attention_mask"]
+
+
+def test_open_clip_and_hf_init_give_the_sources_embeddings(tmp_path, clip_tokenizer):
+    """Fast: both sources, loaded through checkpoint.init, embed exactly as their own libraries do."""
+    import torch.nn.functional as F
+
+    oc = save_open_clip(tmp_path / "oc", open_clip_cfg(quick_gelu=False))
+    cfg, tokenizer, model = trainer_model(tmp_path, [f"checkpoint.init={tmp_path / 'oc'}",
+                                                     f"tokenizer.path={clip_tokenizer}"])
+    assert (cfg.model.act, cfg.model.patch_size, cfg.model.vision_heads, cfg.model.embed_dim) == ("gelu", 8, 2, 32)
+    images, ids, mask = inputs(tokenizer, cfg.model.context_length)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), oc.encode_image(images, normalize=True),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(ids, mask), oc.encode_text(ids, normalize=True),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.scale(), oc.logit_scale.exp())
+
+    hf = save_hf(tmp_path / "hf", clip_tokenizer)
+    cfg, tokenizer, model = trainer_model(tmp_path, [f"checkpoint.init={tmp_path / 'hf'}"])
+    assert cfg.tokenizer.path == str(tmp_path / "hf") and cfg.model.act == "quick_gelu"
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images),
+                                   F.normalize(hf.get_image_features(pixel_values=images).pooler_output, dim=-1),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(ids, mask), F.normalize(
+            hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def _train_error(tmp_path, capsys, overrides: list[str]) -> str:
+    from trainer.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_pretrained_sources_are_one_error_line(tmp_path, capsys, clip_tokenizer):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(BertConfig(hidden_size=32).to_json_string())
+    err = _train_error(tmp_path, capsys, [f"checkpoint.init={bert}"])
+    assert "another architecture" in err and "'bert'" in err
+
+    for name, cfg in (("attn", open_clip_cfg(False, attentional_pool=True)),
+                      ("ls", open_clip_cfg(False, ls_init_value=1e-5))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+        (d / "open_clip_model.safetensors").write_bytes(b"")
+        key = "vision_cfg.attentional_pool" if name == "attn" else "vision_cfg.ls_init_value"
+        assert f"'{key}'" in _train_error(tmp_path, capsys, [f"checkpoint.init={d}"])
+    mixed = open_clip_cfg(False)
+    mixed["text_cfg"]["mlp_ratio"] = 2.0
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "mlp" / "open_clip_config.json").write_text(json.dumps({"model_cfg": mixed}))
+    assert "'text_cfg.mlp_ratio'" in _train_error(tmp_path, capsys, [f"checkpoint.init={tmp_path / 'mlp'}"])
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert "checkpoint.init_config" in _train_error(tmp_path, capsys, [f"checkpoint.init={weights}"])
+
+    save_hf(tmp_path / "hf", clip_tokenizer)
+    err = _train_error(tmp_path, capsys, [f"checkpoint.init={tmp_path / 'hf'}", "model.vision_layers=4"])
+    assert "model.vision_layers is 4 here, 2 there" in err
+    err = _train_error(tmp_path, capsys, [f"checkpoint.init={tmp_path / 'hf'}", "model.lock_text_unlocked_layers=1"])
+    assert "model.lock_text=true" in err
