@@ -177,3 +177,106 @@ def test_bad_pretrained_sources_are_one_error_line(tmp_path, capsys, clip_tokeni
     assert "model.vision_layers is 4 here, 2 there" in err
     err = _train_error(tmp_path, capsys, [f"checkpoint.init={tmp_path / 'hf'}", "model.lock_text_unlocked_layers=1"])
     assert "model.lock_text=true" in err
+
+
+# ------------------------------------------------------------------ through `train`, 2 ranks (full)
+
+def save_hf_for_demo(out, demo_data):
+    """A tiny CLIPModel with the demo tokenizer saved beside it (tokenizer.path comes from the
+    source) and demo.yaml's context length, so the demo config runs from it unchanged."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    tok = AutoTokenizer.from_pretrained(demo_data / "tokenizer")
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=24, projection_dim=32, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, projection_dim=32)
+    torch.manual_seed(4)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    _randomize(model)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return model
+
+
+def _run(demo_data, out, init, extra: list[str]):
+    from conftest import check, data_overrides, run_trainer
+    from test_train_e2e import CONFIG, FAST
+
+    args = [a for a in data_overrides(demo_data, out) if not a.startswith("tokenizer.path")] + ["tokenizer.path="]
+    return check(run_trainer(["train", "--config", CONFIG, *args, *FAST, "data.workers=1", f"checkpoint.init={init}",
+                              *extra], nproc=2))
+
+
+def _weights(out):
+    from trainer.sources import fp32_state_dict, resolve_checkpoint
+
+    return fp32_state_dict(*resolve_checkpoint(str(out)))
+
+
+@pytest.fixture(scope="module")
+def hf_init(demo_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf-init") / "clip"
+    return d, save_hf_for_demo(d, demo_data)
+
+
+@pytest.mark.full
+def test_two_rank_run_from_hf_init_first_eval_equals_the_sources(hf_init, demo_data, tmp_path):
+    """lr 0 for one step: the run's eval is the init's; the reference evaluates the transformers
+    model itself (its weights read by transformers, not by checkpoint.init) with the trainer's eval."""
+    import yaml
+
+    from trainer.config import load_config
+    from trainer.data import load_tokenizer
+    from trainer.evaluate import evaluate
+    from trainer.model import ClipTrainModel, build_clip_config
+
+    init, hf = hf_init
+    out = tmp_path / "run"
+    _run(demo_data, out, init, ["max_steps=1", "optim.lr=0", "optim.warmup_steps=0"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["tokenizer"]["path"] == str(init)
+    assert {k: saved["model"][k] for k in ("vision_width", "vision_layers", "patch_size", "image_size", "act",
+                                           "embed_dim")} == dict(vision_width=64, vision_layers=2, patch_size=8,
+                                                                 image_size=32, act="quick_gelu", embed_dim=32)
+    got = json.loads((out / "eval.json").read_text())
+
+    cfg = load_config(out / "config.yaml")
+    tokenizer = load_tokenizer(str(init))
+    ref = ClipTrainModel(build_clip_config(cfg.model, tokenizer))
+    ref.load_state_dict({k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}, strict=False)
+    want = evaluate(ref.eval(), cfg, tokenizer, 0, 1, torch.device("cpu"))
+    for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "num_samples"):
+        assert got[key] == want[key], key
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+
+
+def _tower(sd, prefixes):
+    return {k: v for k, v in sd.items() if k.startswith(prefixes)}
+
+
+IMAGE = ("vision_model.", "visual_projection.")
+TEXT = ("text_model.", "text_projection.")
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("stage,unlocked", [(1, 0), (3, 1)])
+def test_locked_image_tower_stays_at_the_init(hf_init, demo_data, tmp_path, stage, unlocked):
+    init, hf = hf_init
+    before = {k: v.float() for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+    out = tmp_path / "run"
+    text = _run(demo_data, out, init, ["max_steps=3", f"deepspeed.zero_stage={stage}", "model.lock_image=true",
+                                       f"model.lock_image_unlocked_layers={unlocked}"])
+    after = _weights(out)
+    top = ("vision_model.encoder.layers.1.", "vision_model.post_layernorm.", "visual_projection.")
+    for k, v in _tower(before, IMAGE).items():
+        if unlocked and k.startswith(top):
+            continue
+        assert torch.equal(after[k], v), k
+    for k in _tower(before, TEXT):
+        assert not torch.equal(after[k], before[k]), k
+    if unlocked:
+        for k in _tower(before, top):
+            assert not torch.equal(after[k], before[k]), k
+    assert "params=" in text

@@ -76,11 +76,27 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
         sd = grown_weights(tag_dir)
     elif any(tag_dir.glob("*optim_states.pt")):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        _add_frozen(sd, tag_dir)
     else:  # ZeRO stage 0: the module states hold every weight
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     sd = {k: v.float() for k, v in sd.items()}
     fill_shared_layers(sd, preset_shape(load_config(tag_dir / "config.yaml").model), tag_dir)
     return sd
+
+
+def _add_frozen(sd: dict[str, torch.Tensor], tag_dir: Path) -> None:
+    """Frozen weights (``model.lock_*``) are in no optimizer partition, and DeepSpeed records them
+    for ``zero_to_fp32`` only under ZeRO-2/3; under ZeRO-1 the module states hold them whole."""
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        return
+    module = torch.load(states, map_location="cpu", weights_only=False).get("module") or {}
+    # a tied partner of a trained weight (model.shared_layers) shares its storage: not frozen
+    trained = {v.untyped_storage().data_ptr() for k, v in module.items() if k in sd}
+    for k, v in module.items():
+        if (k not in sd and v.numel() > 0 and not k.endswith("position_ids")
+                and v.untyped_storage().data_ptr() not in trained):
+            sd[k] = v
 
 
 def fill_shared_layers(sd: dict[str, torch.Tensor], shape: dict, where: Path) -> None:
