@@ -280,3 +280,39 @@ def test_locked_image_tower_stays_at_the_init(hf_init, demo_data, tmp_path, stag
         for k in _tower(before, top):
             assert not torch.equal(after[k], before[k]), k
     assert "params=" in text
+
+
+@pytest.mark.parametrize("name, preset, act", [("ViT-B-32", "vit-b-32", "gelu"), ("ViT-B-16", "vit-b-16", "gelu"),
+                                               ("ViT-L-14", "vit-l-14", "gelu"),
+                                               ("ViT-B-32-quickgelu", "vit-b-32", "quick_gelu")])
+def test_open_clips_own_configs_map_onto_the_presets_key_for_key(name, preset, act):
+    """open_clip's shipped model configs give the CLIP paper's shapes, and open_clip's full-size
+    state dict (built on the meta device: shapes only, no memory) maps onto the trainer's model of
+    that shape with every key and shape accounted for."""
+    from pathlib import Path
+
+    import open_clip
+    from open_clip.model import CLIP
+
+    from trainer.config import ModelConfig
+    from trainer.model import PRESETS, ClipTrainModel, build_clip_config
+    from trainer.pretrained import _read_model_cfg, find_pretrained, open_clip_to_hf
+
+    cfg_file = Path(open_clip.__file__).parent / "model_configs" / f"{name}.json"
+    src = find_pretrained(str(cfg_file), str(cfg_file))    # the JSON stands in for the weights file
+    want = {k: v for k, v in PRESETS[preset].items()}
+    assert {k: src.model[k] for k in want} == want and src.model["act"] == act and src.model["mlp_ratio"] == 4.0
+
+    class Tok:   # what build_clip_config reads of a tokenizer: CLIP's ids
+        eos_token_id, bos_token_id, pad_token_id = 49407, 49406, 49407
+
+        def __len__(self):
+            return 49408
+
+    with torch.device("meta"):
+        theirs = CLIP(**_read_model_cfg(cfg_file)).state_dict()
+        ours = ClipTrainModel(build_clip_config(ModelConfig(**src.model), Tok())).state_dict()
+    mapped = open_clip_to_hf(theirs, src.model, cfg_file)
+    ours = {k: v for k, v in ours.items() if not k.endswith("position_ids")}
+    assert sorted(mapped) == sorted(ours)
+    assert all(mapped[k].shape == ours[k].shape for k in ours), [k for k in ours if mapped[k].shape != ours[k].shape]
