@@ -316,3 +316,20 @@ def test_open_clips_own_configs_map_onto_the_presets_key_for_key(name, preset, a
     ours = {k: v for k, v in ours.items() if not k.endswith("position_ids")}
     assert sorted(mapped) == sorted(ours)
     assert all(mapped[k].shape == ours[k].shape for k in ours), [k for k in ours if mapped[k].shape != ours[k].shape]
+
+
+def test_locks_freeze_exactly_the_tower_below_its_unlocked_top(clip_tokenizer):
+    """In process: which weights ``model.lock_*`` freezes, and that the optimizer's groups skip them."""
+    from trainer.config import load_config
+    from trainer.data import load_tokenizer
+    from trainer.model import build_model, param_groups
+
+    cfg = load_config(None, ["model.vision_layers=2", "model.text_layers=3", "model.vision_width=32",
+                             "model.text_width=32", "model.lock_image=true", "model.lock_text=true",
+                             "model.lock_text_unlocked_layers=1"])
+    model = build_model(cfg.model, load_tokenizer(str(clip_tokenizer)), 0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    top_text = ("text_model.encoder.layers.2.", "text_model.final_layer_norm.", "text_projection.")
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(top_text) or n == "logit_scale"}
+    in_groups = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+    assert in_groups == {id(p) for n, p in model.named_parameters() if n in trainable}
