@@ -145,7 +145,11 @@ def load_init(model: torch.nn.Module, cfg: Config) -> Inherited | None:
         return None
     pretrained = pretrained_init(cfg)
     if pretrained is not None:   # transformers / open_clip weights: the student only
-        missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
+        except RuntimeError as err:   # a tensor of another size: weights and config of different models
+            raise ConfigError(f"config key 'checkpoint.init': {pretrained.path}: its weights do not fit its config "
+                              f"({' '.join(str(err).split())[:300]})") from None
         missing = [k for k in missing if not k.endswith("position_ids") and not k.startswith(prefixes())]
         if missing or unexpected:
             raise ConfigError(f"config key 'checkpoint.init': {pretrained.path} does not match the model: missing "
