@@ -21,15 +21,18 @@ def _train(args) -> int:
     from . import data as D
     from .dist import launch_env
     from .preflight import check_run_inputs
+    from .sources import apply_pretrained_shape, check_init_tokenizer
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={'auto' if args.resume == 'latest' else args.resume}")
     cfg = load_config(args.config, overrides)
+    apply_pretrained_shape(cfg)   # a transformers / open_clip checkpoint.init sets the shape (and tokenizer)
     le = launch_env()
     check_run_inputs(cfg, le.world_size)
     _check_resume(cfg, le.world_size)
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
+    check_init_tokenizer(cfg, tokenizer)
     if cfg.loss.impl == "triton":
         _require_triton()
     _check_precision(cfg)

@@ -44,6 +44,12 @@ class ModelConfig:
     shared_layers: int = _f(0, "GrowCLIP's shared encoder: the top N transformer layers are one set of weights used by both towers (their widths, heads and MLP must match); export-hf copies them into both", min=0)
     grad_checkpointing: bool = _f(False, "activation checkpointing in both towers (saves memory, costs a recompute)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager", choices=("sdpa", "eager"))
+    patch_size: int | None = _f(None, "override the preset: image patch size (pixels; must divide image_size)", min=1)
+    act: str | None = _f(None, "MLP activation of both towers: quick_gelu (OpenAI CLIP's; the default when empty) | gelu (exact GELU, open_clip's models without -quickgelu); a pretrained checkpoint.init sets it", choices=("quick_gelu", "gelu"))
+    lock_image: bool = _f(False, "LiT: freeze the image tower (embeddings, layers, final norm, projection); frozen weights are left out of the optimizer and ZeRO's gradient partitions")
+    lock_image_unlocked_layers: int = _f(0, "with model.lock_image: leave the top N image layers trainable (and the final norm and projection above them)", min=0)
+    lock_text: bool = _f(False, "freeze the text tower (embeddings, layers, final norm, projection) like model.lock_image")
+    lock_text_unlocked_layers: int = _f(0, "with model.lock_text: leave the top N text layers trainable (and the final norm and projection above them)", min=0)
 
 
 @dataclass
@@ -105,7 +111,8 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every_steps: int = _f(500, "save a checkpoint every N optimizer steps (and at the end)", min=1)
     keep_last: int = _f(3, "complete checkpoints to keep", min=1)
-    init: str | None = _f(None, "weights-only start: a checkpoint (step_N directory or run directory) or a 'grow' output directory; fresh optimizer and schedule (with --optimizer transform at grow time: its Adam moments), ignored once output_dir has its own checkpoint")
+    init: str | None = _f(None, "weights-only start: a checkpoint (step_N directory or run directory), a 'grow' output directory, a local transformers CLIPModel directory, or an open_clip checkpoint (a directory with open_clip_config.json and its weights, or a weights file with checkpoint.init_config); a pretrained source sets the model shape (and tokenizer.path when it holds a tokenizer); fresh optimizer and schedule (with --optimizer transform at grow time: its Adam moments), ignored once output_dir has its own checkpoint")
+    init_config: str | None = _f(None, "with checkpoint.init an open_clip weights file (.safetensors, .bin, .pt): its open_clip model config JSON (e.g. open_clip's model_configs/ViT-B-32.json, or an open_clip_config.json)")
     resume: str = _f("auto", "auto (= latest): resume from output_dir's latest checkpoint if present | none: start fresh, refusing an output_dir that holds checkpoints | a checkpoint path (step_N directory) to continue from")
 
 

@@ -57,9 +57,12 @@ def preset_shape(mc: ModelConfig) -> dict:
             raise ConfigError(f"config key 'model.mlp_ratio' ({shape['mlp_ratio']}) times 'model.{tower}_width' "
                               f"({width}) must be a whole number of MLP units")
     shape["mlp_ratio"] = float(shape["mlp_ratio"])
+    if mc.patch_size is not None:
+        shape["patch_size"] = mc.patch_size
+    shape["act"] = mc.act or "quick_gelu"
     if shape["image_size"] % shape["patch_size"]:
         raise ConfigError(f"config key 'model.image_size' ({shape['image_size']}) must be a multiple of the "
-                          f"preset's patch size ({shape['patch_size']})")
+                          f"patch size ({shape['patch_size']}, model.patch_size or the preset's)")
     shape["shared_layers"] = k = mc.shared_layers
     if k > min(shape["vision_layers"], shape["text_layers"]):
         raise ConfigError(f"config key 'model.shared_layers' ({k}) must be at most the shallower tower's depth; "
@@ -84,11 +87,12 @@ def build_clip_config(mc: ModelConfig, tokenizer) -> CLIPConfig:
                           num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
                           max_position_embeddings=s["context_length"], projection_dim=s["embed_dim"],
                           pad_token_id=tokenizer.pad_token_id or 0, bos_token_id=tokenizer.bos_token_id or eos,
-                          eos_token_id=eos)
+                          eos_token_id=eos, hidden_act=s["act"])
     vision = CLIPVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_width"],
                               intermediate_size=int(s["mlp_ratio"] * s["vision_width"]),
                               num_hidden_layers=s["vision_layers"],
-                              num_attention_heads=s["vision_heads"], projection_dim=s["embed_dim"])
+                              num_attention_heads=s["vision_heads"], projection_dim=s["embed_dim"],
+                              hidden_act=s["act"])
     cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=s["embed_dim"],
                      logit_scale_init_value=math.log(1 / 0.07))
     cfg._attn_implementation = mc.attn_implementation
@@ -265,7 +269,44 @@ def build_model(mc: ModelConfig, tokenizer, seed: int) -> ClipTrainModel:
     model = ClipTrainModel(build_clip_config(mc, tokenizer))
     if mc.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_locks(model, mc)
     return model
+
+
+def check_locks(mc: ModelConfig, shape: dict) -> None:
+    """``model.lock_*``: the unlocked layers fit the tower, and no tower shares layers with the other."""
+    for tower, key in (("image", "vision"), ("text", "text")):
+        locked, unlocked = getattr(mc, f"lock_{tower}"), getattr(mc, f"lock_{tower}_unlocked_layers")
+        if unlocked and not locked:
+            raise ConfigError(f"config key 'model.lock_{tower}_unlocked_layers' ({unlocked}) needs model.lock_{tower}=true")
+        if unlocked > shape[f"{key}_layers"]:
+            raise ConfigError(f"config key 'model.lock_{tower}_unlocked_layers' ({unlocked}) must be at most the "
+                              f"{tower} tower's depth (model.{key}_layers: {shape[f'{key}_layers']})")
+        if locked and shape.get("shared_layers", 0):
+            raise ConfigError(f"config key 'model.lock_{tower}' cannot be combined with model.shared_layers "
+                              f"({shape['shared_layers']}): the shared layers belong to both towers")
+
+
+def apply_locks(model: CLIPModel, mc: ModelConfig) -> None:
+    """LiT's locked towers: ``requires_grad=False`` on a locked tower's weights but its top
+    ``model.lock_<tower>_unlocked_layers`` layers and what sits above them (the final norm and the
+    projection). ``param_groups`` leaves frozen weights out, so neither the optimizer nor ZeRO's
+    gradient partitions hold them; the logit scale always trains."""
+    check_locks(mc, preset_shape(mc))
+    towers = (("image", model.vision_model, model.vision_model.post_layernorm, model.visual_projection),
+              ("text", model.text_model, model.text_model.final_layer_norm, model.text_projection))
+    for tower, body, final_norm, projection in towers:
+        if not getattr(mc, f"lock_{tower}"):
+            continue
+        unlocked = getattr(mc, f"lock_{tower}_unlocked_layers")
+        body.requires_grad_(False)
+        projection.requires_grad_(False)
+        if unlocked:
+            layers = body.encoder.layers
+            for layer in layers[len(layers) - unlocked:]:
+                layer.requires_grad_(True)
+            final_norm.requires_grad_(True)
+            projection.requires_grad_(True)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

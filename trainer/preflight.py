@@ -12,6 +12,7 @@ from .config import check_world
 from .engine import build_ds_config
 from .evaluate import load_zeroshot
 from .losses import build_terms
+from .model import check_locks, preset_shape
 from .sources import check_init
 
 
@@ -22,6 +23,7 @@ def check_run_inputs(cfg, world: int | None) -> None:
         check_world(cfg, world)
     methods.check(cfg)
     check_init(cfg)
+    check_locks(cfg.model, preset_shape(cfg.model))
     build_terms(cfg.loss, methods.loss_terms(cfg))
     build_ds_config(cfg, world or 1)
     train_urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, load_config
-from .model import preset_shape, shared_layer_prefixes
+from .model import PRESETS, SHAPE_KEYS, preset_shape, shared_layer_prefixes
+from .pretrained import Pretrained, find_pretrained
 
 # A grow directory's files (written by ``python -m trainer grow``).
 WEIGHTS, INFO, OPTIM = "weights.pt", "grow.json", "optimizer.pt"
@@ -75,11 +76,27 @@ def fp32_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
         sd = grown_weights(tag_dir)
     elif any(tag_dir.glob("*optim_states.pt")):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        _add_frozen(sd, tag_dir)
     else:  # ZeRO stage 0: the module states hold every weight
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     sd = {k: v.float() for k, v in sd.items()}
     fill_shared_layers(sd, preset_shape(load_config(tag_dir / "config.yaml").model), tag_dir)
     return sd
+
+
+def _add_frozen(sd: dict[str, torch.Tensor], tag_dir: Path) -> None:
+    """Frozen weights (``model.lock_*``) are in no optimizer partition, and DeepSpeed records them
+    for ``zero_to_fp32`` only under ZeRO-2/3; under ZeRO-1 the module states hold them whole."""
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        return
+    module = torch.load(states, map_location="cpu", weights_only=False).get("module") or {}
+    # a tied partner of a trained weight (model.shared_layers) shares its storage: not frozen
+    trained = {v.untyped_storage().data_ptr() for k, v in module.items() if k in sd}
+    for k, v in module.items():
+        if (k not in sd and v.numel() > 0 and not k.endswith("position_ids")
+                and v.untyped_storage().data_ptr() not in trained):
+            sd[k] = v
 
 
 def fill_shared_layers(sd: dict[str, torch.Tensor], shape: dict, where: Path) -> None:
@@ -107,9 +124,54 @@ def init_source(path: str) -> tuple[Config, Path, str]:
                           "directory) nor a 'grow' output directory") from None
 
 
+def pretrained_init(cfg: Config) -> Pretrained | None:
+    """The run's ``checkpoint.init`` when it is a pretrained source (trainer/pretrained.py)."""
+    return find_pretrained(cfg.checkpoint.init, cfg.checkpoint.init_config)
+
+
+def apply_pretrained_shape(cfg: Config) -> None:
+    """With a pretrained ``checkpoint.init``: spell its model shape out in ``cfg.model`` (and set
+    ``tokenizer.path`` to the source when it holds a tokenizer and none is given), so the run's
+    ``config.yaml`` needs no source to be evaluated or exported. A ``model.*`` key the user set that
+    contradicts the source is a ConfigError naming both values. Every rank does the same."""
+    src = pretrained_init(cfg)
+    if src is None:
+        return
+    mc = cfg.model
+    own = {k: getattr(mc, k) for k in (*SHAPE_KEYS, "patch_size", "act")}
+    diff = {k: (v, src.model[k]) for k, v in own.items() if v is not None and v != src.model[k]}
+    if diff:
+        raise ConfigError(f"config key 'checkpoint.init': {src.path} ({src.kind}) sets the model shape; "
+                          + ", ".join(f"model.{k} is {a} here, {b} there" for k, (a, b) in diff.items())
+                          + " (leave the shape keys out)")
+    preset = dict(PRESETS.get(mc.preset, {}))
+    if mc.preset != "tiny" and any(preset[k] != src.model[k] for k in preset if k in src.model):
+        raise ConfigError(f"config key 'model.preset' ({mc.preset}) contradicts checkpoint.init {src.path}, "
+                          "which sets the model shape; leave model.preset out")
+    if mc.shared_layers:
+        raise ConfigError(f"config key 'model.shared_layers' ({mc.shared_layers}): a pretrained checkpoint.init "
+                          f"({src.path}) has no shared layers")
+    for k, v in src.model.items():
+        setattr(mc, k, v)
+    if cfg.tokenizer.path is None and src.tokenizer_dir is not None:
+        cfg.tokenizer.path = str(src.tokenizer_dir)
+
+
+def check_init_tokenizer(cfg: Config, tokenizer) -> None:
+    """A pretrained init's token embedding must fit the run's tokenizer."""
+    src = pretrained_init(cfg)
+    if src is not None and len(tokenizer) != src.vocab_size:
+        raise ConfigError(f"config key 'tokenizer.path': {cfg.tokenizer.path} has {len(tokenizer)} tokens but "
+                          f"checkpoint.init {src.path} was trained with a vocabulary of {src.vocab_size}; use its "
+                          "tokenizer (python -m trainer make-tokenizer for CLIP's)")
+
+
 def check_init(cfg: Config) -> None:
     """The init's model shape must be this run's (exit 2 naming both), before any process starts."""
     if not cfg.checkpoint.init:
+        return
+    if pretrained_init(cfg) is not None:
+        apply_pretrained_shape(cfg)   # idempotent: checks what was filled in, or fills it in
         return
     src, root, tag = init_source(cfg.checkpoint.init)
     have, want = preset_shape(src.model), preset_shape(cfg.model)

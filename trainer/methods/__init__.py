@@ -32,7 +32,7 @@ from ..checkpoint import resume_source
 from ..config import Config, ConfigError
 from ..flops import clip_step_flops
 from ..model import ClipTrainModel, build_clip_config
-from ..sources import INFO, OPTIM, fp32_state_dict, init_source, is_grown
+from ..sources import INFO, OPTIM, fp32_state_dict, init_source, is_grown, pretrained_init
 from . import eclipse, growth, psd, selection, text_lm
 from .base import Inherited, Method, MethodSpec, Methods, schedule_clock
 from .evit import keep_rate
@@ -143,6 +143,18 @@ def load_init(model: torch.nn.Module, cfg: Config) -> Inherited | None:
     (``method.inherit(init)``). None when there is no init, or the run resumes its own checkpoint."""
     if not cfg.checkpoint.init or resume_source(cfg) is not None:
         return None
+    pretrained = pretrained_init(cfg)
+    if pretrained is not None:   # transformers / open_clip weights: the student only
+        try:
+            missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
+        except RuntimeError as err:   # a tensor of another size: weights and config of different models
+            raise ConfigError(f"config key 'checkpoint.init': {pretrained.path}: its weights do not fit its config "
+                              f"({' '.join(str(err).split())[:300]})") from None
+        missing = [k for k in missing if not k.endswith("position_ids") and not k.startswith(prefixes())]
+        if missing or unexpected:
+            raise ConfigError(f"config key 'checkpoint.init': {pretrained.path} does not match the model: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+        return Inherited(pretrained.path, {}, None, {})
     src, root, tag = init_source(cfg.checkpoint.init)
     sd = growth_weights(src, root, tag)
     own = prefixes()
