@@ -1,6 +1,6 @@
 #!/bin/bash
 # All four methods (trainer/configs/efficient.yaml) as five SLURM stages, with GrowCLIP between the
-# training stages (slurm/README.md, "All four methods, staged"):
+# training stages (slurm/README.md, "All four methods, staged (efficient.yaml with growth)"):
 #
 #   train 2+2 layers, width 64 (heads 2), all four   -> RUNS/s1       (ECL round 1 halfway)
 #   grow depth 2 -> 4                                 -> RUNS/s1-grown
