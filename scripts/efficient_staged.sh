@@ -17,8 +17,8 @@
 # layers, and the methods' schedules, which span the whole pipeline (stage 1 sets
 # growth.schedule_steps to the sum of STEPS). key=value arguments go to stage 1; the grown stages
 # train the grown config.yaml, which is stage 1's config with the grown shape, so they inherit them.
-# Rerunning is safe: a finished stage is skipped (a training stage whose eval.json is at its
-# max_steps, a grow stage whose directory holds grow.json), an unfinished one resumes.
+# Rerunning is safe: a finished training stage is skipped (its eval.json is at its max_steps), a
+# finished grow stage is a no-op (grow: "already holds this growth"), an unfinished stage resumes.
 # --dry-run prints the commands instead of running them.
 #
 # Knobs (environment):
@@ -103,12 +103,10 @@ train() {  # run-dir steps config key=value...
 }
 
 grow() {  # source-dir out-dir model.key=value...
+    # no skip here: grow itself does nothing when out holds this growth (the same source
+    # checkpoint and request), and exits 2 when it holds another (e.g. after a longer stage)
     local src=$1 out=$2
     shift 2
-    if [ "$dry" = 0 ] && [ -f "$out/grow.json" ]; then
-        echo "== $out: grown, skipped" >&2
-        return
-    fi
     run "$PY" -m trainer grow --checkpoint "$src" --out "$out" --pim-beta "$PIM_BETA" "$@"
 }
 

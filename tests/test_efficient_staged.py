@@ -193,3 +193,47 @@ def test_teacher_is_grown_with_its_function_and_is_not_the_student(staged, demo_
         before, after = image_tower(small_cfg, teacher), image_tower(big_cfg, grown_teacher)
         torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
         assert (before - image_tower(small_cfg, student)).abs().max() > 1e-3, src
+
+
+# ------------------------------------------------------------------ full: the SLURM pipeline, on the loopback cluster
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import slurm_cluster as sc
+    sc.skip_or_fail_without_cluster()
+    c = sc.SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=1, cred_expire_s=10)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.mark.full   # five SLURM jobs (2-node training stages), after the local pipeline it is compared with
+@pytest.mark.timeout(1800)
+def test_slurm_pipeline_reproduces_the_local_stages(cluster, staged, demo_data, tmp_path):
+    """slurm/efficient_staged.sh on two loopback nodes (one rank each, as torchrun's two ranks):
+    five jobs chained by afterok, all complete, and every stage logs the same losses, term by
+    term, as the local pipeline (the same stages, data, seeds and world size; an independent
+    launcher, rendezvous and process layout), and ends with the same ECL kept sets."""
+    runs = tmp_path / "runs"
+    env = {"DEMO_DATA": str(demo_data), "RUNS": str(runs), "STEPS": " ".join(map(str, STEPS)), "PIM_BETA": "1",
+           "NODES": "2", "CPUS": "1", "PYTHON": sys.executable}
+    p = cluster.run(["bash", str(SLURM), *TINY], cwd=ROOT, env=env)
+    jobs = [int(j) for j in p.stdout.split()]
+    assert len(jobs) == 5, p.stdout + p.stderr
+    for job in jobs:
+        rec = cluster.wait_done(job, 900)
+        logs = "".join(f.read_text(errors="replace")[-3000:] for f in (runs / "logs").glob(f"*-{job}.out"))
+        assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", (rec, logs)
+    for stage, steps in zip(("s1", "s2", "s3"), STEPS):
+        a, b = read_metrics(staged / stage), read_metrics(runs / stage)
+        assert [m["step"] for m in b] == list(range(1, steps + 1)), stage
+        for x, y in zip(a, b):
+            for term in ("loss", *TERMS):
+                assert y[term] == pytest.approx(x[term], rel=1e-5, abs=1e-6), (stage, x["step"], term)
+    for stage, rnd in (("s1", "round_001"), ("s2", "round_002")):
+        assert (runs / stage / "select" / rnd / "manifest.txt").read_text() == \
+            (staged / stage / "select" / rnd / "manifest.txt").read_text()
+    g2 = yaml.safe_load((runs / "s2-grown" / "config.yaml").read_text())
+    assert g2["data"]["manifest"] == str((runs / "s2" / "select" / "round_002").resolve())
