@@ -19,7 +19,8 @@
 # train the grown config.yaml, which is stage 1's config with the grown shape, so they inherit them.
 # Rerunning is safe: a finished training stage is skipped (its eval.json is at its max_steps), a
 # finished grow stage is a no-op (grow: "already holds this growth"), an unfinished stage resumes.
-# --dry-run prints the commands instead of running them.
+# --dry-run prints the commands instead of running them. With the default STEPS each stage takes
+# 3 to 5 minutes on 2 shared CPU cores (bench/results/efficient_staged_cpu_2026-12-07.md).
 #
 # Knobs (environment):
 #   DEMO_DATA   the demo data set (default runs/demo-data; `python -m trainer make-demo-data --out DIR`)

@@ -19,7 +19,8 @@
 # learning rate warms up again in each stage. key=value arguments go to stage 1; the grown stages
 # train the grown config.yaml (stage 1's config with the grown shape), so they inherit them.
 # --dry-run and --after go to slurm/pipeline.sh (print the sbatch commands / wait for a job
-# first). scripts/efficient_staged.sh runs the same stages without SLURM.
+# first). scripts/efficient_staged.sh runs the same stages without SLURM (3 to 5 minutes a stage
+# with 2 ranks on 2 CPU cores and the default STEPS).
 # Resubmitting the same command is safe: finished stages exit at once (a train stage resumes at
 # its max_steps and only re-evaluates; a grow stage is a no-op), unfinished ones continue.
 #

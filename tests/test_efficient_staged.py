@@ -195,6 +195,18 @@ def test_teacher_is_grown_with_its_function_and_is_not_the_student(staged, demo_
         assert (before - image_tower(small_cfg, student)).abs().max() > 1e-3, src
 
 
+@pytest.mark.full   # shares the pipeline above; the rerun loads two checkpoints for the grows' no-op
+def test_rerun_skips_every_finished_stage(staged, demo_data):
+    before = {p: p.read_bytes() for p in staged.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".yaml", ".pt")}
+    p = run_child(["bash", str(LOCAL), *TINY], env=_env(demo_data, staged, PIM_BETA="1"), cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for stage, steps in zip(("s1", "s2", "s3"), STEPS):
+        assert f"== {staged / stage}: finished at step {steps}, skipped" in p.stderr
+    assert p.stderr.count("already holds this growth; nothing to do") == 2 and "torch.distributed.run" not in p.stderr
+    after = {p: p.read_bytes() for p in before}
+    assert after == before
+
+
 # ------------------------------------------------------------------ full: the SLURM pipeline, on the loopback cluster
 
 @pytest.fixture(scope="module")
