@@ -121,6 +121,49 @@ def test_selection_continues_the_carried_rounds_only_on_their_kept_set(demo_data
     assert other.state == {"rounds": 0, "manifest": None, "last_step": 0}
 
 
+@pytest.mark.parametrize("text_width", [256, pytest.param(384, marks=pytest.mark.full)], ids=["x2", "x3"])
+def test_text_lm_term_is_preserved_by_width_growth(demo_data, tokenizer, text_width):
+    """The text stream's tied head ``h @ E^T``: width growth x f tiles both ``h`` (after the final
+    LayerNorm) and the token embedding ``E``, so the dot products come out f times larger; the
+    grown config's ``text_lm.head_scale`` (1/f, written by the method's grown_config) gives the
+    grown model the source's next-token loss on the same texts. Depth growth leaves it alone.
+    (The method hands the scale to the forward: the staged run's first loss after a width growth,
+    tests/test_efficient_staged.py.)"""
+    from trainer.grow import spelled_out
+    from trainer.methods import grown_config
+    from trainer.methods.growth import check_growth, grow_state_dict, grown_layer_index
+    from trainer.methods.text_lm import clm_labels
+    from trainer.model import ClipTrainModel, build_clip_config, build_model, preset_shape
+    tok = str(demo_data / "tokenizer")
+    lm = ["text_lm.enabled=true", f"text_lm.shards={demo_data}/text"]
+    old_cfg = _cfg(lm, tok)
+    new_cfg = _cfg([*lm, f"model.text_width={text_width}", f"model.text_heads={text_width // 32}",
+                    "model.text_layers=5"], tok)
+    old_shape, new_shape = preset_shape(old_cfg.model), preset_shape(new_cfg.model)
+    model = _trained_like(old_cfg, tokenizer)
+    fresh = build_model(new_cfg.model, tokenizer, 7).state_dict()
+    grown = ClipTrainModel(build_clip_config(new_cfg.model, tokenizer)).eval()
+    grown.load_state_dict(grow_state_dict(model.state_dict(), old_shape, new_shape, fresh, beta=1.0))
+    plans = check_growth(old_shape, new_shape)
+    raw = spelled_out(new_cfg, new_shape)
+    grown_config(raw, old_cfg, {}, lambda tower, i: grown_layer_index(plans[tower], i))
+    scale = raw["text_lm"]["head_scale"]
+    assert scale == pytest.approx(128 / text_width)
+    enc = tokenizer(["a red circle on a blue square", "two green triangles", "x"], padding="max_length",
+                    truncation=True, max_length=old_shape["context_length"], return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        before = float(model.text_lm_loss(ids, mask, clm_labels(ids, mask)))
+        after = float(grown.text_lm_loss(ids, mask, clm_labels(ids, mask), head_scale=scale))
+        unscaled = float(grown.text_lm_loss(ids, mask, clm_labels(ids, mask)))   # what the old code trained on
+    assert before > 1.0
+    assert after == pytest.approx(before, abs=1e-5), (before, after)
+    assert abs(unscaled - before) > 0.01, (unscaled, before)
+    deeper = spelled_out(_cfg([*lm, "model.text_layers=6"], tok), preset_shape(_cfg(["model.text_layers=6"], tok).model))
+    grown_config(deeper, old_cfg, {}, lambda tower, i: i)
+    assert deeper["text_lm"]["head_scale"] == 1.0
+
+
 # ------------------------------------------------------------------ through the verbs, on real runs (full)
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,7 @@ class TextLmConfig:
     mask_token_rate: float = _f(0.8, "mlm: of the predicted tokens, the fraction replaced by the mask token; the rest get a random token (public code: 80/20)", min=0.0, max=1.0)
     num_samples: int = _f(10000, "text samples per epoch of the text stream (reseeded each epoch, like data.train_num_samples)", min=1)
     shuffle_buffer: int = _f(1000, "texts in the shuffle buffer of each loader worker (the text stream uses data.workers workers)", min=1)
+    head_scale: float = _f(1.0, "multiplies the tied head's logits (h @ E^T): 'grow' sets it to 1/f when the text tower grows f times wider (the tiled stream and embedding make h @ E^T f times larger), so the grown model's LM loss is the source's", min=1e-6)
 
 
 @dataclass

@@ -170,7 +170,7 @@ class ClipTrainModel(CLIPModel):
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, with_teacher: bool = False,
                 with_psd_teacher: bool = False, lm_input_ids=None, lm_attention_mask=None, lm_labels=None,
-                lm_causal: bool = True, **_):
+                lm_causal: bool = True, lm_head_scale: float = 1.0, **_):
         """``(image, text, scale)``, then, with ``with_teacher``, the momentum teacher's image
         embeddings (``self.teacher``, trainer/methods/eclipse.py), with ``with_psd_teacher``,
         the self-distillation teacher's image and text embeddings (``self.psd_teacher``,
@@ -186,14 +186,16 @@ class ClipTrainModel(CLIPModel):
             if with_psd_teacher:
                 out += tuple(self.psd_teacher(pixel_values, input_ids, attention_mask))
         if lm_input_ids is not None:
-            out += (self.text_lm_loss(lm_input_ids, lm_attention_mask, lm_labels, causal=lm_causal),)
+            out += (self.text_lm_loss(lm_input_ids, lm_attention_mask, lm_labels, causal=lm_causal,
+                                      head_scale=lm_head_scale),)
         return out
 
     def text_lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     causal: bool = True) -> torch.Tensor:
+                     causal: bool = True, head_scale: float = 1.0) -> torch.Tensor:
         """Mean cross-entropy over the positions whose ``labels`` are not -100, through a head tied
-        to the token embedding: ``logits = h @ E.T`` with ``h`` the text tower's hidden states after
-        ``final_layer_norm`` (no new parameter). ``causal``: CLIP's causal tower as it is; else the
+        to the token embedding: ``logits = head_scale * h @ E.T`` with ``h`` the text tower's hidden
+        states after ``final_layer_norm`` (no new parameter; ``head_scale`` is ``text_lm.head_scale``,
+        1 unless the tower was grown wider). ``causal``: CLIP's causal tower as it is; else the
         same layers with the padding mask only (bidirectional attention, for MLM). The logits are
         formed only at the predicted positions. No predicted position gives 0 (not NaN)."""
         tm = self.text_model
@@ -207,6 +209,8 @@ class ClipTrainModel(CLIPModel):
                                                     is_causal=False).last_hidden_state)
         chosen = labels != -100                                                  # [B, L]
         logits = hidden[chosen] @ tm.embeddings.token_embedding.weight.T         # [n, V]
+        if head_scale != 1.0:
+            logits = logits * head_scale
         ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[chosen],
                              reduction="sum")   # bf16/fp16 logits: the softmax in fp32
         return ce / chosen.sum().clamp(min=1)

@@ -21,7 +21,9 @@ dropped for a non-finite loss consumes its text batch too, in both runs alike.
 
 **The loss** (``ClipTrainModel.text_lm_loss``, inside the engine's forward so that ZeRO-3 gathers
 the text tower as usual). The head is tied to the token embedding ``E`` [V, d]: ``logits =
-h @ E.T`` for the hidden states ``h`` after ``final_layer_norm``. It adds no parameter, so the
+h @ E.T`` for the hidden states ``h`` after ``final_layer_norm`` (times ``text_lm.head_scale``,
+which ``grow`` sets to ``1 / f`` when the text tower grows ``f`` times wider: the tiled ``h`` and
+``E`` make ``h @ E.T`` ``f`` times larger). It adds no parameter, so the
 exported ``CLIPModel`` (``export-hf``) is the stock model. The term is the mean cross-entropy over
 this rank's predicted tokens (the logged value is the mean over ranks).
 
@@ -166,7 +168,7 @@ class TextLm(Method):
         lm = self.lm_batch(self._next_batch())
         self.micro += 1
         return {**{k: v.to(device, non_blocking=True) for k, v in lm.items()},
-                "lm_causal": self.cfg.text_lm.objective == "clm"}
+                "lm_causal": self.cfg.text_lm.objective == "clm", "lm_head_scale": self.cfg.text_lm.head_scale}
 
     def extras(self, lm_loss: torch.Tensor) -> dict:
         return {"text_lm": lm_loss}
@@ -234,6 +236,13 @@ class TextLmSpec(MethodSpec):
 
     def step_flops(self, cfg: Config, step: int, world: int) -> float:
         return step_flops(cfg, step, world)
+
+    def grown_config(self, raw: dict, cfg: Config, state: dict | None, layer_index) -> None:
+        """Width growth tiles the text stream and the token embedding ``f`` times, so the tied
+        head's ``h @ E^T`` comes out ``f`` times larger: the grown config scales it back."""
+        old, new = preset_shape(cfg.model)["text_width"], raw["model"]["text_width"]
+        if new != old:
+            raw["text_lm"]["head_scale"] = cfg.text_lm.head_scale * old / new
 
 
 SPEC = TextLmSpec()
