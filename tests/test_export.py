@@ -22,7 +22,7 @@ def exported(demo_data, tmp_path_factory):
     cfg, root, tag = checkpoint_config(str(run / "checkpoints"))
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     context = preset_shape(cfg.model)["context_length"]
-    return {"dir": hf_dir, "context": context, "decoder": SampleDecoder(tokenizer, context, None),
+    return {"run": run, "dir": hf_dir, "context": context, "decoder": SampleDecoder(tokenizer, context, None),
             "ours": load_trained_model(cfg, root, tag, tokenizer), "tokenizer": tokenizer}
 
 
@@ -67,3 +67,37 @@ def test_exported_model_gives_trainer_text_embeddings_for_long_captions(exported
         txt_hf = getattr(txt_hf, "pooler_output", txt_hf)
         _, txt, _ = exported["ours"](input_ids=ours_tok["input_ids"], attention_mask=ours_tok["attention_mask"])
     torch.testing.assert_close(torch.nn.functional.normalize(txt_hf, dim=-1), txt, rtol=1e-5, atol=1e-5)
+
+
+
+def test_open_clip_export_gives_the_trainers_embeddings(exported, tmp_path):
+    """export-open-clip: open_clip's own loader (local-dir:, no network), tokenizer and preprocess
+    give the trainer's text and image embeddings, its logit scale, and its eval pixels."""
+    import open_clip
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from trainer.cli import main
+    from trainer.config import load_config
+    from trainer.data import build_transforms
+
+    out = tmp_path / "open_clip"
+    assert main(["export-open-clip", "--checkpoint", str(exported["run"] / "checkpoints"), "--out", str(out)]) == 0
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    model.eval()
+    ours = exported["ours"].eval()
+    caps = _captions(exported["tokenizer"])
+    cfg = load_config(exported["run"] / "config.yaml")
+    image = Image.fromarray((torch.rand(80, 64, 3) * 255).to(torch.uint8).numpy())
+    want_pixels = build_transforms(64, cfg.data.image_mean, cfg.data.image_std, 1.0, train=False)(image)
+    torch.testing.assert_close(preprocess(image), want_pixels, atol=1e-6, rtol=0)
+    pixels = torch.stack([want_pixels, torch.randn(3, 64, 64)])
+    with torch.no_grad():
+        ids = exported["decoder"].tokenize(caps)
+        assert torch.equal(tokenizer(caps), ids["input_ids"])
+        torch.testing.assert_close(F.normalize(model.encode_text(ids["input_ids"]), dim=-1),
+                                   ours.encode_text(ids["input_ids"], ids["attention_mask"]), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(F.normalize(model.encode_image(pixels), dim=-1), ours.encode_image(pixels),
+                                   atol=2e-5, rtol=1e-4)
+        assert float(model.logit_scale.exp()) == pytest.approx(float(ours.scale()), rel=1e-6)

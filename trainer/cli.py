@@ -1,4 +1,4 @@
-"""CLIP pre-training with DeepSpeed ZeRO: train, make-demo-data, make-tokenizer, eval, export-hf, select, grow, sweep, bench.
+"""CLIP pre-training with DeepSpeed ZeRO: train, make-demo-data, make-tokenizer, eval, export-hf, export-open-clip, select, grow, sweep, bench.
 
 ``python -m trainer VERB ...``. User mistakes (bad config, missing paths, bad batch arithmetic)
 print one ``error:`` line and exit with status 2, before any process group or data loader starts.
@@ -129,6 +129,12 @@ def _export(args) -> int:
     return 0
 
 
+def _export_open_clip(args) -> int:
+    from .export import export_open_clip
+    print(export_open_clip(args.checkpoint, args.out, which=args.which))
+    return 0
+
+
 def _bench(args) -> int:
     import importlib
     if args.what not in BENCHMARKS:
@@ -198,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--which", choices=("student", "teacher"), default="student",
                    help="image tower to export: the trained one, or ECLIPSE's momentum teacher (shared text tower)")
+    o = sub.add_parser("export-open-clip", help="write an open_clip directory (open_clip's local-dir: loader, "
+                                                "clip_benchmark) from a checkpoint; no network needed to load it")
+    o.add_argument("--checkpoint", required=True)
+    o.add_argument("--out", required=True)
+    o.add_argument("--which", choices=("student", "teacher"), default="student",
+                   help="image tower to export: the trained one, or ECLIPSE's momentum teacher (shared text tower)")
     s = sub.add_parser("sweep", help="train every (variant, seed) of a variants file; table and plots")
     s.add_argument("--config", required=True, help="base config (YAML)")
     s.add_argument("--variants", required=True, help="YAML: {name: {key: value, ...}, ..., seeds: [0, 1]}")
@@ -265,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "train" and not args.config:
         print("error: train needs --config FILE (e.g. trainer/configs/demo.yaml)", file=sys.stderr)
         return 2
-    handlers = {"train": _train, "make-demo-data": _make_demo_data, "make-tokenizer": _make_tokenizer, "eval": _eval, "export-hf": _export,
+    handlers = {"train": _train, "make-demo-data": _make_demo_data, "make-tokenizer": _make_tokenizer, "eval": _eval, "export-hf": _export, "export-open-clip": _export_open_clip,
                 "bench": _bench, "sweep": _sweep, "select": _select, "grow": _grow}
     try:
         return handlers[args.verb](args)

@@ -1,8 +1,12 @@
-"""Checkpoint -> standard ``transformers`` directory, and checkpoint -> model for ``eval``.
+"""Checkpoint -> standard ``transformers`` directory or open_clip directory.
 
     python -m trainer export-hf --checkpoint runs/demo/checkpoints/step_600 --out runs/demo/hf
     model = transformers.CLIPModel.from_pretrained("runs/demo/hf")
     processor = transformers.CLIPProcessor.from_pretrained("runs/demo/hf")
+
+    python -m trainer export-open-clip --checkpoint runs/demo --out runs/demo/open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:runs/demo/open_clip")
+    tokenizer = open_clip.get_tokenizer("local-dir:runs/demo/open_clip")
 
 The fp32 weights are consolidated from the DeepSpeed checkpoint (any ZeRO stage) with
 DeepSpeed's own ``zero_to_fp32`` reader; the state dict is already ``CLIPModel``'s layout. With
@@ -17,6 +21,7 @@ trainer does (keeping the end-of-text token) and long captions give the trainer'
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from .config import ConfigError, to_dict
 from .data import load_tokenizer
 from .methods import export_towers, load_trained_model, prefixes
 from .model import ClipTrainModel, preset_shape
+from .pretrained import hf_to_open_clip, open_clip_model_cfg
 from .sources import checkpoint_config
 
 log = logging.getLogger("trainer")
@@ -71,4 +77,33 @@ def export_hf(checkpoint: str, out: str, tokenizer_path: str | None = None, whic
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
     (out_dir / "trainer_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info("exported %s (%s) to %s", root / tag, which, out_dir)
+    return out_dir
+
+
+def export_open_clip(checkpoint: str, out: str, which: str = "student") -> Path:
+    """Write ``out`` in open_clip's local/hub layout (``open_clip_config.json`` +
+    ``open_clip_model.safetensors``), which ``open_clip.create_model_and_transforms("local-dir:OUT")``
+    and LAION's clip_benchmark (``--model_type open_clip --model local-dir:OUT``) load with no
+    network. CLIP's BPE tokenizer (``make-tokenizer``) is open_clip's own; any other is copied into
+    ``out`` and named in the config, and the text is pooled at its end token, as the trainer does."""
+    from safetensors.torch import save_file
+
+    cfg, root, tag = checkpoint_config(checkpoint)
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    trained = load_trained_model(cfg, root, tag, tokenizer)
+    shape = preset_shape(cfg.model)
+    clip_bpe = len(tokenizer) == 49408 and tokenizer.eos_token_id == 49407 and tokenizer.bos_token_id == 49406
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.float().contiguous() for k, v in hf_to_open_clip(clip_state_dict(trained, which), shape).items()}
+    save_file(sd, str(out_dir / "open_clip_model.safetensors"))
+    preprocess = {"size": shape["image_size"], "mode": "RGB", "mean": list(cfg.data.image_mean),
+                  "std": list(cfg.data.image_std), "interpolation": "bicubic", "resize_mode": "shortest"}
+    config = {"model_cfg": open_clip_model_cfg(shape, len(tokenizer), tokenizer.eos_token_id, clip_bpe),
+              "preprocess_cfg": preprocess}
+    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    if not clip_bpe:
+        tokenizer.model_max_length = shape["context_length"]
+        tokenizer.save_pretrained(out_dir)
+    log.info("exported %s (%s) in open_clip's layout to %s", root / tag, which, out_dir)
     return out_dir

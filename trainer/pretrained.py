@@ -263,3 +263,52 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor], model: dict, where: Path) -> di
         raise ConfigError(f"config key 'checkpoint.init': {where}: weights the mapping does not cover: "
                           f"{', '.join(sorted(sd)[:5])} (weights and config of different models?)")
     return out
+
+
+def hf_to_open_clip(sd: dict[str, torch.Tensor], shape: dict) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`open_clip_to_hf`: a ``CLIPModel`` state dict (the trainer's) as
+    open_clip's ViT ``CLIP`` state dict (q, k, v stacked into ``in_proj``, projections transposed)."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    out = {}
+    for oc, hf in (("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+                   ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+                   ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+                   ("visual.ln_pre.weight", "vision_model.pre_layrnorm.weight"),
+                   ("visual.ln_pre.bias", "vision_model.pre_layrnorm.bias"),
+                   ("visual.ln_post.weight", "vision_model.post_layernorm.weight"),
+                   ("visual.ln_post.bias", "vision_model.post_layernorm.bias"),
+                   ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+                   ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+                   ("ln_final.weight", "text_model.final_layer_norm.weight"),
+                   ("ln_final.bias", "text_model.final_layer_norm.bias")):
+        out[oc] = sd[hf]
+    out["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
+    out["text_projection"] = sd["text_projection.weight"].T.contiguous()
+    out["logit_scale"] = sd["logit_scale"].reshape(())
+    for src, dst, n in (("vision_model.encoder.layers", "visual.transformer.resblocks", shape["vision_layers"]),
+                        ("text_model.encoder.layers", "transformer.resblocks", shape["text_layers"])):
+        for i in range(n):
+            s, d = f"{src}.{i}.", f"{dst}.{i}."
+            out[d + "attn.in_proj_weight"] = torch.cat([sd[s + f"self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+            out[d + "attn.in_proj_bias"] = torch.cat([sd[s + f"self_attn.{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")])
+            for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[d + a + ".weight"] = sd[s + b + ".weight"]
+                out[d + a + ".bias"] = sd[s + b + ".bias"]
+    return out
+
+
+def open_clip_model_cfg(shape: dict, vocab_size: int, eos_id: int, clip_bpe: bool) -> dict:
+    """open_clip's ``model_cfg`` for the trainer's shape. A tokenizer that is not CLIP's BPE
+    (``clip_bpe`` False) is shipped in the export directory (``hf_tokenizer_name``; open_clip's
+    ``local-dir:`` loads it from there) and the text is pooled at its end token (``pool_type: eos``)."""
+    text = {"context_length": shape["context_length"], "vocab_size": vocab_size, "width": shape["text_width"],
+            "heads": shape["text_heads"], "layers": shape["text_layers"], "mlp_ratio": shape["mlp_ratio"]}
+    if not clip_bpe:
+        text.update(hf_tokenizer_name="local-dir", pool_type="eos", eos_id=eos_id)
+    return {"embed_dim": shape["embed_dim"], "quick_gelu": shape["act"] != "gelu",
+            "vision_cfg": {"image_size": shape["image_size"], "layers": shape["vision_layers"],
+                           "width": shape["vision_width"], "patch_size": shape["patch_size"],
+                           "head_width": shape["vision_width"] // shape["vision_heads"],
+                           "mlp_ratio": shape["mlp_ratio"]},
+            "text_cfg": text}
