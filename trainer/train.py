@@ -439,7 +439,7 @@ def _progress(cfg: Config, rank: int, initial: int):
                 file=sys.stderr, mininterval=2.0)
 
 
-def _new_window(flops: float) -> dict:
+def _new_window(flops: float = 0.0) -> dict:
     """Sums over the steps since the last log line (``flops``: the run's count when it opens)."""
     return {"t": 0.0, "wait": 0.0, "steps": 0, "sums": {}, "flops0": flops}
 
