@@ -34,7 +34,13 @@ REGIMES = [  # (name, sweep directory, what it is)
      "30 % caption noise, 1,000 pairs, budget = plain CLIP's 300 steps (38 epochs)"),
     ("(c) clean", "bench/results/sweep-efficient-clean", "no caption noise, 10,000 pairs, budget = 260 plain steps"),
 ]
-BASE, OTHER = "plain", "all-but-growth"
+BASE = "plain"
+# The one-stage variant: all-but-growth (bench/sweeps/efficient.yaml); the first (a) sweep named it all-four.
+ONE_STAGE = ("all-but-growth", "all-four")
+
+
+def other(by: dict) -> str:
+    return next((v for v in ONE_STAGE if v in by), ONE_STAGE[0])
 METRICS = [("zeroshot_top1", "zero-shot top-1 %", 100), ("i2t_r1", "I→T R@1 %", 100), ("t2i_r1", "T→I R@1 %", 100),
            ("val_loss", "val loss (end)", 1)]
 
@@ -80,7 +86,7 @@ def headline(regimes) -> list[str]:
          + " | best val loss (step) |", "|---|---|--:|--:|--:|" + "--:|" * (len(METRICS) + 1)]
     verdicts = []
     for name, _, _, by in regimes:
-        for v in (BASE, OTHER):
+        for v in (BASE, other(by)):
             rs = by.get(v, [])
             if not rs:
                 continue
@@ -92,18 +98,18 @@ def headline(regimes) -> list[str]:
             steps = sorted({r["best_val_step"] for r in rs})
             L.append(f"| {name} | `{v}` | {len(rs)} | {rs[0]['steps']} | {rs[0]['train_flops']:.3g} | "
                      + " | ".join(cells) + f" | {bm:.2f} ± {bs:.2f} ({', '.join(map(str, steps))}) |")
-        if by.get(BASE) and by.get(OTHER):
+        if by.get(BASE) and by.get(other(by)):
             for key, label, scale in METRICS:
-                a = [r[key] * scale for r in by[OTHER]]
+                a = [r[key] * scale for r in by[other(by)]]
                 b = [r[key] * scale for r in by[BASE]]
                 d = statistics.mean(a) - statistics.mean(b)
                 apart = min(a) > max(b) or max(a) < min(b)
                 better = (d < 0) if key == "val_loss" else (d > 0)
-                verdicts.append(f"- {name}, {label}: all-but-growth {'+' if d >= 0 else ''}{d:.2f} vs plain; seed ranges "
+                verdicts.append(f"- {name}, {label}: `{other(by)}` {'+' if d >= 0 else ''}{d:.2f} vs plain; seed ranges "
                                 f"{min(a):.2f}–{max(a):.2f} and {min(b):.2f}–{max(b):.2f} "
-                                + (f"are apart: all-but-growth is {'better' if better else 'worse'}." if apart
+                                + (f"are apart: `{other(by)}` is {'better' if better else 'worse'}." if apart
                                    else "overlap: not distinguishable from seed noise."))
-    return L + ["", "Differences (all-but-growth minus plain, means over seeds):", ""] + verdicts
+    return L + ["", "Differences (the one-stage variant minus plain, means over seeds):", ""] + verdicts
 
 
 def ablation(regimes) -> list[str]:
@@ -128,7 +134,7 @@ def ecl_rounds(regimes) -> list[str]:
     L = ["| regime | seed | round at step | kept | dropped-set precision | dropped-set recall | noise left in kept set | AUC |",
          "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for name, _, _, by in regimes:
-        for r in by.get(OTHER, []):
+        for r in by.get(other(by), []):
             for summ in sorted((ROOT / r["run_dir"] / "select").glob("round_*/summary.json")):
                 s = json.loads(summ.read_text())
                 L.append(f"| {name} | {r['seed']} | {s['step']} | {s['kept']} of {s['total']} | "
@@ -141,7 +147,7 @@ def teacher_table(regimes) -> list[str]:
     L = ["| regime | step | student zero-shot % | teacher zero-shot % | expedited student (`fast/`) % | PSD a_t |",
          "|---|--:|--:|--:|--:|--:|"]
     for name, _, _, by in regimes:
-        rs = by.get(OTHER, [])
+        rs = by.get(other(by), [])
         if not rs:
             continue
         cfg = load_config(str(ROOT / rs[0]["run_dir"] / "config.yaml"), [])
@@ -168,7 +174,7 @@ def plot(regimes, out: Path) -> None:
     for j, (name, _, _, by) in enumerate(regimes):
         for i, (tag, label, scale) in enumerate(panels):
             ax = axes[i][j]
-            for v, color in ((BASE, "tab:gray"), (OTHER, "tab:red")):
+            for v, color in ((BASE, "tab:gray"), (other(by), "tab:red")):
                 curves = []
                 for r in by.get(v, []):
                     pts = r["curves"].get(tag, [])
@@ -186,7 +192,7 @@ def plot(regimes, out: Path) -> None:
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.legend(fontsize=8)
-    fig.suptitle("All four methods vs plain CLIP at equal training FLOPs (thin: seeds, bold: mean)")
+    fig.suptitle("The methods together vs plain CLIP at equal training FLOPs (thin: seeds, bold: mean)")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
     plt.close(fig)
@@ -194,7 +200,7 @@ def plot(regimes, out: Path) -> None:
     fig, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.6), squeeze=False)
     for j, (name, _, _, by) in enumerate(regimes):
         ax = axes[0][j]
-        rs = by.get(OTHER, [])
+        rs = by.get(other(by), [])
         for tag, color, label in (("eval/zeroshot_top1", "tab:red", "student"),
                                   ("eval/teacher/zeroshot_top1", "tab:blue", "EMA teacher"),
                                   ("eval/fast/zeroshot_top1", "tab:orange", "expedited student")):
@@ -245,7 +251,9 @@ def main() -> None:
          f"(each regime's command: the header of its `table.md`); machine {platform.machine()}, "
          f"{os.cpu_count()} CPU cores shared with other work, 2 ranks per run, tiny preset, fp32; seeds "
          f"{', '.join(map(str, seeds))}. One stage: ECLIPSE, PSD and EfficientCLIP (ECL + the text stream) "
-         "together (`all-but-growth`); GrowCLIP needs stages.", "",
+         "together (`all-but-growth`; the first (a) sweep, made before the self-confidence score became ECL's "
+         "default, named it `all-four` and scored with cosine); GrowCLIP needs stages "
+         "(bench/results/efficient_staged_cpu_2026-12-07.md).", "",
          "| regime | sweep | data and budget |", "|---|---|---|"]
     L += [f"| {n} | `{d}` | {what} |" for n, d, what, _ in regimes]
     L += ["", "## Headline (mean ± sample std over seeds)", ""] + headline(regimes)
