@@ -669,9 +669,11 @@ def _stage_shard(out: Path, s: int, url: str, units: list[Unit], carried: list[C
         noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    text = "".join(lines).encode()
+    head["lines_bytes"] = len(text)
     np.savez(tmp, header=np.array(json.dumps(head)), scores=np.frombuffer(scores, dtype=np.float64),
              noisy=np.frombuffer(noisy, dtype=np.int8), all_noisy=np.frombuffer(all_noisy, dtype=np.int8),
-             lines=np.frombuffer("".join(lines).encode(), dtype=np.uint8),
+             lines=np.frombuffer(text, dtype=np.uint8),
              keys=np.frombuffer("".join(keys).encode(), dtype=np.uint8))
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -849,10 +851,10 @@ def merge_distributed(out: Path, urls: list[str], units: list[Unit], *, source: 
     lengths = np.zeros((2, n_shards), dtype=np.int64)
     for s in owned:
         with np.load(staged[s]) as z:
-            lines, kb = z["lines"].tobytes(), z["keys"].tobytes()
+            kb = z["keys"].tobytes()
         kept_keys = b"".join(k + b"\n" for k, m in zip(kb.split(b"\n"), kept[s]) if m)
         key_lists[s] = (staged[s], kept_keys)
-        lengths[0, s], lengths[1, s] = len(lines), len(kept_keys)
+        lengths[0, s], lengths[1, s] = heads[s]["lines_bytes"], len(kept_keys)
     lengths = reduce(lengths)
     starts = np.cumsum(lengths, axis=1) - lengths
     tmps = [out / "scores.jsonl.merging", out / "manifest.txt.merging"]
