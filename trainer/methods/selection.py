@@ -908,6 +908,10 @@ def merge_distributed(out: Path, urls: list[str], units: list[Unit], *, source: 
     comm.barrier()
     for path in staged.values():   # the summary marks the merge done: the staged copies go
         path.unlink(missing_ok=True)
+    comm.barrier()
+    if rank == 0:
+        with contextlib.suppress(OSError):
+            (out / STAGE).rmdir()
     return summary
 
 
