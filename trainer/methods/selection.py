@@ -19,7 +19,9 @@ by data order; the public code keeps 0.9 per round), or everything at or above a
 Work is split in units, a shard each (a slice of every ``parts``-th sample of a shard when the
 ranks outnumber the shards); rank ``r`` of ``w`` scores units ``r, r + w, ...``. Each unit is
 written atomically to ``OUT/parts/`` when done, so a killed pass resumes by skipping the units
-present, and nothing is scored twice. Whoever finishes the last unit merges (under a file lock):
+present, and nothing is scored twice. Ranks in a process group (training, ``select`` under
+torchrun/srun) merge together, each its own shards (:func:`merge_distributed`); otherwise whoever
+finishes the last unit merges (:func:`merge`, under a file lock). Either way:
 
     OUT/scores.jsonl   {"key", "score"} per scored sample, shard by shard, in shard order
     OUT/manifest.txt   the kept keys, shard by shard (what ``data.manifest`` reads)
