@@ -104,8 +104,10 @@ class ThreadComm(S._Comm):
     def barrier(self) -> None:
         self.shared["barrier"].wait()
 
-    def exchange(self, parts):
-        return np.concatenate([g[self.rank] for g in self.gather_object(parts)]).astype(np.uint64)
+    def exchange(self, keys, counts):
+        cuts = np.cumsum([0, *counts])
+        got = self.gather_object([keys[cuts[r]:cuts[r + 1]] for r in range(self.world)])
+        return np.concatenate([g[self.rank] for g in got]).astype(np.uint64)
 
 
 class Killed(BaseException):

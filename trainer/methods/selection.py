@@ -718,13 +718,14 @@ class _Comm:
         else:
             self.d.barrier(group=self.group)
 
-    def exchange(self, parts: list[np.ndarray]) -> np.ndarray:
-        """All-to-all of uint64 arrays (``parts[r]`` to rank ``r``); returns what this rank received."""
-        sizes = self.reduce_sizes(np.array([p.size for p in parts], dtype=np.int64))
-        send = torch.from_numpy(np.concatenate(parts).view(np.int64)).to(self.device)
+    def exchange(self, keys: np.ndarray, counts: list[int]) -> np.ndarray:
+        """All-to-all of a uint64 array: its first ``counts[0]`` items to rank 0, the next
+        ``counts[1]`` to rank 1, ...; returns what this rank received."""
+        sizes = self.reduce_sizes(np.array(counts, dtype=np.int64))
+        send = torch.from_numpy(keys.view(np.int64)).to(self.device)
         recv = torch.empty(int(sizes.sum()), dtype=torch.int64, device=self.device)
-        self.d.all_to_all_single(recv, send, output_split_sizes=sizes.tolist(),
-                                 input_split_sizes=[p.size for p in parts], group=self.group)
+        self.d.all_to_all_single(recv, send, output_split_sizes=sizes.tolist(), input_split_sizes=list(counts),
+                                 group=self.group)
         return recv.cpu().numpy().view(np.uint64)
 
     def reduce_sizes(self, mine: np.ndarray) -> np.ndarray:
@@ -741,12 +742,12 @@ def _distributed_auc(comm: _Comm, keys: np.ndarray, noisy: np.ndarray, n_clean: 
     then ``2U = sum over noisy of (2 * clean above + clean equal)`` in int64, the clean keys below
     a rank's range counted by an all-reduce. Moves ``keys.size`` keys per rank."""
     w = comm.world
-    local = np.sort(keys)
+    local = np.sort(keys[::max(1, keys.size // 65536)])   # a strided sample: splitters balance, ties stay whole anyway
     qs = local[np.linspace(0, local.size - 1, w + 1).astype(np.int64)[1:-1]] if local.size else np.zeros(w - 1, np.uint64)
     sample = np.zeros((w, w - 1), dtype=np.uint64)
     sample[comm.rank] = qs
     weights = np.zeros(w, dtype=np.int64)
-    weights[comm.rank] = local.size
+    weights[comm.rank] = keys.size
     sample = comm.reduce(sample.view(np.int64)).view(np.uint64)
     weights = comm.reduce(weights)
     pool = np.sort(sample[weights > 0].ravel())
@@ -754,8 +755,11 @@ def _distributed_auc(comm: _Comm, keys: np.ndarray, noisy: np.ndarray, n_clean: 
     out = []
     for flags in (~noisy, noisy):
         k = np.sort(keys[flags])
-        cuts = np.searchsorted(k, splitters, side="right")
-        out.append(np.sort(comm.exchange(np.split(k, cuts))))
+        cuts = np.concatenate([[0], np.searchsorted(k, splitters, side="right"), [k.size]])
+        got = comm.exchange(k, np.diff(cuts).tolist())
+        del k
+        got.sort()
+        out.append(got)
     clean, bad = out
     below = np.zeros(w, dtype=np.int64)
     below[comm.rank] = clean.size
@@ -801,6 +805,9 @@ def merge_distributed(out: Path, urls: list[str], units: list[Unit], *, source: 
     cat = np.concatenate([scores[s] for s in owned]) if owned else np.zeros(0)
     cat_noisy = np.concatenate([noisy[s] for s in owned]) if owned else np.zeros(0, np.int8)
     cat_all = np.concatenate([all_noisy[s] for s in owned]) if owned else np.zeros(0, np.int8)
+    bounds = np.cumsum([0] + [scores[s].size for s in owned])
+    scores = {s: cat[bounds[j]:bounds[j + 1]] for j, s in enumerate(owned)}   # views: one copy of the scores
+    del noisy, all_noisy
     counts = comm.reduce(np.array([cat.size, cat_all.size, sum(h["unscored"] for h in heads.values()),
                                    sum(h["corrupt"] for h in heads.values()), sum(h["skipped"] for h in heads.values()),
                                    int((cat_noisy < 0).sum()), int((cat_all < 0).sum()), int((cat_all == 1).sum()),
@@ -849,14 +856,14 @@ def merge_distributed(out: Path, urls: list[str], units: list[Unit], *, source: 
                           f"(scores {score_min:.4g} .. {score_max:.4g})")
     threshold = -float(reduce(np.array([-(cat[cat_kept].min() if cat_kept.any() else big)]), "max")[0])
     # The files: each shard's bytes at its offset, shards in order (the layout of merge()).
-    key_lists = {}
-    lengths = np.zeros((2, n_shards), dtype=np.int64)
-    for s in owned:
+    def kept_keys(s: int) -> bytes:
         with np.load(staged[s]) as z:
             kb = z["keys"].tobytes()
-        kept_keys = b"".join(k + b"\n" for k, m in zip(kb.split(b"\n"), kept[s]) if m)
-        key_lists[s] = (staged[s], kept_keys)
-        lengths[0, s], lengths[1, s] = heads[s]["lines_bytes"], len(kept_keys)
+        return b"".join(k + b"\n" for k, m in zip(kb.split(b"\n"), kept[s]) if m)
+
+    lengths = np.zeros((2, n_shards), dtype=np.int64)
+    for s in owned:   # one shard's keys at a time (read again below: memory, not time, is short)
+        lengths[0, s], lengths[1, s] = heads[s]["lines_bytes"], len(kept_keys(s))
     lengths = reduce(lengths)
     starts = np.cumsum(lengths, axis=1) - lengths
     tmps = [out / "scores.jsonl.merging", out / "manifest.txt.merging"]
@@ -868,9 +875,9 @@ def merge_distributed(out: Path, urls: list[str], units: list[Unit], *, source: 
     fds = [os.open(tmp, os.O_WRONLY) for tmp in tmps]
     try:
         for s in owned:
-            with np.load(key_lists[s][0]) as z:
+            with np.load(staged[s]) as z:
                 os.pwrite(fds[0], z["lines"].tobytes(), int(starts[0, s]))
-            os.pwrite(fds[1], key_lists[s][1], int(starts[1, s]))
+            os.pwrite(fds[1], kept_keys(s), int(starts[1, s]))
         for fd in fds:
             os.fsync(fd)
     finally:
