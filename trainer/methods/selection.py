@@ -581,10 +581,12 @@ STAGE = "merge"   # OUT/merge/SHARD.npz: a shard's merged records, complete or a
 
 def ordered_keys(scores: np.ndarray) -> np.ndarray:
     """float64 -> uint64 with the same order (``-0.0`` = ``0.0``; NaN lowest, as ``argsort(-x)`` puts it last)."""
-    x = np.asarray(scores, dtype=np.float64) + 0.0
-    bits = x.view(np.uint64)
-    keys = np.where(bits >> np.uint64(63), ~bits, bits | np.uint64(1 << 63))
-    keys[np.isnan(x)] = 0
+    x = np.asarray(scores, dtype=np.float64)
+    nan, neg = np.isnan(x), np.signbit(x) & (x != 0)
+    keys = (x + 0.0).view(np.uint64)           # in place from here: one array of the size of the scores
+    np.invert(keys, out=keys, where=neg)
+    np.bitwise_or(keys, np.uint64(1 << 63), out=keys, where=~neg)
+    keys[nan] = 0
     return keys
 
 
@@ -601,7 +603,9 @@ def order_statistic(keys: np.ndarray, r: int, reduce: Callable[[np.ndarray], np.
     that share the bits found so far."""
     prefix, cand = 0, keys
     for shift in range(64 - RADIX_BITS, -1, -RADIX_BITS):
-        digit = ((cand >> np.uint64(shift)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.int64)
+        digit = cand >> np.uint64(shift)
+        digit &= np.uint64((1 << RADIX_BITS) - 1)
+        digit = digit.view(np.int64)               # < 2^16: the same numbers, no copy
         hist = reduce(np.bincount(digit, minlength=1 << RADIX_BITS).astype(np.int64))
         cum = np.cumsum(hist)
         b = int(np.searchsorted(cum, r, side="right"))
