@@ -78,6 +78,15 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
+    """This process's peak RSS: ``VmHWM`` of its own address space. Not ``getrusage``'s
+    ``ru_maxrss``: Linux carries that across ``execve``, so a child spawned (vfork + exec) by a
+    large parent starts at the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -211,7 +220,8 @@ def merge_report(r: dict, command: str) -> str:
 Command: `{command}`
 Machine: {r['machine']} (other jobs' load varies: compare rows of one run). Date: {r['date']}.
 Rule: keep 0.7; scores clean ~ N(0.2, 0.1), 30 % noisy ~ N(0, 0.1); each rank is a fresh
-process (peak RSS: `resource.getrusage` of that process, with its imports: torch, the trainer).
+process (peak RSS: `VmHWM` of that process, with its imports: torch, the trainer; not
+`getrusage`'s `ru_maxrss`, which a child inherits from its parent across exec).
 
 | merge | seconds | peak RSS MiB | above the process after its imports, MiB |
 |---|--:|--:|--:|
