@@ -8,7 +8,9 @@
 The checkpoints (any source ``trainer.sources`` reads) are loaded as trained models and score
 every pair of the shards (``--score``: each member's self-confidence, by default, or cosine); the
 scoring, the units of work, the merge and the outputs are ECL's (``trainer/methods/selection.py``,
-which also runs the rounds inside training).
+which also runs the rounds inside training). Ranks of one launch (torchrun, srun) merge together
+once all have scored (``merge_distributed``: each rank its shards); SLURM array tasks and a single
+process leave the merge to the last one to finish (``merge``, under a file lock).
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ import torch
 from . import data as D
 from .config import ConfigError
 from .data import load_tokenizer
-from .dist import launch_env, select_device
+from .dist import init_distributed, launch_env, select_device, shutdown
 from .methods import load_trained_model
-from .methods.selection import (CarriedScores, launch_share, make_rule, make_score, merge, merge_lock, missing_units,
-                                score_units, share, source_id, work_units)
+from .methods.selection import (CarriedScores, launch_share, make_rule, make_score, merge, merge_distributed, merge_lock,
+                                missing_units, score_units, share, source_id, work_units)
 from .sources import checkpoint_config
 
 log = logging.getLogger("trainer.select")
@@ -95,17 +97,27 @@ def main(args) -> int:
                         batch_size=args.batch_size, score=score)
         log.warning("select: rank %d/%d scored %d unit(s) (%d of its %d were done already)",
                     rank, world, n, len(mine) - n, len(mine))
+    meta = {"checkpoints": names, **score.describe(), "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,
+            "units": len(units), "world": world}
+    le = launch_env()
     left = missing_units(out, units, source)
+    if left and args.merge_only:
+        raise ConfigError(f"select --merge-only: {len(left)} unit(s) are not scored yet (first: {left[0].name} "
+                          f"= shard {urls[left[0].shard]}); run the scoring tasks first")
+    if le.world_size > 1 and world == le.world_size:
+        # torchrun / srun ranks (not array tasks): every rank merges its shards, in a process group
+        # that forms once every rank has scored its share (a dead peer fails it after dist.timeout_s)
+        init_distributed(le, backend="gloo", timeout_s=cfg.dist.timeout_s)
+        summary = merge_distributed(out, urls, units, source=source, rule=rule, carried=carried, meta=meta)
+        shutdown()
+        if rank == 0:
+            print(json.dumps(summary, indent=2))
+        return 0
     if left:
-        if args.merge_only:
-            raise ConfigError(f"select --merge-only: {len(left)} unit(s) are not scored yet (first: {left[0].name} "
-                              f"= shard {urls[left[0].shard]}); run the scoring tasks first")
-        return 0   # another rank or array task finishes last and merges
+        return 0   # another array task finishes last and merges
     with merge_lock(out) as mine_to_merge:
         if not mine_to_merge:
             return 0
-        meta = {"checkpoints": names, **score.describe(), "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,
-                "units": len(units), "world": world}
         summary = merge(out, urls, units, source=source, rule=rule, carried=carried, meta=meta)
     print(json.dumps(summary, indent=2))
     return 0

@@ -14,6 +14,13 @@ process so that one measurement's memory does not inflate another's:
 - ``worker_sharded``: a worker opening every shard in turn through ``index.json``
   (``ShardManifest``: one shard's kept keys at a time), RSS growth and seconds per shard open.
 
+With ``--merge-ranks N``, the merge alone, today's single process against the distributed one
+(:func:`trainer.methods.selection.merge_distributed`) on ``N`` gloo ranks of this machine, each
+rank a fresh process (seconds, peak RSS per rank; the files of both compared byte for byte):
+
+    python -m trainer bench select --keys 10000000 --shards 1000 --merge-ranks 2 --work runs/bench-merge \
+        --out bench/results/select_merge_cpu.json
+
 With ``--checkpoints``, the score instead: how well each candidate confidence separates the noisy
 pairs of shards whose samples carry ``"noisy"`` flags (``make-demo-data --noise-rate``), for each
 checkpoint alone and for the ensemble (the sum over the checkpoints):
@@ -71,6 +78,15 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
+    """This process's peak RSS: ``VmHWM`` of its own address space. Not ``getrusage``'s
+    ``ru_maxrss``: Linux carries that across ``execve``, so a child spawned (vfork + exec) by a
+    large parent starts at the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -86,6 +102,17 @@ def child(what: str, work: Path, shards: int) -> dict:
         return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_mib(), "base_rss_mib": base,
                 "total": summary["total"], "kept": summary["kept"], "precision": summary["precision"],
                 "recall": summary["recall"], "auc": summary["auc"]}
+    if what.startswith("dmerge:"):   # dmerge:RANK:WORLD:PORT
+        import torch.distributed as dist
+        rank, world, port = map(int, what.split(":")[1:])
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        t0 = time.perf_counter()
+        summary = S.merge_distributed(work, _urls(shards), S.work_units(shards, 1), source="synthetic",
+                                      rule=S.Rule(keep=0.7), carried=[], meta={})
+        seconds = time.perf_counter() - t0
+        dist.destroy_process_group()
+        return {"rank": rank, "seconds": seconds, "peak_rss_mib": _peak_mib(), "base_rss_mib": base,
+                "total": summary["total"], "kept": summary["kept"], "auc": summary["auc"]}
     if what == "worker_flat":
         t0 = time.perf_counter()
         m = D.read_manifest(str(work / "flat.txt"))
@@ -108,6 +135,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--work", default="runs/bench-select", help="scratch directory (parts, manifest: GBs at 1e7 keys)")
     p.add_argument("--out", help="write the results JSON (and a .md next to it) here")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--merge-ranks", type=int, help="the merge alone: one process against this many gloo ranks")
     p.add_argument("--checkpoints", nargs="+", help="score candidates instead: these members' AUROC alone and summed")
     p.add_argument("--data", nargs="+", help="with --checkpoints: training shards whose samples carry \"noisy\" flags")
     p.add_argument("--pool", type=int, default=1024, help="with --checkpoints: the self-confidence's candidate pool")
@@ -122,6 +150,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(child(args.child, work, args.shards)))
         return 0
     result = {"keys": args.keys, "shards": args.shards, "write_parts_seconds": write_parts(work, args.keys, args.shards)}
+    if args.merge_ranks:
+        return merge_ranks(args, argv, work, result)
 
     def run(what: str) -> dict:
         out = subprocess.run([sys.executable, "-m", "trainer", "bench", "select", "--child", what, "--work", str(work),
@@ -141,6 +171,68 @@ def main(argv: list[str]) -> int:
         Path(args.out).write_text(text + "\n")
         Path(args.out).with_suffix(".md").write_text(report(result, " ".join(["python -m trainer bench select", *argv])))
     return 0
+
+
+def _digests(work: Path) -> dict:
+    import hashlib
+    return {name: hashlib.sha256((work / name).read_bytes()).hexdigest()
+            for name in ("scores.jsonl", "manifest.txt", "index.json")}
+
+
+def merge_ranks(args, argv: list[str], work: Path, result: dict) -> int:
+    """Today's merge (one process) against the distributed merge on ``--merge-ranks`` gloo ranks."""
+    import socket
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "trainer", "bench", "select", "--work", str(work), "--shards", str(args.shards)]
+    single = subprocess.run([*cmd, "--child", "merge"], capture_output=True, text=True, check=True, env=env)
+    result["merge"] = json.loads(single.stdout.strip().splitlines()[-1])
+    before = _digests(work)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    w = args.merge_ranks
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([*cmd, "--child", f"dmerge:{r}:{w}:{port}"], stdout=subprocess.PIPE, text=True, env=env)
+             for r in range(w)]
+    outs = [p.communicate()[0] for p in procs]
+    result["distributed_wall_seconds"] = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a distributed merge rank failed: {[p.returncode for p in procs]}")
+    result["distributed"] = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    result["identical_files"] = _digests(work) == before
+    result["machine"] = "2 CPU cores, shared with other jobs"
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["disk_mib"] = {name: (work / name).stat().st_size / 2**20 for name in ("scores.jsonl", "manifest.txt")}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".md").write_text(merge_report(result, " ".join(["python -m trainer bench select", *argv])))
+    return 0
+
+
+def merge_report(r: dict, command: str) -> str:
+    m, d = r["merge"], r["distributed"]
+    rows = "\n".join(f"| distributed, rank {x['rank']} of {len(d)} | {x['seconds']:.1f} | {x['peak_rss_mib']:.0f} | "
+                     f"{x['peak_rss_mib'] - x['base_rss_mib']:.0f} |" for x in d)
+    return f"""# ECL merge: one process against {len(d)} ranks ({r['keys']:,} synthetic keys in {r['shards']:,} shards)
+
+Command: `{command}`
+Machine: {r['machine']} (other jobs' load varies: compare rows of one run). Date: {r['date']}.
+Rule: keep 0.7; scores clean ~ N(0.2, 0.1), 30 % noisy ~ N(0, 0.1); each rank is a fresh
+process (peak RSS: `VmHWM` of that process, with its imports: torch, the trainer; not
+`getrusage`'s `ru_maxrss`, which a child inherits from its parent across exec).
+
+| merge | seconds | peak RSS MiB | above the process after its imports, MiB |
+|---|--:|--:|--:|
+| today's `merge()`, rank 0 alone | {m['seconds']:.1f} | {m['peak_rss_mib']:.0f} | {m['peak_rss_mib'] - m['base_rss_mib']:.0f} |
+{rows}
+
+Distributed wall time, process start to the last rank's exit: {r['distributed_wall_seconds']:.1f} s.
+The distributed merge wrote the same scores.jsonl, manifest.txt and index.json byte for byte:
+{r['identical_files']}. Kept {d[0]['kept']:,} of {d[0]['total']:,} (AUC {d[0]['auc']:.4f}; today's {m['auc']:.4f}).
+On disk: scores.jsonl {r['disk_mib']['scores.jsonl']:.0f} MiB, manifest.txt {r['disk_mib']['manifest.txt']:.0f} MiB.
+"""
 
 
 def report(r: dict, command: str) -> str:

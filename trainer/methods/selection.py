@@ -19,7 +19,9 @@ by data order; the public code keeps 0.9 per round), or everything at or above a
 Work is split in units, a shard each (a slice of every ``parts``-th sample of a shard when the
 ranks outnumber the shards); rank ``r`` of ``w`` scores units ``r, r + w, ...``. Each unit is
 written atomically to ``OUT/parts/`` when done, so a killed pass resumes by skipping the units
-present, and nothing is scored twice. Whoever finishes the last unit merges (under a file lock):
+present, and nothing is scored twice. Ranks in a process group (training, ``select`` under
+torchrun/srun) merge together, each its own shards (:func:`merge_distributed`); otherwise whoever
+finishes the last unit merges (:func:`merge`, under a file lock). Either way:
 
     OUT/scores.jsonl   {"key", "score"} per scored sample, shard by shard, in shard order
     OUT/manifest.txt   the kept keys, shard by shard (what ``data.manifest`` reads)
@@ -52,11 +54,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from webdataset import tariterators
 
 from .. import data as D
 from ..config import Config, ConfigError
-from ..dist import all_reduce_flags, barrier, is_main, launch_env, rank as this_rank
+from ..dist import all_reduce_flags, barrier, comm_device, is_main, launch_env, rank as this_rank
 from ..faults import StopRequested
 from ..flops import pair_flops
 from ..model import preset_shape
@@ -568,6 +571,368 @@ def source_id(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- the distributed merge
+#
+# With a process group (rounds inside training; any caller with ``world > 1`` ranks), no rank reads
+# every scored pair: rank r merges the shards s with s % world == r (all units of a shard: one
+# reader), the keep threshold is an exact order statistic found by radix selection over all-reduced
+# histograms, and each rank writes its shards' bytes into scores.jsonl and manifest.txt at offsets
+# from all-reduced per-shard lengths, so the files are byte for byte those of :func:`merge`.
+
+RADIX_BITS = 16
+_after_stage: Callable[[int], None] | None = None   # tests: called after each shard is staged (a kill there)
+STAGE = "merge"   # OUT/merge/SHARD.npz: a shard's merged records, complete or absent (resume)
+
+
+def ordered_keys(scores: np.ndarray) -> np.ndarray:
+    """float64 -> uint64 with the same order (``-0.0`` = ``0.0``; NaN lowest, as ``argsort(-x)`` puts it last)."""
+    x = np.asarray(scores, dtype=np.float64)
+    nan, neg = np.isnan(x), np.signbit(x) & (x != 0)
+    keys = (x + 0.0).view(np.uint64)           # in place from here: one array of the size of the scores
+    np.invert(keys, out=keys, where=neg)
+    np.bitwise_or(keys, np.uint64(1 << 63), out=keys, where=~neg)
+    keys[nan] = 0
+    return keys
+
+
+def key_value(key: int) -> float:
+    """The float64 of an :func:`ordered_keys` key."""
+    key = np.uint64(key)
+    bits = key & ~np.uint64(1 << 63) if key >> np.uint64(63) else ~key
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
+
+
+def order_statistic(keys: np.ndarray, r: int, reduce: Callable[[np.ndarray], np.ndarray]) -> int:
+    """The key of rank ``r`` (0-based, ascending) among every process's ``keys``: 64 / 16 passes, each
+    one all-reduced histogram (``reduce``: the sum over processes) of the next 16 bits of the keys
+    that share the bits found so far."""
+    prefix, cand = 0, keys
+    for shift in range(64 - RADIX_BITS, -1, -RADIX_BITS):
+        digit = cand >> np.uint64(shift)
+        digit &= np.uint64((1 << RADIX_BITS) - 1)
+        digit = digit.view(np.int64)               # < 2^16: the same numbers, no copy
+        hist = reduce(np.bincount(digit, minlength=1 << RADIX_BITS).astype(np.int64))
+        cum = np.cumsum(hist)
+        b = int(np.searchsorted(cum, r, side="right"))
+        r -= int(cum[b - 1]) if b else 0
+        prefix |= b << shift
+        cand = cand[digit == b]
+    return prefix
+
+
+def percentile_of(n: int, p: float, stat: Callable[[int], float]) -> float:
+    """``np.percentile(x, p)`` (linear) of ``n`` values from their order statistics ``stat(i)``,
+    with numpy's own index and interpolation arithmetic."""
+    virtual = (n - 1) * np.true_divide(p, 100)
+    lo = int(np.floor(virtual))
+    hi = lo + 1
+    if virtual >= n - 1:
+        lo = hi = n - 1
+    elif virtual < 0:
+        lo = hi = 0
+    gamma = np.asanyarray(virtual - lo)
+    a = np.float64(stat(lo))
+    b = np.float64(stat(hi)) if hi != lo else a
+    diff = b - a
+    out = a + diff * gamma
+    if gamma >= 0.5:
+        out = b - diff * (1 - gamma)
+    return float(out)
+
+
+def _stage_shard(out: Path, s: int, url: str, units: list[Unit], carried: list[CarriedScores], stamp: str) -> Path:
+    """Merge shard ``s``'s units (plus carried scores) into ``OUT/merge/SHARD.npz``, unless a
+    complete one of this ``stamp`` is there; returns its path."""
+    path = out / STAGE / f"{s:06d}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                if json.loads(str(z["header"]))["stamp"] == stamp:
+                    return path
+        except (OSError, ValueError, KeyError):
+            pass
+    parts = out / "parts"
+    mine = [u for u in units if u.shard == s]
+    carried_s = [c.scores_for(url) for c in carried]
+    head = {"stamp": stamp, "skipped": 0, "seconds": 0.0, "unscored": 0, "corrupt": 0}
+    for u in mine:
+        with open(parts / f"{u.name}.jsonl") as fh:
+            h = json.loads(fh.readline())
+        head["skipped"] += int(h["skipped"])
+        head["seconds"] += float(h.get("seconds", 0.0))
+    scores, noisy, all_noisy = array("d"), array("b"), array("b")
+    lines, keys = [], []
+    for rec in heapq.merge(*[_unit_records(parts / f"{u.name}.jsonl") for u in mine], key=lambda r: r["i"]):
+        all_noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+        if rec["score"] is None:
+            head["unscored"] += 1
+            head["corrupt"] += bool(rec.get("corrupt"))
+            continue
+        total = rec["score"]
+        for c, cs in zip(carried, carried_s):
+            if rec["key"] not in cs:
+                raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
+                                  "(the earlier selection scored other data)")
+            total += cs[rec["key"]]
+        lines.append(json.dumps({"key": rec["key"], "score": total}) + "\n")
+        keys.append(rec["key"] + "\n")
+        scores.append(total)
+        noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    text = "".join(lines).encode()
+    head["lines_bytes"] = len(text)
+    np.savez(tmp, header=np.array(json.dumps(head)), scores=np.frombuffer(scores, dtype=np.float64),
+             noisy=np.frombuffer(noisy, dtype=np.int8), all_noisy=np.frombuffer(all_noisy, dtype=np.int8),
+             lines=np.frombuffer(text, dtype=np.uint8),
+             keys=np.frombuffer("".join(keys).encode(), dtype=np.uint8))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class _Comm:
+    """The few collectives of the distributed merge (gloo: CPU tensors; NCCL: the current device)."""
+
+    def __init__(self, group=None):
+        self.d, self.group, self.device = tdist, group, comm_device()
+        self.rank, self.world = tdist.get_rank(group), tdist.get_world_size(group)
+
+    def reduce(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        self.d.all_reduce(t, op={"sum": self.d.ReduceOp.SUM, "max": self.d.ReduceOp.MAX,
+                                 "min": self.d.ReduceOp.MIN}[op], group=self.group)
+        return t.cpu().numpy()
+
+    def gather_object(self, obj) -> list:
+        got: list = [None] * self.world
+        self.d.all_gather_object(got, obj, group=self.group)
+        return got
+
+    def errors(self, err: BaseException | None) -> None:
+        """Every rank raises when one did (the first rank's error, a ConfigError for bad input)."""
+        got = self.gather_object(None if err is None else (isinstance(err, ConfigError), str(err)))
+        failed = [(r, e) for r, e in enumerate(got) if e is not None]
+        if not failed:
+            return
+        if err is not None:
+            raise err
+        r, (config, text) = failed[0]
+        raise (ConfigError if config else RuntimeError)(text if config else f"rank {r}: {text}")
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":
+            self.d.barrier(group=self.group, device_ids=[self.device.index])
+        else:
+            self.d.barrier(group=self.group)
+
+    def exchange(self, keys: np.ndarray, counts: list[int]) -> np.ndarray:
+        """All-to-all of a uint64 array: its first ``counts[0]`` items to rank 0, the next
+        ``counts[1]`` to rank 1, ...; returns what this rank received."""
+        sizes = self.reduce_sizes(np.array(counts, dtype=np.int64))
+        send = torch.from_numpy(keys.view(np.int64)).to(self.device)
+        recv = torch.empty(int(sizes.sum()), dtype=torch.int64, device=self.device)
+        self.d.all_to_all_single(recv, send, output_split_sizes=sizes.tolist(), input_split_sizes=list(counts),
+                                 group=self.group)
+        return recv.cpu().numpy().view(np.uint64)
+
+    def reduce_sizes(self, mine: np.ndarray) -> np.ndarray:
+        """``out[r]``: how many items rank ``r`` sends this rank (from every rank's ``mine``)."""
+        t = torch.from_numpy(mine).to(self.device)
+        got = torch.empty_like(t)
+        self.d.all_to_all_single(got, t, group=self.group)
+        return got.cpu().numpy()
+
+
+def _distributed_auc(comm: _Comm, keys: np.ndarray, noisy: np.ndarray, n_clean: int, n_noisy: int) -> float:
+    """:func:`_auc` over every rank's scores, exactly: a sample sort (splitters from every rank's
+    quantiles of its own keys; equal keys go to one rank) moves each key to the rank of its range,
+    then ``2U = sum over noisy of (2 * clean above + clean equal)`` in int64, the clean keys below
+    a rank's range counted by an all-reduce. Moves ``keys.size`` keys per rank."""
+    w = comm.world
+    local = np.sort(keys[::max(1, keys.size // 65536)])   # a strided sample: splitters balance, ties stay whole anyway
+    qs = local[np.linspace(0, local.size - 1, w + 1).astype(np.int64)[1:-1]] if local.size else np.zeros(w - 1, np.uint64)
+    sample = np.zeros((w, w - 1), dtype=np.uint64)
+    sample[comm.rank] = qs
+    weights = np.zeros(w, dtype=np.int64)
+    weights[comm.rank] = keys.size
+    sample = comm.reduce(sample.view(np.int64)).view(np.uint64)
+    weights = comm.reduce(weights)
+    pool = np.sort(sample[weights > 0].ravel())
+    splitters = pool[np.linspace(0, pool.size - 1, w + 1).astype(np.int64)[1:-1]] if pool.size else np.zeros(w - 1, np.uint64)
+    out = []
+    for flags in (~noisy, noisy):
+        k = np.sort(keys[flags])
+        cuts = np.concatenate([[0], np.searchsorted(k, splitters, side="right"), [k.size]])
+        got = comm.exchange(k, np.diff(cuts).tolist())
+        del k
+        got.sort()
+        out.append(got)
+    clean, bad = out
+    below = np.zeros(w, dtype=np.int64)
+    below[comm.rank] = clean.size
+    below = comm.reduce(below)
+    offset = int(below[:comm.rank].sum())
+    lo = np.searchsorted(clean, bad, side="left")
+    hi = np.searchsorted(clean, bad, side="right")   # clean keys <= each noisy key: hi + offset
+    twice_u = comm.reduce(np.array([int((2 * (n_clean - hi - offset) + (hi - lo)).sum())], dtype=np.int64))[0]
+    return float(twice_u / 2.0 / (n_clean * n_noisy))
+
+
+def merge_distributed(out: Path, urls: list[str], units: list[Unit], *, source: str, rule: Rule,
+                      carried: list[CarriedScores], meta: dict, group=None, comm: _Comm | None = None) -> dict:
+    """:func:`merge` on every rank of ``group`` (a process group: all its ranks call this): the same
+    scores.jsonl, manifest.txt, index.json and summary.json, each rank reading and writing only the
+    shards ``s`` with ``s % world == rank``. A killed merge reruns what is missing: each shard's
+    merged records are kept in ``OUT/merge/`` (complete or absent) until the summary is written.
+    ``comm``: the collectives (tests: ranks as threads); by default :class:`_Comm` over ``group``."""
+    t_merge = time.perf_counter()
+    comm = comm or _Comm(group)
+    rank, world = comm.rank, comm.world
+    n_shards = len(urls)
+    owned = list(range(rank, n_shards, world))
+    stamp = source_id(source, [str(c.dir) for c in carried])
+    err, staged = None, {}
+    try:
+        mine = [u for u in units if u.shard % world == rank]
+        missing = missing_units(out, mine, source)
+        if missing:
+            raise RuntimeError(f"{out}: unit(s) not scored yet (first: {missing[0].name})")
+        for s in owned:
+            staged[s] = _stage_shard(out, s, urls[s], units, carried, stamp)
+            if _after_stage is not None:
+                _after_stage(s)
+    except Exception as e:  # noqa: BLE001 - every rank raises it (below), none waits in a collective
+        err = e
+    comm.errors(err)
+    scores, noisy, all_noisy, heads = {}, {}, {}, {}
+    for s, path in staged.items():
+        with np.load(path) as z:
+            scores[s], noisy[s], all_noisy[s] = z["scores"], z["noisy"], z["all_noisy"]
+            heads[s] = json.loads(str(z["header"]))
+    cat = np.concatenate([scores[s] for s in owned]) if owned else np.zeros(0)
+    cat_noisy = np.concatenate([noisy[s] for s in owned]) if owned else np.zeros(0, np.int8)
+    cat_all = np.concatenate([all_noisy[s] for s in owned]) if owned else np.zeros(0, np.int8)
+    bounds = np.cumsum([0] + [scores[s].size for s in owned])
+    scores = {s: cat[bounds[j]:bounds[j + 1]] for j, s in enumerate(owned)}   # views: one copy of the scores
+    del noisy, all_noisy
+    counts = comm.reduce(np.array([cat.size, cat_all.size, sum(h["unscored"] for h in heads.values()),
+                                   sum(h["corrupt"] for h in heads.values()), sum(h["skipped"] for h in heads.values()),
+                                   int((cat_noisy < 0).sum()), int((cat_all < 0).sum()), int((cat_all == 1).sum()),
+                                   int((cat_noisy == 1).sum())], dtype=np.int64))
+    total, in_shards, unscored, corrupt, skipped, unknown, unknown_all, noisy_total, noisy_round = map(int, counts)
+    seconds = float(comm.reduce(np.array([sum(h["seconds"] for h in heads.values())]))[0])
+    if total == 0:
+        raise ConfigError(f"select: no sample was scored in {len(urls)} shard(s) (empty shards, every sample corrupt, "
+                          "or a manifest that keeps none of their keys)")
+    big = np.finfo(np.float64).max
+    lo_hi = comm.reduce(np.array([-(cat.min() if cat.size else big), cat.max() if cat.size else -big]), "max")
+    score_min, score_max = -float(lo_hi[0]), float(lo_hi[1])
+    keys = ordered_keys(cat)
+    reduce = comm.reduce
+    kept = {}
+    if rule.threshold is not None:
+        kept = {s: scores[s] >= rule.threshold for s in owned}
+    elif rule.percentile is not None:
+        t = percentile_of(total, rule.percentile, lambda i: key_value(order_statistic(keys, i, reduce)))
+        kept = {s: scores[s] >= t for s in owned}
+    else:
+        k = int(round(rule.keep * total))
+        if k > 0:
+            tk = np.uint64(order_statistic(keys, total - k, reduce))
+            ties = np.zeros(n_shards, dtype=np.int64)
+            above, first = {}, 0
+            for s in owned:
+                ks = keys[first:first + scores[s].size]
+                first += scores[s].size
+                above[s], ties[s] = ks > tk, int((ks == tk).sum())
+            greater = int(reduce(np.array([sum(int(a.sum()) for a in above.values())], dtype=np.int64))[0])
+            ties = reduce(ties)
+            room = np.clip(k - greater - (np.cumsum(ties) - ties), 0, ties)   # ties kept per shard, in shard order
+            first = 0
+            for s in owned:
+                ks = keys[first:first + scores[s].size]
+                first += scores[s].size
+                eq = ks == tk
+                kept[s] = above[s] | (eq & (np.cumsum(eq) <= room[s]))
+        else:
+            kept = {s: np.zeros(scores[s].size, dtype=bool) for s in owned}
+    cat_kept = np.concatenate([kept[s] for s in owned]) if owned else np.zeros(0, bool)
+    n_kept = int(reduce(np.array([int(cat_kept.sum())], dtype=np.int64))[0])
+    if n_kept == 0:
+        raise ConfigError(f"select: the rule {rule.describe()} keeps none of the {total} scored samples "
+                          f"(scores {score_min:.4g} .. {score_max:.4g})")
+    threshold = -float(reduce(np.array([-(cat[cat_kept].min() if cat_kept.any() else big)]), "max")[0])
+    # The files: each shard's bytes at its offset, shards in order (the layout of merge()).
+    def kept_keys(s: int) -> bytes:
+        with np.load(staged[s]) as z:
+            kb = z["keys"].tobytes()
+        return b"".join(k + b"\n" for k, m in zip(kb.split(b"\n"), kept[s]) if m)
+
+    lengths = np.zeros((2, n_shards), dtype=np.int64)
+    for s in owned:   # one shard's keys at a time (read again below: memory, not time, is short)
+        lengths[0, s], lengths[1, s] = heads[s]["lines_bytes"], len(kept_keys(s))
+    lengths = reduce(lengths)
+    starts = np.cumsum(lengths, axis=1) - lengths
+    tmps = [out / "scores.jsonl.merging", out / "manifest.txt.merging"]
+    if rank == 0:
+        for tmp, size in zip(tmps, lengths.sum(axis=1)):
+            with open(tmp, "wb") as fh:
+                fh.truncate(int(size))
+    comm.barrier()
+    fds = [os.open(tmp, os.O_WRONLY) for tmp in tmps]
+    try:
+        for s in owned:
+            with np.load(staged[s]) as z:
+                os.pwrite(fds[0], z["lines"].tobytes(), int(starts[0, s]))
+            os.pwrite(fds[1], kept_keys(s), int(starts[1, s]))
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    kept_per_shard = np.zeros(n_shards, dtype=np.int64)
+    scored_per_shard = np.zeros(n_shards, dtype=np.int64)
+    for s in owned:
+        kept_per_shard[s], scored_per_shard[s] = int(kept[s].sum()), scores[s].size
+    kept_per_shard, scored_per_shard = reduce(kept_per_shard), reduce(scored_per_shard)
+    noise = {}
+    if unknown == 0 and unknown_all == 0 and total > 0:
+        flags = cat_noisy.astype(bool)
+        nk, nd, d = reduce(np.array([int(flags[cat_kept].sum()), int(flags[~cat_kept].sum()),
+                                     int((~cat_kept).sum())], dtype=np.int64)).tolist()
+        noise = _dropped_stats(noisy_total - nk, in_shards - n_kept, noisy_total)
+        rnd = _dropped_stats(nd, d, noisy_round)
+        n_clean = total - noisy_round
+        auc = _distributed_auc(comm, keys, flags, n_clean, noisy_round) if n_clean and noisy_round else None
+        noise.update(round_precision=rnd["precision"], round_recall=rnd["recall"], noisy_in_shards=noisy_total,
+                     kept_noise_rate=nk / max(1, n_kept), auc=auc)
+    summary = {"total": total, "kept": n_kept, **rule.describe(), "kept_fraction": n_kept / total,
+               "samples_in_shards": in_shards, "not_in_subset": unscored - corrupt, "skipped": skipped,
+               "score_min": score_min, "score_max": score_max, "score_threshold": threshold,
+               "scoring_samples_per_s_per_rank": total / seconds if seconds else None,
+               "merge_seconds": time.perf_counter() - t_merge, **meta, **noise}
+    comm.barrier()   # every rank's bytes are written
+    if rank == 0:
+        os.replace(tmps[0], out / "scores.jsonl")
+        os.replace(tmps[1], out / "manifest.txt")
+        entries = [{"url": D.canonical_url(url), "scores": [int(starts[0, s]), int(starts[0, s] + lengths[0, s])],
+                    "scored": int(scored_per_shard[s]), "manifest": [int(starts[1, s]), int(starts[1, s] + lengths[1, s])],
+                    "kept": int(kept_per_shard[s])} for s, url in enumerate(urls)]
+        _write_json(out / "index.json", {"format": FORMAT, "manifest": "manifest.txt", "shards": entries})
+        summary["merge_seconds"] = time.perf_counter() - t_merge
+        _write_json(out / "summary.json", summary)
+    comm.barrier()
+    for path in staged.values():   # the summary marks the merge done: the staged copies go
+        path.unlink(missing_ok=True)
+    comm.barrier()
+    if rank == 0:
+        with contextlib.suppress(OSError):
+            (out / STAGE).rmdir()
+    return summary
+
+
 # ----------------------------------------------------------------------------- rounds in training
 
 class Selection(Method):
@@ -717,12 +1082,14 @@ class Selection(Method):
             finally:
                 model.train(was_training)
             barrier()
-            if is_main():
-                carried = [CarriedScores(prev)] if prev is not None else []
-                merge(out, urls, units, source=source, rule=self.rule, carried=carried,
-                      meta={"step": step, "round": k, "source": source, "manifest_in": self.manifest,
-                            **self.score.describe(),
-                            "scores_from": [str(prev)] if prev else []})
+            meta = {"step": step, "round": k, "source": source, "manifest_in": self.manifest,
+                    **self.score.describe(), "scores_from": [str(prev)] if prev else []}
+            if self.world > 1 and tdist.is_initialized():   # every rank merges its shards
+                merge_distributed(out, urls, units, source=source, rule=self.rule,
+                                  carried=[CarriedScores(prev)] if prev is not None else [], meta=meta)
+            elif is_main():
+                merge(out, urls, units, source=source, rule=self.rule,
+                      carried=[CarriedScores(prev)] if prev is not None else [], meta=meta)
             barrier()
         summary = json.loads(summary_path.read_text())
         self.state = {"rounds": k, "manifest": str(out), "last_step": step}
