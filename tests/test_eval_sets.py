@@ -198,3 +198,39 @@ def test_bad_eval_sets_fail_with_one_error_line_and_the_imagenet_file_is_whole(t
     cfg = load_config("trainer/configs/demo.yaml", set_overrides(sets))
     with pytest.raises(ConfigError, match=r"missing\.jpg"):
         check_eval_sets(cfg)
+
+
+@pytest.mark.full
+def test_class_names_auto_imagenet_for_1000_folders_else_folder_names(tmp_path):
+    import os
+
+    from trainer.config import ConfigError
+    from trainer.eval_sets import load_imagenet1k, read_imagefolder
+
+    pixel = tmp_path / "pixel.png"
+    Image.new("RGB", (1, 1)).save(pixel)
+    root = tmp_path / "val"
+    wnids = [f"n{i:08d}" for i in range(1000)]   # sorted like ImageNet's wnids
+    for wnid in reversed(wnids):                 # created out of order: the listing sorts
+        (root / wnid).mkdir(parents=True)
+        os.link(pixel, root / wnid / "x.JPEG")
+    got = read_imagefolder(str(root), "auto")
+    names, templates = load_imagenet1k()
+    assert got.classnames == names and got.templates == templates and got.labels == list(range(1000))
+    assert got.paths[0].parent.name == wnids[0] and got.classnames[0] == "tench"
+    assert read_imagefolder(str(root), "folders").classnames == wnids
+
+    small = tmp_path / "small"
+    for name in ("b_class", "a_class"):
+        (small / name).mkdir(parents=True)
+        os.link(pixel, small / name / "x.png")
+    assert read_imagefolder(str(small)).classnames == ["a class", "b class"]
+    with pytest.raises(ConfigError, match="not ImageNet-1k's 1000"):
+        read_imagefolder(str(small), "imagenet")
+    spec = tmp_path / "classes.json"
+    spec.write_text(json.dumps({"classnames": ["first", "second"], "templates": ["a {} thing"]}))
+    got = read_imagefolder(str(small), str(spec))
+    assert got.classnames == ["first", "second"] and got.templates == ["a {} thing"]
+    spec.write_text(json.dumps({"classnames": ["only one"]}))
+    with pytest.raises(ConfigError, match="names 1 classes"):
+        read_imagefolder(str(small), str(spec))
