@@ -95,6 +95,7 @@ def _make_tokenizer(args) -> int:
 def _eval(args) -> int:
     from .data import load_tokenizer
     from .dist import init_distributed, launch_env, shutdown
+    from .eval_sets import check_eval_sets
     from .evaluate import evaluate_all
     from .methods import load_trained_model
     from .sources import checkpoint_config, step_of
@@ -102,6 +103,7 @@ def _eval(args) -> int:
     cfg, root, tag = checkpoint_config(args.checkpoint, args.overrides)
     if not cfg.data.val_shards:
         raise ConfigError("config key 'data.val_shards' is empty; nothing to evaluate on")
+    check_eval_sets(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     le = launch_env()
     device = init_distributed(le, cfg.dist.backend, cfg.dist.timeout_s) if le.world_size > 1 else _device()

@@ -128,6 +128,10 @@ class EvalConfig:
     every_steps: int = _f(0, "evaluate every N steps (0: only at the end)", min=0)
     zeroshot: str | None = _f(None, "zeroshot.json with classnames and templates; val samples' json carries 'label'")
     batch_size: int = _f(128, "per-rank evaluation batch size", min=1)
+    imagefolder: str | None = _f(None, "an image-folder class set (CLASS/*.jpg, ImageNet's layout) for zero-shot classification: keys imagefolder/top1, imagefolder/top5")
+    imagefolder_classes: str = _f("auto", "class names of eval.imagefolder: auto (OpenAI's ImageNet-1k names when there are 1000 class folders, else the folder names) | folders | imagenet | a JSON file {classnames, templates?}")
+    retrieval_images: str | None = _f(None, "folder of a retrieval set's images (with eval.retrieval_captions): keys retrieval/i2t_r1 ... retrieval/t2i_r10")
+    retrieval_captions: str | None = _f(None, "captions of eval.retrieval_images: JSON {image: [captions]}, Karpathy's split JSON (its test split), or IMAGE<TAB>caption lines")
 
 
 @dataclass

@@ -10,6 +10,11 @@ at most ``RETRIEVAL_BLOCK_ROWS`` rows, so a rank holds at most ``block x N`` sco
 the hit counts are summed across ranks. Ties count against the model: a query's match ranks below
 every other candidate with an equal score (repeated captions do not inflate R@k).
 
+Two more sets read from local files (trainer/eval_sets.py), each rank embedding its contiguous
+share: ``eval.imagefolder`` (zero-shot ``imagefolder/top1``, ``imagefolder/top5``) and
+``eval.retrieval_images`` + ``eval.retrieval_captions`` (``retrieval/i2t_r1`` ... with several
+captions per image: :func:`multi_caption_recall`).
+
 A stop signal (SLURM's SIGUSR1 before the time limit, SIGTERM on preemption) need not wait for
 the evaluation to finish: ``should_stop`` is polled at every forward, the ranks agree in the
 all-reduce each forward makes anyway, and every rank raises :class:`StopRequested` at the same
@@ -33,12 +38,14 @@ from kernels.gather import all_gather_with_grad, gathered_layout
 from . import data as D
 from .config import Config, ConfigError
 from .dist import all_reduce, all_reduce_flags
+from .eval_sets import image_batches, read_imagefolder, read_retrieval, share
 from .faults import StopRequested
 from .methods import eval_views, keep_rate
 from .model import preset_shape
 
 log = logging.getLogger("trainer")
 RECALL_KS = (1, 5, 10)
+COUNT_KEYS = ("num_samples", "num_images", "num_captions")   # the same in every view: plain keys only
 RETRIEVAL_BLOCK_ROWS = 1024  # query rows scored at once: a rank holds at most this many x N scores
 
 
@@ -163,6 +170,101 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
     return result
 
 
+@torch.no_grad()
+def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None) -> torch.Tensor:
+    """``[n, D]`` embeddings of this rank's one-modality batches (``{"pixel_values"}`` or
+    ``{"input_ids", "attention_mask"}``), with lockstep forwards across ranks as in :func:`embed_split`."""
+    out, it = [], iter(batches)
+    while True:
+        batch = next(it, None)
+        anyone_left, stop = all_reduce_flags(float(batch is not None), float(bool(should_stop and should_stop())))
+        if stop:
+            raise StopRequested
+        if not anyone_left:
+            break
+        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device)
+                  for k, v in (batch if batch is not None else dummy).items()}
+        img, txt, _ = model(**inputs)
+        if batch is not None:
+            out.append((img if img is not None else txt).float())
+    return torch.cat(out) if out else torch.zeros((0, model.config.projection_dim), device=device)
+
+
+def imagefolder_accuracy(model, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, device, dtype,
+                         image_size: int, should_stop=None) -> dict:
+    """Zero-shot top-1/top-5 on ``eval.imagefolder`` (trainer/eval_sets.py): each rank embeds its
+    contiguous share of the images; the hit counts are summed across ranks."""
+    folder = read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes)
+    lo, hi = share(len(folder.paths), rank, world)
+    batches = ({"pixel_values": x} for x in image_batches(folder.paths[lo:hi], decoder.transform, cfg.eval.batch_size))
+    img = embed_lockstep(model, batches, {"pixel_values": torch.zeros(1, 3, image_size, image_size)},
+                         device, dtype, should_stop)
+    classifier = zeroshot_classifier(model, decoder, folder.classnames, folder.templates, device)
+    labels = torch.tensor(folder.labels[lo:hi], dtype=torch.long, device=device)
+    topk = (img @ classifier.T).topk(min(5, len(folder.classnames)), dim=1).indices    # [b, k]
+    hits = torch.tensor([float((topk[:, 0] == labels).sum()), float((topk == labels[:, None]).any(1).sum())],
+                        dtype=torch.float64)
+    hits = all_reduce(hits, "sum")
+    n = len(folder.paths)
+    return {"imagefolder/top1": hits[0].item() / n, "imagefolder/top5": hits[1].item() / n,
+            "imagefolder/num_samples": n}
+
+
+@torch.no_grad()
+def multi_caption_recall(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks=RECALL_KS,
+                         block_rows: int | None = None) -> dict:
+    """R@k of a set whose images have several captions, from this rank's contiguous shares of the
+    images ``[b_i, D]`` and captions ``[b_t, D]``; ``owner`` ``[T]``: the image of every caption.
+
+    Image->text: a hit at ``k`` when one of the image's captions ranks below ``k`` among the
+    captions of *other* images (its best caption's rank; ties count against the model).
+    Text->image: the rank of the caption's image among the other images, as :func:`retrieval_hits`.
+    """
+    block_rows = max(1, block_rows or RETRIEVAL_BLOCK_ROWS)
+    img_offset, img_sizes = gathered_layout(img.shape[0], device=img.device)
+    txt_offset, txt_sizes = gathered_layout(txt.shape[0], device=txt.device)
+    all_img, all_txt = all_gather_with_grad(img, sizes=img_sizes), all_gather_with_grad(txt, sizes=txt_sizes)
+    owner = owner.to(img.device)
+    hits = torch.zeros(2 * len(ks), dtype=torch.float64)
+    for start in range(0, img.shape[0], block_rows):
+        sim = img[start:start + block_rows] @ all_txt.T                               # [B, T]
+        mine = torch.arange(sim.shape[0], device=sim.device) + img_offset + start
+        owned = owner[None, :] == mine[:, None]
+        best = sim.masked_fill(~owned, float("-inf")).amax(1)
+        rank = ((sim >= best[:, None]) & ~owned).sum(1)
+        rank = torch.where(torch.isnan(best), torch.full_like(rank, sum(txt_sizes)), rank)
+        hits[:len(ks)] += torch.stack([(rank < k).sum() for k in ks]).to("cpu", torch.float64)
+    for start in range(0, txt.shape[0], block_rows):
+        sim = txt[start:start + block_rows] @ all_img.T                               # [B, I]
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        cols = owner[rows + txt_offset + start]
+        target = sim[rows, cols]                                                      # a copy
+        sim[rows, cols] = float("-inf")                                               # the match itself
+        rank = (sim >= target[:, None]).sum(1)
+        rank = torch.where(torch.isnan(target), torch.full_like(rank, sum(img_sizes)), rank)
+        hits[len(ks):] += torch.stack([(rank < k).sum() for k in ks]).to("cpu", torch.float64)
+    hits = all_reduce(hits, "sum")
+    n_img, n_txt = sum(img_sizes), sum(txt_sizes)
+    result = {f"retrieval/i2t_r{k}": hits[j].item() / max(1, n_img) for j, k in enumerate(ks)}
+    result.update({f"retrieval/t2i_r{k}": hits[len(ks) + j].item() / max(1, n_txt) for j, k in enumerate(ks)})
+    return {**result, "retrieval/num_images": n_img, "retrieval/num_captions": n_txt}
+
+
+def retrieval_set_recall(model, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, device, dtype,
+                         image_size: int, should_stop=None) -> dict:
+    """:func:`multi_caption_recall` on ``eval.retrieval_images`` / ``eval.retrieval_captions``."""
+    pairs = read_retrieval(cfg.eval.retrieval_images, cfg.eval.retrieval_captions)
+    bs = cfg.eval.batch_size
+    lo, hi = share(len(pairs.images), rank, world)
+    img = embed_lockstep(model, ({"pixel_values": x} for x in image_batches(pairs.images[lo:hi], decoder.transform, bs)),
+                         {"pixel_values": torch.zeros(1, 3, image_size, image_size)}, device, dtype, should_stop)
+    lo, hi = share(len(pairs.captions), rank, world)
+    mine = pairs.captions[lo:hi]
+    txt = embed_lockstep(model, (decoder.tokenize(mine[s:s + bs]) for s in range(0, len(mine), bs)),
+                         decoder.tokenize([""]), device, dtype, should_stop)
+    return multi_caption_recall(img, txt, torch.tensor(pairs.owner, dtype=torch.long))
+
+
 def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, should_stop=None) -> dict:
     shape = preset_shape(cfg.model)
     decoder = D.eval_decoder(cfg, tokenizer)
@@ -173,6 +275,10 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, shoul
     try:
         img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
                                               D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop)
+        extra: dict = {}
+        for wanted, run in ((cfg.eval.imagefolder, imagefolder_accuracy), (cfg.eval.retrieval_images, retrieval_set_recall)):
+            if wanted:
+                extra.update(run(model, cfg, decoder, rank, world, device, dtype, shape["image_size"], should_stop))
     except StopRequested:
         model.train(was_training)
         raise
@@ -190,6 +296,7 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, shoul
     result.update(retrieval_recall(img, txt))
     if scale is not None:
         result["val_loss"] = val_loss(img, txt, scale)
+    result.update(extra)
     model.train(was_training)
     return result
 
@@ -202,5 +309,5 @@ def evaluate_all(model, cfg: Config, tokenizer, rank: int, world: int, device, s
     for prefix, view, rate in eval_views(model, cfg):
         with keep_rate(model, rate):
             one = evaluate(view, cfg, tokenizer, rank, world, device, should_stop)
-        result.update({prefix + k: v for k, v in one.items() if not (prefix and k == "num_samples")})
+        result.update({prefix + k: v for k, v in one.items() if not (prefix and k.endswith(COUNT_KEYS))})
     return result

@@ -10,6 +10,7 @@ from . import data as D
 from . import methods
 from .config import check_world
 from .engine import build_ds_config
+from .eval_sets import check_eval_sets
 from .evaluate import load_zeroshot
 from .losses import build_terms
 from .model import check_locks, preset_shape
@@ -31,4 +32,5 @@ def check_run_inputs(cfg, world: int | None) -> None:
         D.expand_shards(cfg.data.val_shards, "data.val_shards")
     if cfg.eval.zeroshot:
         load_zeroshot(cfg.eval.zeroshot)
+    check_eval_sets(cfg)
     D.read_manifest(cfg.data.manifest, train_urls)
