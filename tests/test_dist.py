@@ -15,8 +15,10 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
                "irecv", "monitored_barrier"}
 COMM_MODULES = {"torch.distributed", "deepspeed.comm"}
 # Where a direct collective is allowed: the trainer's one helper module, and the kernels' gather
-# and statistics, whose tensors are the loss inputs and are put on the backend's device there.
-ALLOWED = {"trainer/dist.py", "kernels/gather.py", "kernels/stats.py"}
+# and statistics, whose tensors are the loss inputs and are put on the backend's device there, and
+# the Triton tuner's one broadcast of its pick (kernels/triton_launch.py agree_on_tile, on
+# comm_device; the kernels may not import trainer.dist).
+ALLOWED = {"trainer/dist.py", "kernels/gather.py", "kernels/stats.py", "kernels/triton_launch.py"}
 
 
 def direct_collectives(source: str) -> list[tuple[int, str]]:

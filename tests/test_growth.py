@@ -207,6 +207,7 @@ def test_exported_grown_model_is_a_stock_clip_with_the_small_models_embeddings(s
     assert torch.allclose(img, ours_img, atol=1e-5) and torch.allclose(txt, ours_txt, atol=1e-5)
 
 
+@pytest.mark.full   # the fast tier evaluates the grown weights in process (test_grown_zero3_checkpoint_keeps_...) and exports them
 def test_eval_of_grown_directory_matches_its_source(source, grown, tmp_path):
     results = []
     for path in (source, grown):

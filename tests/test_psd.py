@@ -187,6 +187,7 @@ def test_zero_stages_give_the_same_losses(momentum_runs, stage):
     assert all(abs(want["loss"][t] - want["clip"][t]) > 1e-4 for t in range(2, STEPS + 1))
 
 
+@pytest.mark.full   # the fast tier keeps the momentum teacher's closed form; the previous teacher is a variant
 def test_previous_teacher_is_the_student_at_the_last_refresh(demo_data, tmp_path):
     """refresh every 2 steps under ZeRO-3: the teacher of checkpoint t is the student of
     checkpoint 2 * floor(t / 2) (the initial weights before the first refresh), and a_t = 0

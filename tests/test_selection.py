@@ -319,6 +319,7 @@ def test_training_reads_only_the_kept_keys(single, ragged, tmp_path):
     assert "new-000000.tar" in text and "not in the selection" in text
 
 
+@pytest.mark.full   # the loader's skip-and-count is fast-tier tested in tests/test_data.py
 def test_corrupt_samples_are_skipped_and_counted(single, ckpts, ragged, tmp_path):
     shards = tmp_path / "train"
     shutil.copytree(ragged / "train", shards)

@@ -280,6 +280,7 @@ def test_sigkill_and_rerun_reads_the_same_text_batches(demo_data, tmp_path):
             assert state(out) == state(whole), (step, rank)
 
 
+@pytest.mark.full   # export's own fast tests cover the stock CLIPModel; this adds the text stream's run
 def test_export_of_a_text_lm_run_is_the_stock_clip_model(stage_runs, tmp_path):
     """The tied head adds no parameter: export-hf loads in transformers.CLIPModel with no missing
     or unexpected key, and the token embedding is the trained one."""
