@@ -137,9 +137,10 @@ def ecl_rounds(regimes) -> list[str]:
         for r in by.get(other(by), []):
             for summ in sorted((ROOT / r["run_dir"] / "select").glob("round_*/summary.json")):
                 s = json.loads(summ.read_text())
+                def f(key):   # None where it is undefined (clean data: no noisy pair to recall)
+                    return "—" if s.get(key) is None else f"{s[key]:.3f}"
                 L.append(f"| {name} | {r['seed']} | {s['step']} | {s['kept']} of {s['total']} | "
-                         f"{s.get('precision', float('nan')):.3f} | {s.get('recall', float('nan')):.3f} | "
-                         f"{s.get('kept_noise_rate', float('nan')):.3f} | {s.get('auc', float('nan')):.3f} |")
+                         f"{f('precision')} | {f('recall')} | {f('kept_noise_rate')} | {f('auc')} |")
     return L
 
 
