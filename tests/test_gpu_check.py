@@ -42,8 +42,10 @@ def test_dry_run_prints_the_plan_and_resolves_every_command(tmp_path):
     assert "--impls openclip,bare,ours,eclipse" in plan and "model.preset=vit-b-32" in plan
     assert "dry run: every command resolves" in plan
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()    # nothing ran
-    make = subprocess.run(["make", "-n", "gpu-check", "DRY_RUN=1"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    # under `make test` this is a sub-make: without the parent's flags and directory lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    make = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "DRY_RUN=1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
     assert make.stdout.splitlines()[-1] == "DRY_RUN=1 PY=.venv/bin/python bash scripts/gpu_check.sh", make.stdout
 
 
