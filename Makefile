@@ -30,8 +30,7 @@ demo: venv
 # The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
 # (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-07 on a
 # clean clone by .ci/run (a fresh venv, CI's environment, real SLURM daemons), 2 idle cores:
-# 479 tests in 14 min 42 s, 16 min 42 s with the install (commit f9ac220, whose one failing test,
-# make -n under make test, the next commit fixed).
+# 479 tests in 14 min 45 s, 16 min 42 s with the install (commit ce440d0).
 test: venv
 	$(PY) -m pytest -q -rs -m "not full" --durations=15 tests
 
