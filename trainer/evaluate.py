@@ -77,12 +77,19 @@ def zeroshot_classifier(model, decoder: D.SampleDecoder, classnames, templates, 
 
 
 @torch.no_grad()
-def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
-    """Image/text embeddings and labels of this rank's share, with lockstep forwards across ranks,
-    and the model's logit scale (None for a view without one). ``should_stop()`` true on any rank
-    raises :class:`StopRequested` on every rank."""
-    imgs, txts, labels, scale = [], [], [], None
-    it = iter(batches)
+def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None) -> dict:
+    """This rank's embeddings of ``batches``, with the same number of forwards on every rank (a rank
+    whose share is exhausted runs ``dummy`` and discards it), as ZeRO-3's parameter gathering needs.
+
+    A batch holds ``"image"`` pixels, ``"input_ids"`` + ``"attention_mask"``, or both (pairs), and
+    optionally ``"label"``. Returns ``{"image": [n, D], "text": [n, D], "label": [n], "scale"}``
+    (a modality the batches lack: ``[0, D]``; ``scale``: the model's logit scale, None for a view
+    without one). ``should_stop()`` true on any rank raises :class:`StopRequested` on every rank.
+
+        out = embed_lockstep(model, ({"image": x} for x in pixel_batches), {"image": zeros}, device, dtype)
+    """
+    parts: dict[str, list] = {"image": [], "text": [], "label": []}
+    scale, it = None, iter(batches)
     while True:
         batch = next(it, None)
         anyone_left, stop = all_reduce_flags(float(batch is not None), float(bool(should_stop and should_stop())))
@@ -92,15 +99,38 @@ def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
             break
         real = batch is not None
         batch = batch if real else dummy
-        img, txt, scale = model(pixel_values=batch["image"].to(device, dtype),
-                                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        inputs = {}
+        if "image" in batch:
+            inputs["pixel_values"] = batch["image"].to(device, dtype)
+        if "input_ids" in batch:
+            inputs.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        img, txt, scale = model(**inputs)
         if real:
-            imgs.append(img.float())
-            txts.append(txt.float())
-            labels.append(batch["label"].to(device))
-    def cat(parts, dtype=torch.float32, width=(model.config.projection_dim,)):
-        return torch.cat(parts) if parts else torch.zeros((0, *width), dtype=dtype, device=device)
-    return cat(imgs), cat(txts), cat(labels, torch.long, ()), None if scale is None else float(scale)
+            for key, emb in (("image", img), ("text", txt)):
+                if emb is not None:
+                    parts[key].append(emb.float())
+            if "label" in batch:
+                parts["label"].append(batch["label"].to(device))
+
+    def cat(key, dtype=torch.float32, width=(model.config.projection_dim,)):
+        return torch.cat(parts[key]) if parts[key] else torch.zeros((0, *width), dtype=dtype, device=device)
+    return {"image": cat("image"), "text": cat("text"), "label": cat("label", torch.long, ()),
+            "scale": None if scale is None else float(scale)}
+
+
+def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
+    """``(image [n, D], text [n, D], labels [n], logit scale)`` of this rank's validation pairs:
+    :func:`embed_lockstep` on batches holding both modalities and ``label``."""
+    out = embed_lockstep(model, batches, dummy, device, dtype, should_stop)
+    return out["image"], out["text"], out["label"], out["scale"]
+
+
+def embed_images(model, paths: list[Path], decoder: D.SampleDecoder, batch_size: int, image_size: int,
+                 device, dtype, should_stop=None) -> torch.Tensor:
+    """``[n, D]`` image embeddings of ``paths`` (this rank's share of a file set): :func:`embed_lockstep`."""
+    batches = ({"image": x} for x in image_batches(paths, decoder.transform, batch_size))
+    dummy = {"image": torch.zeros(1, 3, image_size, image_size)}
+    return embed_lockstep(model, batches, dummy, device, dtype, should_stop)["image"]
 
 
 @torch.no_grad()
@@ -170,35 +200,13 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
     return result
 
 
-@torch.no_grad()
-def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None) -> torch.Tensor:
-    """``[n, D]`` embeddings of this rank's one-modality batches (``{"pixel_values"}`` or
-    ``{"input_ids", "attention_mask"}``), with lockstep forwards across ranks as in :func:`embed_split`."""
-    out, it = [], iter(batches)
-    while True:
-        batch = next(it, None)
-        anyone_left, stop = all_reduce_flags(float(batch is not None), float(bool(should_stop and should_stop())))
-        if stop:
-            raise StopRequested
-        if not anyone_left:
-            break
-        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device)
-                  for k, v in (batch if batch is not None else dummy).items()}
-        img, txt, _ = model(**inputs)
-        if batch is not None:
-            out.append((img if img is not None else txt).float())
-    return torch.cat(out) if out else torch.zeros((0, model.config.projection_dim), device=device)
-
-
 def imagefolder_accuracy(model, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, device, dtype,
                          image_size: int, should_stop=None) -> dict:
     """Zero-shot top-1/top-5 on ``eval.imagefolder`` (trainer/eval_sets.py): each rank embeds its
     contiguous share of the images; the hit counts are summed across ranks."""
     folder = read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes)
     lo, hi = share(len(folder.paths), rank, world)
-    batches = ({"pixel_values": x} for x in image_batches(folder.paths[lo:hi], decoder.transform, cfg.eval.batch_size))
-    img = embed_lockstep(model, batches, {"pixel_values": torch.zeros(1, 3, image_size, image_size)},
-                         device, dtype, should_stop)
+    img = embed_images(model, folder.paths[lo:hi], decoder, cfg.eval.batch_size, image_size, device, dtype, should_stop)
     classifier = zeroshot_classifier(model, decoder, folder.classnames, folder.templates, device)
     labels = torch.tensor(folder.labels[lo:hi], dtype=torch.long, device=device)
     topk = (img @ classifier.T).topk(min(5, len(folder.classnames)), dim=1).indices    # [b, k]
@@ -256,12 +264,11 @@ def retrieval_set_recall(model, cfg: Config, decoder: D.SampleDecoder, rank: int
     pairs = read_retrieval(cfg.eval.retrieval_images, cfg.eval.retrieval_captions)
     bs = cfg.eval.batch_size
     lo, hi = share(len(pairs.images), rank, world)
-    img = embed_lockstep(model, ({"pixel_values": x} for x in image_batches(pairs.images[lo:hi], decoder.transform, bs)),
-                         {"pixel_values": torch.zeros(1, 3, image_size, image_size)}, device, dtype, should_stop)
+    img = embed_images(model, pairs.images[lo:hi], decoder, bs, image_size, device, dtype, should_stop)
     lo, hi = share(len(pairs.captions), rank, world)
     mine = pairs.captions[lo:hi]
     txt = embed_lockstep(model, (decoder.tokenize(mine[s:s + bs]) for s in range(0, len(mine), bs)),
-                         decoder.tokenize([""]), device, dtype, should_stop)
+                         decoder.tokenize([""]), device, dtype, should_stop)["text"]
     return multi_caption_recall(img, txt, torch.tensor(pairs.owner, dtype=torch.long))
 
 
@@ -304,7 +311,7 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, shoul
 def evaluate_all(model, cfg: Config, tokenizer, rank: int, world: int, device, should_stop=None) -> dict:
     """:func:`evaluate` for every view the enabled methods define: the model as trained (the plain
     keys; an ECLIPSE student at full capacity), the expedited student (``fast/...``) and the
-    momentum teacher (``teacher/...``). ``should_stop``: see :func:`embed_split`."""
+    momentum teacher (``teacher/...``). ``should_stop``: see :func:`embed_lockstep`."""
     result: dict = {}
     for prefix, view, rate in eval_views(model, cfg):
         with keep_rate(model, rate):
