@@ -73,8 +73,8 @@ def prompt_tokens(tokenizer, context_length: int, classnames: tuple[str, ...],
 
     The one part of a zero-shot classifier that is constant over a run (the text tower trains, so
     the embeddings are not): tokenized once per run and set, not at every evaluation. ImageNet's
-    80,000 prompts take 10-25 s to tokenize on a CPU core, longer than the text tower's forward
-    over them on a GPU; held as int32, about 50 MB.
+    80,000 prompts took 26 s to tokenize on a loaded 2-core machine, where the text tower's
+    forward over them is a few seconds on a GPU (by its FLOPs); held as int32, about 50 MB.
     """
     decoder = D.SampleDecoder(tokenizer, context_length, None)
     return tuple({k: v.to(torch.int32) for k, v in decoder.tokenize([t.format(name) for t in templates]).items()}
