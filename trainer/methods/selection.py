@@ -428,6 +428,38 @@ def _unit_records(path: Path) -> Iterator[dict]:
             yield json.loads(line)
 
 
+def _label(rec: dict) -> int:
+    """The record's noise label as stored in the arrays: 1 noisy, 0 clean, -1 unknown."""
+    return -1 if rec["noisy"] is None else int(rec["noisy"])
+
+
+def _shard_scores(parts: Path, mine: list[Unit], url: str, carried: list[CarriedScores],
+                  counts: dict) -> Iterator[tuple[dict, float | None]]:
+    """One shard's records from its units' parts, in sample order, each with its total score (its
+    own plus the carried rounds'; None for a sample that was not scored). Adds the units' header
+    counts (skipped, seconds) and the unscored and corrupt samples to ``counts``; the single-process
+    and the distributed merge both read the parts through this."""
+    carried_s = [c.scores_for(url) for c in carried]
+    for u in mine:
+        with open(parts / f"{u.name}.jsonl") as fh:
+            header = json.loads(fh.readline())
+        counts["skipped"] += int(header["skipped"])
+        counts["seconds"] += float(header.get("seconds", 0.0))
+    for rec in heapq.merge(*[_unit_records(parts / f"{u.name}.jsonl") for u in mine], key=lambda r: r["i"]):
+        if rec["score"] is None:
+            counts["unscored"] += 1
+            counts["corrupt"] += bool(rec.get("corrupt"))
+            yield rec, None
+            continue
+        total = rec["score"]
+        for c, cs in zip(carried, carried_s):
+            if rec["key"] not in cs:
+                raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
+                                  "(the earlier selection scored other data)")
+            total += cs[rec["key"]]
+        yield rec, total
+
+
 def _auc(scores: np.ndarray, noisy: np.ndarray) -> float | None:
     """ROC AUC of the score as a detector of clean pairs (P(score_clean > score_noisy), ties
     counted half): Mann-Whitney U over average ranks."""
@@ -458,37 +490,23 @@ def merge(out: Path, urls: list[str], units: list[Unit], *, source: str, rule: R
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} unit(s) not scored yet (first: {missing[0].name})")
     scores, noisy, in_shards_noisy = array("d"), array("b"), array("b")
-    shard_entries, skipped, unscored, corrupt, seconds = [], 0, 0, 0, 0.0
+    shard_entries = []
+    counts = {"skipped": 0, "seconds": 0.0, "unscored": 0, "corrupt": 0}
     with open(out / f"scores.jsonl.{os.getpid()}.tmp", "w") as sf:
         for s, url in enumerate(urls):
-            mine = [u for u in units if u.shard == s]
-            carried_s = [c.scores_for(url) for c in carried]
             start, n_scored = sf.tell(), 0
-            for u in mine:
-                with open(parts / f"{u.name}.jsonl") as fh:
-                    header = json.loads(fh.readline())
-                skipped += int(header["skipped"])
-                seconds += float(header.get("seconds", 0.0))
-            streams = [_unit_records(parts / f"{u.name}.jsonl") for u in mine]
-            for rec in heapq.merge(*streams, key=lambda r: r["i"]):
-                in_shards_noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
-                if rec["score"] is None:
-                    unscored += 1
-                    corrupt += bool(rec.get("corrupt"))
+            for rec, total in _shard_scores(parts, [u for u in units if u.shard == s], url, carried, counts):
+                in_shards_noisy.append(_label(rec))
+                if total is None:
                     continue
-                total = rec["score"]
-                for c, cs in zip(carried, carried_s):
-                    if rec["key"] not in cs:
-                        raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
-                                          "(the earlier selection scored other data)")
-                    total += cs[rec["key"]]
                 sf.write(json.dumps({"key": rec["key"], "score": total}) + "\n")
                 scores.append(total)
-                noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+                noisy.append(_label(rec))
                 n_scored += 1
             shard_entries.append({"url": D.canonical_url(url), "scores": [start, sf.tell()], "scored": n_scored})
         sf.flush()
         os.fsync(sf.fileno())
+    skipped, seconds, unscored, corrupt = (counts[k] for k in ("skipped", "seconds", "unscored", "corrupt"))
     score_arr = np.frombuffer(scores, dtype=np.float64)
     if score_arr.size == 0:
         raise ConfigError(f"select: no sample was scored in {len(urls)} shard(s) (empty shards, every sample corrupt, "
@@ -651,33 +669,17 @@ def _stage_shard(out: Path, s: int, url: str, units: list[Unit], carried: list[C
                     return path
         except (OSError, ValueError, KeyError):
             pass
-    parts = out / "parts"
-    mine = [u for u in units if u.shard == s]
-    carried_s = [c.scores_for(url) for c in carried]
     head = {"stamp": stamp, "skipped": 0, "seconds": 0.0, "unscored": 0, "corrupt": 0}
-    for u in mine:
-        with open(parts / f"{u.name}.jsonl") as fh:
-            h = json.loads(fh.readline())
-        head["skipped"] += int(h["skipped"])
-        head["seconds"] += float(h.get("seconds", 0.0))
     scores, noisy, all_noisy = array("d"), array("b"), array("b")
     lines, keys = [], []
-    for rec in heapq.merge(*[_unit_records(parts / f"{u.name}.jsonl") for u in mine], key=lambda r: r["i"]):
-        all_noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
-        if rec["score"] is None:
-            head["unscored"] += 1
-            head["corrupt"] += bool(rec.get("corrupt"))
+    for rec, total in _shard_scores(out / "parts", [u for u in units if u.shard == s], url, carried, head):
+        all_noisy.append(_label(rec))
+        if total is None:
             continue
-        total = rec["score"]
-        for c, cs in zip(carried, carried_s):
-            if rec["key"] not in cs:
-                raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
-                                  "(the earlier selection scored other data)")
-            total += cs[rec["key"]]
         lines.append(json.dumps({"key": rec["key"], "score": total}) + "\n")
         keys.append(rec["key"] + "\n")
         scores.append(total)
-        noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+        noisy.append(_label(rec))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     text = "".join(lines).encode()
