@@ -88,14 +88,60 @@ def test_one_val_shard_on_two_ranks_each_rank_reads_about_half_the_bytes(demo_da
         assert data <= n_bytes <= data + headers < size, (rank, n_bytes, data, headers, size)
 
 
-def test_val_split_with_workers_covers_every_sample_once(demo_data):
-    (url,) = D.expand_shards(str(demo_data / "val"), "k")
+class _PidDecoder(D.SampleDecoder):
+    """Marks each batch with the process that tokenized (so decoded) it."""
+
+    def tokenize(self, texts):
+        return {**super().tokenize(texts), "pid": os.getpid()}
+
+
+def _pid_decoder(demo_data: Path) -> _PidDecoder:
     dec = _decoder(demo_data)
+    return _PidDecoder(dec.tokenizer, dec.context_length, dec.transform)
+
+
+@pytest.mark.full   # ~2 s (two loaders' workers); the fast tier's 2-rank evaluation (test_eval) decodes in 1 worker
+def test_val_split_with_workers_covers_every_sample_once_decoded_in_the_workers(demo_data):
+    (url,) = D.expand_shards(str(demo_data / "val"), "k")
+    dec = _pid_decoder(demo_data)
     ref = [s["__key__"] for s in _tar_samples(url)]
     world = 2   # without workers: tests/test_data.py's split test, worlds 1 to 3
-    shares = [[k for b in D.eval_batches([url], dec, 10, r, world, workers=2) for k in b["keys"]] for r in range(world)]
-    for r, share in enumerate(shares):
-        assert sorted(share) == sorted(ref[r::world]), r
+    for r in range(world):
+        batches = list(D.eval_batches([url], dec, 10, r, world, workers=2))
+        assert sorted(k for b in batches for k in b["keys"]) == sorted(ref[r::world]), r
+        assert len({b["pid"] for b in batches}) == 2 and os.getpid() not in {b["pid"] for b in batches}
+
+
+@pytest.mark.full   # ~3 s; the fast tier's rounds inside training (test_selection) score with data.workers loaders
+def test_ecl_scoring_units_are_read_and_decoded_in_workers_as_in_process(demo_data):
+    from trainer.methods.selection import _unit_events, work_units
+
+    urls = D.expand_shards(str(demo_data / "train"), "k")[:1]
+    dec = _pid_decoder(demo_data)
+    units = work_units(len(urls), 2)   # 1 shard, 2 ranks: 2 interleaved parts
+    subset = D.KeyManifest(frozenset(s["__key__"] for s in _tar_samples(urls[0])[::3]))   # 43 of 128 decoded
+
+    def by_unit(workers):
+        got, pids = {}, set()
+        for ev in _unit_events(urls, units, dec, subset, 6, lambda u: False, workers):
+            if ev[0] == "batch":
+                records, positions, batch = ev[1:]
+                pids.add(batch["pid"])
+                got.setdefault(id(records), []).append(([records[p]["key"] for p in positions], batch["image"]))
+            else:
+                _, unit, records, skipped, _ = ev
+                got[unit.name] = (records, got.pop(id(records), []), skipped)
+        return got, pids
+    alone, pids0 = by_unit(0)
+    inside, pids2 = by_unit(2)
+    assert pids0 == {os.getpid()} and len(pids2) == 2 and os.getpid() not in pids2
+    assert sorted(alone) == sorted(inside) == sorted(u.name for u in units)
+    assert sum(len(k) for _, batches, _ in alone.values() for k, _ in batches) == len(subset)
+    for name, (records, batches, skipped) in alone.items():
+        records2, batches2, skipped2 = inside[name]
+        assert records2 == records and skipped2 == skipped == 0 and len(records) == 64
+        assert [k for k, _ in batches2] == [k for k, _ in batches] and len(batches) > 1
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(batches, batches2))
 
 
 def test_a_pipe_val_shard_split_by_sample_reads_the_same_samples(demo_data):

@@ -693,8 +693,9 @@ class ResumableStream:
 
 
 def seekable(url: str) -> bool:
-    """A local file (not a ``pipe:`` command or a remote URL): its members can be skipped by seeking."""
-    return not (url.startswith("pipe:") or "://" in url)
+    """A local uncompressed ``.tar`` (not a ``pipe:`` command, a remote URL or a ``.tar.gz``): its
+    members can be skipped by seeking."""
+    return not (url.startswith("pipe:") or "://" in url) and url.endswith(".tar")
 
 
 def picked_samples(url: str, wanted, counter: _Counter, keys_only: bool = False) -> Iterator[dict]:
