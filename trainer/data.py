@@ -31,6 +31,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
@@ -257,8 +258,6 @@ def convert_key_manifest(path: str | Path, urls: list[str], out: str | Path, chu
     64-bit hash collision: a sample whose key is not listed is kept only if its hash equals a listed
     key's, an expected (samples x keys) / 2^64 of them (0.05 at 10^9 x 10^9). Returns counts:
     ``keys`` listed, ``kept`` found in the shards, ``samples`` in the shards."""
-    import numpy as np   # the conversion's only user
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts, chunk = [], []
