@@ -57,6 +57,7 @@ class DataConfig:
     train_shards: Any = _f(None, "training shards: a directory (all *.tar), a brace pattern, pipe: URL, or a list of those")
     val_shards: Any = _f(None, "validation shards (same forms); empty disables evaluation")
     manifest: str | None = _f(None, "optional file of kept sample keys (one per line); others are dropped")
+    key_manifest_max_mb: float = _f(64.0, "largest key-per-line data.manifest held whole by every loader worker; above it, exit 2 with the convert-manifest command (per-shard form)", min=0.0)
     train_num_samples: int = _f(10000, "samples per training epoch (the data stream is reseeded each epoch)", min=1)
     batch_size: int = _f(64, "per-rank micro-batch size (pairs)", min=1)
     workers: int = _f(2, "data loader worker processes per rank", min=0)

@@ -38,7 +38,7 @@ from kernels.gather import all_gather_with_grad, gathered_layout
 
 from . import data as D
 from .config import Config, ConfigError
-from .dist import all_reduce, all_reduce_flags
+from .dist import all_reduce, all_reduce_flags, from_rank0
 from .eval_sets import image_batches, read_imagefolder, read_retrieval, share
 from .faults import StopRequested
 from .methods import eval_views, keep_rate
@@ -219,7 +219,8 @@ def imagefolder_accuracy(model, cfg: Config, decoder: D.SampleDecoder, rank: int
                          image_size: int, should_stop=None) -> dict:
     """Zero-shot top-1/top-5 on ``eval.imagefolder`` (trainer/eval_sets.py): each rank embeds its
     contiguous share of the images; the hit counts are summed across ranks."""
-    folder = read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes)
+    # listed by rank 0 for all: one listing, and every rank splits the same list
+    folder = from_rank0(lambda: read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes))
     lo, hi = share(len(folder.paths), rank, world)
     img = embed_images(model, folder.paths[lo:hi], decoder, cfg.eval.batch_size, image_size, device, dtype, should_stop)
     classifier = zeroshot_classifier(model, decoder, folder.classnames, folder.templates, device)
@@ -276,7 +277,7 @@ def multi_caption_recall(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tens
 def retrieval_set_recall(model, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, device, dtype,
                          image_size: int, should_stop=None) -> dict:
     """:func:`multi_caption_recall` on ``eval.retrieval_images`` / ``eval.retrieval_captions``."""
-    pairs = read_retrieval(cfg.eval.retrieval_images, cfg.eval.retrieval_captions)
+    pairs = from_rank0(lambda: read_retrieval(cfg.eval.retrieval_images, cfg.eval.retrieval_captions))
     bs = cfg.eval.batch_size
     lo, hi = share(len(pairs.images), rank, world)
     img = embed_images(model, pairs.images[lo:hi], decoder, bs, image_size, device, dtype, should_stop)
@@ -290,12 +291,13 @@ def retrieval_set_recall(model, cfg: Config, decoder: D.SampleDecoder, rank: int
 def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, should_stop=None) -> dict:
     shape = preset_shape(cfg.model)
     decoder = D.eval_decoder(cfg, tokenizer)
-    urls = D.expand_shards(cfg.data.val_shards, "data.val_shards")
+    urls = D.shard_list(cfg.data.val_shards, "data.val_shards")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     try:
-        img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
+        img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world,
+                                                                   cfg.data.workers),
                                               D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop)
         extra: dict = {}
         for wanted, run in ((cfg.eval.imagefolder, imagefolder_accuracy), (cfg.eval.retrieval_images, retrieval_set_recall)):

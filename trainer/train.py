@@ -73,10 +73,11 @@ class TrainData(D.ResumableStream):
     def __init__(self, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, position: dict,
                  manifest: str | None = None):
         d = cfg.data
-        urls = D.expand_shards(d.train_shards, "data.train_shards")
+        urls = D.shard_list(d.train_shards, "data.train_shards")
         super().__init__(urls, decoder, batch_size=d.batch_size, num_samples=d.train_num_samples, seed=cfg.seed,
                          rank=rank, world=world, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
-                         manifest=D.read_manifest(manifest or d.manifest, urls), position=position)
+                         manifest=D.read_manifest(manifest or d.manifest, urls, d.key_manifest_max_mb, d.train_shards),
+                         position=position)
 
 
 class TooManyBadSteps(RuntimeError):

@@ -212,7 +212,8 @@ def _check_config(args, variant: list[str] = ()):
     build_terms(cfg.loss, loss_terms(cfg))
     build_ds_config(cfg, args.nproc)
     D.expand_shards(cfg.data.train_shards, "data.train_shards")
-    D.read_manifest(cfg.data.manifest, D.expand_shards(cfg.data.train_shards, "data.train_shards"))
+    D.read_manifest(cfg.data.manifest, D.expand_shards(cfg.data.train_shards, "data.train_shards"),
+                    cfg.data.key_manifest_max_mb, cfg.data.train_shards)
     D.load_tokenizer(cfg.tokenizer.path)
     return cfg
 

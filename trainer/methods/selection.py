@@ -59,7 +59,7 @@ from webdataset import tariterators
 
 from .. import data as D
 from ..config import Config, ConfigError
-from ..dist import all_reduce_flags, barrier, comm_device, is_main, launch_env, rank as this_rank
+from ..dist import all_reduce_flags, barrier, comm_device, from_rank0, is_main, launch_env, rank as this_rank
 from ..faults import StopRequested
 from ..flops import pair_flops
 from ..model import preset_shape
@@ -158,42 +158,76 @@ def _noisy(sample: dict):
     return None if flag is None else bool(flag)
 
 
-def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int,
-                 done: Callable[[Unit], bool]) -> Iterator[tuple]:
-    """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped,
-    seconds)`` once per unit (after all of its batches were scored; ``seconds``: the unit's wall
-    time, reading, decoding and scoring). Units already done are passed over."""
-    for unit in units:
-        if done(unit):
-            continue
+class UnitStream(torch.utils.data.IterableDataset):
+    """Reading and decoding of scoring units, for a DataLoader's workers (worker ``w`` of ``n``
+    takes units ``w, w + n, ...``): per unit, messages ``{"unit": j, "records": [...new records],
+    "positions": [...], "batch": {...}}`` (positions index the unit's records so far) and a last one
+    with ``"done": (skipped, seconds)``. :func:`_unit_events` puts the records back together."""
+
+    def __init__(self, urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int):
+        super().__init__()
+        self.urls, self.units, self.decoder, self.subset, self.batch_size = urls, units, decoder, subset, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j in range(worker, len(self.units), workers):
+            yield from self._unit(j)
+
+    def _unit(self, j: int) -> Iterator[dict]:
+        unit, decoder = self.units[j], self.decoder
         t0 = time.perf_counter()
-        url = urls[unit.shard]
+        url = self.urls[unit.shard]
         counter = D._Counter()
-        keep = None if subset is None else subset.keys_for(url)
-        records: list[dict] = []
+        keep = None if self.subset is None else self.subset.keys_for(url)
+        new: list[dict] = []
+        n_records = 0
         items, positions = [], []
         for i, sample in enumerate(tariterators.tarfile_samples([{"url": url}], handler=counter.handler)):
             if i % unit.parts != unit.part:
                 continue
             key = sample["__key__"]
-            rec = {"i": i, "key": key, "score": None, "noisy": _noisy(sample)}
-            records.append(rec)
+            new.append({"i": i, "key": key, "score": None, "noisy": _noisy(sample)})
+            n_records += 1
             if keep is not None and key not in keep:
                 continue          # not in the current subset: counted, not scored
             try:
                 pixels, caption, _ = decoder(sample)
             except Exception as err:  # noqa: BLE001 - a corrupt sample is skipped and counted
                 counter.bad_sample(key, err)
-                rec["corrupt"] = True
+                new[-1]["corrupt"] = True
                 continue
             items.append((pixels, caption))
-            positions.append(len(records) - 1)
-            if len(items) == batch_size:
-                yield "batch", records, positions, decoder.collate(items)
-                items, positions = [], []
+            positions.append(n_records - 1)
+            if len(items) == self.batch_size:
+                yield {"unit": j, "records": new, "positions": positions, "batch": decoder.collate(items)}
+                new, items, positions = [], [], []
         if items:
-            yield "batch", records, positions, decoder.collate(items)
-        yield "done", unit, records, counter.skipped, time.perf_counter() - t0
+            yield {"unit": j, "records": new, "positions": positions, "batch": decoder.collate(items)}
+            new = []
+        yield {"unit": j, "records": new, "done": (counter.skipped, time.perf_counter() - t0)}
+
+
+def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int,
+                 done: Callable[[Unit], bool], workers: int = 0) -> Iterator[tuple]:
+    """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped,
+    seconds)`` once per unit (after all of its batches were scored; ``seconds``: the unit's wall
+    time, reading, decoding and scoring). Units already done are passed over. Reading and
+    decoding run in ``workers`` loader processes (0: in this one); units of several workers
+    interleave, each unit's events in order."""
+    todo = [u for u in units if not done(u)]
+    stream = UnitStream(urls, todo, decoder, subset, batch_size)
+    messages = iter(stream) if workers == 0 or not todo else iter(torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=min(workers, len(todo)), worker_init_fn=D.ignore_stop_signals))
+    records: dict[int, list[dict]] = {}
+    for msg in messages:
+        mine = records.setdefault(msg["unit"], [])
+        mine.extend(msg["records"])
+        if "done" in msg:
+            skipped, seconds = msg["done"]
+            yield "done", todo[msg["unit"]], records.pop(msg["unit"]), skipped, seconds
+        else:
+            yield "batch", mine, msg["positions"], msg["batch"]
 
 
 def self_confidence(img: torch.Tensor, txt: torch.Tensor, pool_img: torch.Tensor, pool_txt: torch.Tensor,
@@ -326,14 +360,16 @@ class Scorer:
 def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.SampleDecoder, out: Path, *,
                 source: str, device, dtype=torch.float32, subset=None, batch_size: int = 256,
                 lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None,
-                score: Score = Score("cosine"), should_stop: Callable[[], bool] | None = None) -> int:
+                score: Score = Score("cosine"), should_stop: Callable[[], bool] | None = None,
+                workers: int = 0) -> int:
     """Score this process's ``units`` into ``out/parts/UNIT.jsonl``; returns the units written.
 
     ``source`` identifies what is scored with (checkpoints, subset, precision): a part written
     from another source is scored again. ``lockstep``: every rank runs the same number of
     forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs, and
     ``should_stop()`` true on any rank raises ``StopRequested`` on every rank at the same forward
-    (the units written so far are kept and not scored again)."""
+    (the units written so far are kept and not scored again). ``workers``: loader processes that
+    read and decode the units (0: this process), so the scoring process only runs the models."""
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if _part_source(parts, u) != source]
@@ -341,7 +377,8 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
         return 0
     pool = candidate_pool(urls, decoder, subset, score.pool, batch_size) if score.kind == "selfconf" else ()
     scorer = Scorer(models, score, device, dtype, pool)
-    events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source)
+    events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source,
+                          workers)
     written = 0
     while True:
         ev = next(events, None)
@@ -1062,16 +1099,17 @@ class Selection(Method):
         """Run the round due at ``step`` on every rank; returns the new manifest path and summary."""
         k = self.state["rounds"] + 1
         out = self.round_dir(k)
-        urls = D.expand_shards(self.cfg.data.train_shards, "data.train_shards")
+        urls = D.shard_list(self.cfg.data.train_shards, "data.train_shards")
         # after round k - 1 the manifest is that round's directory (this run's, or a grown run's source's)
         prev = Path(self.manifest) if k > 1 and self.cfg.select.temporal else None
-        subset = D.read_manifest(self.manifest, urls)
+        subset = D.read_manifest(self.manifest, urls, self.cfg.data.key_manifest_max_mb, self.cfg.data.train_shards)
         source = source_id("train", step, self.manifest, str(prev), self.score.describe())
         units = work_units(len(urls), self.world)
         decoder = D.eval_decoder(self.cfg, tokenizer)
         summary_path = out / "summary.json"
-        done = summary_path.is_file() and json.loads(summary_path.read_text()).get("source") == source
-        barrier()
+        # Rank 0 reads "is this round done?" for everyone: a rank with a stale view of the shared
+        # file system would otherwise skip the scoring its peers wait for in lockstep (a hang).
+        done = from_rank0(lambda: summary_path.is_file() and json.loads(summary_path.read_text()).get("source") == source)
         if not done:
             dtype = next(model.parameters()).dtype
             was_training = model.training
@@ -1080,7 +1118,8 @@ class Selection(Method):
                 score_units([model], urls, share(units, self.rank, self.world), decoder, out, source=source,
                             device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
                             lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
-                            on_unit=self._on_unit(step), score=self.score, should_stop=should_stop)
+                            on_unit=self._on_unit(step), score=self.score, should_stop=should_stop,
+                            workers=self.cfg.data.workers)
             finally:
                 model.train(was_training)
             barrier()
@@ -1093,7 +1132,7 @@ class Selection(Method):
                 merge(out, urls, units, source=source, rule=self.rule,
                       carried=[CarriedScores(prev)] if prev is not None else [], meta=meta)
             barrier()
-        summary = json.loads(summary_path.read_text())
+        summary = from_rank0(lambda: json.loads(summary_path.read_text()))
         self.state = {"rounds": k, "manifest": str(out), "last_step": step}
         return str(out), summary
 

@@ -73,7 +73,7 @@ def check(cfg: Config) -> None:
     if t.shards in (None, "", []):
         raise ConfigError("config key 'text_lm.shards' is empty but text_lm.enabled is true; give the "
                           "text-only shards (make-demo-data writes DIR/text) or text_lm.enabled=false")
-    D.expand_shards(t.shards, "text_lm.shards")
+    D.check_shards(t.shards, "text_lm.shards")
     if t.objective == "mlm" and mask_token_id(D.load_tokenizer(cfg.tokenizer.path)) is None:
         raise ConfigError(f"config key 'text_lm.objective' is mlm, but the tokenizer at {cfg.tokenizer.path} has "
                           "neither a mask token nor an unk token to mask with; use text_lm.objective=clm")
@@ -131,7 +131,7 @@ class TextLm(Method):
         self.rank, self.world = this_rank(), engine.dp_world_size
         self.tokenizer = D.load_tokenizer(cfg.tokenizer.path)
         self.decoder = D.TextDecoder(self.tokenizer, preset_shape(cfg.model)["context_length"])
-        self.urls = D.expand_shards(t.shards, "text_lm.shards")
+        self.urls = D.shard_list(t.shards, "text_lm.shards")
         special = sorted(set(self.tokenizer.all_special_ids))
         self.special_ids = torch.tensor(special)
         vocab = torch.arange(engine.module.config.text_config.vocab_size)
