@@ -77,10 +77,11 @@ def zeroshot_classifier(model, decoder: D.SampleDecoder, classnames, templates, 
 
 
 @torch.no_grad()
-def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
+def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None, pixels=D.to_model_pixels):
     """Image/text embeddings and labels of this rank's share, with lockstep forwards across ranks,
     and the model's logit scale (None for a view without one). ``should_stop()`` true on any rank
-    raises :class:`StopRequested` on every rank."""
+    raises :class:`StopRequested` on every rank. ``pixels``: ``D.model_pixels(cfg)``, which
+    normalises the decoders' uint8 images on the device."""
     imgs, txts, labels, scale = [], [], [], None
     it = iter(batches)
     while True:
@@ -92,7 +93,7 @@ def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
             break
         real = batch is not None
         batch = batch if real else dummy
-        img, txt, scale = model(pixel_values=batch["image"].to(device, dtype),
+        img, txt, scale = model(pixel_values=pixels(batch["image"], device, dtype),
                                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         if real:
             imgs.append(img.float())
@@ -171,7 +172,8 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
 
 
 @torch.no_grad()
-def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None) -> torch.Tensor:
+def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None,
+                   pixels=D.to_model_pixels) -> torch.Tensor:
     """``[n, D]`` embeddings of this rank's one-modality batches (``{"pixel_values"}`` or
     ``{"input_ids", "attention_mask"}``), with lockstep forwards across ranks as in :func:`embed_split`."""
     out, it = [], iter(batches)
@@ -182,7 +184,7 @@ def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None)
             raise StopRequested
         if not anyone_left:
             break
-        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device)
+        inputs = {k: pixels(v, device, dtype) if k == "pixel_values" else v.to(device)
                   for k, v in (batch if batch is not None else dummy).items()}
         img, txt, _ = model(**inputs)
         if batch is not None:
@@ -197,8 +199,8 @@ def imagefolder_accuracy(model, cfg: Config, decoder: D.SampleDecoder, rank: int
     folder = read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes)
     lo, hi = share(len(folder.paths), rank, world)
     batches = ({"pixel_values": x} for x in image_batches(folder.paths[lo:hi], decoder.transform, cfg.eval.batch_size))
-    img = embed_lockstep(model, batches, {"pixel_values": torch.zeros(1, 3, image_size, image_size)},
-                         device, dtype, should_stop)
+    img = embed_lockstep(model, batches, {"pixel_values": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)},
+                         device, dtype, should_stop, D.model_pixels(cfg))
     classifier = zeroshot_classifier(model, decoder, folder.classnames, folder.templates, device)
     labels = torch.tensor(folder.labels[lo:hi], dtype=torch.long, device=device)
     topk = (img @ classifier.T).topk(min(5, len(folder.classnames)), dim=1).indices    # [b, k]
@@ -257,7 +259,8 @@ def retrieval_set_recall(model, cfg: Config, decoder: D.SampleDecoder, rank: int
     bs = cfg.eval.batch_size
     lo, hi = share(len(pairs.images), rank, world)
     img = embed_lockstep(model, ({"pixel_values": x} for x in image_batches(pairs.images[lo:hi], decoder.transform, bs)),
-                         {"pixel_values": torch.zeros(1, 3, image_size, image_size)}, device, dtype, should_stop)
+                         {"pixel_values": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)}, device, dtype,
+                         should_stop, D.model_pixels(cfg))
     lo, hi = share(len(pairs.captions), rank, world)
     mine = pairs.captions[lo:hi]
     txt = embed_lockstep(model, (decoder.tokenize(mine[s:s + bs]) for s in range(0, len(mine), bs)),
@@ -274,7 +277,8 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, shoul
     dtype = next(model.parameters()).dtype
     try:
         img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
-                                              D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop)
+                                              D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop,
+                                              D.model_pixels(cfg))
         extra: dict = {}
         for wanted, run in ((cfg.eval.imagefolder, imagefolder_accuracy), (cfg.eval.retrieval_images, retrieval_set_recall)):
             if wanted:

@@ -39,7 +39,7 @@ from .losses import LossContext, build_terms, compute_loss
 from .methods import (Inherited, Method, attach as attach_method, build_method, load_init, loss_terms, step_flops,
                       train_flops)
 from .metrics import MetricsLogger
-from .model import build_model, preset_shape
+from .model import build_model
 
 log = logging.getLogger("trainer")
 EXIT_PREEMPTED = 75
@@ -113,7 +113,7 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
         t_data += time.perf_counter() - t0
         fault = inject.where if good == cfg.debug.inject_nan_microbatch and inject.due(step) else None
         hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
-        image, text, scale, *more = engine(**_inputs(mb, engine.device, dtype), **extra_inputs)
+        image, text, scale, *more = engine(**_inputs(mb, engine.device, dtype, cfg), **extra_inputs)
         if hook is not None:
             hook.remove()
         if fault == "grad":
@@ -141,8 +141,9 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
         guard.reset()
 
 
-def _inputs(mb: dict, device, dtype) -> dict:
-    return {"pixel_values": mb["image"].to(device, dtype, non_blocking=True),
+def _inputs(mb: dict, device, dtype, cfg: Config) -> dict:
+    """A micro-batch's model inputs on the device: uint8 images normalised there (data.to_model_pixels)."""
+    return {"pixel_values": D.to_model_pixels(mb["image"], device, dtype, cfg.data.image_mean, cfg.data.image_std),
             "input_ids": mb["input_ids"].to(device, non_blocking=True),
             "attention_mask": mb["attention_mask"].to(device, non_blocking=True)}
 
@@ -205,7 +206,7 @@ def cached_negatives_step(engine, next_batch, terms, cfg: Config, step: int, sta
             t0 = time.perf_counter()
             mb = next_batch()
             t_data += time.perf_counter() - t0
-            inputs.append(_inputs(mb, engine.device, dtype))
+            inputs.append(_inputs(mb, engine.device, dtype, cfg))
             rngs.append((torch.get_rng_state(), torch.cuda.get_rng_state(engine.device) if cuda else None))
             with torch.no_grad():
                 image, text, scale, *_ = engine(**inputs[-1])
@@ -340,9 +341,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         shutdown()
         return EXIT_PREEMPTED
 
-    shape = preset_shape(cfg.model)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
+    decoder = D.train_decoder(cfg, tokenizer)
     train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"], manifest=method.data_manifest())
     metrics_log = MetricsLogger(out, tensorboard=cfg.log.tensorboard, enabled=le.rank == 0, resume_step=state["step"])
     global_batch = ds_config["train_batch_size"]

@@ -285,9 +285,7 @@ def _worker(args) -> int:
     setup_logging(le.rank)
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
     shape = preset_shape(cfg.model)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
-    data = TrainData(cfg, decoder, le.rank, le.world_size, None)
+    data = TrainData(cfg, D.train_decoder(cfg, tokenizer), le.rank, le.world_size, None)
     phases = Phases(device)
     syncs = HostSyncs(device) if args.profile else None
     if syncs is not None:
