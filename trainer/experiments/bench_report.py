@@ -10,12 +10,12 @@ from .bare_loop import PHASES
 
 SUSPECTS = {
     "layout": "gathered_layout: all-reduce + .tolist() of batch sizes (per loss call)",
-    "finite_item": "finite-loss check: isfinite(loss).item()",
-    "finite_flag": "finite-loss check: all_reduce",
+    "finite_item": "finite-loss check: isfinite(loss).item() (per micro-batch before the boundary flags)",
+    "finite_flag": "finite-loss check: all_reduce (per micro-batch before the boundary flags)",
     "term_item": ".item() per loss term after backward",
-    "guard_hooks": "GradGuard hooks: isfinite(grad).all() per parameter",
+    "guard_hooks": "GradGuard hooks: one float32 sum per parameter gradient",
     "guard_item": "GradGuard.flag(): .item() at the boundary",
-    "guard_flag": "boundary all_reduce: GradGuard flag + stop signal (one call)",
+    "guard_flag": "boundary all_reduce: loss flags + GradGuard flag + stop signal (one call)",
     "stop_flag": "run(): stop-signal all_reduce (before the speed work; now rides with guard_flag)",
     "window": "run(): window metrics at log steps (all-reduce, logit scale)",
 }
