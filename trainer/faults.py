@@ -50,7 +50,7 @@ class GradGuard:
     One kernel per parameter gradient as autograd produces it (its sum, in float32: a NaN or an
     infinity anywhere makes the sum non-finite; finite float32/bf16/fp16 gradients would need
     elements near 1e38 to overflow it), kept on the device; :meth:`flag` reduces them once per
-    step (earlier: isfinite, all, not, or, a cast: five kernels per parameter per micro-batch).
+    step (earlier: isfinite, all, not, or: four kernels per parameter per micro-batch).
     The hooks must see each micro-batch's gradient before ZeRO-2/3 reduce and free it, so the
     check stays per parameter; what is once per step is the reduction and the host read."""
 
