@@ -1,7 +1,9 @@
 """WebDataset pipelines over img2dataset-layout shards (``KEY.jpg|png`` + ``KEY.txt`` + ``KEY.json``).
 
 Training (``TrainStream``): shards resampled with replacement, a shuffle buffer, decode + CLIP
-augmentation + tokenisation in loader workers, batches assembled in the workers. Every random
+augmentation + tokenisation in loader workers, batches assembled in the workers. Images leave the
+workers as uint8 (pinned on GPU machines) and are normalised where the model runs
+(:func:`to_model_pixels`). Every random
 choice is a pure function of ``(seed, epoch, rank, logical worker, sample index)``, and each batch
 carries its worker's read position: the shard it is reading (which draw, how many samples in), the
 shuffle buffer's samples as ``(draw, member, key)`` and the shuffle RNG's state. A resumed run
