@@ -1,7 +1,9 @@
 """WebDataset pipelines over img2dataset-layout shards (``KEY.jpg|png`` + ``KEY.txt`` + ``KEY.json``).
 
 Training (``TrainStream``): shards resampled with replacement, a shuffle buffer, decode + CLIP
-augmentation + tokenisation in loader workers, batches assembled in the workers. Every random
+augmentation + tokenisation in loader workers, batches assembled in the workers. Images leave the
+workers as uint8 (pinned on GPU machines) and are normalised where the model runs
+(:func:`to_model_pixels`). Every random
 choice is a pure function of ``(seed, epoch, rank, logical worker, sample index)``, and each batch
 carries its worker's read position: the shard it is reading (which draw, how many samples in), the
 shuffle buffer's samples as ``(draw, member, key)`` and the shuffle RNG's state. A resumed run
@@ -18,6 +20,7 @@ A corrupt sample or unreadable shard is skipped, counted (``skipped`` in each ba
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -298,13 +301,58 @@ def convert_key_manifest(path: str | Path, urls: list[str], out: str | Path, chu
     return {"keys": int(listed.size), "kept": kept, "samples": samples, "shards": len(urls), "out": str(out)}
 
 
-def build_transforms(image_size: int, mean, std, crop_scale_min: float, train: bool):
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
+def _geometry(image_size: int, crop_scale_min: float, train: bool) -> list:
     if train:
-        return T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0),
-                                              interpolation=T.InterpolationMode.BICUBIC), *norm])
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), *norm])
+        return [T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+    return [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+
+
+def image_transforms(image_size: int, crop_scale_min: float, train: bool):
+    """PIL image -> uint8 ``[3, H, W]``: the crop (random for training, centre for evaluation),
+    no normalisation. What the trainer's decoders ship through loader workers and pinned memory
+    (a quarter of float32's bytes); :func:`to_model_pixels` normalises on the device."""
+    return T.Compose([*_geometry(image_size, crop_scale_min, train), T.PILToTensor()])
+
+
+def build_transforms(image_size: int, mean, std, crop_scale_min: float, train: bool):
+    """PIL image -> normalised float32 ``[3, H, W]`` (torchvision's ToTensor + Normalize): the
+    same crop as :func:`image_transforms` with the normalisation on the host. The trainer ships
+    uint8 instead; this is the reference the uint8 path is tested against, and a decoder built
+    with it still works (:func:`to_model_pixels` passes float images through)."""
+    return T.Compose([*_geometry(image_size, crop_scale_min, train), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def to_model_pixels(images: torch.Tensor, device, dtype: torch.dtype, mean=None, std=None) -> torch.Tensor:
+    """The model's pixel input: uint8 ``[N, 3, H, W]`` images (from :func:`image_transforms`) moved
+    to ``device`` as uint8 (non-blocking from pinned memory), then ``(x / 255 - mean) / std`` in
+    float32 there and cast to ``dtype`` (the training precision) - the same arithmetic, in the
+    same order, as ToTensor + Normalize on the host, so the model sees the same values.
+
+        x = to_model_pixels(batch["image"], engine.device, torch.bfloat16, cfg.data.image_mean, cfg.data.image_std)
+
+    A floating-point ``images`` is taken as already normalised (a caller's own preprocessing) and
+    only moved and cast."""
+    if images.is_floating_point():
+        return images.to(device, dtype, non_blocking=True)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (or already normalised floats), got {images.dtype}")
+    if mean is None or std is None:
+        raise ValueError("uint8 images need the normalisation's mean and std (cfg.data.image_mean/image_std)")
+    x = images.to(device, non_blocking=True)
+    m, s = _norm_constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
+    return x.float().div_(255).sub_(m).div_(s).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # float32, as Normalize makes them from the same lists; made once per device, not per batch
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+
+
+def model_pixels(cfg):
+    """:func:`to_model_pixels` with ``cfg.data``'s mean and std: ``pixels(images, device, dtype)``."""
+    return functools.partial(to_model_pixels, mean=tuple(cfg.data.image_mean), std=tuple(cfg.data.image_std))
 
 
 def _seed(*parts) -> int:
@@ -606,16 +654,22 @@ def steps_per_epoch(cfg, world: int) -> int:
     return max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world * cfg.train.grad_accum_steps))
 
 
-def eval_decoder(cfg, tokenizer) -> "SampleDecoder":
-    """The deterministic decoder of evaluation (and of ECL scoring): resize, centre crop."""
+def train_decoder(cfg, tokenizer) -> "SampleDecoder":
+    """The training decoder: random resized crop (``data.crop_scale_min``), uint8 images."""
     shape = preset_shape(cfg.model)
-    return SampleDecoder(tokenizer, shape["context_length"], build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False))
+    return SampleDecoder(tokenizer, shape["context_length"],
+                         image_transforms(shape["image_size"], cfg.data.crop_scale_min, train=True))
+
+
+def eval_decoder(cfg, tokenizer) -> "SampleDecoder":
+    """The deterministic decoder of evaluation (and of ECL scoring): resize, centre crop, uint8 images."""
+    shape = preset_shape(cfg.model)
+    return SampleDecoder(tokenizer, shape["context_length"], image_transforms(shape["image_size"], 1.0, train=False))
 
 
 def dummy_batch(decoder: "SampleDecoder", image_size: int) -> dict:
     """A one-sample batch for a rank out of work in a lockstep pass (ZeRO-3 gathers per forward)."""
-    return {"image": torch.zeros(1, 3, image_size, image_size), **decoder.tokenize([""]),
+    return {"image": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), **decoder.tokenize([""]),
             "label": torch.tensor([-1])}
 
 
@@ -660,9 +714,11 @@ class ResumableStream:
                              epoch=self.position["epoch"], rank=self.rank, world=self.world, workers=self.workers,
                              shuffle_buffer=self.shuffle_buffer, manifest=self.manifest,
                              resume=self.position["stream"] or None, stream_id=self.stream_id)
+        # Pinned batches (on a GPU machine): the step's copies to the device are asynchronous.
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
                                                 worker_init_fn=ignore_stop_signals,
-                                                prefetch_factor=4 if self.workers else None))
+                                                prefetch_factor=4 if self.workers else None,
+                                                pin_memory=torch.cuda.is_available()))
 
     def close(self) -> None:
         """Shut the loader's worker processes down now (the run is over or failing)."""

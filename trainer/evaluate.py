@@ -92,7 +92,8 @@ def zeroshot_classifier(model, decoder: D.SampleDecoder, classnames, templates, 
 
 
 @torch.no_grad()
-def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None) -> dict:
+def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None,
+                   pixels=D.to_model_pixels) -> dict:
     """This rank's embeddings of ``batches``, with the same number of forwards on every rank (a rank
     whose share is exhausted runs ``dummy`` and discards it), as ZeRO-3's parameter gathering needs.
 
@@ -100,6 +101,8 @@ def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None)
     optionally ``"label"``. Returns ``{"image": [n, D], "text": [n, D], "label": [n], "scale"}``
     (a modality the batches lack: ``[0, D]``; ``scale``: the model's logit scale, None for a view
     without one). ``should_stop()`` true on any rank raises :class:`StopRequested` on every rank.
+    ``pixels``: how images become the model's input (``D.model_pixels(cfg)`` normalises the decoders'
+    uint8 images on the device).
 
         out = embed_lockstep(model, ({"image": x} for x in pixel_batches), {"image": zeros}, device, dtype)
     """
@@ -116,7 +119,7 @@ def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None)
         batch = batch if real else dummy
         inputs = {}
         if "image" in batch:
-            inputs["pixel_values"] = batch["image"].to(device, dtype)
+            inputs["pixel_values"] = pixels(batch["image"], device, dtype)
         if "input_ids" in batch:
             inputs.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         img, txt, scale = model(**inputs)
@@ -133,19 +136,19 @@ def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None)
             "scale": None if scale is None else float(scale)}
 
 
-def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
+def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None, pixels=D.to_model_pixels):
     """``(image [n, D], text [n, D], labels [n], logit scale)`` of this rank's validation pairs:
     :func:`embed_lockstep` on batches holding both modalities and ``label``."""
-    out = embed_lockstep(model, batches, dummy, device, dtype, should_stop)
+    out = embed_lockstep(model, batches, dummy, device, dtype, should_stop, pixels)
     return out["image"], out["text"], out["label"], out["scale"]
 
 
 def embed_images(model, paths: list[Path], decoder: D.SampleDecoder, batch_size: int, image_size: int,
-                 device, dtype, should_stop=None) -> torch.Tensor:
+                 device, dtype, should_stop=None, pixels=D.to_model_pixels) -> torch.Tensor:
     """``[n, D]`` image embeddings of ``paths`` (this rank's share of a file set): :func:`embed_lockstep`."""
     batches = ({"image": x} for x in image_batches(paths, decoder.transform, batch_size))
-    dummy = {"image": torch.zeros(1, 3, image_size, image_size)}
-    return embed_lockstep(model, batches, dummy, device, dtype, should_stop)["image"]
+    dummy = {"image": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)}
+    return embed_lockstep(model, batches, dummy, device, dtype, should_stop, pixels)["image"]
 
 
 @torch.no_grad()
@@ -222,7 +225,8 @@ def imagefolder_accuracy(model, cfg: Config, decoder: D.SampleDecoder, rank: int
     # listed by rank 0 for all: one listing, and every rank splits the same list
     folder = from_rank0(lambda: read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes))
     lo, hi = share(len(folder.paths), rank, world)
-    img = embed_images(model, folder.paths[lo:hi], decoder, cfg.eval.batch_size, image_size, device, dtype, should_stop)
+    img = embed_images(model, folder.paths[lo:hi], decoder, cfg.eval.batch_size, image_size, device, dtype, should_stop,
+                       D.model_pixels(cfg))
     classifier = zeroshot_classifier(model, decoder, folder.classnames, folder.templates, device)
     labels = torch.tensor(folder.labels[lo:hi], dtype=torch.long, device=device)
     topk = (img @ classifier.T).topk(min(5, len(folder.classnames)), dim=1).indices    # [b, k]
@@ -280,7 +284,8 @@ def retrieval_set_recall(model, cfg: Config, decoder: D.SampleDecoder, rank: int
     pairs = from_rank0(lambda: read_retrieval(cfg.eval.retrieval_images, cfg.eval.retrieval_captions))
     bs = cfg.eval.batch_size
     lo, hi = share(len(pairs.images), rank, world)
-    img = embed_images(model, pairs.images[lo:hi], decoder, bs, image_size, device, dtype, should_stop)
+    img = embed_images(model, pairs.images[lo:hi], decoder, bs, image_size, device, dtype, should_stop,
+                       D.model_pixels(cfg))
     lo, hi = share(len(pairs.captions), rank, world)
     mine = pairs.captions[lo:hi]
     txt = embed_lockstep(model, (decoder.tokenize(mine[s:s + bs]) for s in range(0, len(mine), bs)),
@@ -298,7 +303,8 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, shoul
     try:
         img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world,
                                                                    cfg.data.workers),
-                                              D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop)
+                                              D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop,
+                                              D.model_pixels(cfg))
         extra: dict = {}
         for wanted, run in ((cfg.eval.imagefolder, imagefolder_accuracy), (cfg.eval.retrieval_images, retrieval_set_recall)):
             if wanted:

@@ -308,11 +308,12 @@ def candidate_pool(urls: list[str], decoder: D.SampleDecoder, subset, size: int,
 
 
 @torch.no_grad()
-def _embed(model, batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _embed(model, batch: dict, device, dtype, pixels=D.to_model_pixels) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One member's ``(image, text, logit scale)`` for a batch, float32 on the CPU, at full
-    capacity (an ECLIPSE student's expedition is switched off)."""
+    capacity (an ECLIPSE student's expedition is switched off). ``pixels``: ``D.model_pixels(cfg)``
+    (uint8 images normalised on the device)."""
     with keep_rate(model, 1.0):
-        img, txt, scale, *_ = model(pixel_values=batch["image"].to(device, dtype),
+        img, txt, scale, *_ = model(pixel_values=pixels(batch["image"], device, dtype),
                                     input_ids=batch["input_ids"].to(device),
                                     attention_mask=batch["attention_mask"].to(device))
     return img.float().cpu(), txt.float().cpu(), float(scale)
@@ -322,8 +323,9 @@ class Scorer:
     """A batch's ensemble scores (float64) under :class:`Score`; with ``selfconf``, each member
     first embeds the candidate pool (``pool`` forwards, the same on every rank)."""
 
-    def __init__(self, models: list, score: Score, device, dtype, pool: Iterator[tuple[list[str], dict]] = ()):
-        self.models, self.score, self.device, self.dtype = models, score, device, dtype
+    def __init__(self, models: list, score: Score, device, dtype, pool: Iterator[tuple[list[str], dict]] = (),
+                 pixels=D.to_model_pixels):
+        self.models, self.score, self.device, self.dtype, self.pixels = models, score, device, dtype, pixels
         self.pool_keys: dict[str, int] = {}
         self.pools: list[tuple[torch.Tensor, torch.Tensor]] = []
         if score.kind == "selfconf":
@@ -331,7 +333,7 @@ class Scorer:
             for chunk_keys, batch in pool:
                 keys += chunk_keys
                 for k, model in enumerate(models):
-                    parts[k].append(_embed(model, batch, device, dtype)[:2])
+                    parts[k].append(_embed(model, batch, device, dtype, pixels)[:2])
             if not keys:
                 raise ConfigError("select: no sample was scored: the shards (of the subset) hold no decodable "
                                   "image-caption pair, not even for the self-confidence's candidate pool")
@@ -348,7 +350,7 @@ class Scorer:
                 if key in self.pool_keys:
                     same[i, self.pool_keys[key]] = True
         for k, model in enumerate(self.models):
-            img, txt, scale = _embed(model, batch, self.device, self.dtype)
+            img, txt, scale = _embed(model, batch, self.device, self.dtype, self.pixels)
             if self.score.kind == "cosine":
                 total += (img * txt).sum(-1).double()
             else:
@@ -361,8 +363,10 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
                 source: str, device, dtype=torch.float32, subset=None, batch_size: int = 256,
                 lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None,
                 score: Score = Score("cosine"), should_stop: Callable[[], bool] | None = None,
-                workers: int = 0) -> int:
+                workers: int = 0, pixels=D.to_model_pixels) -> int:
     """Score this process's ``units`` into ``out/parts/UNIT.jsonl``; returns the units written.
+    ``pixels``: how a batch's images become the model's input (``D.model_pixels(cfg)`` for the
+    uint8 images of ``D.eval_decoder``).
 
     ``source`` identifies what is scored with (checkpoints, subset, precision): a part written
     from another source is scored again. ``lockstep``: every rank runs the same number of
@@ -376,7 +380,7 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
     if not todo and not lockstep:
         return 0
     pool = candidate_pool(urls, decoder, subset, score.pool, batch_size) if score.kind == "selfconf" else ()
-    scorer = Scorer(models, score, device, dtype, pool)
+    scorer = Scorer(models, score, device, dtype, pool, pixels)
     events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source,
                           workers)
     written = 0
@@ -1119,7 +1123,7 @@ class Selection(Method):
                             device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
                             lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
                             on_unit=self._on_unit(step), score=self.score, should_stop=should_stop,
-                            workers=self.cfg.data.workers)
+                            workers=self.cfg.data.workers, pixels=D.model_pixels(self.cfg))
             finally:
                 model.train(was_training)
             barrier()

@@ -153,16 +153,20 @@ class TextLm(Method):
         self.step, self.micro = step, 0
 
     def lm_batch(self, batch: dict) -> dict:
-        """The model's LM inputs for one text batch of micro-batch ``self.micro`` (CPU tensors)."""
+        """The model's LM inputs for one text batch of micro-batch ``self.micro`` (CPU tensors),
+        with ``lm_index``, the predicted positions, found here on the host (see
+        ``ClipTrainModel.text_lm_loss``) rather than by a boolean mask on the device."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         t = self.cfg.text_lm
         if t.objective == "clm":
-            return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_labels": clm_labels(ids, mask)}
-        g = mask_generator(self.cfg.seed, self.step, self.micro, self.rank)
-        masked, labels = mlm_inputs(ids, mask, g, rate=t.mask_rate, mask_token_rate=t.mask_token_rate,
-                                    mask_id=mask_token_id(self.tokenizer), special_ids=self.special_ids,
-                                    ordinary_ids=self.ordinary_ids)
-        return {"lm_input_ids": masked, "lm_attention_mask": mask, "lm_labels": labels}
+            ids, labels = ids, clm_labels(ids, mask)
+        else:
+            g = mask_generator(self.cfg.seed, self.step, self.micro, self.rank)
+            ids, labels = mlm_inputs(ids, mask, g, rate=t.mask_rate, mask_token_rate=t.mask_token_rate,
+                                     mask_id=mask_token_id(self.tokenizer), special_ids=self.special_ids,
+                                     ordinary_ids=self.ordinary_ids)
+        index = (labels.flatten() != -100).nonzero().squeeze(1)
+        return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_labels": labels, "lm_index": index}
 
     def micro_kwargs(self, device) -> dict:
         lm = self.lm_batch(self._next_batch())
