@@ -172,7 +172,7 @@ def test_clip_benchmark_api_scores_the_export_as_the_trainers_eval(scored, fixed
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
     from clip_benchmark.models import load_clip
 
-    from trainer.data import eval_decoder, load_tokenizer
+    from trainer.data import eval_decoder, load_tokenizer, model_pixels
     from trainer.eval_sets import read_imagefolder
     from trainer.evaluate import embed_images, zeroshot_classifier
     from trainer.methods import load_trained_model
@@ -206,7 +206,7 @@ def test_clip_benchmark_api_scores_the_export_as_the_trainers_eval(scored, fixed
     ours_model = load_trained_model(cfg, root, tag, tok).eval()
     folder = read_imagefolder(str(sets["val"]), str(sets["classes"]))
     img = embed_images(ours_model, folder.paths, eval_decoder(cfg, tok), 4, preset_shape(cfg.model)["image_size"],
-                       "cpu", torch.float32)
+                       "cpu", torch.float32, pixels=model_pixels(cfg))
     ours_logits = 100 * img @ zeroshot_classifier(ours_model, eval_decoder(cfg, tok), folder.classnames,
                                                   folder.templates, "cpu").T
     classifier = zeroshot_classification.zero_shot_classifier(model, tokenizer, classes.classes, classes.templates,
