@@ -14,15 +14,14 @@ FAST = ["data.batch_size=16", "data.workers=1", "data.shuffle_buffer=64", "data.
         "checkpoint.every_steps=100", f"max_steps={STEPS}"]
 # ECLIPSE: keep rate 1 at step 1, a cosine down to 0.7 over steps 2-3, 0.7 at step 4, so the
 # layers after EViT's drop layers see three sequence lengths (a recompile with a dynamic length).
-ECLIPSE = ["--config", "trainer/configs/eclipse.yaml", "eclipse.momentum=0.8", "eclipse.keep_warmup_steps=1",
+ECLIPSE = ["eclipse.enabled=true", "eclipse.keep_rate=0.7", "eclipse.momentum=0.8", "eclipse.keep_warmup_steps=1",
            "eclipse.keep_shrink_steps=2"]
 # Inductor's fused kernels reorder fp32 sums: measured differences are ~1e-7 relative after 5 steps.
 RTOL, ATOL = 1e-5, 1e-5
 
 
 def _train(demo_data, out, extra, compiled):
-    config = [] if "--config" in extra else ["--config", "trainer/configs/demo.yaml"]
-    check(run_trainer(["train", *config, *data_overrides(demo_data, out), *FAST, *extra,
+    check(run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out), *FAST, *extra,
                        f"model.compile={str(compiled).lower()}"], nproc=2, timeout=900))
     return read_metrics(out)
 
