@@ -81,3 +81,12 @@ def test_compile_layers_compiles_stock_layers_and_leaves_evit_eager():
     assert {id(m) for m in compiled} == {id(student[0]), id(model.text_model.encoder.layers[0]),
                                          *(id(m) for m in model.teacher.vision_model.encoder.layers)}
     assert list(model.state_dict()) == keys
+
+
+def test_zero3_refusal_is_a_config_error_naming_both_keys():
+    """The same refusal, in process (fast tier): the config check alone, before any process starts."""
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'model.compile' is not supported with deepspeed.zero_stage=3"):
+        load_config("trainer/configs/demo.yaml", ["deepspeed.zero_stage=3", "model.compile=true"])
+    assert load_config("trainer/configs/demo.yaml", ["deepspeed.zero_stage=2", "model.compile=true"]).model.compile
