@@ -43,7 +43,7 @@ class ModelConfig:
     embed_dim: int | None = _f(None, "override the preset: joint embedding dimension (both projections)", min=1)
     shared_layers: int = _f(0, "GrowCLIP's shared encoder: the top N transformer layers are one set of weights used by both towers (their widths, heads and MLP must match); export-hf copies them into both", min=0)
     grad_checkpointing: bool = _f(False, "activation checkpointing in both towers (saves memory, costs a recompute)")
-    compile: bool = _f(False, "torch.compile each transformer layer of both towers and of a method's teacher (regional compilation; a method's token-dropping layers stay eager); costs a one-off compile (about a minute per layer shape on a CPU core) for a faster step where the layers are not matmul-bound (docs/experiments.md, bench train)")
+    compile: bool = _f(False, "torch.compile each transformer layer of both towers and of a method's teacher (regional compilation; a method's token-dropping layers stay eager); ZeRO 0-2 only; a one-off compile per process (CPU: ~40 s tiny, ~6 min ViT-B/16) for a step that saved 3-6 % on CPU, where fp32 steps are GEMM-bound (bench/results/compile_cpu_findings.md)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager", choices=("sdpa", "eager"))
     patch_size: int | None = _f(None, "override the preset: image patch size (pixels; must divide image_size)", min=1)
     act: str | None = _f(None, "MLP activation of both towers: quick_gelu (OpenAI CLIP's; the default when empty) | gelu (exact GELU, open_clip's models without -quickgelu); a pretrained checkpoint.init sets it", choices=("quick_gelu", "gelu"))
