@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextEmbeddings
 
 from .config import ConfigError, ModelConfig
 
@@ -284,6 +284,27 @@ def build_model(mc: ModelConfig, tokenizer, seed: int) -> ClipTrainModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_locks(model, mc)
     return model
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """``model.compile``: ``torch.compile`` each stock transformer layer of ``model`` in place
+    (``nn.Module.compile``: parameter names and the state dict are unchanged), in both towers and in
+    any teacher's copy; returns how many layers were compiled.
+
+        attach_method(model, cfg); compile_layers(model)     # after the method, before the engine
+
+    Regional, not whole-tower: identical layers share one compiled graph (parameters are graph
+    inputs), so the one-off compile is one layer per tower shape, and DeepSpeed's ZeRO-3 hooks on
+    each layer's submodules still run. Subclassed layers (a method's token-dropping EViT layer,
+    whose token count follows the keep-rate schedule) stay eager; the layers after them see a
+    changing sequence length, which dynamo compiles once more as a dynamic dimension.
+    Call after the method is attached: a teacher deep-copied from compiled layers would call the
+    student's layers.
+    """
+    layers = [m for m in model.modules() if type(m) is CLIPEncoderLayer]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def check_locks(mc: ModelConfig, shape: dict) -> None:

@@ -11,7 +11,7 @@ from kernels import gathered_clip_loss, resolve_impl
 
 from ..data import model_pixels
 from ..engine import lr_lambda
-from ..model import build_model, param_groups
+from ..model import build_model, compile_layers, param_groups
 
 PHASES = ("data", "forward", "backward", "optimizer", "other")
 
@@ -106,6 +106,8 @@ def build_bare(cfg, tokenizer, shape, device, le, data, phases):
     import torch
 
     model = build_model(cfg.model, tokenizer, cfg.seed).to(device)
+    if cfg.model.compile:
+        compile_layers(model)
     ddp = ddp_wrap(model, device)
     o, on_gpu = cfg.optim, device.type == "cuda"
     # What build_optimizer falls back to without apex / DeepSpeed's FusedAdam.
