@@ -159,6 +159,18 @@ def all_reduce_flags(*flags: float, op: str = "max") -> list[float]:
     return all_reduce(torch.tensor(flags, dtype=torch.float64), op).tolist()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (a collective); ``[obj]`` without a group.
+
+        per_rank = all_gather_object({"syncs": counter})
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def from_rank0(decide: Callable[[], T]) -> T:
     """``decide()`` run on rank 0 alone, its result on every rank (a collective: every rank calls it).
 

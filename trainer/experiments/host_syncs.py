@@ -29,6 +29,8 @@ import sys
 import warnings
 from collections import Counter
 
+from ..dist import all_gather_object
+
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero")
 _WRAPPERS = ("timed", "read", "index")
 _ROOTS = ("trainer", "kernels", "deepspeed", "torch", "transformers")
@@ -89,10 +91,7 @@ class HostSyncs:
 
     def gather(self, world: int, steps: int) -> dict:
         """Per step, mean over ranks: the total, the CUDA-reported count (GPU) and each caller's."""
-        import torch.distributed as dist
-
-        everyone = [None] * world
-        dist.all_gather_object(everyone, {"by_caller": dict(self.by_caller), "cuda": self.cuda_warnings})
+        everyone = all_gather_object({"by_caller": dict(self.by_caller), "cuda": self.cuda_warnings})
         callers: Counter = Counter()
         for r in everyone:
             callers.update(r["by_caller"])
