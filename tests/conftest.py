@@ -168,6 +168,16 @@ class LazyRuns(dict):
         return value
 
 
+def first_fast(cases: list, keep: int = 1) -> list:
+    """Parametrize cases with the first ``keep`` in the fast tier and the rest in the full tier:
+    for bad-input families where every case is a process start of its own, and one shows the path.
+
+        @pytest.mark.parametrize("override,message", first_fast([("a=1", "..."), ("b=2", "...")]))
+    """
+    return [c if i < keep else pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.full)
+            for i, c in enumerate(cases)]
+
+
 FULL_STAGES = [pytest.param(0, marks=pytest.mark.full), 1, pytest.param(2, marks=pytest.mark.full), 3]
 
 

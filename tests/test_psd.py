@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (FULL_STAGES, LazyRuns, check, data_overrides, kill_group, read_metrics, run_trainer,
+from conftest import (LazyRuns, check, data_overrides, first_fast, kill_group, read_metrics, run_trainer,
                       start_trainer, wait_for_step)
 
 CONFIG = "trainer/configs/psd.yaml"
@@ -157,7 +157,7 @@ def _initial(out: Path) -> dict[str, torch.Tensor]:
             if not k.endswith("position_ids") and k not in ("logit_scale",)}
 
 
-@pytest.mark.parametrize("stage", FULL_STAGES)
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.full) for s in (0, 1, 2)] + [3])
 def test_momentum_teacher_is_the_closed_form_ema_of_both_towers(momentum_runs, stage):
     """teacher_0 = student_0; teacher_t = m teacher_(t-1) + (1 - m) student_t (consolidated fp32
     checkpoints, DeepSpeed's zero_to_fp32 reader), for the image and the text tower."""
@@ -259,13 +259,13 @@ def test_psd_with_eclipse_reuses_its_teacher(demo_data, tmp_path):
         assert len(losses(out, key)) == 3
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize("override,message", first_fast([
     ("psd.teacher=bogus", "config key 'psd.teacher' must be one of self, momentum, previous"),
     ("psd.alpha_max=1.5", "config key 'psd.alpha_max' must be <= 1.0"),
     ("psd.teacher_tau=0", "config key 'psd.teacher_tau' must be >= 0.001"),
     ("psd.subset=0", "config key 'psd.subset' is 0"),
     ("loss.terms={self_distill: 1.0}", "switched on by psd.enabled"),
-])
+]))
 def test_bad_psd_values_exit_2_naming_the_key(demo_data, tmp_path, override, message):
     proc = run_trainer(["train", "--config", CONFIG, *data_overrides(demo_data, tmp_path / "bad"), override])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

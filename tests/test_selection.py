@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import check, data_overrides, read_metrics, run_trainer
+from conftest import check, data_overrides, first_fast, read_metrics, run_trainer
 
 from trainer import data as D
 from trainer.methods import selection as S
@@ -196,6 +196,7 @@ def test_scores_are_identical_from_1_2_and_3_ranks_and_cover_every_sample_once(s
     np.testing.assert_allclose([s for _, s in four], [s for _, s in one], rtol=0, atol=1e-5)
 
 
+@pytest.mark.full   # a killed scoring pass; the fast tier keeps the killed training run
 def test_a_killed_scoring_pass_resumes_and_scores_only_what_is_missing(single, ckpts, ragged, tmp_path):
     out = tmp_path / "resume"
     shutil.copytree(single, out)
@@ -342,8 +343,8 @@ def test_corrupt_samples_are_skipped_and_counted(single, ckpts, ragged, tmp_path
     np.testing.assert_allclose([v for _, v in scores(out)], [v for _, v in expected], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["other-shape", "weights-mismatch", "no-shards", "no-pairs", "keeps-none",
-                                  "not-a-checkpoint"])
+@pytest.mark.parametrize("case", first_fast(["not-a-checkpoint", "keeps-none", "other-shape", "weights-mismatch",
+                                             "no-shards", "no-pairs"], keep=2))
 def test_bad_select_input_exits_2_with_the_reason(case, ckpts, ragged, tmp_path):
     bent = tmp_path / "bent" / "step_4"
     shutil.copytree(ckpts[1], bent)

@@ -475,6 +475,7 @@ def test_busy_rendezvous_port_is_skipped(cluster, demo_data, jobs_dir, deepspeed
     assert "training finished" in text and sorted(metrics(out)) == [1, 2]
 
 
+@pytest.mark.full   # the fast tier keeps the preemption (signal, checkpoint, requeue, identical resume)
 @pytest.mark.timeout(JOB_TIMEOUT + 200)
 def test_scancel_saves_a_checkpoint_and_does_not_requeue(cluster, demo_data, jobs_dir, deepspeed_ops):
     """Plain scancel: SIGTERM to every process of the job (as at a time limit or preemption).

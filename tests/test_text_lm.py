@@ -315,7 +315,24 @@ def test_sigkill_and_rerun_reads_the_same_text_batches(demo_data, tmp_path):
         for rank in (0, 1):
             state = lambda run: torch.load(run / "checkpoints" / f"step_{step}" / "trainer_state" / f"rank_{rank}.pt",  # noqa: E731
                                            weights_only=False)["text_lm"]["position"]
-            assert state(out) == state(whole), (step, rank)
+            assert_equal_tree(state(out), state(whole), f"step {step} rank {rank}")
+
+
+def assert_equal_tree(a, b, where: str) -> None:
+    """``a == b`` for nested dicts / lists of plain values and tensors (bit-equal tensors)."""
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 @pytest.mark.full   # export's own fast tests cover the stock CLIPModel; this adds the text stream's run

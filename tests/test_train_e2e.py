@@ -303,7 +303,7 @@ def test_stop_signal_during_evaluation_checkpoints_and_resumes(baseline, demo_da
     assert json.loads((out / "eval.json").read_text())["step"] == STEPS
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.full), 3])
 def test_zero_stages_give_the_same_losses(baseline, demo_data, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
     check(run_trainer(train_args(demo_data, out, f"deepspeed.zero_stage={stage}", "max_steps=4",
