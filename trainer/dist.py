@@ -120,6 +120,10 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 # Every collective of the trainer goes through the helpers below (tests/test_dist.py fails on a
 # direct torch.distributed collective anywhere else in trainer/ or kernels/, the kernels' own
 # gather and statistics excepted: their tensors are the loss inputs, already on the device).
@@ -148,6 +152,17 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def all_reduce_flags(*flags: float, op: str = "max") -> list[float]:
     """One small all-reduce for several per-step numbers (MAX by default)."""
     return all_reduce(torch.tensor(flags, dtype=torch.float64), op).tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` elsewhere is ignored.
+    For decisions read from a shared file system: one rank reads, all act alike (a stale NFS
+    cache on one node cannot make the ranks disagree and hang)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=comm_device() if comm_device().type == "cuda" else None)
+    return box[0]
 
 
 def barrier() -> None:
