@@ -1,7 +1,8 @@
 """Run under torchrun (or plain python for one rank): resume a checkpoint the way the trainer does
 (rank 0's plan, the global-batch rule, ``resume_state``) and write, from rank 0, what the engine
 holds right after the load: every trainable parameter's full fp32 master and Adam moments, the
-learning rate, DeepSpeed's step counters and the trainer's step.
+learning rate, DeepSpeed's step counters and the trainer's step; and every frozen weight (a
+method's teacher, a locked tower), gathered.
 
     torchrun --nproc_per_node 1 tests/elastic_probe.py OUT.pt CONFIG [key=value ...]
 
@@ -12,6 +13,7 @@ tensors are read with DeepSpeed's ``safe_get_full_fp32_param`` / ``safe_get_full
 """
 import sys
 
+import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -36,15 +38,17 @@ def main(out: str, config: str, overrides: list[str]) -> int:
     opt = engine.optimizer
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):   # ZeRO 1/2 link the moments at the first step
         opt._lazy_init_hp_params_optimizer_state()
-    rows = {}
+    rows, frozen = {}, {}
     for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad:   # a teacher's or a locked tower's weights (no optimizer state)
+            with deepspeed.zero.GatheredParameters([p]):
+                frozen[name] = p.detach().float().cpu().clone()
             continue
         rows[name] = {"fp32": safe_get_full_fp32_param(p).detach().cpu().clone(),
                       "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu().clone(),
                       "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu().clone()}
     if le.rank == 0:
-        torch.save({"params": rows, "lr": engine.get_lr(), "global_steps": engine.global_steps,
+        torch.save({"params": rows, "frozen": frozen, "lr": engine.get_lr(), "global_steps": engine.global_steps,
                     "step": state["step"], "accum": cfg.train.grad_accum_steps,
                     "world": le.world_size}, out)
     method.close()

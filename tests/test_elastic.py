@@ -108,9 +108,9 @@ def losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(out)}
 
 
-def probe(data: Path, out: Path, source: Path, nproc: int, stage: int, dump: Path) -> dict:
+def probe(data: Path, out: Path, source: Path, nproc: int, stage: int, dump: Path, *extra) -> dict:
     cmd = [*torchrun(nproc), str(ROOT / "tests" / "elastic_probe.py"), str(dump), CONFIG,
-           *data_overrides(data, out), *TINY, f"deepspeed.zero_stage={stage}", f"checkpoint.resume={source}"]
+           *data_overrides(data, out), *TINY, f"deepspeed.zero_stage={stage}", f"checkpoint.resume={source}", *extra]
     check(run_child(cmd, timeout=400, cwd=ROOT, env=trainer_env(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")))
     return torch.load(dump, weights_only=False)
 
@@ -138,8 +138,8 @@ def test_elastic_resume_continues_with_the_source_optimizer_state(demo_data, tmp
     source = out / "checkpoints" / "step_4"
 
     # Optimizer state after the conversion == the source's (its own world size, DeepSpeed's rigid load).
-    ref = probe(demo_data, tmp_path / "p-ref", source, before, stage, tmp_path / "ref.pt")
-    got = probe(demo_data, tmp_path / "p-new", source, after, stage, tmp_path / "new.pt")
+    ref = probe(demo_data, tmp_path / "p-ref", source, before, stage, tmp_path / "ref.pt", *base)
+    got = probe(demo_data, tmp_path / "p-new", source, after, stage, tmp_path / "new.pt", *base)
     assert got["world"] == after and got["accum"] == accum * before // after
     assert (got["step"], got["global_steps"], got["lr"]) == (ref["step"], ref["global_steps"], ref["lr"]) \
         and ref["step"] == 4
@@ -160,3 +160,38 @@ def test_elastic_resume_continues_with_the_source_optimizer_state(demo_data, tmp
     # (the uninterrupted run's own step-to-step changes over steps 5-10 are of that size).
     for s in range(5, 11):
         assert got_losses[s] == pytest.approx(want[s], rel=0.15), (s, got_losses[s], want[s])
+
+
+@pytest.mark.full
+@pytest.mark.timeout(1200)
+def test_elastic_resume_with_a_teacher_and_the_text_stream(demo_data, tmp_path):
+    """ECLIPSE's momentum teacher and EfficientCLIP's text stream, ZeRO-3, 2 ranks -> 1: right
+    after the load the teacher (assembled from the two ranks' shadow slices, resliced for one)
+    equals DeepSpeed's rigid load at 2 ranks, bit for bit, like the student's masters and moments;
+    the run then finishes on one rank with finite losses."""
+    methods = ["eclipse.enabled=true", "text_lm.enabled=true", f"text_lm.shards={demo_data}/text",
+               "text_lm.batch_size=4", "text_lm.num_samples=40", "text_lm.shuffle_buffer=8",
+               "train.accum_negatives=false", "deepspeed.zero_stage=3", "train.grad_accum_steps=1"]
+    out = tmp_path / "run"
+    proc = run_trainer(train_args(demo_data, out, *methods, "debug.kill_during_save_step=8"), nproc=2, timeout=500)
+    assert proc.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "step_4"
+    source = out / "checkpoints" / "step_4"
+    ref = probe(demo_data, tmp_path / "p-ref", source, 2, 3, tmp_path / "ref.pt", *methods)
+    got = probe(demo_data, tmp_path / "p-new", source, 1, 3, tmp_path / "new.pt", *methods)
+    teacher = [n for n in ref["frozen"] if n.startswith("teacher.")]
+    assert len(teacher) > 20 and set(got["frozen"]) == set(ref["frozen"])
+    for name in ref["frozen"]:
+        assert torch.equal(got["frozen"][name], ref["frozen"][name]), name
+    for name, row in ref["params"].items():
+        for key, value in row.items():
+            assert torch.equal(got["params"][name][key], value), (name, key)
+    # the teacher is an EMA, not a copy of the student, by step 4
+    student = ref["params"]["vision_model.post_layernorm.weight"]["fp32"]
+    assert not torch.equal(ref["frozen"]["teacher.vision_model.post_layernorm.weight"], student)
+
+    text = check(run_trainer(train_args(demo_data, out, *methods), nproc=1, timeout=500))
+    assert "resumed elastically from" in text and "train.grad_accum_steps 1 -> 2" in text
+    got_losses = {m["step"]: m for m in read_metrics(out)}
+    assert sorted(got_losses) == list(range(1, 11))
+    assert all(torch.isfinite(torch.tensor([got_losses[s]["loss"], got_losses[s]["text_lm"]])).all()
+               for s in range(5, 11))

@@ -240,8 +240,9 @@ def to_universal(root: Path, tag: str, work: Path) -> Path:
     out = Path(work) / tag
     if (out / "converted").is_file():
         return Path(work)
+    for stale in Path(work).glob(f".{tag}.tmp-*"):   # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(work) / f".{tag}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(input_folder=str(Path(root) / tag), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=False,

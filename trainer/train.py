@@ -300,9 +300,13 @@ def decided_plan(cfg: Config, world: int) -> ResumePlan | None:
             answer = resume_plan(cfg, world)
         except ConfigError as err:
             answer = err
+        except Exception as err:  # noqa: BLE001 - raised on every rank below, instead of a hang
+            answer = RuntimeError(f"{type(err).__name__}: {err}")
     answer = broadcast_object(answer)
     if isinstance(answer, ConfigError):
         raise ConfigError(str(answer))
+    if isinstance(answer, RuntimeError):
+        raise RuntimeError(f"rank 0 could not read the resume source: {answer}")
     return answer
 
 
@@ -312,12 +316,18 @@ def universal_load(cfg: Config, plan: ResumePlan | None, world: int) -> bool:
     return plan is not None and plan.world != world and cfg.deepspeed.zero_stage >= 1
 
 
+_DECIDE = object()
+
+
 def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, inherited: Inherited | None,
-                 plan: ResumePlan | None = None, world: int = 1) -> dict:
-    """Load the checkpoint of ``plan`` (:func:`decided_plan`) into the engine; return the trainer
-    state. A fresh start from ``checkpoint.init`` has its weights in the model already
-    (``inherited``). A plan at another world size or worker count resumes elastically
-    (:func:`elastic_state`)."""
+                 plan=_DECIDE, world: int | None = None) -> dict:
+    """Load the checkpoint of ``plan`` (:func:`decided_plan`; decided here when not given) into
+    the engine; return the trainer state. A fresh start from ``checkpoint.init`` has its weights
+    in the model already (``inherited``). A plan at another world size or worker count resumes
+    elastically (:func:`elastic_state`)."""
+    world = engine.dp_world_size if world is None else world
+    if plan is _DECIDE:
+        plan = decided_plan(cfg, world)
     if plan is None:
         if inherited is not None:
             method.inherit(inherited)
