@@ -156,10 +156,14 @@ def test_elastic_resume_continues_with_the_source_optimizer_state(demo_data, tmp
     assert sorted(got_losses) == list(range(1, 11))
     assert {s: got_losses[s] for s in range(1, 5)} == pytest.approx({s: want[s] for s in range(1, 5)}, rel=1e-5)
     # After the switch the samples differ (fresh streams, another order and augmentation), so the
-    # losses agree only as two draws of the same global-batch loss: within 15 % step by step here
-    # (the uninterrupted run's own step-to-step changes over steps 5-10 are of that size).
+    # losses agree only as two draws of the same global-batch loss, not bit for bit. Ten steps of
+    # this tiny model end near chance level, ln(global batch) (3.47 for 32 pairs, 3.87 for 48),
+    # where measured differences are below 0.2 %; 5 % still tells a resume into another
+    # contrastive batch (ln 16 = 2.77 against ln 32) or a diverging state (steps 2-3 of both runs
+    # reach +40 to +70 % while the fresh moments settle). That the state itself is the source's is
+    # the bit-for-bit check above.
     for s in range(5, 11):
-        assert got_losses[s] == pytest.approx(want[s], rel=0.15), (s, got_losses[s], want[s])
+        assert got_losses[s] == pytest.approx(want[s], rel=0.05), (s, got_losses[s], want[s])
 
 
 @pytest.mark.full
