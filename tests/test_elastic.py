@@ -85,10 +85,27 @@ def test_elastic_position_carries_buffers_and_open_shards_then_resumes_exactly(d
         again.close()
     new.close()
 
+    # Again, from a position inside the carried part (1 -> 2): what it had not delivered of the
+    # carried samples (its buffer, the shard it read, a carried shard not reached yet) goes on.
+    s = stream(urls, 0, 1, copy.deepcopy(pos))
+    done = take(s, 3)
+    mid = copy.deepcopy(s.position)
+    s.close()
+    left = carried - Counter(done)
+    again = [D.elastic_position([mid], 0, rank=r, world=2, workers=0, urls=urls, seed=0, key=8) for r in range(2)]
+    # the shard it was reading and the other old rank's, not reached yet
+    assert [len(p["stream"]["carry"].get("0", [])) for p in again] == [2, 0]
+    s = stream(urls, 0, 2, again[0])
+    first = take(s, 110)
+    s.close()
+    m = sum(left.values())
+    assert Counter(first[: m - 8]) <= left and Counter(first) >= left
+    assert not set(first[: m - 8]) & (set(done) | set(delivered[0]) | set(delivered[1]))
+
     # 1 -> 3: the old reader goes to rank 0; ranks 1 and 2 start fresh streams of their own.
     grown = [D.elastic_position(positions[:1], 0, rank=r, world=3, workers=0, urls=urls, seed=0, key=5)
              for r in range(3)]
-    assert [len(p["stream"]["carry"]) for p in grown] == [1, 0, 0]
+    assert [len(p["stream"]["carry"].get("0", [])) for p in grown] == [1, 0, 0]
     assert [p["in_epoch"] for p in grown] == [1, 1, 1]   # 5 micro-batches of 1 rank = 5/3 of 3 ranks, floored
 
 

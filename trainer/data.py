@@ -540,13 +540,21 @@ def elastic_position(old: list[dict | None], old_workers: int, rank: int, world:
         for r, w, stream, record in inherited:
             draw = int(record["draw"])
             buffer = _buffer_of(record)
-            shards = _drawn_shards(urls, seed, int(first["epoch"]), r, w, stream_id, stream, draw + 1)
+            # A reader that itself continues an elastic resume may still have carried shards ahead
+            # of the one it reads (draws > draw), and buffered samples from them: they go along.
+            pending = stream.get("carry", {}).get(str(w), [])[draw + 1:]
+            wanted = {b[0] for b in buffer} | ({draw} if draw >= 0 else set()) | \
+                set(range(draw + 1, draw + 1 + len(pending)))
+            shards = _drawn_shards(urls, seed, int(first["epoch"]), r, w, stream_id, stream, max(wanted) + 1)
             index = {}
-            for d in sorted({b[0] for b in buffer} - {draw}):
+            for d in sorted(wanted):
                 index[d] = len(carry)
-                carry.append({"url": shards[d], "start": 0, "read": False})
-            index[draw] = len(carry)
-            carry.append({"url": shards[draw], "start": int(record["member"]), "read": True})
+                if d > draw:      # not reached yet: as it was carried
+                    carry.append(dict(pending[d - draw - 1]))
+                elif d == draw:   # the shard it was reading: the rest of it
+                    carry.append({"url": shards[d], "start": int(record["member"]), "read": True})
+                else:             # read before: only its buffered samples are taken
+                    carry.append({"url": shards[d], "start": 0, "read": False})
             for d, m, k in buffer:
                 at.append((index[d], m))
                 keys.append(k)
