@@ -10,6 +10,11 @@ DRY_RUN ?= 0
 
 venv: .venv/.installed
 
+# clip_benchmark with --no-deps: its declared deps pull in pycocoevalcap (a 104 MB wheel of Java
+# jars, and pycocotools) for captioning metrics the trainer never runs; requirements.txt pins what
+# its zero-shot classification and retrieval modules import instead. Its `clip_benchmark` command
+# imports the captioning module, so the tests call its CLI in process with that module stubbed
+# (tests/test_clip_benchmark.py); `pip install clip_benchmark==1.6.2` gives a user all of it.
 # torch first: deepspeed is a source package whose build imports it. DeepSpeed's CPU
 # shared-memory all-reduce op is compiled at install time (DS_BUILD_SHM_COMM=1): left to its JIT,
 # every process whose environment differs (PATH, srun) recompiles it for ~2 minutes at start-up.
@@ -18,8 +23,9 @@ venv: .venv/.installed
 	test -d .venv || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $$(grep -E '^(torch|torchvision)==' requirements.txt)
-	grep -v '^deepspeed==' requirements.txt > .venv/requirements-nods.txt
+	grep -vE '^(deepspeed|clip_benchmark)==' requirements.txt > .venv/requirements-nods.txt
 	$(PIP) install -q --no-build-isolation -r .venv/requirements-nods.txt
+	$(PIP) install -q --no-deps $$(grep -E '^clip_benchmark==' requirements.txt)
 	DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-build-isolation --no-cache-dir $$(grep -E '^deepspeed==' requirements.txt)
 	$(PY) -c "import deepspeed.git_version_info as g; assert g.installed_ops.get('deepspeed_shm_comm'), 'deepspeed shm op not precompiled'"
 	touch $@

@@ -34,6 +34,16 @@ REGIMES = [  # (name, sweep directory, what it is)
      "30 % caption noise, 1,000 pairs, budget = plain CLIP's 300 steps (38 epochs)"),
     ("(c) clean", "bench/results/sweep-efficient-clean", "no caption noise, 10,000 pairs, budget = 260 plain steps"),
 ]
+# The staged pipelines (scripts/efficient_staged.sh) of each regime, collected by bench/staged_report.py:
+# (label in the tables, directory under bench/results/staged/ per regime name)
+STAGED = [("staged all four", {"(a) noisy": "noisy", "(b) memorise": "memorise", "(c) clean": "clean"}),
+          ("staged, growth only", {"(a) noisy": "growth-only-noisy"})]
+# Sweeps at the staged runs' budget (1.18e13 FLOPs): {regime: [(sweep, {variant: label in the tables})]}
+CONTROLS = {"(a) noisy": [("bench/results/sweep-efficient-staged-controls",
+                           {"plain": "plain @ 1.18e13", "no-growth-two-rounds": "no growth, two rounds @ 1.18e13"})],
+            "(c) clean": [("bench/results/sweep-plain-clean-1.18e13", {"plain": "plain @ 1.18e13"})]}
+COLORS = {"plain @ 1.18e13": "black", "no growth, two rounds @ 1.18e13": "tab:cyan", "staged all four": "tab:purple",
+          "staged, growth only": "tab:olive"}
 BASE = "plain"
 # The one-stage variant: all-but-growth (bench/sweeps/efficient.yaml); the first (a) sweep named it all-four.
 ONE_STAGE = ("all-but-growth", "all-four")
@@ -81,12 +91,53 @@ def load(sweep: Path):
     return by
 
 
+def load_staged(d: Path) -> list[dict]:
+    """One row per seed of a collected staged pipeline, shaped like a sweep's row: the end's
+    metrics, total FLOPs and steps, and curves over the pipeline's global steps (eval.jsonl of
+    every stage, steps offset by the stages before) with a step -> cumulative FLOPs map."""
+    rows = []
+    for seed_dir in sorted(d.glob("seed*")):
+        curves, knots, step0, flops0, ev = {}, [(0, 0.0)], 0, 0.0, {}
+        for st in ("s1", "s2", "s3"):
+            sd = seed_dir / st
+            total = json.loads((sd / "flops.json").read_text())["train_flops"]
+            steps = load_config(str(sd / "config.yaml"), []).max_steps
+            knots += [(step0 + r["step"], flops0 + r["flops"]) for r in map(json.loads, open(sd / "metrics.jsonl"))
+                      if "flops" in r]
+            knots.append((step0 + steps, flops0 + total))
+            for e in map(json.loads, open(sd / "eval.jsonl")):
+                for k, v in e.items():
+                    if k not in ("step", "num_samples") and isinstance(v, (int, float)):
+                        curves.setdefault(f"eval/{k}", []).append((step0 + e["step"], v))
+            ev = json.loads((sd / "eval.json").read_text())
+            step0, flops0 = step0 + steps, flops0 + total
+        s_, f_ = np.array(sorted(set(knots))).T
+        vl = curves.get("eval/val_loss", [])
+        best, best_step = min(((v, s) for s, v in vl), default=(float("nan"), None))
+        rows.append({"seed": int(seed_dir.name[4:]), "steps": step0, "train_flops": flops0, "curves": curves,
+                     "flops_at": lambda step, s_=s_, f_=f_: float(np.interp(step, s_, f_)),
+                     "best_val_loss": best, "best_val_step": best_step,
+                     **{k: ev[k] for k, _, _ in METRICS}})
+    return rows
+
+
+def variants(by: dict) -> list[str]:
+    """The rows a regime shows: plain, the one-stage run, and the staged pipelines it has."""
+    extra = [label for sweeps in CONTROLS.values() for _, names in sweeps for label in names.values()]
+    return [BASE, other(by)] + [v for v in dict.fromkeys(extra + [label for label, _ in STAGED]) if by.get(v)]
+
+
+def reference(by: dict, v: str) -> str:
+    """What a row is compared with: plain CLIP at the same budget where the regime has it."""
+    return "plain @ 1.18e13" if v.startswith("staged") and by.get("plain @ 1.18e13") else BASE
+
+
 def headline(regimes) -> list[str]:
     L = ["| regime | variant | n | steps | train FLOPs | " + " | ".join(h for _, h, _ in METRICS)
          + " | best val loss (step) |", "|---|---|--:|--:|--:|" + "--:|" * (len(METRICS) + 1)]
     verdicts = []
     for name, _, _, by in regimes:
-        for v in (BASE, other(by)):
+        for v in variants(by):
             rs = by.get(v, [])
             if not rs:
                 continue
@@ -98,18 +149,23 @@ def headline(regimes) -> list[str]:
             steps = sorted({r["best_val_step"] for r in rs})
             L.append(f"| {name} | `{v}` | {len(rs)} | {rs[0]['steps']} | {rs[0]['train_flops']:.3g} | "
                      + " | ".join(cells) + f" | {bm:.2f} ± {bs:.2f} ({', '.join(map(str, steps))}) |")
-        if by.get(BASE) and by.get(other(by)):
+        for v in variants(by)[1:]:
+            ref = reference(by, v)
+            if v == ref or not (by.get(ref) and by.get(v)):
+                continue
             for key, label, scale in METRICS:
-                a = [r[key] * scale for r in by[other(by)]]
-                b = [r[key] * scale for r in by[BASE]]
+                a = [r[key] * scale for r in by[v]]
+                b = [r[key] * scale for r in by[ref]]
                 d = statistics.mean(a) - statistics.mean(b)
                 apart = min(a) > max(b) or max(a) < min(b)
                 better = (d < 0) if key == "val_loss" else (d > 0)
-                verdicts.append(f"- {name}, {label}: `{other(by)}` {'+' if d >= 0 else ''}{d:.2f} vs plain; seed ranges "
+                verdicts.append(f"- {name}, {label}: `{v}` {'+' if d >= 0 else ''}{d:.2f} vs `{ref}`; seed ranges "
                                 f"{min(a):.2f}–{max(a):.2f} and {min(b):.2f}–{max(b):.2f} "
-                                + (f"are apart: `{other(by)}` is {'better' if better else 'worse'}." if apart
+                                + (f"are apart: `{v}` is {'better' if better else 'worse'}." if apart
                                    else "overlap: not distinguishable from seed noise."))
-    return L + ["", "Differences (the one-stage variant minus plain, means over seeds):", ""] + verdicts
+    return L + ["", "Differences (each variant minus plain CLIP, means over seeds; the staged runs against plain CLIP "
+                 "at their own 1.18e13 FLOPs where the regime has that run, else against plain at the regime's "
+                 "larger budget):", ""] + verdicts
 
 
 def ablation(regimes) -> list[str]:
@@ -117,6 +173,7 @@ def ablation(regimes) -> list[str]:
     L = ["| regime | variant | n | steps | zero-shot top-1 % | Δ vs plain (pt) | I→T R@1 % | val loss (end) |",
          "|---|---|--:|--:|--:|--:|--:|--:|"]
     for name, _, _, by in regimes:
+        by = {v: rs for v, rs in by.items() if v not in variants(by)[2:]}   # the sweep's own variants
         if len(by) <= 2:
             continue
         base = statistics.mean(r["zeroshot_top1"] * 100 for r in by.get(BASE, [])) if by.get(BASE) else None
@@ -175,7 +232,9 @@ def plot(regimes, out: Path) -> None:
     for j, (name, _, _, by) in enumerate(regimes):
         for i, (tag, label, scale) in enumerate(panels):
             ax = axes[i][j]
-            for v, color in ((BASE, "tab:gray"), (other(by), "tab:red")):
+            colors = {BASE: "tab:gray", other(by): "tab:red", **COLORS}
+            for v in variants(by):
+                color = colors[v]
                 curves = []
                 for r in by.get(v, []):
                     pts = r["curves"].get(tag, [])
@@ -239,6 +298,14 @@ def main() -> None:
     args = ap.parse_args()
     out = ROOT / args.out
     regimes = [(n, d, what, load(ROOT / d)) for n, d, what in REGIMES if (ROOT / d / "results.jsonl").is_file()]
+    for n, _, _, by in regimes:
+        for label, dirs in STAGED:
+            if n in dirs and (ROOT / "bench/results/staged" / dirs[n]).is_dir():
+                by[label] = load_staged(ROOT / "bench/results/staged" / dirs[n])
+        for sweep, names in CONTROLS.get(n, []):
+            if (ROOT / sweep / "results.jsonl").is_file():
+                rows = load(ROOT / sweep)
+                by.update({label: rows[v] for v, label in names.items() if v in rows})
     if not regimes:
         sys.exit("error: no sweep of bench/efficient.sh found (run it first)")
     import datetime

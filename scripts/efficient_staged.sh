@@ -31,18 +31,10 @@
 #   PY          the interpreter (default .venv/bin/python)
 set -u
 
-die() { echo "efficient_staged.sh: error: $*" >&2; exit 2; }
-
-dry=0
-extra=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --dry-run) dry=1; shift ;;
-        -h|--help) sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
-        *=*) extra+=("$1"); shift ;;
-        *) die "unknown argument '$1' (usage: scripts/efficient_staged.sh [--dry-run] [key=value ...])" ;;
-    esac
-done
+NAME=efficient_staged.sh
+USAGE="scripts/efficient_staged.sh [--dry-run] [key=value ...]"
+source "$(dirname "$0")/../slurm/stages.sh" || exit 2
+parse_args --extra -- "$@"
 
 cd "$(dirname "$0")/.." || die "cannot cd to the repository root"
 DATA=${DEMO_DATA:-runs/demo-data}
@@ -50,33 +42,11 @@ RUNS=${RUNS:-runs/efficient-staged}
 NPROC=${NPROC:-2}
 PY=${PY:-.venv/bin/python}
 PIM_BETA=${PIM_BETA:-0.9}
-read -r -a STEPS <<< "${STEPS:-120 100 80}"
-[ ${#STEPS[@]} -eq 3 ] || die "STEPS must be three numbers (one per training stage), got '${STEPS[*]}'"
-for s in "${STEPS[@]}"; do
-    case "$s" in ''|*[!0-9]*|0) die "STEPS must be positive integers, got '${STEPS[*]}'" ;; esac
-done
-[ "$dry" = 1 ] || [ -f "$DATA/manifest.json" ] \
-    || die "no demo data in $DATA: run \`python -m trainer make-demo-data --out $DATA\` first (or set DEMO_DATA)"
+read_steps "120 100 80"
+[ "$dry" = 1 ] || [ -f "$DATA/manifest.json" ] || no_demo_data
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 
-# The stages' arguments (slurm/efficient_staged.sh spells out the same ones).
-total=$(( STEPS[0] + STEPS[1] + STEPS[2] ))
-small=(model.vision_layers=2 model.text_layers=2 model.vision_width=64 model.vision_heads=2
-       model.text_width=64 model.text_heads=2)
-deeper=(model.vision_layers=4 model.text_layers=4)
-wider=(model.vision_width=128 model.vision_heads=4 model.text_width=128 model.text_heads=4)
-data=(data.train_shards="$DATA/train" data.val_shards="$DATA/val" tokenizer.path="$DATA/tokenizer"
-      eval.zeroshot="$DATA/zeroshot.json" text_lm.shards="$DATA/text")
-# one ECL round halfway through each of the first two stages (keep 0.85 each: 72 % of the pairs
-# after both), the methods' schedules over all three stages
-stage() {  # k -> the key=value arguments every training stage k sets
-    echo "max_steps=${STEPS[$1 - 1]}"
-    echo "select.every_steps=$(( (STEPS[$1 - 1] + 1) / 2 ))"
-}
-mapfile -t stage1 < <(stage 1)
-mapfile -t stage2 < <(stage 2)
-mapfile -t stage3 < <(stage 3)
-first=(select.keep=0.85 select.max_rounds=2 growth.schedule_steps="$total")
+efficient_stages   # slurm/stages.sh: the same stages as slurm/efficient_staged.sh
 
 run() {  # print (--dry-run) or run a command; a failure ends the script with its status
     if [ "$dry" = 1 ]; then

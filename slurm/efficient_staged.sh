@@ -33,21 +33,10 @@
 #   PIM_BETA       grow's --pim-beta (default 0.9, GrowCLIP's PIM; 1 = exact inheritance)
 set -u
 
-die() { echo "efficient_staged.sh: error: $*" >&2; exit 2; }
-
-opts=()
-extra=()
-dry=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --dry-run) dry=1; opts+=("$1"); shift ;;
-        --after) [ $# -ge 2 ] || die "--after needs a job id"; opts+=("$1" "$2"); shift 2 ;;
-        --after=*) opts+=("$1"); shift ;;
-        -h|--help) sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
-        *=*) extra+=("$1"); shift ;;
-        *) die "unknown argument '$1' (usage: slurm/efficient_staged.sh [--dry-run] [--after JOBID] [key=value ...])" ;;
-    esac
-done
+NAME=efficient_staged.sh
+USAGE="slurm/efficient_staged.sh [--dry-run] [--after JOBID] [key=value ...]"
+source "$(dirname "$0")/stages.sh" || exit 2
+parse_args --slurm --extra -- "$@"
 
 cd "$(dirname "$0")/.." || die "cannot cd to the repository root"
 DATA=${DEMO_DATA:-runs/demo-data}
@@ -55,32 +44,9 @@ RUNS=${RUNS:-runs/efficient-staged}
 NODES=${NODES:-2}
 CPUS=${CPUS:-2}
 PIM_BETA=${PIM_BETA:-0.9}
-read -r -a STEPS <<< "${STEPS:-120 100 80}"
-[ ${#STEPS[@]} -eq 3 ] || die "STEPS must be three numbers (one per training stage), got '${STEPS[*]}'"
-for s in "${STEPS[@]}"; do
-    case "$s" in ''|*[!0-9]*|0) die "STEPS must be positive integers, got '${STEPS[*]}'" ;; esac
-done
-[ "$dry" = 1 ] || [ -f "$DATA/manifest.json" ] \
-    || die "no demo data in $DATA: run \`python -m trainer make-demo-data --out $DATA\` first (or set DEMO_DATA)"
-
-# The stages' arguments (scripts/efficient_staged.sh spells out the same ones).
-total=$(( STEPS[0] + STEPS[1] + STEPS[2] ))
-small=(model.vision_layers=2 model.text_layers=2 model.vision_width=64 model.vision_heads=2
-       model.text_width=64 model.text_heads=2)
-deeper=(model.vision_layers=4 model.text_layers=4)
-wider=(model.vision_width=128 model.vision_heads=4 model.text_width=128 model.text_heads=4)
-data=(data.train_shards="$DATA/train" data.val_shards="$DATA/val" tokenizer.path="$DATA/tokenizer"
-      eval.zeroshot="$DATA/zeroshot.json" text_lm.shards="$DATA/text")
-# one ECL round halfway through each of the first two stages (keep 0.85 each: 72 % of the pairs
-# after both), the methods' schedules over all three stages
-stage() {  # k -> the key=value arguments every training stage k sets
-    echo "max_steps=${STEPS[$1 - 1]}"
-    echo "select.every_steps=$(( (STEPS[$1 - 1] + 1) / 2 ))"
-}
-mapfile -t stage1 < <(stage 1)
-mapfile -t stage2 < <(stage 2)
-mapfile -t stage3 < <(stage 3)
-first=(select.keep=0.85 select.max_rounds=2 growth.schedule_steps="$total")
+read_steps "120 100 80"
+[ "$dry" = 1 ] || [ -f "$DATA/manifest.json" ] || no_demo_data
+efficient_stages   # stages.sh: the same stages as scripts/efficient_staged.sh
 
 [ "$dry" = 1 ] || mkdir -p "$RUNS/logs" || die "cannot create $RUNS/logs"
 common=(--output "$RUNS/logs/%x-%j.out")

@@ -26,27 +26,17 @@
 #   PIM_BETA       grow's --pim-beta (default 0.9, GrowCLIP's PIM; 1 = exact inheritance)
 set -u
 
-die() { echo "growclip_demo.sh: error: $*" >&2; exit 2; }
-
-opts=()
-dry=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --dry-run) dry=1; opts+=("$1"); shift ;;
-        --after) [ $# -ge 2 ] || die "--after needs a job id"; opts+=("$1" "$2"); shift 2 ;;
-        --after=*) opts+=("$1"); shift ;;
-        -h|--help) sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
-        *) die "unknown argument '$1' (usage: slurm/growclip_demo.sh [--dry-run] [--after JOBID])" ;;
-    esac
-done
+NAME=growclip_demo.sh
+USAGE="slurm/growclip_demo.sh [--dry-run] [--after JOBID]"
+source "$(dirname "$0")/stages.sh" || exit 2
+parse_args --slurm -- "$@"
 
 cd "$(dirname "$0")/.." || die "cannot cd to the repository root"
 DATA=${DEMO_DATA:-runs/demo-data}
 RUNS=${RUNS:-runs/growclip-demo}
 NODES=${NODES:-2}
 CPUS=${CPUS:-2}
-read -r -a STEPS <<< "${STEPS:-160 100 60}"
-[ ${#STEPS[@]} -eq 3 ] || die "STEPS must be three numbers (one per training stage), got '${STEPS[*]}'"
+read_steps "160 100 60"
 PIM_BETA=${PIM_BETA:-0.9}
 
 # The shards, and the three shares: the first ceil(k/3) of them for stage k.
@@ -57,7 +47,7 @@ if [ -f "$DATA/manifest.json" ]; then
 elif [ "$dry" = 1 ]; then
     n=10 total=10000   # make-demo-data's defaults, to show the commands
 else
-    die "no demo data in $DATA: run \`python -m trainer make-demo-data --out $DATA\` first (or set DEMO_DATA)"
+    no_demo_data
 fi
 share() {  # k -> data.train_shards=... data.train_num_samples=... of the first ceil(k n / 3) shards
     local last=$(( (($1 * n + 2) / 3) - 1 ))

@@ -139,19 +139,30 @@ def test_plot_shows_each_implementations_throughput_and_phase_split(bench, tmp_p
 
 
 def test_profile_timers_book_each_suspect_where_it_happens(demo_data, tmp_path):
-    """ours: one finite-loss check and one boundary flag all-reduce per step, one GradGuard hook per
-    parameter; the bare loop has none of them; both call gathered_layout once per loss."""
+    """ours: no finite-loss check per micro-batch, one boundary flag all-reduce per step (the loss
+    flags of its 2 micro-batches ride along), one GradGuard hook per parameter and micro-batch; the
+    bare loop has none of them; both call gathered_layout once per loss. The host-sync count books
+    each tensor read by the host to its caller: ours reads once per step at the boundary, and the
+    window metrics at log steps."""
     check(run_trainer(bench_args(tmp_path, demo_data, "--impls", "bare,ours", "--profile", "timers",
-                                 steps=2, warmup=1), timeout=300))
+                                 "train.grad_accum_steps=2", steps=2, warmup=1), timeout=300))
     rows = read_rows(tmp_path / "train_t.jsonl")
     ours, bare = rows["ours"]["suspects"], rows["bare"]["suspects"]
-    for key in ("finite_item", "finite_flag", "guard_flag", "layout"):
-        assert ours[key]["calls_per_step"] == 1, key
-    assert ours["guard_hooks"]["calls_per_step"] == 142  # every parameter tensor of the tiny model
-    assert bare["layout"]["calls_per_step"] == 1
+    for key in ("finite_item", "finite_flag"):
+        assert ours[key]["calls_per_step"] == 0, key
+    assert ours["guard_flag"]["calls_per_step"] == 1
+    assert ours["layout"]["calls_per_step"] == 2 and bare["layout"]["calls_per_step"] == 2   # one per micro-batch
+    assert ours["guard_hooks"]["calls_per_step"] == 2 * 142  # every parameter tensor of the tiny model, twice
     assert all(bare[k]["calls_per_step"] == 0 for k in bare if k not in ("layout", "flag_latency_ms"))
     assert ours["flag_latency_ms"] > 0
-    assert "Suspected overheads" in (tmp_path / "train_t.md").read_text()
+    syncs = rows["ours"]["host_syncs"]["by_caller"]
+    trainer = {k: v for k, v in syncs.items() if k.startswith("trainer/")}
+    # the boundary's flags once per step, whatever the accumulation; the window metrics only at log
+    # steps (here the last step alone, max_steps = 3: once in the two timed steps)
+    assert trainer == {"trainer/train.py:train_step tolist": 1.0, "trainer/train.py:_window_metrics tolist": 0.5,
+                       "trainer/train.py:_logit_scale __float__": 0.5}, syncs
+    md = (tmp_path / "train_t.md").read_text()
+    assert "Suspected overheads" in md and "Host syncs per step" in md
 
 
 def test_bad_arguments_exit_2_before_any_rank(demo_data, tmp_path):

@@ -253,3 +253,38 @@ def test_resume_stops_when_a_shard_holds_other_samples_than_recorded(demo_data, 
     with pytest.raises(RuntimeError, match=r"read differently 3 times \(sample \d+ is 'train_\d+', the checkpoint "
                                            r"recorded 'train_\d+'\)"):
         TrainData(cfg, dec, rank=0, world=1, position=copy.deepcopy(first.position)).next()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_images_normalised_on_the_device_are_the_float_pipelines_inputs(demo_data, train):
+    """The decoders ship uint8 images and ``to_model_pixels`` normalises them where the model runs;
+    the model must see what torchvision's ToTensor + Normalize on the host gave it before (the
+    same random crop for the same sample seed), in float32 bit for bit and in bf16 after the cast."""
+    cfg = make_cfg(demo_data)
+    mean, std = cfg.data.image_mean, cfg.data.image_std
+    tok = D.load_tokenizer(str(demo_data / "tokenizer"))
+    u8 = D.SampleDecoder(tok, 24, D.image_transforms(64, 0.5, train=train))
+    ref = D.SampleDecoder(tok, 24, D.build_transforms(64, mean, std, 0.5, train=train))
+    samples = []
+    for s in D._raw_samples([str(p) for p in sorted((demo_data / "train").glob("*.tar"))[:1]], D._Counter(), None):
+        samples.append(s)
+        if len(samples) == 6:
+            break
+    got = torch.stack([u8(s, seed=100 + i)[0] for i, s in enumerate(samples)])
+    want = torch.stack([ref(s, seed=100 + i)[0] for i, s in enumerate(samples)])
+    assert got.dtype == torch.uint8 and want.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(D.to_model_pixels(got, "cpu", torch.float32, mean, std), want)
+    assert torch.equal(D.to_model_pixels(got, "cpu", torch.bfloat16, mean, std), want.to(torch.bfloat16))
+    # the independent formula: (x / 255 - mean) / std per channel
+    x = got.double() / 255
+    formula = (x - torch.tensor(mean, dtype=torch.float64)[:, None, None]) / torch.tensor(std, dtype=torch.float64)[:, None, None]
+    assert torch.allclose(D.to_model_pixels(got, "cpu", torch.float32, mean, std).double(), formula, atol=1e-6)
+    # already-normalised floats pass through; uint8 without the constants is refused
+    assert torch.equal(D.to_model_pixels(want, "cpu", torch.float32), want)
+    with pytest.raises(ValueError, match="mean and std"):
+        D.to_model_pixels(got, "cpu", torch.float32)
+    # the training and evaluation decoders the run builds ship uint8
+    full = load_config("trainer/configs/demo.yaml", [f"tokenizer.path={demo_data}/tokenizer", "model.context_length=24"])
+    for dec in (D.train_decoder(full, tok), D.eval_decoder(full, tok)):
+        assert dec(samples[0], seed=1)[0].dtype == torch.uint8
+    assert D.dummy_batch(u8, 64)["image"].dtype == torch.uint8

@@ -75,7 +75,7 @@ def set_overrides(sets: dict) -> list[str]:
 
 @torch.no_grad()
 def reference(checkpoint: Path, sets: dict) -> dict:
-    from trainer.data import eval_decoder, load_tokenizer
+    from trainer.data import eval_decoder, load_tokenizer, model_pixels
     from trainer.eval_sets import load_imagenet1k
     from trainer.methods import load_trained_model
     from trainer.sources import checkpoint_config
@@ -86,7 +86,8 @@ def reference(checkpoint: Path, sets: dict) -> dict:
     dec = eval_decoder(cfg, tok)
 
     def images(paths):
-        return model.encode_image(torch.stack([dec.transform(Image.open(p).convert("RGB")) for p in paths])).double()
+        pixels = torch.stack([dec.transform(Image.open(p).convert("RGB")) for p in paths])   # uint8
+        return model.encode_image(model_pixels(cfg)(pixels, "cpu", torch.float32)).double()
 
     def texts(strings):
         t = dec.tokenize(strings)

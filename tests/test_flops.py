@@ -23,6 +23,9 @@ PROBE_COMMON = ["data.val_shards=", "eval.zeroshot=", "data.batch_size=8", "data
 # name: (config, overrides, optimizer step, an ECL round instead of a step)
 CASES = {
     "clip": ("demo", [], 1, False),
+    # two micro-batches: each loss over its own pairs, and (GradCache) one loss over all, forwards twice
+    "clip-accum2": ("demo", ["train.grad_accum_steps=2"], 1, False),
+    "clip-accum2-negatives": ("demo", ["train.grad_accum_steps=2", "train.accum_negatives=true"], 1, False),
     # step 6 of 10 after a 2-step warm-up: EViT's keep rate is on its cosine, between 1 and 0.5
     "eclipse-evit": ("eclipse", ["eclipse.keep_rate=0.5"], 6, False),
     "eclipse-flip": ("eclipse", ["eclipse.expedite=random", "eclipse.keep_rate=0.5"], 6, False),

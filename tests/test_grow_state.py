@@ -284,8 +284,8 @@ def test_grown_stage_continues_the_round_counter_and_the_carried_scores(stage1, 
     items = [decoder(samples[k]) for k in keys]
     batch = decoder.collate(items)
     with torch.no_grad():
-        image, text, _ = model(pixel_values=batch["image"], input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"])[:3]
+        image, text, _ = model(pixel_values=D.model_pixels(cfg)(batch["image"], "cpu", torch.float32),
+                               input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[:3]
     cos = (image * text).sum(-1).double()
     for k, c in zip(keys, cos.tolist()):
         assert now[k] == pytest.approx(carried[k] + c, abs=1e-5), k

@@ -253,8 +253,8 @@ def test_the_verbs_scores_are_each_members_self_confidence_summed(single, ckpts,
         dec = D.eval_decoder(cfg, tok)
         batch = dec.collate([dec(s)[:2] for s in _samples(ragged / "train")])
         with torch.no_grad():
-            img, txt, *_ = model(pixel_values=batch["image"], input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"])
+            img, txt, *_ = model(pixel_values=D.model_pixels(cfg)(batch["image"], "cpu", torch.float32),
+                                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = 100.0 * img.double() @ txt.double().T
         total += (torch.log_softmax(logits, 1).diagonal() + torch.log_softmax(logits, 0).diagonal()) / 2
     got = scores(single)

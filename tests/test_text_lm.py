@@ -115,6 +115,44 @@ def test_clm_loss_equals_a_plain_torch_reference(demo_data, attn):
     torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-12)
 
 
+def test_host_computed_index_gives_the_boolean_masks_loss_and_gradients(demo_data):
+    """The train step passes ``lm_index`` (the predicted positions, found on the host by
+    ``TextLm.lm_batch``) instead of letting the loss index by a boolean mask on the device (a
+    host sync per micro-batch on a GPU): the same rows in the same order, so the same loss and
+    gradients exactly (clm and mlm), and no boolean-mask index on the way."""
+    from trainer.methods.text_lm import TextLm, clm_labels
+
+    model, tok = _tiny_model(demo_data)
+    b = _batch(tok)
+    w = model.text_model.embeddings.token_embedding.weight
+    getitem = torch.Tensor.__getitem__
+    bool_index = []
+
+    def watch(t, idx):
+        bool_index.append(isinstance(idx, torch.Tensor) and idx.dtype == torch.bool)
+        return getitem(t, idx)
+    for objective in ("clm", "mlm"):
+        fake = SimpleNamespace(cfg=SimpleNamespace(text_lm=SimpleNamespace(objective=objective, mask_rate=0.3,
+                                                                             mask_token_rate=0.8), seed=0),
+                               step=1, micro=0, rank=0, tokenizer=tok,
+                               special_ids=torch.tensor(sorted(set(tok.all_special_ids))), ordinary_ids=torch.arange(len(tok)))
+        lm = TextLm.lm_batch(fake, b)
+        ids, mask, labels, index = lm["lm_input_ids"], lm["lm_attention_mask"], lm["lm_labels"], lm["lm_index"]
+        if objective == "clm":
+            assert torch.equal(labels, clm_labels(b["input_ids"], b["attention_mask"]))
+        assert torch.equal(index, (labels.flatten() != -100).nonzero().squeeze(1)) and index.numel() > 0
+        want = model.text_lm_loss(ids, mask, labels, causal=objective == "clm")
+        (g_want,) = torch.autograd.grad(want, w)
+        torch.Tensor.__getitem__ = watch
+        try:
+            got = model.text_lm_loss(ids, mask, labels, causal=objective == "clm", index=index)
+        finally:
+            torch.Tensor.__getitem__ = getitem
+        (g_got,) = torch.autograd.grad(got, w)
+        assert not any(bool_index), objective
+        assert torch.equal(got, want) and torch.equal(g_got, g_want), objective
+
+
 @ATTN
 def test_mlm_loss_equals_a_bidirectional_plain_torch_reference(demo_data, attn):
     model, tok = _tiny_model(demo_data, attn)

@@ -95,3 +95,37 @@ def test_an_exception_on_one_rank_ends_the_job_instead_of_hanging(demo_data, tmp
     assert proc.returncode != 0
     assert "debug.raise_at_step: injected failure after step 2" in proc.stderr
     assert [m["step"] for m in read_metrics(tmp_path / "r")] == [1]   # raised before step 2 was logged
+
+
+def test_grad_guard_flags_any_non_finite_gradient_once_per_step():
+    """GradGuard keeps one float32 sum per parameter gradient on the device and reduces them when
+    asked: any NaN, +inf or -inf element (also +inf and -inf together, whose sum is NaN) sets the
+    flag; large finite fp16 gradients, whose fp16 sum would overflow, do not; reset clears it."""
+    import torch
+
+    from trainer.faults import GradGuard
+
+    def flag(*grads) -> float:
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        module = torch.nn.Module()
+        for i, p in enumerate(params):
+            module.register_parameter(f"p{i}", p)
+        guard = GradGuard(module)
+        sum((p * g).sum() for p, g in zip(params, grads)).backward()
+        return float(guard.flag("cpu"))
+
+    finite = torch.randn(5, 3)
+    assert flag(finite, torch.randn(4)) == 0.0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        g = torch.randn(4)
+        g[2] = bad
+        assert flag(finite, g) == 1.0, bad
+    assert flag(torch.tensor([float("inf"), float("-inf"), 1.0])) == 1.0
+    big = torch.full((64,), 60000.0, dtype=torch.float16)        # finite; its fp16 sum is not
+    assert torch.isinf(big.sum()) and flag(big) == 0.0
+    module = torch.nn.Linear(2, 2)
+    guard = GradGuard(module)
+    (module(torch.tensor([[float("nan"), 1.0]])).sum()).backward()
+    assert float(guard.flag("cpu")) == 1.0
+    guard.reset()
+    assert float(guard.flag("cpu")) == 0.0

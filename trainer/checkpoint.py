@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from .config import ConfigError
-from .dist import all_reduce_flags, barrier, is_main, rank as this_rank, world as this_world
+from .dist import all_reduce_flags, barrier, is_main, rank as this_rank, world_size as this_world
 from .sources import fp32_state_dict, resolve_checkpoint
 
 TAG_RE = re.compile(r"^step_(\d+)$")

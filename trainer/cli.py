@@ -1,4 +1,4 @@
-"""CLIP pre-training with DeepSpeed ZeRO: train, make-demo-data, make-tokenizer, eval, export-hf, export-open-clip, select, grow, sweep, bench.
+"""CLIP pre-training with DeepSpeed ZeRO: train, make-demo-data, make-tokenizer, eval, export-hf, export-open-clip, select, grow, sweep, bench, convert-manifest.
 
 ``python -m trainer VERB ...``. User mistakes (bad config, missing paths, bad batch arithmetic)
 print one ``error:`` line and exit with status 2, before any process group or data loader starts.
@@ -116,6 +116,18 @@ def _eval(args) -> int:
             with open(args.out, "w") as fh:
                 json.dump(result, fh, indent=2)
     shutdown()
+    return 0
+
+
+def _convert_manifest(args) -> int:
+    from pathlib import Path
+
+    from .data import convert_key_manifest, expand_shards
+
+    if not Path(args.manifest).is_file():
+        raise ConfigError(f"convert-manifest --manifest: file not found: {args.manifest}")
+    urls = expand_shards(args.shards, "--shards")
+    print(json.dumps(convert_key_manifest(args.manifest, urls, args.out), indent=2))
     return 0
 
 
@@ -246,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=256, help="scoring batch per rank (default 256)")
     c.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     c.add_argument("--merge-only", action="store_true", help="only merge the scored parts (e.g. a job after an array)")
+    v = sub.add_parser("convert-manifest", help="a key-per-line data.manifest as the per-shard form (manifest.txt + "
+                                                "index.json) that each loader worker reads one shard at a time")
+    v.add_argument("--manifest", required=True, help="the key-per-line file (# comments allowed)")
+    v.add_argument("--shards", required=True, nargs="+", help="the training shards (as data.train_shards): directories, "
+                                                              "brace patterns, files or pipe: URLs")
+    v.add_argument("--out", required=True, help="writes manifest.txt and index.json; then data.manifest=OUT")
     g = sub.add_parser("grow", help="GrowCLIP checkpoint surgery: a grown model from a checkpoint, for checkpoint.init")
     g.add_argument("--checkpoint", required=True, help="checkpoint (step_N, checkpoints/ or run directory) of any ZeRO stage")
     g.add_argument("--out", required=True, help="writes weights.pt, config.yaml (the grown shape), grow.json")
@@ -280,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: train needs --config FILE (e.g. trainer/configs/demo.yaml)", file=sys.stderr)
         return 2
     handlers = {"train": _train, "make-demo-data": _make_demo_data, "make-tokenizer": _make_tokenizer, "eval": _eval, "export-hf": _export, "export-open-clip": _export_open_clip,
-                "bench": _bench, "sweep": _sweep, "select": _select, "grow": _grow}
+                "bench": _bench, "sweep": _sweep, "select": _select, "grow": _grow,
+                "convert-manifest": _convert_manifest}
     try:
         return handlers[args.verb](args)
     except ConfigError as err:

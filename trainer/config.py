@@ -43,6 +43,7 @@ class ModelConfig:
     embed_dim: int | None = _f(None, "override the preset: joint embedding dimension (both projections)", min=1)
     shared_layers: int = _f(0, "GrowCLIP's shared encoder: the top N transformer layers are one set of weights used by both towers (their widths, heads and MLP must match); export-hf copies them into both", min=0)
     grad_checkpointing: bool = _f(False, "activation checkpointing in both towers (saves memory, costs a recompute)")
+    compile: bool = _f(False, "torch.compile each transformer layer of both towers and of a method's teacher (regional compilation; a method's token-dropping layers stay eager); ZeRO 0-2 only; a one-off compile per process (CPU: ~40 s tiny, ~6 min ViT-B/16) for a step that saved 3-6 % on CPU, where fp32 steps are GEMM-bound (bench/results/compile_cpu_findings.md)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager", choices=("sdpa", "eager"))
     patch_size: int | None = _f(None, "override the preset: image patch size (pixels; must divide image_size)", min=1)
     act: str | None = _f(None, "MLP activation of both towers: quick_gelu (OpenAI CLIP's; the default when empty) | gelu (exact GELU, open_clip's models without -quickgelu); a pretrained checkpoint.init sets it", choices=("quick_gelu", "gelu"))
@@ -57,6 +58,7 @@ class DataConfig:
     train_shards: Any = _f(None, "training shards: a directory (all *.tar), a brace pattern, pipe: URL, or a list of those")
     val_shards: Any = _f(None, "validation shards (same forms); empty disables evaluation")
     manifest: str | None = _f(None, "optional file of kept sample keys (one per line); others are dropped")
+    key_manifest_max_mb: float = _f(64.0, "largest key-per-line data.manifest held whole by every loader worker; above it, exit 2 with the convert-manifest command (per-shard form)", min=0.0)
     train_num_samples: int = _f(10000, "samples per training epoch (the data stream is reseeded each epoch)", min=1)
     batch_size: int = _f(64, "per-rank micro-batch size (pairs)", min=1)
     workers: int = _f(2, "data loader worker processes per rank", min=0)
@@ -352,6 +354,13 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.deepspeed.offload and cfg.deepspeed.zero_stage != 3:
         raise ConfigError("config key 'deepspeed.offload' needs deepspeed.zero_stage=3; "
                           f"got zero_stage={cfg.deepspeed.zero_stage}")
+    if cfg.model.compile and cfg.deepspeed.zero_stage == 3:
+        # Measured: dynamo traces into ZeRO-3's per-submodule gather/release hooks, breaks the
+        # graph at each and hits its recompile limit, so every layer falls back to eager after a
+        # minutes-long compile (same losses, no speed-up).
+        raise ConfigError("config key 'model.compile' is not supported with deepspeed.zero_stage=3: ZeRO-3's "
+                          "per-submodule parameter hooks break each compiled layer back into eager pieces; "
+                          "use zero_stage 1 or 2, or model.compile=false")
     if len(cfg.data.image_mean) != 3 or len(cfg.data.image_std) != 3:
         raise ConfigError("config keys 'data.image_mean' and 'data.image_std' must have 3 values each")
     if cfg.train.accum_negatives and cfg.train.grad_accum_steps < 2:

@@ -1,7 +1,9 @@
 """WebDataset pipelines over img2dataset-layout shards (``KEY.jpg|png`` + ``KEY.txt`` + ``KEY.json``).
 
 Training (``TrainStream``): shards resampled with replacement, a shuffle buffer, decode + CLIP
-augmentation + tokenisation in loader workers, batches assembled in the workers. Every random
+augmentation + tokenisation in loader workers, batches assembled in the workers. Images leave the
+workers as uint8 (pinned on GPU machines) and are normalised where the model runs
+(:func:`to_model_pixels`). Every random
 choice is a pure function of ``(seed, epoch, rank, logical worker, sample index)``, and each batch
 carries its worker's read position: the shard it is reading (which draw, how many samples in), the
 shuffle buffer's samples as ``(draw, member, key)`` and the shuffle RNG's state. A resumed run
@@ -10,13 +12,15 @@ the current shard up to its position and the samples its buffer held (verified b
 the samples and augmentations the uninterrupted run would have seen without replaying the epoch.
 
 Evaluation (``eval_batches``): each rank reads its share (by shard when there are enough shards,
-else every world-th sample), in order, with the deterministic eval transform.
+else every world-th sample, seeking over the other ranks' samples in local files), with the
+deterministic eval transform, decoded in loader workers.
 
 A corrupt sample or unreadable shard is skipped, counted (``skipped`` in each batch, reported as
 ``data/skipped``) and logged once; it never stops the run.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -25,10 +29,13 @@ import json
 import logging
 import os
 import random
+import re
 import signal
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
@@ -36,6 +43,7 @@ from torchvision import transforms as T
 from webdataset import tariterators
 
 from .config import ConfigError
+from .dist import from_rank0, launch_env, world_size
 from .model import preset_shape
 
 log = logging.getLogger("trainer.data")
@@ -65,6 +73,53 @@ def expand_shards(spec, key: str) -> list[str]:
                 raise ConfigError(f"config key '{key}': no shard matches {pattern!r}")
             urls += matches
     return urls
+
+
+# Shard lists of this process, by spec: what launch rank 0 expanded in the checks before the
+# process group (check_shards), and the lists every rank holds once rank 0 shared them (shard_list).
+_EXPANDED: dict[str, list[str]] = {}
+_AGREED: set[str] = set()
+
+
+def _spec_key(spec, key: str) -> str:
+    return json.dumps([key, spec], sort_keys=True, default=str)
+
+
+def check_shards(spec, key: str) -> list[str] | None:
+    """The checks before any process group: launch rank 0 expands ``spec`` (a ConfigError names
+    what matches nothing) and keeps the list for :func:`shard_list`; the other ranks of a
+    multi-rank launch return None without touching the file system (if rank 0 exits 2, the
+    launcher ends the job: torchrun does, and ``srun --kill-on-bad-exit=1`` in slurm/train.sbatch).
+
+        urls = check_shards(cfg.data.train_shards, "data.train_shards")   # None on ranks > 0
+    """
+    le = launch_env()
+    if le.world_size == 1:
+        return expand_shards(spec, key)
+    if le.rank != 0:
+        return None
+    ident = _spec_key(spec, key)
+    if ident not in _EXPANDED:
+        _EXPANDED[ident] = expand_shards(spec, key)
+    return _EXPANDED[ident]
+
+
+def shard_list(spec, key: str) -> list[str]:
+    """:func:`expand_shards` once per run: in a process group of several ranks, rank 0 globs (or
+    reuses what :func:`check_shards` found) and every rank gets its list; later calls with the same
+    spec (each evaluation, each ECL round) are answered from memory. A collective the first time
+    a spec is asked for: every rank calls it, in the same order. With one process it expands.
+
+    At 512 ranks and 10^5 brace-expanded shard names, one glob per name per rank per expansion
+    would be ~10^8 metadata calls on the shared file system; this is 10^5, once.
+    """
+    if world_size() == 1:
+        return expand_shards(spec, key)
+    ident = _spec_key(spec, key)
+    if ident not in _AGREED:
+        _EXPANDED[ident] = from_rank0(lambda: _EXPANDED.get(ident) or expand_shards(spec, key))
+        _AGREED.add(ident)
+    return list(_EXPANDED[ident])
 
 
 class KeyManifest:
@@ -133,11 +188,21 @@ def canonical_url(url: str) -> str:
     return url if ("://" in url or url.startswith("pipe:")) else os.path.realpath(url)
 
 
-def read_manifest(path: str | None, urls: list[str] | None = None):
+KEY_MANIFEST_MAX_MB = 64.0   # data.key_manifest_max_mb's default
+
+
+def read_manifest(path: str | None, urls: list[str] | None = None, max_mb: float | None = KEY_MANIFEST_MAX_MB,
+                  shards_spec=None):
     """``data.manifest``: ``None`` keeps everything; a ``select`` output directory (or its
     ``manifest.txt``, whose ``index.json`` sits next to it) gives a :class:`ShardManifest`; any
     other file of kept keys, one per line (``#`` comments allowed), a :class:`KeyManifest`.
-    With ``urls``, every training shard must be in a :class:`ShardManifest`'s index."""
+    With ``urls``, every training shard must be in a :class:`ShardManifest`'s index.
+
+    A key-per-line file above ``max_mb`` (``data.key_manifest_max_mb``; None: no limit) is a
+    ConfigError naming the command that converts it to the per-shard form
+    (:func:`convert_key_manifest`): a :class:`KeyManifest` is held whole by every loader worker of
+    every rank (10^9 keys: ~100 GB each); ``shards_spec`` (the training shards as configured) goes
+    into that command."""
     if path is None:
         return None
     p = Path(path)
@@ -158,17 +223,137 @@ def read_manifest(path: str | None, urls: list[str] | None = None):
         return manifest
     if not p.is_file():
         raise ConfigError(f"config key 'data.manifest': file not found: {path}")
+    size_mb = p.stat().st_size / 2**20
+    if max_mb is not None and size_mb > max_mb:
+        spec = " ".join(map(str, shards_spec)) if isinstance(shards_spec, list) else (shards_spec or "SHARDS")
+        raise ConfigError(f"config key 'data.manifest': {path} is a key-per-line file of {size_mb:.0f} MB, above "
+                          f"data.key_manifest_max_mb={max_mb:g} (every loader worker of every rank would hold all of "
+                          f"its keys); convert it once to the per-shard form, which a worker reads one shard at a "
+                          f"time: python -m trainer convert-manifest --manifest {path} --shards {spec} --out DIR, "
+                          f"then data.manifest=DIR")
     with open(p) as fh:
         return KeyManifest(frozenset(line.strip() for line in fh if line.strip() and not line.startswith("#")))
 
 
-def build_transforms(image_size: int, mean, std, crop_scale_min: float, train: bool):
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def shard_keys(url: str, counter: _Counter | None = None) -> Iterator[str]:
+    """The sample keys of one shard, in order; a local tar's members are listed from their headers
+    alone (no data is read), a ``pipe:`` stream is read through."""
+    counter = counter or _Counter()
+    if seekable(url):
+        for sample in picked_samples(url, lambda i: True, counter, keys_only=True):
+            yield sample["__key__"]
+        return
+    for sample in tariterators.tarfile_samples([{"url": url}], handler=counter.handler):
+        yield sample["__key__"]
+
+
+def convert_key_manifest(path: str | Path, urls: list[str], out: str | Path, chunk_keys: int = 1 << 22) -> dict:
+    """A key-per-line manifest as the per-shard form :class:`ShardManifest` reads (``OUT/manifest.txt``,
+    ``OUT/index.json``): each shard's listed keys, in the shard's order, one byte range per shard.
+
+        convert_key_manifest("kept.txt", expand_shards("data/train", "k"), "runs/kept")  # data.manifest=runs/kept
+
+    Memory: 8 bytes per listed key (a sorted array of 64-bit hashes; 8 GB at 10^9 keys), never the
+    keys themselves; each shard's keys are listed from its tar headers and looked up. Exact up to a
+    64-bit hash collision: a sample whose key is not listed is kept only if its hash equals a listed
+    key's, an expected (samples x keys) / 2^64 of them (0.05 at 10^9 x 10^9). Returns counts:
+    ``keys`` listed, ``kept`` found in the shards, ``samples`` in the shards."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts, chunk = [], []
+    with open(path) as fh:
+        for line in fh:
+            key = line.strip()
+            if key and not key.startswith("#"):
+                chunk.append(_key_hash(key))
+                if len(chunk) == chunk_keys:
+                    parts.append(np.array(chunk, dtype=np.uint64))
+                    chunk = []
+    parts.append(np.array(chunk, dtype=np.uint64))
+    listed = np.unique(np.concatenate(parts))
+    del parts, chunk
+    entries, kept, samples = [], 0, 0
+    tmp = out / f"manifest.txt.{os.getpid()}.tmp"
+    with open(tmp, "wb") as mf:
+        for url in urls:
+            keys = list(shard_keys(url))
+            samples += len(keys)
+            h = np.array([_key_hash(k) for k in keys], dtype=np.uint64)
+            found = np.zeros(len(keys), dtype=bool)
+            if listed.size:
+                found = listed[np.minimum(np.searchsorted(listed, h), listed.size - 1)] == h
+            text = "".join(k + "\n" for k, f in zip(keys, found) if f).encode()
+            start = mf.tell()
+            mf.write(text)
+            entries.append({"url": canonical_url(url), "manifest": [start, start + len(text)], "kept": int(found.sum())})
+            kept += int(found.sum())
+        mf.flush()
+        os.fsync(mf.fileno())
+    os.replace(tmp, out / "manifest.txt")
+    index = out / "index.json"
+    tmp = index.with_name(f"index.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"format": "trainer-keys/1", "manifest": "manifest.txt", "source": str(path),
+                               "shards": entries}, indent=1))
+    os.replace(tmp, index)
+    return {"keys": int(listed.size), "kept": kept, "samples": samples, "shards": len(urls), "out": str(out)}
+
+
+def _geometry(image_size: int, crop_scale_min: float, train: bool) -> list:
     if train:
-        return T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0),
-                                              interpolation=T.InterpolationMode.BICUBIC), *norm])
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), *norm])
+        return [T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+    return [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+
+
+def image_transforms(image_size: int, crop_scale_min: float, train: bool):
+    """PIL image -> uint8 ``[3, H, W]``: the crop (random for training, centre for evaluation),
+    no normalisation. What the trainer's decoders ship through loader workers and pinned memory
+    (a quarter of float32's bytes); :func:`to_model_pixels` normalises on the device."""
+    return T.Compose([*_geometry(image_size, crop_scale_min, train), T.PILToTensor()])
+
+
+def build_transforms(image_size: int, mean, std, crop_scale_min: float, train: bool):
+    """PIL image -> normalised float32 ``[3, H, W]`` (torchvision's ToTensor + Normalize): the
+    same crop as :func:`image_transforms` with the normalisation on the host. The trainer ships
+    uint8 instead; this is the reference the uint8 path is tested against, and a decoder built
+    with it still works (:func:`to_model_pixels` passes float images through)."""
+    return T.Compose([*_geometry(image_size, crop_scale_min, train), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def to_model_pixels(images: torch.Tensor, device, dtype: torch.dtype, mean=None, std=None) -> torch.Tensor:
+    """The model's pixel input: uint8 ``[N, 3, H, W]`` images (from :func:`image_transforms`) moved
+    to ``device`` as uint8 (non-blocking from pinned memory), then ``(x / 255 - mean) / std`` in
+    float32 there and cast to ``dtype`` (the training precision) - the same arithmetic, in the
+    same order, as ToTensor + Normalize on the host, so the model sees the same values.
+
+        x = to_model_pixels(batch["image"], engine.device, torch.bfloat16, cfg.data.image_mean, cfg.data.image_std)
+
+    A floating-point ``images`` is taken as already normalised (a caller's own preprocessing) and
+    only moved and cast."""
+    if images.is_floating_point():
+        return images.to(device, dtype, non_blocking=True)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (or already normalised floats), got {images.dtype}")
+    if mean is None or std is None:
+        raise ValueError("uint8 images need the normalisation's mean and std (cfg.data.image_mean/image_std)")
+    x = images.to(device, non_blocking=True)
+    m, s = _norm_constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
+    return x.float().div_(255).sub_(m).div_(s).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # float32, as Normalize makes them from the same lists; made once per device, not per batch
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+
+
+def model_pixels(cfg):
+    """:func:`to_model_pixels` with ``cfg.data``'s mean and std: ``pixels(images, device, dtype)``."""
+    return functools.partial(to_model_pixels, mean=tuple(cfg.data.image_mean), std=tuple(cfg.data.image_std))
 
 
 def _seed(*parts) -> int:
@@ -583,16 +768,22 @@ def steps_per_epoch(cfg, world: int) -> int:
     return max(1, cfg.data.train_num_samples // (cfg.data.batch_size * world * cfg.train.grad_accum_steps))
 
 
-def eval_decoder(cfg, tokenizer) -> "SampleDecoder":
-    """The deterministic decoder of evaluation (and of ECL scoring): resize, centre crop."""
+def train_decoder(cfg, tokenizer) -> "SampleDecoder":
+    """The training decoder: random resized crop (``data.crop_scale_min``), uint8 images."""
     shape = preset_shape(cfg.model)
-    return SampleDecoder(tokenizer, shape["context_length"], build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, 1.0, train=False))
+    return SampleDecoder(tokenizer, shape["context_length"],
+                         image_transforms(shape["image_size"], cfg.data.crop_scale_min, train=True))
+
+
+def eval_decoder(cfg, tokenizer) -> "SampleDecoder":
+    """The deterministic decoder of evaluation (and of ECL scoring): resize, centre crop, uint8 images."""
+    shape = preset_shape(cfg.model)
+    return SampleDecoder(tokenizer, shape["context_length"], image_transforms(shape["image_size"], 1.0, train=False))
 
 
 def dummy_batch(decoder: "SampleDecoder", image_size: int) -> dict:
     """A one-sample batch for a rank out of work in a lockstep pass (ZeRO-3 gathers per forward)."""
-    return {"image": torch.zeros(1, 3, image_size, image_size), **decoder.tokenize([""]),
+    return {"image": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), **decoder.tokenize([""]),
             "label": torch.tensor([-1])}
 
 
@@ -637,9 +828,11 @@ class ResumableStream:
                              epoch=self.position["epoch"], rank=self.rank, world=self.world, workers=self.workers,
                              shuffle_buffer=self.shuffle_buffer, manifest=self.manifest,
                              resume=self.position["stream"] or None, stream_id=self.stream_id)
+        # Pinned batches (on a GPU machine): the step's copies to the device are asynchronous.
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
                                                 worker_init_fn=ignore_stop_signals,
-                                                prefetch_factor=4 if self.workers else None))
+                                                prefetch_factor=4 if self.workers else None,
+                                                pin_memory=torch.cuda.is_available()))
 
     def close(self) -> None:
         """Shut the loader's worker processes down now (the run is over or failing)."""
@@ -668,39 +861,111 @@ class ResumableStream:
         return batch
 
 
-def _eval_samples(urls: list[str], rank: int, world: int, counter: _Counter) -> Iterator[dict]:
+def seekable(url: str) -> bool:
+    """A local uncompressed ``.tar`` (not a ``pipe:`` command, a remote URL or a ``.tar.gz``): its
+    members can be skipped by seeking."""
+    return not (url.startswith("pipe:") or "://" in url) and url.endswith(".tar")
+
+
+def picked_samples(url: str, wanted, counter: _Counter, keys_only: bool = False) -> Iterator[dict]:
+    """The samples of a local tar shard whose index ``i`` (0, 1, ... in the shard, as webdataset
+    groups members by key) has ``wanted(i)``, as webdataset's sample dicts; the other samples'
+    data is seeked over, never read (only their 512-byte headers are); ``keys_only``: no data at
+    all, ``{"__key__", "__url__"}`` per wanted sample.
+
+        picked_samples("val-000000.tar", lambda i: i % 4 == 1, _Counter())   # a quarter of the bytes
+    """
+    try:
+        with open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+            index, prefix, sample = -1, None, None
+            for info in tf:
+                tf.members = []   # headers only, not a list of every member of the shard
+                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                    continue
+                key, ext = tariterators.base_plus_ext(info.name)
+                if key is None:
+                    continue
+                if key != prefix:
+                    if sample is not None and (len(sample) > 2 or keys_only):
+                        yield sample
+                    index, prefix, sample = index + 1, key, None
+                    if wanted(index):
+                        sample = {"__key__": key, "__url__": url}
+                if sample is not None and not keys_only:
+                    sample[ext.lower()] = tf.extractfile(info).read()
+            if sample is not None and (len(sample) > 2 or keys_only):
+                yield sample
+    except (OSError, tarfile.TarError, EOFError) as err:   # an unreadable shard: skipped and counted
+        counter.handler(ValueError(f"{type(err).__name__}: {err} @ {url}", url))
+
+
+def _eval_samples(urls: list[str], rank: int, world: int, counter: _Counter, worker: int = 0,
+                  workers: int = 1) -> Iterator[dict]:
+    """What loader worker ``worker`` of ``workers`` on ``rank`` reads of the validation set. With at
+    least as many shards as ranks, rank ``r`` reads shards ``r, r + world, ...`` (its workers
+    every ``workers``-th of those); with fewer, the samples are split: reader ``rank + world *
+    worker`` of ``world * workers`` reads every ``world * workers``-th sample of each shard (so
+    rank ``r`` holds the samples with ``i % world == r``), seeking over the others' data in local
+    files (a ``pipe:`` stream is read through, and filtered)."""
     if len(urls) >= world:
-        yield from _raw_samples(urls[rank::world], counter, None)
+        yield from _raw_samples(urls[rank::world][worker::workers], counter, None)
         return
-    for i, sample in enumerate(_raw_samples(urls, counter, None)):
-        if i % world == rank:
-            yield sample
+    readers, me = world * workers, rank + world * worker
+    for url in urls:
+        if seekable(url):
+            yield from picked_samples(url, lambda i: i % readers == me, counter)
+            continue
+        members = tariterators.tarfile_samples([{"url": url}], handler=counter.handler)
+        for i, sample in enumerate(members):
+            if i % readers == me:
+                yield sample
+
+
+class EvalStream(torch.utils.data.IterableDataset):
+    """This rank's share of the validation set as decoded batches (``image``, ``input_ids``,
+    ``attention_mask``, ``label``, ``keys``); under a DataLoader each worker reads and decodes its
+    part (:func:`_eval_samples`), so the main process only runs the model."""
+
+    def __init__(self, urls: list[str], decoder: SampleDecoder, batch_size: int, rank: int, world: int):
+        super().__init__()
+        self.urls, self.decoder, self.batch_size, self.rank, self.world = list(urls), decoder, batch_size, rank, world
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter, decoder = _Counter(), self.decoder
+        images, captions, labels, keys = [], [], [], []
+
+        def batch():
+            return {"image": torch.stack(images), **decoder.tokenize(captions), "label": torch.tensor(labels),
+                    "keys": list(keys)}
+        for sample in _eval_samples(self.urls, self.rank, self.world, counter, worker, workers):
+            try:
+                pixels, caption, label = decoder(sample)
+            except Exception as err:  # noqa: BLE001
+                counter.bad_sample(sample.get("__key__", "?"), err)
+                continue
+            images.append(pixels)
+            captions.append(caption)
+            labels.append(label)
+            keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                yield batch()
+                images, captions, labels, keys = [], [], [], []
+        if images:
+            yield batch()
 
 
 def eval_batches(urls: list[str], decoder: SampleDecoder, batch_size: int, rank: int,
-                 world: int) -> Iterator[dict]:
-    """This rank's share of the validation set, in order, as batches with ``label``."""
-    counter = _Counter()
-    images, captions, labels, keys = [], [], [], []
-
-    def batch():
-        return {"image": torch.stack(images), **decoder.tokenize(captions), "label": torch.tensor(labels),
-                "keys": list(keys)}
-    for sample in _eval_samples(urls, rank, world, counter):
-        try:
-            pixels, caption, label = decoder(sample)
-        except Exception as err:  # noqa: BLE001
-            counter.bad_sample(sample.get("__key__", "?"), err)
-            continue
-        images.append(pixels)
-        captions.append(caption)
-        labels.append(label)
-        keys.append(sample["__key__"])
-        if len(images) == batch_size:
-            yield batch()
-            images, captions, labels, keys = [], [], [], []
-    if images:
-        yield batch()
+                 world: int, workers: int = 0) -> Iterator[dict]:
+    """This rank's share of the validation set as batches with ``label`` (:class:`EvalStream`),
+    decoded in ``workers`` loader processes (0: in this one). Every sample is in exactly one
+    rank's share; with ``workers`` the order of the batches is the workers' round robin."""
+    stream = EvalStream(urls, decoder, batch_size, rank, world)
+    if workers == 0:
+        return iter(stream)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                            worker_init_fn=ignore_stop_signals))
 
 
 def load_tokenizer(path: str | None):

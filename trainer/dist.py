@@ -16,11 +16,15 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
 from .ports import derive_port
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world() -> int:
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -154,15 +159,104 @@ def all_reduce_flags(*flags: float, op: str = "max") -> list[float]:
     return all_reduce(torch.tensor(flags, dtype=torch.float64), op).tolist()
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` elsewhere is ignored.
-    For decisions read from a shared file system: one rank reads, all act alike (a stale NFS
-    cache on one node cannot make the ranks disagree and hang)."""
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order (a collective); ``[obj]`` without a group.
+
+        per_rank = all_gather_object({"syncs": counter})
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, device=comm_device() if comm_device().type == "cuda" else None)
-    return box[0]
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_rank0(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 alone, its result on every rank (a collective: every rank calls it).
+
+        urls = from_rank0(lambda: expand_shards(spec, key))       # one glob per name, not one per rank
+        done = from_rank0(lambda: (out / "summary.json").is_file())
+
+    For what ranks would otherwise each read from a shared file system: one read instead of one
+    per rank, and every rank acts on the same answer, so a rank whose NFS attribute cache is stale
+    cannot take another branch than its peers and leave them waiting in a collective. An exception
+    on rank 0 is raised on every rank (a ConfigError as a ConfigError, so bad input is still exit 2;
+    anything else as a RuntimeError naming rank 0). The result must pickle. Without a process group
+    (or with one rank) it is ``decide()``.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    box: list = [None]
+    err = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as e:  # noqa: BLE001 - every rank raises it below, none waits alone
+            err = e
+            box[0] = ("config", str(e)) if isinstance(e, ConfigError) else ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if err is not None:
+        raise err
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    raise ConfigError(value) if kind == "config" else RuntimeError(f"rank 0: {value}")
+
+
+def broadcast_state_dict(load: Callable[[], dict[str, torch.Tensor]],
+                         chunk_bytes: int = 256 << 20) -> dict[str, torch.Tensor]:
+    """``load()`` run on rank 0 alone; its tensors (CPU) on every rank (a collective).
+
+        sd = broadcast_state_dict(lambda: fp32_state_dict(root, tag))
+
+    For weights every rank needs whole (``checkpoint.init``): consolidating a ZeRO checkpoint
+    reads every rank's optimizer partition (fp32 master weights and both Adam moments), so one
+    reader instead of one per rank divides that file-system traffic by the world size. The
+    tensors travel as raw bytes in chunks of at most ``chunk_bytes`` (any dtype; NCCL through the
+    current device, gloo on the CPU); rank 0 keeps ``load()``'s own tensors, the others get
+    copies (tensors that shared storage arrive as separate ones).
+    An error in ``load()`` is raised on every rank (see :func:`from_rank0`).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return load()
+    held: dict[str, torch.Tensor] = {}
+
+    def layout():
+        held.update(load())
+        return [(k, tuple(v.shape), v.dtype) for k, v in held.items()]
+    entries = from_rank0(layout)
+    out: dict[str, torch.Tensor] = {}
+    device = comm_device()
+    i = 0
+    while i < len(entries):
+        group, size = [], 0
+        while i < len(entries) and (not group or size + _nbytes(entries[i]) <= chunk_bytes):
+            group.append(entries[i])
+            size += _nbytes(entries[i])
+            i += 1
+        if dist.get_rank() == 0:
+            buf = torch.cat([held[k].detach().contiguous().reshape(-1).view(torch.uint8) for k, _, _ in group]
+                            ).to(device) if size else torch.empty(0, dtype=torch.uint8, device=device)
+        else:
+            buf = torch.empty(size, dtype=torch.uint8, device=device)
+        dist.broadcast(buf, src=0)
+        if dist.get_rank() == 0:
+            continue
+        buf = buf.cpu()
+        at = 0
+        for name, shape, dtype in group:
+            n = _nbytes((name, shape, dtype))
+            out[name] = buf[at:at + n].clone().view(dtype).reshape(shape)
+            at += n
+    return held if dist.get_rank() == 0 else out
+
+
+def _nbytes(entry) -> int:
+    _, shape, dtype = entry
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
 
 
 def barrier() -> None:

@@ -18,7 +18,7 @@ import torch
 from kernels.gather import set_grad_reduce_dtype
 
 from .config import Config, ConfigError
-from .model import param_groups
+from .model import compile_layers, param_groups
 
 log = logging.getLogger("trainer")
 DS_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -127,6 +127,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
 
     on_gpu = torch.cuda.is_available()
     set_grad_reduce_dtype(grad_reduce_dtype(cfg))   # the loss's gathered-embedding gradient
+    if cfg.model.compile:
+        compile_layers(model)
     optimizer, name = build_optimizer(cfg, model, on_gpu)
     # A callable, so the schedule drives the optimizer DeepSpeed wraps (ZeRO's), not the raw one.
     def scheduler(opt):

@@ -27,6 +27,7 @@ or the kernels' ``all_gather_with_grad`` (whose tensors are the embeddings, on t
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -37,7 +38,7 @@ from kernels.gather import all_gather_with_grad, gathered_layout
 
 from . import data as D
 from .config import Config, ConfigError
-from .dist import all_reduce, all_reduce_flags
+from .dist import all_reduce, all_reduce_flags, from_rank0
 from .eval_sets import image_batches, read_imagefolder, read_retrieval, share
 from .faults import StopRequested
 from .methods import eval_views, keep_rate
@@ -65,24 +66,48 @@ def load_zeroshot(path: str) -> tuple[list[str], list[str]]:
     return classnames, templates
 
 
+@functools.lru_cache(maxsize=4)
+def prompt_tokens(tokenizer, context_length: int, classnames: tuple[str, ...],
+                  templates: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], ...]:
+    """Per class, its prompts ``template.format(name)`` tokenized as the trainer does (int32).
+
+    The one part of a zero-shot classifier that is constant over a run (the text tower trains, so
+    the embeddings are not): tokenized once per run and set, not at every evaluation. ImageNet's
+    80,000 prompts took 26 s to tokenize on a loaded 2-core machine, where the text tower's
+    forward over them is a few seconds on a GPU (by its FLOPs); held as int32, about 50 MB.
+    """
+    decoder = D.SampleDecoder(tokenizer, context_length, None)
+    return tuple({k: v.to(torch.int32) for k, v in decoder.tokenize([t.format(name) for t in templates]).items()}
+                 for name in classnames)
+
+
 @torch.no_grad()
 def zeroshot_classifier(model, decoder: D.SampleDecoder, classnames, templates, device) -> torch.Tensor:
     """[C, D]: per class, the normalised mean of its prompts' normalised text embeddings."""
     weights = []
-    for name in classnames:
-        tok = decoder.tokenize([t.format(name) for t in templates])
-        emb = model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device)).float()
+    for tok in prompt_tokens(decoder.tokenizer, decoder.context_length, tuple(classnames), tuple(templates)):
+        emb = model.encode_text(tok["input_ids"].to(device, torch.long), tok["attention_mask"].to(device, torch.long)).float()
         weights.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
     return torch.stack(weights)
 
 
 @torch.no_grad()
-def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
-    """Image/text embeddings and labels of this rank's share, with lockstep forwards across ranks,
-    and the model's logit scale (None for a view without one). ``should_stop()`` true on any rank
-    raises :class:`StopRequested` on every rank."""
-    imgs, txts, labels, scale = [], [], [], None
-    it = iter(batches)
+def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None,
+                   pixels=D.to_model_pixels) -> dict:
+    """This rank's embeddings of ``batches``, with the same number of forwards on every rank (a rank
+    whose share is exhausted runs ``dummy`` and discards it), as ZeRO-3's parameter gathering needs.
+
+    A batch holds ``"image"`` pixels, ``"input_ids"`` + ``"attention_mask"``, or both (pairs), and
+    optionally ``"label"``. Returns ``{"image": [n, D], "text": [n, D], "label": [n], "scale"}``
+    (a modality the batches lack: ``[0, D]``; ``scale``: the model's logit scale, None for a view
+    without one). ``should_stop()`` true on any rank raises :class:`StopRequested` on every rank.
+    ``pixels``: how images become the model's input (``D.model_pixels(cfg)`` normalises the decoders'
+    uint8 images on the device).
+
+        out = embed_lockstep(model, ({"image": x} for x in pixel_batches), {"image": zeros}, device, dtype)
+    """
+    parts: dict[str, list] = {"image": [], "text": [], "label": []}
+    scale, it = None, iter(batches)
     while True:
         batch = next(it, None)
         anyone_left, stop = all_reduce_flags(float(batch is not None), float(bool(should_stop and should_stop())))
@@ -92,15 +117,38 @@ def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None):
             break
         real = batch is not None
         batch = batch if real else dummy
-        img, txt, scale = model(pixel_values=batch["image"].to(device, dtype),
-                                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        inputs = {}
+        if "image" in batch:
+            inputs["pixel_values"] = pixels(batch["image"], device, dtype)
+        if "input_ids" in batch:
+            inputs.update(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        img, txt, scale = model(**inputs)
         if real:
-            imgs.append(img.float())
-            txts.append(txt.float())
-            labels.append(batch["label"].to(device))
-    def cat(parts, dtype=torch.float32, width=(model.config.projection_dim,)):
-        return torch.cat(parts) if parts else torch.zeros((0, *width), dtype=dtype, device=device)
-    return cat(imgs), cat(txts), cat(labels, torch.long, ()), None if scale is None else float(scale)
+            for key, emb in (("image", img), ("text", txt)):
+                if emb is not None:
+                    parts[key].append(emb.float())
+            if "label" in batch:
+                parts["label"].append(batch["label"].to(device))
+
+    def cat(key, dtype=torch.float32, width=(model.config.projection_dim,)):
+        return torch.cat(parts[key]) if parts[key] else torch.zeros((0, *width), dtype=dtype, device=device)
+    return {"image": cat("image"), "text": cat("text"), "label": cat("label", torch.long, ()),
+            "scale": None if scale is None else float(scale)}
+
+
+def embed_split(model, batches, dummy: dict, device, dtype, should_stop=None, pixels=D.to_model_pixels):
+    """``(image [n, D], text [n, D], labels [n], logit scale)`` of this rank's validation pairs:
+    :func:`embed_lockstep` on batches holding both modalities and ``label``."""
+    out = embed_lockstep(model, batches, dummy, device, dtype, should_stop, pixels)
+    return out["image"], out["text"], out["label"], out["scale"]
+
+
+def embed_images(model, paths: list[Path], decoder: D.SampleDecoder, batch_size: int, image_size: int,
+                 device, dtype, should_stop=None, pixels=D.to_model_pixels) -> torch.Tensor:
+    """``[n, D]`` image embeddings of ``paths`` (this rank's share of a file set): :func:`embed_lockstep`."""
+    batches = ({"image": x} for x in image_batches(paths, decoder.transform, batch_size))
+    dummy = {"image": torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)}
+    return embed_lockstep(model, batches, dummy, device, dtype, should_stop, pixels)["image"]
 
 
 @torch.no_grad()
@@ -170,35 +218,15 @@ def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks=RECALL_KS,
     return result
 
 
-@torch.no_grad()
-def embed_lockstep(model, batches, dummy: dict, device, dtype, should_stop=None) -> torch.Tensor:
-    """``[n, D]`` embeddings of this rank's one-modality batches (``{"pixel_values"}`` or
-    ``{"input_ids", "attention_mask"}``), with lockstep forwards across ranks as in :func:`embed_split`."""
-    out, it = [], iter(batches)
-    while True:
-        batch = next(it, None)
-        anyone_left, stop = all_reduce_flags(float(batch is not None), float(bool(should_stop and should_stop())))
-        if stop:
-            raise StopRequested
-        if not anyone_left:
-            break
-        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device)
-                  for k, v in (batch if batch is not None else dummy).items()}
-        img, txt, _ = model(**inputs)
-        if batch is not None:
-            out.append((img if img is not None else txt).float())
-    return torch.cat(out) if out else torch.zeros((0, model.config.projection_dim), device=device)
-
-
 def imagefolder_accuracy(model, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, device, dtype,
                          image_size: int, should_stop=None) -> dict:
     """Zero-shot top-1/top-5 on ``eval.imagefolder`` (trainer/eval_sets.py): each rank embeds its
     contiguous share of the images; the hit counts are summed across ranks."""
-    folder = read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes)
+    # listed by rank 0 for all: one listing, and every rank splits the same list
+    folder = from_rank0(lambda: read_imagefolder(cfg.eval.imagefolder, cfg.eval.imagefolder_classes))
     lo, hi = share(len(folder.paths), rank, world)
-    batches = ({"pixel_values": x} for x in image_batches(folder.paths[lo:hi], decoder.transform, cfg.eval.batch_size))
-    img = embed_lockstep(model, batches, {"pixel_values": torch.zeros(1, 3, image_size, image_size)},
-                         device, dtype, should_stop)
+    img = embed_images(model, folder.paths[lo:hi], decoder, cfg.eval.batch_size, image_size, device, dtype, should_stop,
+                       D.model_pixels(cfg))
     classifier = zeroshot_classifier(model, decoder, folder.classnames, folder.templates, device)
     labels = torch.tensor(folder.labels[lo:hi], dtype=torch.long, device=device)
     topk = (img @ classifier.T).topk(min(5, len(folder.classnames)), dim=1).indices    # [b, k]
@@ -253,28 +281,30 @@ def multi_caption_recall(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tens
 def retrieval_set_recall(model, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, device, dtype,
                          image_size: int, should_stop=None) -> dict:
     """:func:`multi_caption_recall` on ``eval.retrieval_images`` / ``eval.retrieval_captions``."""
-    pairs = read_retrieval(cfg.eval.retrieval_images, cfg.eval.retrieval_captions)
+    pairs = from_rank0(lambda: read_retrieval(cfg.eval.retrieval_images, cfg.eval.retrieval_captions))
     bs = cfg.eval.batch_size
     lo, hi = share(len(pairs.images), rank, world)
-    img = embed_lockstep(model, ({"pixel_values": x} for x in image_batches(pairs.images[lo:hi], decoder.transform, bs)),
-                         {"pixel_values": torch.zeros(1, 3, image_size, image_size)}, device, dtype, should_stop)
+    img = embed_images(model, pairs.images[lo:hi], decoder, bs, image_size, device, dtype, should_stop,
+                       D.model_pixels(cfg))
     lo, hi = share(len(pairs.captions), rank, world)
     mine = pairs.captions[lo:hi]
     txt = embed_lockstep(model, (decoder.tokenize(mine[s:s + bs]) for s in range(0, len(mine), bs)),
-                         decoder.tokenize([""]), device, dtype, should_stop)
+                         decoder.tokenize([""]), device, dtype, should_stop)["text"]
     return multi_caption_recall(img, txt, torch.tensor(pairs.owner, dtype=torch.long))
 
 
 def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, should_stop=None) -> dict:
     shape = preset_shape(cfg.model)
     decoder = D.eval_decoder(cfg, tokenizer)
-    urls = D.expand_shards(cfg.data.val_shards, "data.val_shards")
+    urls = D.shard_list(cfg.data.val_shards, "data.val_shards")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     try:
-        img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world),
-                                              D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop)
+        img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world,
+                                                                   cfg.data.workers),
+                                              D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop,
+                                              D.model_pixels(cfg))
         extra: dict = {}
         for wanted, run in ((cfg.eval.imagefolder, imagefolder_accuracy), (cfg.eval.retrieval_images, retrieval_set_recall)):
             if wanted:
@@ -304,7 +334,7 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, shoul
 def evaluate_all(model, cfg: Config, tokenizer, rank: int, world: int, device, should_stop=None) -> dict:
     """:func:`evaluate` for every view the enabled methods define: the model as trained (the plain
     keys; an ECLIPSE student at full capacity), the expedited student (``fast/...``) and the
-    momentum teacher (``teacher/...``). ``should_stop``: see :func:`embed_split`."""
+    momentum teacher (``teacher/...``). ``should_stop``: see :func:`embed_lockstep`."""
     result: dict = {}
     for prefix, view, rate in eval_views(model, cfg):
         with keep_rate(model, rate):

@@ -3,10 +3,12 @@
 Two places a step can go non-finite:
 
 - the loss (NaN/inf in a forward, on any rank; the gathered loss spreads it to every rank):
-  ``train_step`` drops that micro-batch before its backward on every rank;
+  ``train_step`` keeps a device flag per micro-batch and runs the backward anyway (every rank
+  enters the same collectives); at the accumulation boundary the ranks agree on the flags, skip
+  the poisoned update and run the good micro-batches again in place of the dropped one;
 - the gradients of a finite loss (an overflow inside the backward): :class:`GradGuard` watches
   every parameter's gradient as autograd produces it, and at the accumulation boundary all ranks
-  agree (one all-reduce) whether to apply the step; if not, :func:`skip_update` lets DeepSpeed
+  agree (the same all-reduce) whether to apply the step; if not, :func:`skip_update` lets DeepSpeed
   finish its step bookkeeping (gradients cleared, partitions untouched) without the optimizer
   moving a weight or a moment, as its own fp16 overflow path does.
 
@@ -22,8 +24,8 @@ micro-batches. A non-finite *loss* is a fault in every precision (it is computed
 
     guard = GradGuard(engine.module)
     guard.reset()                      # at the start of each optimizer step
-    ... engine.backward(loss) ...
-    if all_reduce(guard.flag(device), "max").item():
+    ... engine.backward(loss) ...      # each micro-batch: no host sync
+    if all_reduce(guard.flag(device), "max").item():   # once, at the boundary
         with skip_update(engine):
             engine.step()
 
@@ -43,26 +45,33 @@ class StopRequested(Exception):
 
 
 class GradGuard:
-    """Records, without a host sync, whether any parameter received a non-finite gradient."""
+    """Records, without a host sync, whether any parameter received a non-finite gradient.
+
+    One kernel per parameter gradient as autograd produces it (its sum, in float32: a NaN or an
+    infinity anywhere makes the sum non-finite; finite float32/bf16/fp16 gradients would need
+    elements near 1e38 to overflow it), kept on the device; :meth:`flag` reduces them once per
+    step (earlier: isfinite, all, not, or: four kernels per parameter per micro-batch).
+    The hooks must see each micro-batch's gradient before ZeRO-2/3 reduce and free it, so the
+    check stays per parameter; what is once per step is the reduction and the host read."""
 
     def __init__(self, module: torch.nn.Module):
-        self._bad = None
+        self._sums: list[torch.Tensor] = []
         for p in module.parameters():
             if p.requires_grad:
                 p.register_hook(self._check)
 
     def _check(self, grad: torch.Tensor) -> None:
-        bad = ~torch.isfinite(grad).all()
-        self._bad = bad if self._bad is None else self._bad | bad.to(self._bad.device)
+        self._sums.append(grad.sum(dtype=torch.float32))
 
     def reset(self) -> None:
-        self._bad = None
+        self._sums = []
 
     def flag(self, device) -> torch.Tensor:
         """1.0 if a non-finite gradient was seen since :meth:`reset`, as a device scalar (no sync)."""
-        if self._bad is None:
+        if not self._sums:
             return torch.zeros((), device=device)
-        return self._bad.to(device, torch.float32)
+        total = torch.stack([s.to(device) for s in self._sums]).sum()
+        return (~torch.isfinite(total)).to(torch.float32)
 
 
 def fp16_loss_scale(engine) -> tuple[float, float] | None:
@@ -76,6 +85,29 @@ def fp16_loss_scale(engine) -> tuple[float, float] | None:
     if conf is not None and getattr(conf, "dynamic_loss_scale", False):
         return float(conf.cur_scale), float(conf.min_loss_scale)
     return None
+
+
+_SCALE_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _scalers(engine) -> list:
+    opt = engine.optimizer
+    # ZeRO 1-3: a DynamicLossScaler; ZeRO 0's fp16 optimizers: their LossScaleConfig
+    return [x for x in (getattr(opt, "loss_scaler", None), getattr(opt, "loss_scale_config", None))
+            if x is not None and hasattr(x, "cur_scale")]
+
+
+def loss_scale_state(engine) -> list[dict]:
+    """DeepSpeed's fp16 loss-scale bookkeeping (scale, iteration, last overflow, hysteresis)."""
+    return [{k: getattr(x, k) for k in _SCALE_STATE if hasattr(x, k)} for x in _scalers(engine)]
+
+
+def restore_loss_scale(engine, state: list[dict]) -> None:
+    """Put back what :func:`loss_scale_state` recorded: an update skipped for a non-finite *loss*
+    is not a loss-scale overflow, and DeepSpeed's scaler must not halve for it."""
+    for x, values in zip(_scalers(engine), state):
+        for k, v in values.items():
+            setattr(x, k, v)
 
 
 @contextlib.contextmanager

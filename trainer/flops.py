@@ -83,11 +83,21 @@ def global_batch(cfg, world: int) -> int:
 def clip_step_flops(cfg, world: int) -> float:
     """Plain CLIP's training FLOPs of one optimizer step on ``world`` ranks: forward and backward of
     both towers for the global batch (3 x forward, the patch convolution 2 x), and the loss's two
-    similarity matrices (image->text, text->image; each forward + both embeddings' gradients)."""
+    similarity matrices (image->text, text->image; each forward + both embeddings' gradients).
+    With K = ``train.grad_accum_steps`` > 1 each micro-batch's loss sees its own batch_size x world
+    pairs (K matrices of (B/K)^2), unless ``train.accum_negatives``: then one loss over all B pairs
+    of the step, and every micro-batch's forward runs twice (the cached embeddings' pass, then again
+    for its backward)."""
     shape = preset_shape(cfg.model)
     batch = global_batch(cfg, world)
     towers = batch * (3.0 * pair_flops(shape) - patch_embed_flops(shape))
-    return towers + 2 * 3.0 * similarity_flops(batch, shape["embed_dim"])
+    k = cfg.train.grad_accum_steps
+    if cfg.train.accum_negatives:
+        towers += batch * pair_flops(shape)
+        sims = similarity_flops(batch, shape["embed_dim"])
+    else:
+        sims = k * similarity_flops(batch // k, shape["embed_dim"])
+    return towers + 2 * 3.0 * sims
 
 
 # Dense peak FLOP/s of a device (no sparsity), by the name CUDA reports, for MFU = achieved model

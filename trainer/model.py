@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextEmbeddings
 
 from .config import ConfigError, ModelConfig
 
@@ -170,7 +170,7 @@ class ClipTrainModel(CLIPModel):
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, with_teacher: bool = False,
                 with_psd_teacher: bool = False, lm_input_ids=None, lm_attention_mask=None, lm_labels=None,
-                lm_causal: bool = True, lm_head_scale: float = 1.0, **_):
+                lm_causal: bool = True, lm_head_scale: float = 1.0, lm_index=None, **_):
         """``(image, text, scale)``, then, with ``with_teacher``, the momentum teacher's image
         embeddings (``self.teacher``, trainer/methods/eclipse.py), with ``with_psd_teacher``,
         the self-distillation teacher's image and text embeddings (``self.psd_teacher``,
@@ -187,17 +187,21 @@ class ClipTrainModel(CLIPModel):
                 out += tuple(self.psd_teacher(pixel_values, input_ids, attention_mask))
         if lm_input_ids is not None:
             out += (self.text_lm_loss(lm_input_ids, lm_attention_mask, lm_labels, causal=lm_causal,
-                                      head_scale=lm_head_scale),)
+                                      head_scale=lm_head_scale, index=lm_index),)
         return out
 
     def text_lm_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     causal: bool = True, head_scale: float = 1.0) -> torch.Tensor:
+                     causal: bool = True, head_scale: float = 1.0, index: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over the positions whose ``labels`` are not -100, through a head tied
         to the token embedding: ``logits = head_scale * h @ E.T`` with ``h`` the text tower's hidden
         states after ``final_layer_norm`` (no new parameter; ``head_scale`` is ``text_lm.head_scale``,
         1 unless the tower was grown wider). ``causal``: CLIP's causal tower as it is; else the
         same layers with the padding mask only (bidirectional attention, for MLM). The logits are
-        formed only at the predicted positions. No predicted position gives 0 (not NaN)."""
+        formed only at the predicted positions. No predicted position gives 0 (not NaN).
+
+        ``index``: the predicted positions of the flattened ``[B * L]`` labels, ascending, as the
+        host computed them (trainer/methods/text_lm.py): the rows are gathered without the
+        boolean-mask index, whose output size the host would have to wait for on a GPU."""
         tm = self.text_model
         if causal:
             hidden = tm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -207,13 +211,18 @@ class ClipTrainModel(CLIPModel):
             mask = create_bidirectional_mask(config=tm.config, inputs_embeds=embeds, attention_mask=attention_mask)
             hidden = tm.final_layer_norm(tm.encoder(inputs_embeds=embeds, attention_mask=mask,
                                                     is_causal=False).last_hidden_state)
-        chosen = labels != -100                                                  # [B, L]
-        logits = hidden[chosen] @ tm.embeddings.token_embedding.weight.T         # [n, V]
+        if index is None:
+            chosen = labels != -100                                              # [B, L]
+            rows, targets, count = hidden[chosen], labels[chosen], chosen.sum().clamp(min=1)
+        else:   # the same rows in the same order, no host sync
+            rows = hidden.flatten(0, 1).index_select(0, index)                   # [n, d]
+            targets, count = labels.flatten().index_select(0, index), max(1, index.numel())
+        logits = rows @ tm.embeddings.token_embedding.weight.T                   # [n, V]
         if head_scale != 1.0:
             logits = logits * head_scale
-        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[chosen],
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
                              reduction="sum")   # bf16/fp16 logits: the softmax in fp32
-        return ce / chosen.sum().clamp(min=1)
+        return ce / count
 
 
 class _TextEmbeddings(CLIPTextEmbeddings):
@@ -275,6 +284,27 @@ def build_model(mc: ModelConfig, tokenizer, seed: int) -> ClipTrainModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_locks(model, mc)
     return model
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """``model.compile``: ``torch.compile`` each stock transformer layer of ``model`` in place
+    (``nn.Module.compile``: parameter names and the state dict are unchanged), in both towers and in
+    any teacher's copy; returns how many layers were compiled.
+
+        attach_method(model, cfg); compile_layers(model)     # after the method, before the engine
+
+    Regional, not whole-tower: identical layers share one compiled graph (parameters are graph
+    inputs), so the one-off compile is one layer per tower shape, and DeepSpeed's ZeRO-3 hooks on
+    each layer's submodules still run. Subclassed layers (a method's token-dropping EViT layer,
+    whose token count follows the keep-rate schedule) stay eager; the layers after them see a
+    changing sequence length, which dynamo compiles once more as a dynamic dimension.
+    Call after the method is attached: a teacher deep-copied from compiled layers would call the
+    student's layers.
+    """
+    layers = [m for m in model.modules() if type(m) is CLIPEncoderLayer]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def check_locks(mc: ModelConfig, shape: dict) -> None:

@@ -27,10 +27,13 @@ def check_run_inputs(cfg, world: int | None) -> None:
     check_locks(cfg.model, preset_shape(cfg.model))
     build_terms(cfg.loss, methods.loss_terms(cfg))
     build_ds_config(cfg, world or 1)
-    train_urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
+    # Launch rank 0 alone globs the shard lists (None on the other ranks of a multi-rank launch;
+    # they get the lists from rank 0 once the process group is up: data.shard_list).
+    train_urls = D.check_shards(cfg.data.train_shards, "data.train_shards")
     if cfg.data.val_shards:
-        D.expand_shards(cfg.data.val_shards, "data.val_shards")
+        D.check_shards(cfg.data.val_shards, "data.val_shards")
     if cfg.eval.zeroshot:
         load_zeroshot(cfg.eval.zeroshot)
     check_eval_sets(cfg)
-    D.read_manifest(cfg.data.manifest, train_urls)
+    if train_urls is not None:
+        D.read_manifest(cfg.data.manifest, train_urls, cfg.data.key_manifest_max_mb, cfg.data.train_shards)

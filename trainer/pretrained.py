@@ -218,6 +218,28 @@ def _open_clip(where: Path, cfg: dict, find_weights: Callable[[], Path]) -> Pret
                       lambda: open_clip_to_hf(_load_file(weights), model, where))
 
 
+# (open_clip key, CLIPModel key) of the tensors both layouts hold as they are, read in both
+# directions (open_clip_to_hf, hf_to_open_clip); the projections (transposed), the logit scale and
+# the fused attention input projection (split / stacked) are mapped in code.
+DIRECT_KEYS = (
+    ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.weight", "vision_model.pre_layrnorm.weight"),
+    ("visual.ln_pre.bias", "vision_model.pre_layrnorm.bias"),
+    ("visual.ln_post.weight", "vision_model.post_layernorm.weight"),
+    ("visual.ln_post.bias", "vision_model.post_layernorm.bias"),
+    ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.weight", "text_model.final_layer_norm.weight"),
+    ("ln_final.bias", "text_model.final_layer_norm.bias"),
+)
+# Within one transformer block (open_clip's ``resblocks.i.`` / CLIPModel's ``layers.i.``): each
+# name holds a ``.weight`` and a ``.bias``.
+LAYER_KEYS = (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+              ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+
+
 def _layers(sd: dict, src: str, dst: str, n: int, width: int, out: dict) -> None:
     for i in range(n):
         s, d = f"{src}.{i}.", f"{dst}.{i}."
@@ -225,10 +247,9 @@ def _layers(sd: dict, src: str, dst: str, n: int, width: int, out: dict) -> None
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
             out[d + f"self_attn.{name}.weight"] = w[j * width:(j + 1) * width]
             out[d + f"self_attn.{name}.bias"] = b[j * width:(j + 1) * width]
-        for a, b_ in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                      ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-            out[d + b_ + ".weight"] = sd.pop(s + a + ".weight")
-            out[d + b_ + ".bias"] = sd.pop(s + a + ".bias")
+        for oc, hf in LAYER_KEYS:
+            for p in (".weight", ".bias"):
+                out[d + hf + p] = sd.pop(s + oc + p)
 
 
 def open_clip_to_hf(sd: dict[str, torch.Tensor], model: dict, where: Path) -> dict[str, torch.Tensor]:
@@ -237,18 +258,8 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor], model: dict, where: Path) -> di
     sd = dict(sd)
     out = {}
     try:
-        for src, dst in (("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
-                         ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
-                         ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-                         ("visual.ln_pre.weight", "vision_model.pre_layrnorm.weight"),
-                         ("visual.ln_pre.bias", "vision_model.pre_layrnorm.bias"),
-                         ("visual.ln_post.weight", "vision_model.post_layernorm.weight"),
-                         ("visual.ln_post.bias", "vision_model.post_layernorm.bias"),
-                         ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-                         ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-                         ("ln_final.weight", "text_model.final_layer_norm.weight"),
-                         ("ln_final.bias", "text_model.final_layer_norm.bias")):
-            out[dst] = sd.pop(src)
+        for oc, hf in DIRECT_KEYS:
+            out[hf] = sd.pop(oc)
         out["visual_projection.weight"] = sd.pop("visual.proj").T.contiguous()   # open_clip: x @ proj
         out["text_projection.weight"] = sd.pop("text_projection").T.contiguous()
         out["logit_scale"] = sd.pop("logit_scale").reshape(())
@@ -270,17 +281,7 @@ def hf_to_open_clip(sd: dict[str, torch.Tensor], shape: dict) -> dict[str, torch
     open_clip's ViT ``CLIP`` state dict (q, k, v stacked into ``in_proj``, projections transposed)."""
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
     out = {}
-    for oc, hf in (("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
-                   ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
-                   ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-                   ("visual.ln_pre.weight", "vision_model.pre_layrnorm.weight"),
-                   ("visual.ln_pre.bias", "vision_model.pre_layrnorm.bias"),
-                   ("visual.ln_post.weight", "vision_model.post_layernorm.weight"),
-                   ("visual.ln_post.bias", "vision_model.post_layernorm.bias"),
-                   ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-                   ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-                   ("ln_final.weight", "text_model.final_layer_norm.weight"),
-                   ("ln_final.bias", "text_model.final_layer_norm.bias")):
+    for oc, hf in DIRECT_KEYS:
         out[oc] = sd[hf]
     out["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
     out["text_projection"] = sd["text_projection.weight"].T.contiguous()
@@ -291,10 +292,9 @@ def hf_to_open_clip(sd: dict[str, torch.Tensor], shape: dict) -> dict[str, torch
             s, d = f"{src}.{i}.", f"{dst}.{i}."
             out[d + "attn.in_proj_weight"] = torch.cat([sd[s + f"self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
             out[d + "attn.in_proj_bias"] = torch.cat([sd[s + f"self_attn.{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")])
-            for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-                out[d + a + ".weight"] = sd[s + b + ".weight"]
-                out[d + a + ".bias"] = sd[s + b + ".bias"]
+            for oc, hf in LAYER_KEYS:
+                for p in (".weight", ".bias"):
+                    out[d + oc + p] = sd[s + hf + p]
     return out
 
 

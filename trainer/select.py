@@ -77,7 +77,7 @@ def main(args) -> int:
     out = Path(args.out)
     rank, world = launch_share()
     names, models, tokenizer, cfg = _load_ensemble(args.checkpoints)
-    subset = D.read_manifest(args.manifest, urls) if args.manifest else None
+    subset = D.read_manifest(args.manifest, urls, shards_spec=args.shards) if args.manifest else None
     carried = [CarriedScores(d) for d in args.scores_from or []]
     for c in carried:
         missing = c.missing(urls)
@@ -94,7 +94,8 @@ def main(args) -> int:
         decoder = D.eval_decoder(cfg, tokenizer)
         mine = share(units, rank, world)
         n = score_units(models, urls, mine, decoder, out, source=source, device=device, dtype=dtype, subset=subset,
-                        batch_size=args.batch_size, score=score)
+                        batch_size=args.batch_size, score=score, workers=cfg.data.workers,
+                        pixels=D.model_pixels(cfg))
         log.warning("select: rank %d/%d scored %d unit(s) (%d of its %d were done already)",
                     rank, world, n, len(mine) - n, len(mine))
     meta = {"checkpoints": names, **score.describe(), "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,

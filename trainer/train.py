@@ -31,18 +31,19 @@ import yaml
 from . import data as D
 from .checkpoint import (CheckpointManager, ResumePlan, RankStates, apply_plan, atomic_write_text, load_elastic,
                          restore_frozen, resume_plan, to_universal)
-from .config import Config, ConfigError, to_dict
-from .dist import (LaunchEnv, all_reduce, all_reduce_flags, barrier, broadcast_object, hostname, init_distributed,
+from .config import Config, to_dict
+from .dist import (LaunchEnv, all_reduce, all_reduce_flags, barrier, from_rank0, hostname, init_distributed,
                    is_main, rank as this_rank, shutdown)
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate_all
-from .faults import GradGuard, NanInjector, StopRequested, fp16_loss_scale, skip_update
+from .faults import (GradGuard, NanInjector, StopRequested, fp16_loss_scale, loss_scale_state, restore_loss_scale,
+                     skip_update)
 from .flops import peak_tflops
 from .losses import LossContext, build_terms, compute_loss
 from .methods import (Inherited, Method, attach as attach_method, build_method, load_init, loss_terms, prefixes,
                       step_flops, train_flops)
 from .metrics import MetricsLogger
-from .model import build_model, preset_shape
+from .model import build_model
 
 log = logging.getLogger("trainer")
 EXIT_PREEMPTED = 75
@@ -76,10 +77,11 @@ class TrainData(D.ResumableStream):
     def __init__(self, cfg: Config, decoder: D.SampleDecoder, rank: int, world: int, position: dict,
                  manifest: str | None = None):
         d = cfg.data
-        urls = D.expand_shards(d.train_shards, "data.train_shards")
+        urls = D.shard_list(d.train_shards, "data.train_shards")
         super().__init__(urls, decoder, batch_size=d.batch_size, num_samples=d.train_num_samples, seed=cfg.seed,
                          rank=rank, world=world, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
-                         manifest=D.read_manifest(manifest or d.manifest, urls), position=position)
+                         manifest=D.read_manifest(manifest or d.manifest, urls, d.key_manifest_max_mb, d.train_shards),
+                         position=position)
 
 
 class TooManyBadSteps(RuntimeError):
@@ -90,74 +92,128 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
                inject: NanInjector, stop_flag, method: Method):
     """One optimizer step: forward/backward over ``grad_accum_steps`` good micro-batches.
 
-    A micro-batch whose loss is non-finite on any rank is dropped by every rank before backward
-    (so no rank enters a collective the others skip) and replaced by the next one. If the loss was
-    finite but a gradient was not, every rank skips the update and the step starts over with new
-    micro-batches (see trainer/faults.py); under fp16 a gradient overflow above the loss scale's
-    floor is DeepSpeed's loss scaling at work: the step starts over and it is counted in
-    ``fp16_overflows``, not as bad micro-batches. One small all-reduce per micro-batch (is the loss finite
-    everywhere?) and one at the boundary (gradients finite everywhere? a stop signal anywhere?);
-    the logged values stay on the device until log time. ``method`` (trainer/methods) is called
-    before the forward, for its loss inputs, and after each applied update. Returns
-    ``(metrics, data wait s, stop)``.
+    A micro-batch whose loss is non-finite on any rank is dropped by every rank and replaced by
+    the next one; if the loss was finite but a gradient was not, every rank skips the update and
+    the step starts over with new micro-batches (see trainer/faults.py); under fp16 a gradient
+    overflow above the loss scale's floor is DeepSpeed's loss scaling at work: the step starts
+    over and it is counted in ``fp16_overflows``, not as bad micro-batches.
+
+    No host sync per micro-batch: every rank runs every micro-batch's backward (so every rank
+    enters the same collectives) and keeps "was my loss finite?" on the device; the ranks agree
+    once, at the accumulation boundary, in one all-reduce of those flags, the gradients' flag and
+    the stop flag (the step's one host read). A non-finite loss has poisoned the accumulated
+    gradients by then, so the attempt's update is skipped (:func:`_attempt_failed`) and its good
+    micro-batches are run again first, with the inputs and random state they had, followed by new
+    ones: the same micro-batches as dropping the bad one before its backward, in the same order,
+    so the same gradients (the failure path pays one more pass over them; faults are rare).
+    ``method`` (trainer/methods) is called before the forward, for its loss inputs, and after
+    each applied update. Returns ``(metrics, data wait s, stop)``.
     """
     if cfg.train.accum_negatives:
         return cached_negatives_step(engine, next_batch, terms, cfg, step, state, guard, stop_flag, method)
     dtype = next(engine.module.parameters()).dtype
     sizes = (cfg.data.batch_size,) * engine.dp_world_size  # training micro-batches are always full
-    sums: dict[str, torch.Tensor] = {}
-    good, t_data = 0, 0.0
-    guard.reset()
+    cuda = engine.device.type == "cuda"
+    k_steps, t_data = cfg.train.grad_accum_steps, 0.0
     method.prepare(step)
+    replay: list[_Micro] = []   # good micro-batches of a failed attempt, to run again first
+    rng_after = None            # the random state after the failed attempt's last forward
     while True:
-        t0 = time.perf_counter()
-        mb = next_batch()
-        extra_inputs = method.micro_kwargs(engine.device)   # e.g. text_lm's batch from its own stream
-        t_data += time.perf_counter() - t0
-        fault = inject.where if good == cfg.debug.inject_nan_microbatch and inject.due(step) else None
-        hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
-        image, text, scale, *more = engine(**_inputs(mb, engine.device, dtype), **extra_inputs)
-        if hook is not None:
-            hook.remove()
-        if fault == "grad":
-            NanInjector.poison_grad(image)
-        method.observe(mb, image, text, scale)
-        ctx = LossContext(image, text, scale, step=step, impl=cfg.loss.impl, sizes=sizes, extras=method.extras(*more))
-        total, parts = compute_loss(terms, ctx)
-        if fault == "loss":
-            total = total * float("nan")
-        if all_reduce((~torch.isfinite(total.detach())).float().reshape(1), "max").item():
-            _count_bad(state, 1, cfg, f"step {step}: non-finite loss, micro-batch dropped")
-            continue
-        engine.backward(total)
-        good += 1
-        state["bad_streak"] = 0
-        for name, value in {"loss": total, **parts}.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-        if good < cfg.train.grad_accum_steps:
-            engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
-            continue
-        stop_now = _boundary(engine, guard, stop_flag, method, cfg, step, state, good)
-        if stop_now is not None:
-            return {k: v / good for k, v in sums.items()}, t_data, stop_now
-        sums, good = {}, 0
         guard.reset()
+        sums: dict[str, torch.Tensor] = {}
+        ran: list[tuple[_Micro, torch.Tensor]] = []
+        for n in range(k_steps):
+            if replay:
+                micro = replay.pop(0)
+                _set_step_rng(micro.rng, engine.device)
+            else:
+                if rng_after is not None:   # new micro-batches continue where the last attempt left
+                    _set_step_rng(rng_after, engine.device)
+                    rng_after = None
+                t0 = time.perf_counter()
+                mb = next_batch()
+                extra = method.micro_kwargs(engine.device)   # e.g. text_lm's batch from its own stream
+                t_data += time.perf_counter() - t0
+                micro = _Micro(mb, extra, _step_rng(engine.device, cuda))
+            fault = inject.where if n == cfg.debug.inject_nan_microbatch and inject.due(step) else None
+            hook = NanInjector.forward_hook(engine.module) if fault == "forward" else None
+            image, text, scale, *more = engine(**_inputs(micro.batch, engine.device, dtype, cfg), **micro.extra)
+            if hook is not None:
+                hook.remove()
+            if fault == "grad":
+                NanInjector.poison_grad(image)
+            if not micro.observed:   # once per micro-batch, as the model was before training on it
+                method.observe(micro.batch, image, text, scale)
+                micro.observed = True
+            ctx = LossContext(image, text, scale, step=step, impl=cfg.loss.impl, sizes=sizes, extras=method.extras(*more))
+            total, parts = compute_loss(terms, ctx)
+            if fault == "loss":
+                total = total * float("nan")
+            ran.append((micro, ~torch.isfinite(total.detach()).reshape(())))
+            engine.backward(total)
+            for name, value in {"loss": total, **parts}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            if n < k_steps - 1:
+                engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
+        flags = torch.stack([*(bad.float() for _, bad in ran), guard.flag(engine.device),
+                             torch.full((), stop_flag(), device=engine.device)])
+        *loss_bad, grads_bad, stop_now = all_reduce(flags, "max").tolist()   # the step's host read
+        if any(loss_bad):
+            rng_after = _step_rng(engine.device, cuda)
+            replay = _attempt_failed(engine, ran, loss_bad, cfg, step, state)
+            continue
+        state["bad_streak"] = 0
+        applied = _boundary(engine, grads_bad, method, cfg, step, state, k_steps)
+        if applied:
+            return {k: v / k_steps for k, v in sums.items()}, t_data, bool(stop_now)
 
 
-def _inputs(mb: dict, device, dtype) -> dict:
-    return {"pixel_values": mb["image"].to(device, dtype, non_blocking=True),
+class _Micro:
+    """A micro-batch of an attempt: its inputs, the method's inputs, the random state before its forward."""
+
+    def __init__(self, batch: dict, extra: dict, rng):
+        self.batch, self.extra, self.rng, self.observed = batch, extra, rng, False
+
+
+def _step_rng(device, cuda: bool):
+    # host-side state (the CUDA generator's seed and offset live on the host): no sync
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+
+
+def _set_step_rng(rng, device) -> None:
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
+
+
+def _attempt_failed(engine, ran: list, loss_bad: list[float], cfg: Config, step: int, state: dict) -> list:
+    """Some micro-batch's loss was non-finite on some rank: skip the update (the accumulated
+    gradients hold its backward; under fp16 DeepSpeed's loss scale is put back, as this is not its
+    overflow), count each bad micro-batch, and return the good ones, to be run again."""
+    keep = loss_scale_state(engine)
+    with skip_update(engine):
+        engine.step()
+    restore_loss_scale(engine, keep)
+    good = []
+    for (micro, _), bad in zip(ran, loss_bad):
+        if bad:
+            _count_bad(state, 1, cfg, f"step {step}: non-finite loss, micro-batch dropped")
+        else:
+            state["bad_streak"] = 0
+            good.append(micro)
+    return good
+
+
+def _inputs(mb: dict, device, dtype, cfg: Config) -> dict:
+    """A micro-batch's model inputs on the device: uint8 images normalised there (data.to_model_pixels)."""
+    return {"pixel_values": D.to_model_pixels(mb["image"], device, dtype, cfg.data.image_mean, cfg.data.image_std),
             "input_ids": mb["input_ids"].to(device, non_blocking=True),
             "attention_mask": mb["attention_mask"].to(device, non_blocking=True)}
 
 
-def _boundary(engine, guard: GradGuard, stop_flag, method: Method, cfg: Config, step: int, state: dict,
-              good: int) -> bool | None:
-    """The accumulation boundary: every rank agrees whether the gradients are finite (and whether
-    a stop was asked) and applies or skips the update. Returns the stop flag when the update was
-    applied, None when the step must start over with new micro-batches."""
-    device = engine.device
-    flags = torch.stack([guard.flag(device), torch.tensor(stop_flag(), device=device)])
-    grads_bad, stop_now = all_reduce(flags, "max").tolist()
+def _boundary(engine, grads_bad: float, method: Method, cfg: Config, step: int, state: dict, good: int) -> bool:
+    """The accumulation boundary, with the ranks' agreed gradient flag: apply or skip the update.
+    Returns whether it was applied (False: the step starts over with new micro-batches)."""
     scale = fp16_loss_scale(engine)
     if not grads_bad:
         engine.step()
@@ -165,7 +221,7 @@ def _boundary(engine, guard: GradGuard, stop_flag, method: Method, cfg: Config, 
         # per-parameter guard did not see; it skipped the update, so the step starts over.
         if scale is None or engine.was_step_applied():
             method.update(step)
-            return bool(stop_now)
+            return True
     else:
         with skip_update(engine):
             engine.step()
@@ -176,7 +232,7 @@ def _boundary(engine, guard: GradGuard, stop_flag, method: Method, cfg: Config, 
     else:
         _count_bad(state, good, cfg, f"step {step}: non-finite gradients, update skipped and "
                                      f"its {good} micro-batch(es) dropped")
-    return None
+    return False
 
 
 def cached_negatives_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, guard: GradGuard,
@@ -208,7 +264,7 @@ def cached_negatives_step(engine, next_batch, terms, cfg: Config, step: int, sta
             t0 = time.perf_counter()
             mb = next_batch()
             t_data += time.perf_counter() - t0
-            inputs.append(_inputs(mb, engine.device, dtype))
+            inputs.append(_inputs(mb, engine.device, dtype, cfg))
             rngs.append((torch.get_rng_state(), torch.cuda.get_rng_state(engine.device) if cuda else None))
             with torch.no_grad():
                 image, text, scale, *_ = engine(**inputs[-1])
@@ -235,9 +291,11 @@ def cached_negatives_step(engine, next_batch, terms, cfg: Config, step: int, sta
             if k < k_steps - 1:
                 engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
         state["bad_streak"] = 0
-        stop_now = _boundary(engine, guard, stop_flag, method, cfg, step, state, k_steps)
-        if stop_now is not None:
-            return {"loss": total.detach().float(), **{n: v.detach().float() for n, v in parts.items()}}, t_data, stop_now
+        flags = torch.stack([guard.flag(engine.device), torch.full((), stop_flag(), device=engine.device)])
+        grads_bad, stop_now = all_reduce(flags, "max").tolist()
+        if _boundary(engine, grads_bad, method, cfg, step, state, k_steps):
+            return ({"loss": total.detach().float(), **{n: v.detach().float() for n, v in parts.items()}}, t_data,
+                    bool(stop_now))
         guard.reset()
 
 
@@ -294,20 +352,7 @@ def decided_plan(cfg: Config, world: int) -> ResumePlan | None:
     """:func:`resume_plan` as rank 0 reads it, on every rank: the resume source is read from the
     shared file system once, so a stale cache on one node cannot make the ranks load different
     checkpoints (or one start fresh) and hang. A ConfigError there is raised on every rank."""
-    answer = None
-    if is_main():
-        try:
-            answer = resume_plan(cfg, world)
-        except ConfigError as err:
-            answer = err
-        except Exception as err:  # noqa: BLE001 - raised on every rank below, instead of a hang
-            answer = RuntimeError(f"{type(err).__name__}: {err}")
-    answer = broadcast_object(answer)
-    if isinstance(answer, ConfigError):
-        raise ConfigError(str(answer))
-    if isinstance(answer, RuntimeError):
-        raise RuntimeError(f"rank 0 could not read the resume source: {answer}")
-    return answer
+    return from_rank0(lambda: resume_plan(cfg, world))
 
 
 def universal_load(cfg: Config, plan: ResumePlan | None, world: int) -> bool:
@@ -357,17 +402,10 @@ def elastic_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, 
     source = root
     if universal:
         work = ckpt.root / "elastic"
-        failure = None
-        if is_main():
-            try:
-                log.info("converting %s (world size %d) to a universal checkpoint under %s", root / tag, plan.world,
-                         work)
-                to_universal(root, tag, work)
-            except Exception as err:  # noqa: BLE001 - said on every rank below, instead of a hang
-                failure = f"{type(err).__name__}: {err}"
-        failure = broadcast_object(failure)
-        if failure:
-            raise RuntimeError(f"converting {root / tag} to a universal checkpoint failed: {failure}")
+        def convert() -> None:
+            log.info("converting %s (world size %d) to a universal checkpoint under %s", root / tag, plan.world, work)
+            to_universal(root, tag, work)
+        from_rank0(convert)   # rank 0 converts; a failure there is raised on every rank, none hangs
         source = work
     load_elastic(engine, source, tag, universal)
     states = RankStates(root, tag, plan.world)
@@ -441,9 +479,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         shutdown()
         return EXIT_PREEMPTED
 
-    shape = preset_shape(cfg.model)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
+    decoder = D.train_decoder(cfg, tokenizer)
     train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"], manifest=method.data_manifest())
     metrics_log = MetricsLogger(out, tensorboard=cfg.log.tensorboard, enabled=le.rank == 0, resume_step=state["step"])
     global_batch = ds_config["train_batch_size"]

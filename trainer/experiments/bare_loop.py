@@ -9,8 +9,9 @@ import time
 
 from kernels import gathered_clip_loss, resolve_impl
 
+from ..data import model_pixels
 from ..engine import lr_lambda
-from ..model import build_model, param_groups
+from ..model import build_model, compile_layers, param_groups
 
 PHASES = ("data", "forward", "backward", "optimizer", "other")
 
@@ -105,6 +106,8 @@ def build_bare(cfg, tokenizer, shape, device, le, data, phases):
     import torch
 
     model = build_model(cfg.model, tokenizer, cfg.seed).to(device)
+    if cfg.model.compile:
+        compile_layers(model)
     ddp = ddp_wrap(model, device)
     o, on_gpu = cfg.optim, device.type == "cuda"
     # What build_optimizer falls back to without apex / DeepSpeed's FusedAdam.
@@ -112,10 +115,11 @@ def build_bare(cfg, tokenizer, shape, device, le, data, phases):
                                   fused=on_gpu, foreach=not on_gpu)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     autocast = autocast_for(cfg.deepspeed.precision, device)
+    pixels = model_pixels(cfg)   # uint8 images, normalised on the device as our step does
 
     def forward_loss(mb):
         with autocast():
-            image, text, scale = ddp(pixel_values=mb["image"].to(device, non_blocking=True),
+            image, text, scale = ddp(pixel_values=pixels(mb["image"], device, torch.float32),
                                      input_ids=mb["input_ids"].to(device, non_blocking=True),
                                      attention_mask=mb["attention_mask"].to(device, non_blocking=True))
             return gathered_clip_loss(image, text, scale, impl=cfg.loss.impl)

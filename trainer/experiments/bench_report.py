@@ -10,12 +10,12 @@ from .bare_loop import PHASES
 
 SUSPECTS = {
     "layout": "gathered_layout: all-reduce + .tolist() of batch sizes (per loss call)",
-    "finite_item": "finite-loss check: isfinite(loss).item()",
-    "finite_flag": "finite-loss check: all_reduce",
+    "finite_item": "finite-loss check: isfinite(loss).item() (per micro-batch before the boundary flags)",
+    "finite_flag": "finite-loss check: all_reduce (per micro-batch before the boundary flags)",
     "term_item": ".item() per loss term after backward",
-    "guard_hooks": "GradGuard hooks: isfinite(grad).all() per parameter",
+    "guard_hooks": "GradGuard hooks: one float32 sum per parameter gradient",
     "guard_item": "GradGuard.flag(): .item() at the boundary",
-    "guard_flag": "boundary all_reduce: GradGuard flag + stop signal (one call)",
+    "guard_flag": "boundary all_reduce: loss flags + GradGuard flag + stop signal (one call)",
     "stop_flag": "run(): stop-signal all_reduce (before the speed work; now rides with guard_flag)",
     "window": "run(): window metrics at log steps (all-reduce, logit scale)",
 }
@@ -32,7 +32,7 @@ def summary_row(rounds: list[dict], meta: dict) -> dict:
     keep = ("params", "measured_s", "steps", "warmup", "global_batch", "batch_per_rank", "grad_accum", "world",
             "precision", "preset", "optimizer", "loss_impl", "peak_mem_mb_per_rank", "losses", "cpu_ms_per_step",
             "loader_cpu_ms_per_step", "threads_per_rank", "loadavg_before", "loadavg_after", "wall_s", "profile",
-            "suspects", "device", "torch", "round")
+            "suspects", "host_syncs", "device", "torch", "round")
     row.update({k: r[k] for k in keep if k in r})
     row.update(rounds=len(rounds), samples_per_s_rounds=speed, loadavg_rounds=[x["loadavg_before"] for x in rounds])
     row.update(date=meta["date"], commit=meta["commit"], tag=meta["tag"], command=meta["command"])
@@ -138,6 +138,8 @@ def markdown(rows: list[dict], meta: dict, png: str) -> str:
                   "means (mean over ranks of each rank's share) in every row.", ""]
     if any(r.get("suspects") for r in rows):
         lines += suspect_table(rows)
+    if any(r.get("host_syncs") for r in rows):
+        lines += sync_table(rows)
     lines += [f"![samples/s and per-step split]({png})", ""]
     return "\n".join(lines)
 
@@ -164,6 +166,26 @@ def suspect_table(rows: list[dict]) -> list[str]:
         f"{r['suspects']['flag_latency_ms']:.3f}" for r in have) + " |")
     return lines + ["", "A collective's booked time includes waiting for the slower rank; the reference row is "
                     "the cost of the call itself.", ""]
+
+
+def sync_table(rows: list[dict]) -> list[str]:
+    """Host syncs per timed step (trainer/experiments/host_syncs.py), by calling function."""
+    have = [r for r in rows if r.get("host_syncs")]
+    callers = sorted({k for r in have for k in r["host_syncs"]["by_caller"]})
+    lines = ["## Host syncs per step (mean over ranks)", "",
+             "| where | " + " | ".join(r["impl"] for r in have) + " |", "|---|" + "---:|" * len(have),
+             "| **total: tensor reads by the host (`.item()`, `bool()`, `.tolist()`, `.cpu()`, mask index, ...)** | "
+             + " | ".join(f"**{r['host_syncs']['per_step']:.1f}**" for r in have) + " |"]
+    if any("cuda_per_step" in r["host_syncs"] for r in have):
+        lines.append("| synchronizing CUDA calls (`torch.cuda.set_sync_debug_mode`) | " + " | ".join(
+            f"{r['host_syncs'].get('cuda_per_step', float('nan')):.1f}" for r in have) + " |")
+    for key in callers:
+        lines.append(f"| `{key}` | " + " | ".join(f"{r['host_syncs']['by_caller'].get(key, 0.0):.1f}"
+                                                   for r in have) + " |")
+    return lines + ["", "Counted in each rank's main process over the timed steps. On CPU every tensor is on the "
+                    "host, so the total counts what would wait for the GPU if the tensor lived there; a read of "
+                    "a tensor that is on the host in a GPU run too (a loader batch) is counted as well; the "
+                    "caller says which.", ""]
 
 
 def plot(rows: list[dict], path: Path, tag: str) -> None:

@@ -115,7 +115,7 @@ def child(what: str, work: Path, shards: int) -> dict:
                 "total": summary["total"], "kept": summary["kept"], "auc": summary["auc"]}
     if what == "worker_flat":
         t0 = time.perf_counter()
-        m = D.read_manifest(str(work / "flat.txt"))
+        m = D.read_manifest(str(work / "flat.txt"), max_mb=None)   # measured at any size
         return {"seconds_to_load": time.perf_counter() - t0, "rss_growth_mib": _rss_mib() - base, "keys": len(m)}
     if what == "worker_sharded":
         m = D.read_manifest(str(work))
@@ -267,7 +267,7 @@ def embed(checkpoints: list[str], shards, work: Path, batch_size: int = 256) -> 
         if got["members"] == names:
             return got
     urls = D.expand_shards(shards, "--shards")
-    decoder = D.eval_decoder(cfg, tokenizer)
+    decoder, pixels = D.eval_decoder(cfg, tokenizer), D.model_pixels(cfg)
     units = S.work_units(len(urls), 1)
     out = {"members": names, "img": [[] for _ in models], "txt": [[] for _ in models],
            "scale": [float(m.scale().detach()) for m in models], "keys": [], "noisy": []}
@@ -279,7 +279,8 @@ def embed(checkpoints: list[str], shards, work: Path, batch_size: int = 256) -> 
                 continue
             batch = ev[3]
             for k, model in enumerate(models):
-                img, txt, *_ = model.eval()(pixel_values=batch["image"], input_ids=batch["input_ids"],
+                img, txt, *_ = model.eval()(pixel_values=pixels(batch["image"], "cpu", torch.float32),
+                                            input_ids=batch["input_ids"],
                                             attention_mask=batch["attention_mask"])
                 out["img"][k].append(img.float())
                 out["txt"][k].append(txt.float())

@@ -88,6 +88,7 @@ from ..model import build_model, preset_shape
 from ..train import TrainData, setup_logging
 from .bare_loop import PHASES, Phases, build_bare, loss_impl_name
 from .bench_report import SUSPECTS, summary_row, write_report
+from .host_syncs import HostSyncs
 from .openclip_step import build_openclip
 from .sweep import load_variants, yaml_arg
 
@@ -212,7 +213,8 @@ def _check_config(args, variant: list[str] = ()):
     build_terms(cfg.loss, loss_terms(cfg))
     build_ds_config(cfg, args.nproc)
     D.expand_shards(cfg.data.train_shards, "data.train_shards")
-    D.read_manifest(cfg.data.manifest, D.expand_shards(cfg.data.train_shards, "data.train_shards"))
+    D.read_manifest(cfg.data.manifest, D.expand_shards(cfg.data.train_shards, "data.train_shards"),
+                    cfg.data.key_manifest_max_mb, cfg.data.train_shards)
     D.load_tokenizer(cfg.tokenizer.path)
     return cfg
 
@@ -284,10 +286,11 @@ def _worker(args) -> int:
     setup_logging(le.rank)
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
     shape = preset_shape(cfg.model)
-    decoder = D.SampleDecoder(tokenizer, shape["context_length"], D.build_transforms(
-        shape["image_size"], cfg.data.image_mean, cfg.data.image_std, cfg.data.crop_scale_min, train=True))
-    data = TrainData(cfg, decoder, le.rank, le.world_size, None)
+    data = TrainData(cfg, D.train_decoder(cfg, tokenizer), le.rank, le.world_size, None)
     phases = Phases(device)
+    syncs = HostSyncs(device) if args.profile else None
+    if syncs is not None:
+        syncs.install()   # first: the suspects' timers then wrap its counting reads
     suspects = _instrument() if args.profile else None
     memory = _PeakMemory(device)
     memory.start()
@@ -301,6 +304,8 @@ def _worker(args) -> int:
     for n in range(1, args.warmup + 1):
         run_step(n)
     profiler = _start_timed(phases, suspects, args.profile)
+    if syncs is not None:
+        syncs.active = True
     barrier()
     t0, cpu0, loader0 = phases._now(), time.process_time(), _children_cpu_s()
     for n in range(args.warmup + 1, args.warmup + args.steps + 1):
@@ -311,12 +316,16 @@ def _worker(args) -> int:
     cpu_s, loader_s = time.process_time() - cpu0, _children_cpu_s() - loader0
     if profiler is not None:
         profiler.disable()
+    if syncs is not None:
+        syncs.active = False
     if suspects is not None:
         suspects.active = False
         suspects.flag_latency_ms = _flag_latency_ms()
     info.pop("close", lambda: None)()
     result = _gather(args, cfg, le, device, info, losses, phases, memory, suspects,
                      measured_s=measured_s, cpu_s=cpu_s, loader_s=loader_s)
+    if syncs is not None:
+        result["host_syncs"] = syncs.gather(le.world_size, args.steps)
     if le.rank == 0:
         result.update(device=_device_name(device), torch=torch.__version__, threads_per_rank=torch.get_num_threads())
         tmp = Path(args.result).with_suffix(".tmp")

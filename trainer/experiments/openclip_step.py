@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from ..data import model_pixels
 from ..engine import lr_lambda
 from .bare_loop import autocast_for, ddp_wrap, grad_scaler, torch_loop
 
@@ -52,8 +53,10 @@ def build_openclip(cfg, tokenizer, shape, device, le, data, phases):
     except ImportError:
         autocast = autocast_for(cfg.deepspeed.precision, device)
 
+    pixels = model_pixels(cfg)   # uint8 images, normalised on the device (open_clip_train normalises in workers)
+
     def forward_loss(mb):
-        images = mb["image"].to(device=device, non_blocking=True)
+        images = pixels(mb["image"], device, torch.float32)
         texts = mb["input_ids"].to(device=device, non_blocking=True)
         with autocast():
             losses = loss_fn(**ddp(images, texts), output_dict=True)

@@ -30,6 +30,7 @@ import torch
 
 from ..checkpoint import resume_source
 from ..config import Config, ConfigError
+from ..dist import broadcast_state_dict
 from ..flops import clip_step_flops
 from ..model import ClipTrainModel, build_clip_config
 from ..sources import INFO, OPTIM, fp32_state_dict, init_source, is_grown, pretrained_init
@@ -122,10 +123,11 @@ def grown_config(raw: dict, cfg: Config, carried: dict[str, dict], layer_index) 
 
 def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrainModel:
     """The checkpoint's model in fp32, eval mode, with the methods' evaluation copies attached
-    (ECLIPSE: ``model.teacher`` holds the momentum teacher, from the ranks' fp32 EMA shadows)."""
+    (ECLIPSE: ``model.teacher`` holds the momentum teacher, from the ranks' fp32 EMA shadows).
+    In a process group (``eval`` on several ranks) rank 0 reads the weights for all: every rank calls it."""
     model = ClipTrainModel(build_clip_config(cfg.model, tokenizer))
     attach(model, cfg)
-    kept = trained_weights(cfg, root, tag)
+    kept = broadcast_state_dict(lambda: trained_weights(cfg, root, tag))
     for name, _ in list(model.named_children()):   # training-only copies (PSD's teacher) are not loaded
         if any(p.startswith(name + ".") for p in prefixes()) and not any(k.startswith(name + ".") for k in kept):
             delattr(model, name)
@@ -141,7 +143,10 @@ def load_init(model: torch.nn.Module, cfg: Config, resuming: bool | None = None)
     """On a fresh start with ``checkpoint.init``: load its weights into ``model`` (strictly, but for
     the method copies the run adds) and return what the methods inherit after the engine is built
     (``method.inherit(init)``). None when there is no init, or the run resumes its own checkpoint
-    (``resuming``: the run's decision, made on rank 0; None reads the file system here)."""
+    (``resuming``: the run's decision, made on rank 0; None reads the file system here).
+
+    Rank 0 alone reads the weights (consolidating a ZeRO checkpoint reads every rank's optimizer
+    partition) and broadcasts them; every rank of a process group calls this."""
     if resuming is None:
         resuming = resume_source(cfg) is not None
     if not cfg.checkpoint.init or resuming:
@@ -149,7 +154,7 @@ def load_init(model: torch.nn.Module, cfg: Config, resuming: bool | None = None)
     pretrained = pretrained_init(cfg)
     if pretrained is not None:   # transformers / open_clip weights: the student only
         try:
-            missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
+            missing, unexpected = model.load_state_dict(broadcast_state_dict(pretrained.state_dict), strict=False)
         except RuntimeError as err:   # a tensor of another size: weights and config of different models
             raise ConfigError(f"config key 'checkpoint.init': {pretrained.path}: its weights do not fit its config "
                               f"({' '.join(str(err).split())[:300]})") from None
@@ -159,7 +164,7 @@ def load_init(model: torch.nn.Module, cfg: Config, resuming: bool | None = None)
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
         return Inherited(pretrained.path, {}, None, {})
     src, root, tag = init_source(cfg.checkpoint.init)
-    sd = growth_weights(src, root, tag)
+    sd = broadcast_state_dict(lambda: growth_weights(src, root, tag))
     own = prefixes()
     student = {k: v for k, v in sd.items() if not k.startswith(own)}
     missing, unexpected = model.load_state_dict(student, strict=False)

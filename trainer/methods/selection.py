@@ -59,7 +59,7 @@ from webdataset import tariterators
 
 from .. import data as D
 from ..config import Config, ConfigError
-from ..dist import all_reduce_flags, barrier, comm_device, is_main, launch_env, rank as this_rank
+from ..dist import all_reduce_flags, barrier, comm_device, from_rank0, is_main, launch_env, rank as this_rank
 from ..faults import StopRequested
 from ..flops import pair_flops
 from ..model import preset_shape
@@ -158,42 +158,76 @@ def _noisy(sample: dict):
     return None if flag is None else bool(flag)
 
 
-def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int,
-                 done: Callable[[Unit], bool]) -> Iterator[tuple]:
-    """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped,
-    seconds)`` once per unit (after all of its batches were scored; ``seconds``: the unit's wall
-    time, reading, decoding and scoring). Units already done are passed over."""
-    for unit in units:
-        if done(unit):
-            continue
+class UnitStream(torch.utils.data.IterableDataset):
+    """Reading and decoding of scoring units, for a DataLoader's workers (worker ``w`` of ``n``
+    takes units ``w, w + n, ...``): per unit, messages ``{"unit": j, "records": [...new records],
+    "positions": [...], "batch": {...}}`` (positions index the unit's records so far) and a last one
+    with ``"done": (skipped, seconds)``. :func:`_unit_events` puts the records back together."""
+
+    def __init__(self, urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int):
+        super().__init__()
+        self.urls, self.units, self.decoder, self.subset, self.batch_size = urls, units, decoder, subset, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j in range(worker, len(self.units), workers):
+            yield from self._unit(j)
+
+    def _unit(self, j: int) -> Iterator[dict]:
+        unit, decoder = self.units[j], self.decoder
         t0 = time.perf_counter()
-        url = urls[unit.shard]
+        url = self.urls[unit.shard]
         counter = D._Counter()
-        keep = None if subset is None else subset.keys_for(url)
-        records: list[dict] = []
+        keep = None if self.subset is None else self.subset.keys_for(url)
+        new: list[dict] = []
+        n_records = 0
         items, positions = [], []
         for i, sample in enumerate(tariterators.tarfile_samples([{"url": url}], handler=counter.handler)):
             if i % unit.parts != unit.part:
                 continue
             key = sample["__key__"]
-            rec = {"i": i, "key": key, "score": None, "noisy": _noisy(sample)}
-            records.append(rec)
+            new.append({"i": i, "key": key, "score": None, "noisy": _noisy(sample)})
+            n_records += 1
             if keep is not None and key not in keep:
                 continue          # not in the current subset: counted, not scored
             try:
                 pixels, caption, _ = decoder(sample)
             except Exception as err:  # noqa: BLE001 - a corrupt sample is skipped and counted
                 counter.bad_sample(key, err)
-                rec["corrupt"] = True
+                new[-1]["corrupt"] = True
                 continue
             items.append((pixels, caption))
-            positions.append(len(records) - 1)
-            if len(items) == batch_size:
-                yield "batch", records, positions, decoder.collate(items)
-                items, positions = [], []
+            positions.append(n_records - 1)
+            if len(items) == self.batch_size:
+                yield {"unit": j, "records": new, "positions": positions, "batch": decoder.collate(items)}
+                new, items, positions = [], [], []
         if items:
-            yield "batch", records, positions, decoder.collate(items)
-        yield "done", unit, records, counter.skipped, time.perf_counter() - t0
+            yield {"unit": j, "records": new, "positions": positions, "batch": decoder.collate(items)}
+            new = []
+        yield {"unit": j, "records": new, "done": (counter.skipped, time.perf_counter() - t0)}
+
+
+def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int,
+                 done: Callable[[Unit], bool], workers: int = 0) -> Iterator[tuple]:
+    """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped,
+    seconds)`` once per unit (after all of its batches were scored; ``seconds``: the unit's wall
+    time, reading, decoding and scoring). Units already done are passed over. Reading and
+    decoding run in ``workers`` loader processes (0: in this one); units of several workers
+    interleave, each unit's events in order."""
+    todo = [u for u in units if not done(u)]
+    stream = UnitStream(urls, todo, decoder, subset, batch_size)
+    messages = iter(stream) if workers == 0 or not todo else iter(torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=min(workers, len(todo)), worker_init_fn=D.ignore_stop_signals))
+    records: dict[int, list[dict]] = {}
+    for msg in messages:
+        mine = records.setdefault(msg["unit"], [])
+        mine.extend(msg["records"])
+        if "done" in msg:
+            skipped, seconds = msg["done"]
+            yield "done", todo[msg["unit"]], records.pop(msg["unit"]), skipped, seconds
+        else:
+            yield "batch", mine, msg["positions"], msg["batch"]
 
 
 def self_confidence(img: torch.Tensor, txt: torch.Tensor, pool_img: torch.Tensor, pool_txt: torch.Tensor,
@@ -274,11 +308,12 @@ def candidate_pool(urls: list[str], decoder: D.SampleDecoder, subset, size: int,
 
 
 @torch.no_grad()
-def _embed(model, batch: dict, device, dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _embed(model, batch: dict, device, dtype, pixels=D.to_model_pixels) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One member's ``(image, text, logit scale)`` for a batch, float32 on the CPU, at full
-    capacity (an ECLIPSE student's expedition is switched off)."""
+    capacity (an ECLIPSE student's expedition is switched off). ``pixels``: ``D.model_pixels(cfg)``
+    (uint8 images normalised on the device)."""
     with keep_rate(model, 1.0):
-        img, txt, scale, *_ = model(pixel_values=batch["image"].to(device, dtype),
+        img, txt, scale, *_ = model(pixel_values=pixels(batch["image"], device, dtype),
                                     input_ids=batch["input_ids"].to(device),
                                     attention_mask=batch["attention_mask"].to(device))
     return img.float().cpu(), txt.float().cpu(), float(scale)
@@ -288,8 +323,9 @@ class Scorer:
     """A batch's ensemble scores (float64) under :class:`Score`; with ``selfconf``, each member
     first embeds the candidate pool (``pool`` forwards, the same on every rank)."""
 
-    def __init__(self, models: list, score: Score, device, dtype, pool: Iterator[tuple[list[str], dict]] = ()):
-        self.models, self.score, self.device, self.dtype = models, score, device, dtype
+    def __init__(self, models: list, score: Score, device, dtype, pool: Iterator[tuple[list[str], dict]] = (),
+                 pixels=D.to_model_pixels):
+        self.models, self.score, self.device, self.dtype, self.pixels = models, score, device, dtype, pixels
         self.pool_keys: dict[str, int] = {}
         self.pools: list[tuple[torch.Tensor, torch.Tensor]] = []
         if score.kind == "selfconf":
@@ -297,7 +333,7 @@ class Scorer:
             for chunk_keys, batch in pool:
                 keys += chunk_keys
                 for k, model in enumerate(models):
-                    parts[k].append(_embed(model, batch, device, dtype)[:2])
+                    parts[k].append(_embed(model, batch, device, dtype, pixels)[:2])
             if not keys:
                 raise ConfigError("select: no sample was scored: the shards (of the subset) hold no decodable "
                                   "image-caption pair, not even for the self-confidence's candidate pool")
@@ -314,7 +350,7 @@ class Scorer:
                 if key in self.pool_keys:
                     same[i, self.pool_keys[key]] = True
         for k, model in enumerate(self.models):
-            img, txt, scale = _embed(model, batch, self.device, self.dtype)
+            img, txt, scale = _embed(model, batch, self.device, self.dtype, self.pixels)
             if self.score.kind == "cosine":
                 total += (img * txt).sum(-1).double()
             else:
@@ -326,22 +362,27 @@ class Scorer:
 def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.SampleDecoder, out: Path, *,
                 source: str, device, dtype=torch.float32, subset=None, batch_size: int = 256,
                 lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None,
-                score: Score = Score("cosine"), should_stop: Callable[[], bool] | None = None) -> int:
+                score: Score = Score("cosine"), should_stop: Callable[[], bool] | None = None,
+                workers: int = 0, pixels=D.to_model_pixels) -> int:
     """Score this process's ``units`` into ``out/parts/UNIT.jsonl``; returns the units written.
+    ``pixels``: how a batch's images become the model's input (``D.model_pixels(cfg)`` for the
+    uint8 images of ``D.eval_decoder``).
 
     ``source`` identifies what is scored with (checkpoints, subset, precision): a part written
     from another source is scored again. ``lockstep``: every rank runs the same number of
     forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs, and
     ``should_stop()`` true on any rank raises ``StopRequested`` on every rank at the same forward
-    (the units written so far are kept and not scored again)."""
+    (the units written so far are kept and not scored again). ``workers``: loader processes that
+    read and decode the units (0: this process), so the scoring process only runs the models."""
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if _part_source(parts, u) != source]
     if not todo and not lockstep:
         return 0
     pool = candidate_pool(urls, decoder, subset, score.pool, batch_size) if score.kind == "selfconf" else ()
-    scorer = Scorer(models, score, device, dtype, pool)
-    events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source)
+    scorer = Scorer(models, score, device, dtype, pool, pixels)
+    events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source,
+                          workers)
     written = 0
     while True:
         ev = next(events, None)
@@ -428,6 +469,38 @@ def _unit_records(path: Path) -> Iterator[dict]:
             yield json.loads(line)
 
 
+def _label(rec: dict) -> int:
+    """The record's noise label as stored in the arrays: 1 noisy, 0 clean, -1 unknown."""
+    return -1 if rec["noisy"] is None else int(rec["noisy"])
+
+
+def _shard_scores(parts: Path, mine: list[Unit], url: str, carried: list[CarriedScores],
+                  counts: dict) -> Iterator[tuple[dict, float | None]]:
+    """One shard's records from its units' parts, in sample order, each with its total score (its
+    own plus the carried rounds'; None for a sample that was not scored). Adds the units' header
+    counts (skipped, seconds) and the unscored and corrupt samples to ``counts``; the single-process
+    and the distributed merge both read the parts through this."""
+    carried_s = [c.scores_for(url) for c in carried]
+    for u in mine:
+        with open(parts / f"{u.name}.jsonl") as fh:
+            header = json.loads(fh.readline())
+        counts["skipped"] += int(header["skipped"])
+        counts["seconds"] += float(header.get("seconds", 0.0))
+    for rec in heapq.merge(*[_unit_records(parts / f"{u.name}.jsonl") for u in mine], key=lambda r: r["i"]):
+        if rec["score"] is None:
+            counts["unscored"] += 1
+            counts["corrupt"] += bool(rec.get("corrupt"))
+            yield rec, None
+            continue
+        total = rec["score"]
+        for c, cs in zip(carried, carried_s):
+            if rec["key"] not in cs:
+                raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
+                                  "(the earlier selection scored other data)")
+            total += cs[rec["key"]]
+        yield rec, total
+
+
 def _auc(scores: np.ndarray, noisy: np.ndarray) -> float | None:
     """ROC AUC of the score as a detector of clean pairs (P(score_clean > score_noisy), ties
     counted half): Mann-Whitney U over average ranks."""
@@ -458,37 +531,23 @@ def merge(out: Path, urls: list[str], units: list[Unit], *, source: str, rule: R
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} unit(s) not scored yet (first: {missing[0].name})")
     scores, noisy, in_shards_noisy = array("d"), array("b"), array("b")
-    shard_entries, skipped, unscored, corrupt, seconds = [], 0, 0, 0, 0.0
+    shard_entries = []
+    counts = {"skipped": 0, "seconds": 0.0, "unscored": 0, "corrupt": 0}
     with open(out / f"scores.jsonl.{os.getpid()}.tmp", "w") as sf:
         for s, url in enumerate(urls):
-            mine = [u for u in units if u.shard == s]
-            carried_s = [c.scores_for(url) for c in carried]
             start, n_scored = sf.tell(), 0
-            for u in mine:
-                with open(parts / f"{u.name}.jsonl") as fh:
-                    header = json.loads(fh.readline())
-                skipped += int(header["skipped"])
-                seconds += float(header.get("seconds", 0.0))
-            streams = [_unit_records(parts / f"{u.name}.jsonl") for u in mine]
-            for rec in heapq.merge(*streams, key=lambda r: r["i"]):
-                in_shards_noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
-                if rec["score"] is None:
-                    unscored += 1
-                    corrupt += bool(rec.get("corrupt"))
+            for rec, total in _shard_scores(parts, [u for u in units if u.shard == s], url, carried, counts):
+                in_shards_noisy.append(_label(rec))
+                if total is None:
                     continue
-                total = rec["score"]
-                for c, cs in zip(carried, carried_s):
-                    if rec["key"] not in cs:
-                        raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
-                                          "(the earlier selection scored other data)")
-                    total += cs[rec["key"]]
                 sf.write(json.dumps({"key": rec["key"], "score": total}) + "\n")
                 scores.append(total)
-                noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+                noisy.append(_label(rec))
                 n_scored += 1
             shard_entries.append({"url": D.canonical_url(url), "scores": [start, sf.tell()], "scored": n_scored})
         sf.flush()
         os.fsync(sf.fileno())
+    skipped, seconds, unscored, corrupt = (counts[k] for k in ("skipped", "seconds", "unscored", "corrupt"))
     score_arr = np.frombuffer(scores, dtype=np.float64)
     if score_arr.size == 0:
         raise ConfigError(f"select: no sample was scored in {len(urls)} shard(s) (empty shards, every sample corrupt, "
@@ -651,33 +710,17 @@ def _stage_shard(out: Path, s: int, url: str, units: list[Unit], carried: list[C
                     return path
         except (OSError, ValueError, KeyError):
             pass
-    parts = out / "parts"
-    mine = [u for u in units if u.shard == s]
-    carried_s = [c.scores_for(url) for c in carried]
     head = {"stamp": stamp, "skipped": 0, "seconds": 0.0, "unscored": 0, "corrupt": 0}
-    for u in mine:
-        with open(parts / f"{u.name}.jsonl") as fh:
-            h = json.loads(fh.readline())
-        head["skipped"] += int(h["skipped"])
-        head["seconds"] += float(h.get("seconds", 0.0))
     scores, noisy, all_noisy = array("d"), array("b"), array("b")
     lines, keys = [], []
-    for rec in heapq.merge(*[_unit_records(parts / f"{u.name}.jsonl") for u in mine], key=lambda r: r["i"]):
-        all_noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
-        if rec["score"] is None:
-            head["unscored"] += 1
-            head["corrupt"] += bool(rec.get("corrupt"))
+    for rec, total in _shard_scores(out / "parts", [u for u in units if u.shard == s], url, carried, head):
+        all_noisy.append(_label(rec))
+        if total is None:
             continue
-        total = rec["score"]
-        for c, cs in zip(carried, carried_s):
-            if rec["key"] not in cs:
-                raise ConfigError(f"--scores-from {c.dir}: no score for sample {rec['key']} of {url} "
-                                  "(the earlier selection scored other data)")
-            total += cs[rec["key"]]
         lines.append(json.dumps({"key": rec["key"], "score": total}) + "\n")
         keys.append(rec["key"] + "\n")
         scores.append(total)
-        noisy.append(-1 if rec["noisy"] is None else int(rec["noisy"]))
+        noisy.append(_label(rec))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     text = "".join(lines).encode()
@@ -1060,16 +1103,17 @@ class Selection(Method):
         """Run the round due at ``step`` on every rank; returns the new manifest path and summary."""
         k = self.state["rounds"] + 1
         out = self.round_dir(k)
-        urls = D.expand_shards(self.cfg.data.train_shards, "data.train_shards")
+        urls = D.shard_list(self.cfg.data.train_shards, "data.train_shards")
         # after round k - 1 the manifest is that round's directory (this run's, or a grown run's source's)
         prev = Path(self.manifest) if k > 1 and self.cfg.select.temporal else None
-        subset = D.read_manifest(self.manifest, urls)
+        subset = D.read_manifest(self.manifest, urls, self.cfg.data.key_manifest_max_mb, self.cfg.data.train_shards)
         source = source_id("train", step, self.manifest, str(prev), self.score.describe())
         units = work_units(len(urls), self.world)
         decoder = D.eval_decoder(self.cfg, tokenizer)
         summary_path = out / "summary.json"
-        done = summary_path.is_file() and json.loads(summary_path.read_text()).get("source") == source
-        barrier()
+        # Rank 0 reads "is this round done?" for everyone: a rank with a stale view of the shared
+        # file system would otherwise skip the scoring its peers wait for in lockstep (a hang).
+        done = from_rank0(lambda: summary_path.is_file() and json.loads(summary_path.read_text()).get("source") == source)
         if not done:
             dtype = next(model.parameters()).dtype
             was_training = model.training
@@ -1078,7 +1122,8 @@ class Selection(Method):
                 score_units([model], urls, share(units, self.rank, self.world), decoder, out, source=source,
                             device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
                             lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
-                            on_unit=self._on_unit(step), score=self.score, should_stop=should_stop)
+                            on_unit=self._on_unit(step), score=self.score, should_stop=should_stop,
+                            workers=self.cfg.data.workers, pixels=D.model_pixels(self.cfg))
             finally:
                 model.train(was_training)
             barrier()
@@ -1091,7 +1136,7 @@ class Selection(Method):
                 merge(out, urls, units, source=source, rule=self.rule,
                       carried=[CarriedScores(prev)] if prev is not None else [], meta=meta)
             barrier()
-        summary = json.loads(summary_path.read_text())
+        summary = from_rank0(lambda: json.loads(summary_path.read_text()))
         self.state = {"rounds": k, "manifest": str(out), "last_step": step}
         return str(out), summary
 

@@ -73,7 +73,7 @@ def check(cfg: Config) -> None:
     if t.shards in (None, "", []):
         raise ConfigError("config key 'text_lm.shards' is empty but text_lm.enabled is true; give the "
                           "text-only shards (make-demo-data writes DIR/text) or text_lm.enabled=false")
-    D.expand_shards(t.shards, "text_lm.shards")
+    D.check_shards(t.shards, "text_lm.shards")
     if t.objective == "mlm" and mask_token_id(D.load_tokenizer(cfg.tokenizer.path)) is None:
         raise ConfigError(f"config key 'text_lm.objective' is mlm, but the tokenizer at {cfg.tokenizer.path} has "
                           "neither a mask token nor an unk token to mask with; use text_lm.objective=clm")
@@ -131,7 +131,7 @@ class TextLm(Method):
         self.rank, self.world = this_rank(), engine.dp_world_size
         self.tokenizer = D.load_tokenizer(cfg.tokenizer.path)
         self.decoder = D.TextDecoder(self.tokenizer, preset_shape(cfg.model)["context_length"])
-        self.urls = D.expand_shards(t.shards, "text_lm.shards")
+        self.urls = D.shard_list(t.shards, "text_lm.shards")
         special = sorted(set(self.tokenizer.all_special_ids))
         self.special_ids = torch.tensor(special)
         vocab = torch.arange(engine.module.config.text_config.vocab_size)
@@ -153,16 +153,20 @@ class TextLm(Method):
         self.step, self.micro = step, 0
 
     def lm_batch(self, batch: dict) -> dict:
-        """The model's LM inputs for one text batch of micro-batch ``self.micro`` (CPU tensors)."""
+        """The model's LM inputs for one text batch of micro-batch ``self.micro`` (CPU tensors),
+        with ``lm_index``, the predicted positions, found here on the host (see
+        ``ClipTrainModel.text_lm_loss``) rather than by a boolean mask on the device."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         t = self.cfg.text_lm
         if t.objective == "clm":
-            return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_labels": clm_labels(ids, mask)}
-        g = mask_generator(self.cfg.seed, self.step, self.micro, self.rank)
-        masked, labels = mlm_inputs(ids, mask, g, rate=t.mask_rate, mask_token_rate=t.mask_token_rate,
-                                    mask_id=mask_token_id(self.tokenizer), special_ids=self.special_ids,
-                                    ordinary_ids=self.ordinary_ids)
-        return {"lm_input_ids": masked, "lm_attention_mask": mask, "lm_labels": labels}
+            ids, labels = ids, clm_labels(ids, mask)
+        else:
+            g = mask_generator(self.cfg.seed, self.step, self.micro, self.rank)
+            ids, labels = mlm_inputs(ids, mask, g, rate=t.mask_rate, mask_token_rate=t.mask_token_rate,
+                                     mask_id=mask_token_id(self.tokenizer), special_ids=self.special_ids,
+                                     ordinary_ids=self.ordinary_ids)
+        index = (labels.flatten() != -100).nonzero().squeeze(1)
+        return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_labels": labels, "lm_index": index}
 
     def micro_kwargs(self, device) -> dict:
         lm = self.lm_batch(self._next_batch())
