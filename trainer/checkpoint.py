@@ -22,20 +22,25 @@ complete checkpoint, with a warning naming both.
 from __future__ import annotations
 
 import logging
+import argparse
+import contextlib
 import os
 import pickle
 import re
 import shutil
 import signal
+import sys
 import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from .config import ConfigError
-from .dist import all_reduce_flags, barrier, is_main, rank as this_rank
-from .sources import resolve_checkpoint
+from .dist import all_reduce_flags, barrier, is_main, rank as this_rank, world_size as this_world
+from .sources import fp32_state_dict, resolve_checkpoint
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 # DeepSpeed's per-rank files (zero_pp_rank_R_..., bf16_zero_pp_rank_R_...) and the trainer's
@@ -141,18 +146,178 @@ def resume_source(cfg) -> tuple[Path, str] | None:
     return None
 
 
-def check_resumable(root: Path, tag: str, world_size: int, workers: int) -> None:
-    """A checkpoint resumes exactly only with the world size and loader workers that wrote it
-    (the data position is per rank and per worker); anything else is a ConfigError naming both."""
-    where = Path(root) / tag
-    ranks = len(list((where / "trainer_state").glob("rank_*.pt")))
-    if ranks != world_size:
-        raise ConfigError(f"cannot resume from {where}: it was written by world size {ranks}, this run has "
-                          f"world size {world_size}; resume with {ranks} ranks (elastic resume is not supported)")
-    saved = (yaml.safe_load((where / "config.yaml").read_text()) or {}).get("data", {}).get("workers")
-    if saved is not None and int(saved) != workers:
-        raise ConfigError(f"cannot resume from {where}: it was written with data.workers={saved}, this run has "
-                          f"data.workers={workers}; resume with data.workers={saved}")
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a run resumes from ``root / tag`` (:func:`resume_plan`): the writer's world size,
+    loader workers and global batch, and this run's ``train.grad_accum_steps``. ``elastic``:
+    the world size or the worker count differs from the writer's (model and optimizer through
+    DeepSpeed's universal checkpoint when the world size differs, the data position redistributed;
+    :func:`trainer.data.elastic_position`)."""
+    root: Path
+    tag: str
+    world: int         # the writer's
+    workers: int       # the writer's data.workers
+    global_batch: int  # the writer's data.batch_size x grad_accum_steps x world size
+    accum: int         # this run's train.grad_accum_steps
+    elastic: bool
+
+
+def saved_layout(where: Path) -> tuple[int, int | None, int | None, int | None]:
+    """``(world size, data.workers, data.batch_size, train.grad_accum_steps)`` of the run that
+    wrote the checkpoint ``where`` (None: its config.yaml does not say)."""
+    world = len(list((where / "trainer_state").glob("rank_*.pt")))
+    raw = (yaml.safe_load((where / "config.yaml").read_text()) or {}) if (where / "config.yaml").is_file() else {}
+    get = lambda section, key: (lambda v: None if v is None else int(v))(raw.get(section, {}).get(key))  # noqa: E731
+    return world, get("data", "workers"), get("data", "batch_size"), get("train", "grad_accum_steps")
+
+
+def elastic_accum(global_batch: int, batch_size: int, world: int, configured: int, policy: str,
+                  where) -> int:
+    """This run's ``train.grad_accum_steps`` on resuming a checkpoint trained at ``global_batch``.
+
+    The rule: ``data.batch_size`` (the memory-bound micro-batch) stays, the global batch is kept,
+    so the accumulation becomes ``global_batch / (batch_size x world)`` when that is a whole
+    number; otherwise ``checkpoint.elastic_batch=keep`` (the default) is a ConfigError naming the
+    numbers, and ``change`` resumes with the configured accumulation (another global batch).
+
+        elastic_accum(64, 8, 2, 1, "keep", where)   # 4 (64 = 8 x 4 x 2)
+    """
+    per_step = batch_size * world
+    if policy == "change":
+        return configured
+    if global_batch % per_step == 0:
+        return global_batch // per_step
+    fits = [w for w in range(1, global_batch // batch_size + 1) if global_batch % (batch_size * w) == 0]
+    smaller = (f", set data.batch_size to a divisor of {global_batch // world}" if global_batch % world == 0 else "")
+    raise ConfigError(f"cannot resume from {where} with its global batch {global_batch}: data.batch_size "
+                      f"{batch_size} x world size {world} = {per_step} does not divide it (world sizes that do: "
+                      f"{', '.join(map(str, fits[:12]))}{' ...' if len(fits) > 12 else ''}); launch one of those"
+                      f"{smaller}, or set checkpoint.elastic_batch=change to resume with global batch "
+                      f"{per_step * configured} (data.batch_size x train.grad_accum_steps x world size)")
+
+
+def resume_plan(cfg, world_size: int) -> ResumePlan | None:
+    """How this run resumes (None: a fresh start); a ConfigError for a checkpoint it cannot
+    resume. Reads the shared file system: in a running job only rank 0 calls it and broadcasts
+    the answer (``trainer.train``); the CLI calls it before any process group to fail early."""
+    source = resume_source(cfg)
+    if source is None:
+        return None
+    root, tag = Path(source[0]), source[1]
+    world, workers, batch, accum = saved_layout(root / tag)
+    if world == 0:
+        raise ConfigError(f"cannot resume from {root / tag}: it has no trainer_state/rank_*.pt files")
+    workers = cfg.data.workers if workers is None else workers
+    saved_global = (batch or cfg.data.batch_size) * (accum or cfg.train.grad_accum_steps) * world
+    new_accum = elastic_accum(saved_global, cfg.data.batch_size, world_size, cfg.train.grad_accum_steps,
+                              cfg.checkpoint.elastic_batch, root / tag)
+    return ResumePlan(root, tag, world, workers, saved_global, new_accum,
+                      elastic=world != world_size or workers != cfg.data.workers)
+
+
+def apply_plan(cfg, plan: ResumePlan | None) -> None:
+    """Set ``cfg``'s accumulation to the plan's (the global batch the checkpoint trained at),
+    saying so when it changes. ``train.accum_negatives`` over one micro-batch per step is the plain
+    loss over the same pairs, so it is turned off where the accumulation becomes 1."""
+    if plan is None or plan.accum == cfg.train.grad_accum_steps:
+        return
+    log.warning("resuming %s (written by world size %d, global batch %d): train.grad_accum_steps %d -> %d keeps "
+                "the global batch (checkpoint.elastic_batch=keep)", Path(plan.root) / plan.tag, plan.world,
+                plan.global_batch, cfg.train.grad_accum_steps, plan.accum)
+    cfg.train.grad_accum_steps = plan.accum
+    if cfg.train.accum_negatives and plan.accum < 2:
+        cfg.train.accum_negatives = False   # one micro-batch per step: its loss already spans the global batch
+
+
+def to_universal(root: Path, tag: str, work: Path) -> Path:
+    """DeepSpeed's universal checkpoint of ``root / tag`` (``ds_to_universal``: every parameter's
+    fp32 weight and Adam moments whole, any ZeRO stage), written to ``work / tag`` atomically and
+    reused when it is there; returns ``work`` (load it with ``tag`` and ``"checkpoint":
+    {"load_universal": true}`` in the DeepSpeed config). One process converts, serially: its cost is
+    reading the optimizer shards once and writing them again (O(model), not O(world))."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: only for this
+
+    out = Path(work) / tag
+    if (out / "converted").is_file():
+        return Path(work)
+    for stale in Path(work).glob(f".{tag}.tmp-*"):   # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(work) / f".{tag}.tmp-{os.getpid()}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(input_folder=str(Path(root) / tag), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=False,
+                              inject_missing_state=True)   # our checkpoints carry no universal-checkpoint info
+    with contextlib.redirect_stdout(sys.stderr):   # its progress lines
+        ds_to_universal(args)
+    (tmp / "converted").write_text(f"{Path(root) / tag}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    _fsync_dir(Path(work))
+    return Path(work)
+
+
+def load_elastic(engine, root: Path, tag: str, universal: bool) -> None:
+    """Load a checkpoint written at another world size into ``engine``: model, optimizer moments,
+    learning-rate schedule and step, from ``root / tag`` (a universal checkpoint when
+    ``universal``: ZeRO 1-3 partition the optimizer by world size; ZeRO-0's state is whole)."""
+    loaded = engine._config.load_universal_checkpoint   # DeepSpeed reads the flag at load time
+    engine._config.load_universal_checkpoint = universal
+    try:
+        path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = loaded
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(root) / tag}")
+
+
+class RankStates(Sequence):
+    """The trainer states of a checkpoint written by ``world`` ranks, ``states[r]`` loaded when
+    asked (rank 0's kept; one other at a time): a reader takes only the ranks it needs.
+
+        states = RankStates(root, "step_200", 8); states[0]["step"]
+    """
+
+    def __init__(self, root: Path, tag: str, world: int):
+        self.where, self.world = Path(root) / tag / "trainer_state", world
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return self.world
+
+    def __getitem__(self, r: int) -> dict:
+        if not 0 <= r < self.world:
+            raise IndexError(r)
+        if r not in self._cache:
+            if len(self._cache) > 1:
+                self._cache = {0: self._cache[0]} if 0 in self._cache else {}
+            self._cache[r] = torch.load(self.where / f"rank_{r}.pt", map_location="cpu", weights_only=False)
+        return self._cache[r]
+
+
+def restore_frozen(engine, root: Path, tag: str, skip: tuple[str, ...] = ()) -> None:
+    """Frozen weights (``model.lock_*``) after a universal load, which restores only what the
+    optimizer holds: ZeRO 0-2 from the module states (whole), ZeRO-3 from the consolidated
+    checkpoint on rank 0 into the gathered parameter. ``skip``: prefixes restored elsewhere (the
+    methods' teachers, from their own state)."""
+    import deepspeed
+
+    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad and not n.startswith(skip)]
+    if not frozen:
+        return
+    if not hasattr(frozen[0][1], "ds_id"):
+        module = torch.load(Path(root) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)["module"]
+        with torch.no_grad():
+            for n, p in frozen:
+                p.data.copy_(module[n])
+        return
+    sd = fp32_state_dict(Path(root), tag) if is_main() else {}
+    with torch.no_grad():
+        for n, p in frozen:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if is_main():
+                    p.data.copy_(sd[n])
 
 
 def tag_for(step: int) -> str:
@@ -171,16 +336,19 @@ class CheckpointManager:
                        if p.is_dir() and (m := TAG_RE.match(p.name)) and (p / "trainer_state").is_dir())
         return [name for _, name in found]
 
-    def readable_tag(self, tag: str, root: Path | None = None) -> str:
+    def readable_tag(self, tag: str, root: Path | None = None, writers: int | None = None) -> str:
         """``tag``, or if any rank finds one of its files of it unreadable, the newest older
         complete checkpoint of this run that every rank can read (a collective: call it on every
-        rank). Only the run's own checkpoints fall back; another root's unreadable one is an error."""
+        rank). Only the run's own checkpoints fall back; another root's unreadable one is an error.
+        ``writers``: the world size that wrote it, when it is not this one's (an elastic resume):
+        rank ``r`` checks the files of writer ranks ``r, r + world, ...``."""
         root = Path(root or self.root)
         own = root.resolve() == self.root.resolve()
         tags = self.tags() if own else []
         older = tags[: tags.index(tag)] if tag in tags else []
         for candidate in [tag, *reversed(older)]:
-            problems = [f"{p}: {why}" for p in own_files(root / candidate, this_rank()) if (why := unreadable(p))]
+            problems = [f"{p}: {why}" for r in range(this_rank(), writers or this_world(), this_world())
+                        for p in own_files(root / candidate, r) if (why := unreadable(p))]
             for problem in problems:
                 log.warning("checkpoint %s is unreadable: %s", root / candidate, problem)
             (bad,) = all_reduce_flags(float(bool(problems)))

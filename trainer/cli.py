@@ -29,8 +29,8 @@ def _train(args) -> int:
     cfg = load_config(args.config, overrides)
     apply_pretrained_shape(cfg)   # a transformers / open_clip checkpoint.init sets the shape (and tokenizer)
     le = launch_env()
+    _check_resume(cfg, le.world_size)   # sets train.grad_accum_steps to keep a checkpoint's global batch
     check_run_inputs(cfg, le.world_size)
-    _check_resume(cfg, le.world_size)
     tokenizer = D.load_tokenizer(cfg.tokenizer.path)
     check_init_tokenizer(cfg, tokenizer)
     if cfg.loss.impl == "triton":
@@ -50,15 +50,15 @@ def _require_triton() -> None:
 def _check_resume(cfg, world_size: int) -> None:
     from pathlib import Path
 
-    from .checkpoint import check_resumable, requeued, resume_source
+    from .checkpoint import apply_plan, requeued, resume_plan
 
     latest = Path(cfg.output_dir) / "checkpoints" / "latest"
     if cfg.checkpoint.resume == "none" and latest.is_file() and not requeued():
         raise ConfigError(f"checkpoint.resume is 'none' but {latest.parent} already holds checkpoints; "
                           "use a new output_dir, or resume with --resume latest")
-    source = resume_source(cfg)  # a path that is not a complete checkpoint is a ConfigError
-    if source is not None:
-        check_resumable(*source, world_size, cfg.data.workers)
+    # A path that is not a complete checkpoint, or a global batch this world cannot keep, is a
+    # ConfigError here, before any process group; the run itself acts on rank 0's plan.
+    apply_plan(cfg, resume_plan(cfg, world_size))
 
 
 def _check_precision(cfg) -> None:

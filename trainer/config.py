@@ -116,6 +116,7 @@ class CheckpointConfig:
     init: str | None = _f(None, "weights-only start: a checkpoint (step_N directory or run directory), a 'grow' output directory, a local transformers CLIPModel directory, or an open_clip checkpoint (a directory with open_clip_config.json and its weights, or a weights file with checkpoint.init_config); a pretrained source sets the model shape (and tokenizer.path when it holds a tokenizer); fresh optimizer and schedule (with --optimizer transform at grow time: its Adam moments), ignored once output_dir has its own checkpoint")
     init_config: str | None = _f(None, "with checkpoint.init an open_clip weights file (.safetensors, .bin, .pt): its open_clip model config JSON (e.g. open_clip's model_configs/ViT-B-32.json, or an open_clip_config.json)")
     resume: str = _f("auto", "auto (= latest): resume from output_dir's latest checkpoint if present | none: start fresh, refusing an output_dir that holds checkpoints | a checkpoint path (step_N directory) to continue from")
+    elastic_batch: str = _f("keep", "resuming with another world size (or a config whose global batch differs from the checkpoint's): keep (the checkpoint's global batch, by setting train.grad_accum_steps = global batch / (data.batch_size x world size); exit 2 where that is not a whole number) | change (resume with this config's data.batch_size x train.grad_accum_steps x world size)", choices=("keep", "change"))
 
 
 @dataclass

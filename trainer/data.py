@@ -24,6 +24,7 @@ import functools
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -399,11 +400,21 @@ def _raw_samples(urls, counter: _Counter, manifest, max_empty_shards: int = 100,
         if current is not None:   # resumed mid-shard: it gave a kept sample before the save
             (url, members), current, n_kept = current, None, 1
         else:
-            url = next(urls, None)
-            if url is None:
+            item = next(urls, None)
+            if item is None:
                 return
-            members = tariterators.tarfile_samples([{"url": url}], handler=counter.handler)
+            url, start, read = (item["url"], int(item["start"]), bool(item["read"])) if isinstance(item, dict) \
+                else (item, 0, True)
             where["draw"], where["member"], n_kept = where["draw"] + 1, 0, 0
+            if not read:   # a carried shard only its buffered samples were taken from (elastic_position)
+                continue
+            members = iter(tariterators.tarfile_samples([{"url": url}], handler=counter.handler))
+            if start:   # a carried shard another run's worker had read up to ``start``: skip within it
+                for _ in range(start):
+                    if next(members, None) is None:
+                        break
+                    where["member"] += 1
+                n_kept = 1
         errors_before = counter.skipped
         keep = None if manifest is None else manifest.keys_for(url)
         for sample in members:
@@ -430,6 +441,8 @@ def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random, buf: li
         i = rng.randrange(len(buf))
         buf[i], sample = sample, buf[i]
         yield sample
+        while len(buf) > bufsize:   # several workers' buffers carried into one (elastic_position)
+            yield buf.pop(rng.randrange(len(buf)))
     rng.shuffle(buf)
     yield from buf
 
@@ -451,10 +464,13 @@ class _Resume:
     run stops with an error rather than continue on a shifted stream.
     """
 
-    def __init__(self, urls: list[str], shard_rng: random.Random, record: dict, counter: _Counter):
+    def __init__(self, urls: list[str], shard_rng: random.Random, record: dict, counter: _Counter,
+                 carry: list[dict] = ()):
         self.record, self.counter, self.restored = record, counter, False
         self.buffer = _buffer_of(record)
-        self.drawn = [shard_rng.choice(urls) for _ in range(int(record["draw"]) + 1)]  # no I/O
+        # The worker's shards: those carried over by an elastic resume, then its own draws (no I/O).
+        self.drawn = [c["url"] for c in carry] + [shard_rng.choice(urls)
+                                                  for _ in range(int(record["draw"]) + 1 - len(carry))]
 
     def _handler(self, exn: Exception) -> bool:
         """Errors met again while restoring are in the saved count; after it, the current shard's count."""
@@ -469,6 +485,9 @@ class _Resume:
         buf: list = [None] * len(self.buffer)
         for draw in sorted(d for d in wanted if d != cur):
             self._read(draw, wanted[draw], max(wanted[draw]) + 1, buf)
+        if cur < 0:   # an elastic start: the carried buffer only, no shard opened yet
+            self.restored = True
+            return buf, None
         members = self._read(cur, wanted.get(cur, {}), int(rec["member"]), buf)
         shuffle_rng.setstate(_rng_state_in(rec["shuffle_rng"]))
         self.restored = True
@@ -603,19 +622,21 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         w = self._logical_worker()
-        base = (self.seed, self.epoch, self.rank, w) + (() if self.stream_id == "pairs" else (self.stream_id,))
+        base = _stream_base(self.seed, self.epoch, self.rank, w, self.stream_id, self.resume.get("elastic"))
         shard_rng, shuffle_rng = random.Random(_seed("shards", *base)), random.Random(_seed("shuffle", *base))
         consumed = int(self.resume["consumed"].get(str(w), 0))
         record = self.resume.get("reader", {}).get(str(w))
+        carry = self.resume.get("carry", {}).get(str(w), [])
         # The saved count holds the unreadable entries and corrupt samples met before the save;
         # what a resume reads again is not counted a second time.
         counter = _Counter(int(self.resume["skipped"].get(str(w), 0)))
         where = {"draw": -1, "member": 0}
         buf, current = [], None
         if record is not None:
-            buf, current = _Resume(self.urls, shard_rng, record, counter).apply(shuffle_rng)
+            buf, current = _Resume(self.urls, shard_rng, record, counter, carry).apply(shuffle_rng)
             where = {"draw": int(record["draw"]), "member": int(record["member"])}
-        urls = iter(lambda: shard_rng.choice(self.urls), None)  # resampled, with replacement
+        # the shards carried over by an elastic resume not yet reached, then resampled, with replacement
+        urls = itertools.chain(carry[where["draw"] + 1:], iter(lambda: shard_rng.choice(self.urls), None))
         samples = _shuffled(_raw_samples(urls, counter, self.manifest, where=where, current=current),
                             self.shuffle_buffer, shuffle_rng, buf)
         if record is None and consumed:   # a position saved before readers were recorded: replay it
@@ -637,6 +658,99 @@ class TrainStream(torch.utils.data.IterableDataset):
                 yield {**self.decoder.collate(items), "keys": keys, "worker": w, "consumed": consumed,
                        "skipped": counter.skipped, "reader": reader}
                 items, keys = [], []
+
+
+def _stream_base(seed: int, epoch: int, rank: int, worker: int, stream_id: str, elastic=None) -> tuple:
+    """What every random choice of one (rank, logical worker) stream is seeded from; ``elastic``
+    (the step of an elastic resume) gives the streams that continue an epoch at another layout
+    seeds of their own, so they do not draw the shards the epoch's first streams drew."""
+    return ((seed, epoch, rank, worker) + (() if stream_id == "pairs" else (stream_id,))
+            + (() if elastic is None else ("elastic", int(elastic))))
+
+
+def _drawn_shards(urls: list[str], seed: int, epoch: int, rank: int, worker: int, stream_id: str,
+                  stream: dict, n: int) -> list[str]:
+    """The first ``n`` shards a recorded stream's worker opened (its carried ones, then its draws)."""
+    carry = [c["url"] for c in stream.get("carry", {}).get(str(worker), [])]
+    rng = random.Random(_seed("shards", *_stream_base(seed, epoch, rank, worker, stream_id, stream.get("elastic"))))
+    return (carry + [rng.choice(urls) for _ in range(max(0, n - len(carry)))])[:n]
+
+
+def elastic_position(old: list[dict | None], old_workers: int, rank: int, world: int, workers: int, *,
+                     urls: list[str], seed: int, stream_id: str = "pairs", key: int = 0) -> dict | None:
+    """This rank's :class:`ResumableStream` position continuing the epoch that ``old`` (every
+    old rank's position, in rank order; ``old_workers`` loader workers each) stood at, on
+    ``world`` ranks with ``workers`` workers each (``key``: the resume's step, seeds the new streams).
+
+    The rule. The epoch number and the samples consumed in it carry over (the epoch ends after
+    the same number of samples, to within one micro-batch per rank). Each old (rank, worker)
+    reader, numbered ``j = rank x old_workers + worker`` of ``R_old``, goes to new reader
+    ``i = j x R_new // R_old`` (contiguous blocks when shrinking, spread when growing), which
+    first delivers that reader's shuffle buffer (the samples it had read and not yet delivered;
+    re-read by key from their shards) and then the rest of the shard it was reading, from where
+    it stood; after that, and from the start for a new reader that inherited none, it draws
+    shards with replacement from a fresh stream seeded by ``(seed, epoch, rank, worker,
+    "elastic", key)``. So no sample delivered before the checkpoint is delivered again by this
+    epoch's continuation of its shard, and no sample read into a buffer is lost; which shards
+    come next, the order and the augmentation draws differ from the uninterrupted run's.
+
+        pos = elastic_position([st["data"] for st in rank_states], 2, rank=0, world=1, workers=2,
+                               urls=urls, seed=0, key=4)
+    """
+    first = old[0]
+    if not first:
+        return None
+    ow, nw = max(1, old_workers), max(1, workers)
+    n_old, n_new = len(old) * ow, world * nw
+    mine = {rank * nw + w: [] for w in range(nw)}
+    # The old readers j with j * n_new // n_old among mine: only their ranks' positions are read.
+    lo, hi = -(-rank * nw * n_old // n_new), -(-(rank + 1) * nw * n_old // n_new)
+    skipped = 0
+    for r in range(lo // ow, min(len(old), -(-hi // ow))):
+        pos = old[r] or {}
+        stream = pos.get("stream") or {}
+        for w in range(ow):
+            i = (r * ow + w) * n_new // n_old
+            if i not in mine:
+                continue
+            # each old reader's skipped count goes to the one new reader that inherits it (and its
+            # rank's earlier epochs' count with its worker 0), so the ranks' sum stays the total
+            skipped += int(stream.get("skipped", {}).get(str(w), 0)) + (int(pos.get("skipped_before", 0)) if w == 0 else 0)
+            record = stream.get("reader", {}).get(str(w))
+            if record is not None:
+                mine[i].append((r, w, stream, record))
+    out = {}
+    for i, inherited in mine.items():
+        carry, at, keys = [], [], []
+        for r, w, stream, record in inherited:
+            draw = int(record["draw"])
+            buffer = _buffer_of(record)
+            # A reader that itself continues an elastic resume may still have carried shards ahead
+            # of the one it reads (draws > draw), and buffered samples from them: they go along.
+            pending = stream.get("carry", {}).get(str(w), [])[draw + 1:]
+            wanted = {b[0] for b in buffer} | ({draw} if draw >= 0 else set()) | \
+                set(range(draw + 1, draw + 1 + len(pending)))
+            shards = _drawn_shards(urls, seed, int(first["epoch"]), r, w, stream_id, stream, max(wanted) + 1)
+            index = {}
+            for d in sorted(wanted):
+                index[d] = len(carry)
+                if d > draw:      # not reached yet: as it was carried
+                    carry.append(dict(pending[d - draw - 1]))
+                elif d == draw:   # the shard it was reading: the rest of it
+                    carry.append({"url": shards[d], "start": int(record["member"]), "read": True})
+                else:             # read before: only its buffered samples are taken
+                    carry.append({"url": shards[d], "start": 0, "read": False})
+            for d, m, k in buffer:
+                at.append((index[d], m))
+                keys.append(k)
+        if carry:
+            out[str(i - rank * max(1, workers))] = (carry, {
+                "draw": -1, "member": 0, "shuffle_rng": None,
+                "buffer_at": torch.tensor(at, dtype=torch.int64).reshape(-1, 2), "buffer_keys": "\n".join(keys)})
+    per_rank_done = int(first["in_epoch"]) * len(old) // world
+    stream = {"worker_offset": 0, "consumed": {}, "skipped": {}, "elastic": int(key),
+              "carry": {w: c for w, (c, _) in out.items()}, "reader": {w: rec for w, (_, rec) in out.items()}}
+    return {"epoch": int(first["epoch"]), "in_epoch": per_rank_done, "stream": stream, "skipped_before": skipped}
 
 
 def position_after(batch_meta: dict, state: dict, n_logical: int) -> dict:

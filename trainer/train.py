@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -28,17 +29,19 @@ import torch
 import yaml
 
 from . import data as D
-from .checkpoint import CheckpointManager, atomic_write_text, resume_source
+from .checkpoint import (CheckpointManager, ResumePlan, RankStates, apply_plan, atomic_write_text, load_elastic,
+                         restore_frozen, resume_plan, to_universal)
 from .config import Config, to_dict
-from .dist import LaunchEnv, all_reduce, all_reduce_flags, hostname, init_distributed, shutdown
+from .dist import (LaunchEnv, all_reduce, all_reduce_flags, barrier, from_rank0, hostname, init_distributed,
+                   is_main, rank as this_rank, shutdown)
 from .engine import build_ds_config, build_engine
 from .evaluate import evaluate_all
 from .faults import (GradGuard, NanInjector, StopRequested, fp16_loss_scale, loss_scale_state, restore_loss_scale,
                      skip_update)
 from .flops import peak_tflops
 from .losses import LossContext, build_terms, compute_loss
-from .methods import (Inherited, Method, attach as attach_method, build_method, load_init, loss_terms, step_flops,
-                      train_flops)
+from .methods import (Inherited, Method, attach as attach_method, build_method, load_init, loss_terms, prefixes,
+                      step_flops, train_flops)
 from .metrics import MetricsLogger
 from .model import build_model
 
@@ -309,11 +312,11 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def seed_rank(seed: int, rank: int) -> None:
+def seed_rank(seed: int, rank: int, step: int | None = None) -> None:
     """Seed the step's randomness (dropout, FLIP's patch masks, ...) per rank: the model was built
     from ``seed`` on every rank (identical initial weights), which left every rank's generators
     in the same state, so every rank would draw the same masks for different samples."""
-    s = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    s = int(np.random.SeedSequence([seed, rank] + ([] if step is None else [step])).generate_state(1)[0])
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)   # CPU and every CUDA device
@@ -345,22 +348,98 @@ def fresh_state() -> dict:
     return {"step": 0, "data": None, "bad_total": 0, "bad_streak": 0, "injected": []}
 
 
-def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, inherited: Inherited | None) -> dict:
-    """Load the checkpoint :func:`resume_source` selects into the engine; return the trainer state.
-    (The CLI has checked it against this world size and worker count before any process group.)
-    A fresh start from ``checkpoint.init`` has its weights in the model already (``inherited``)."""
-    source = resume_source(cfg)
-    if source is None:
+def decided_plan(cfg: Config, world: int) -> ResumePlan | None:
+    """:func:`resume_plan` as rank 0 reads it, on every rank: the resume source is read from the
+    shared file system once, so a stale cache on one node cannot make the ranks load different
+    checkpoints (or one start fresh) and hang. A ConfigError there is raised on every rank."""
+    return from_rank0(lambda: resume_plan(cfg, world))
+
+
+def universal_load(cfg: Config, plan: ResumePlan | None, world: int) -> bool:
+    """Whether the resume goes through DeepSpeed's universal checkpoint: another world size under
+    ZeRO 1-3, whose optimizer state is partitioned by world size (ZeRO-0's is whole)."""
+    return plan is not None and plan.world != world and cfg.deepspeed.zero_stage >= 1
+
+
+_DECIDE = object()
+
+
+def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, inherited: Inherited | None,
+                 plan=_DECIDE, world: int | None = None) -> dict:
+    """Load the checkpoint of ``plan`` (:func:`decided_plan`; decided here when not given) into
+    the engine; return the trainer state. A fresh start from ``checkpoint.init`` has its weights
+    in the model already (``inherited``). A plan at another world size or worker count resumes
+    elastically (:func:`elastic_state`)."""
+    world = engine.dp_world_size if world is None else world
+    if plan is _DECIDE:
+        plan = decided_plan(cfg, world)
+    if plan is None:
         if inherited is not None:
             method.inherit(inherited)
         return fresh_state()
-    root, tag = source
+    root, tag = Path(plan.root), plan.tag
+    if plan.elastic:
+        return elastic_state(cfg, ckpt, engine, method, plan, world)
     tag = ckpt.readable_tag(tag, root)   # falls back to the previous complete one, saying so
     state = ckpt.load(engine, tag, root=root)
     _set_rng_state(state.pop("rng"))
     method.restore(state, where=root / tag)
     log.info("resumed from %s (step %d)", root / tag, state["step"])
     return state
+
+
+def elastic_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, plan: ResumePlan,
+                  world: int) -> dict:
+    """Resume a checkpoint written by ``plan.world`` ranks x ``plan.workers`` loader workers on
+    this layout: model, optimizer moments, learning-rate schedule and step through DeepSpeed's
+    universal checkpoint (converted once, by rank 0, under ``checkpoints/elastic``, removed after
+    the load); the methods' state from every old rank's (:meth:`Method.restore_elastic`); the
+    data position redistributed (``data.elastic_position``); each rank's random generators
+    seeded afresh from ``(seed, rank, step)`` (the old ranks' generators have no counterpart)."""
+    root = Path(plan.root)
+    tag = ckpt.readable_tag(plan.tag, root, writers=plan.world)
+    universal = universal_load(cfg, plan, world)
+    source = root
+    if universal:
+        work = ckpt.root / "elastic"
+        def convert() -> None:
+            log.info("converting %s (world size %d) to a universal checkpoint under %s", root / tag, plan.world, work)
+            to_universal(root, tag, work)
+        from_rank0(convert)   # rank 0 converts; a failure there is raised on every rank, none hangs
+        source = work
+    load_elastic(engine, source, tag, universal)
+    states = RankStates(root, tag, plan.world)
+    if universal:
+        restore_frozen(engine, root, tag, skip=prefixes())
+    first = states[0]
+    state = {**fresh_state(), **{k: first[k] for k in ("step", "bad_total", "bad_streak", "injected") if k in first}}
+    urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
+    state["data"] = D.elastic_position(_Field(states, "data"), plan.workers, this_rank(), world, cfg.data.workers,
+                                       urls=urls, seed=cfg.seed, key=state["step"])
+    seed_rank(cfg.seed, this_rank(), state["step"])
+    method.restore_elastic(states, root / tag, plan.workers, state["step"])
+    barrier()
+    if universal and is_main():
+        shutil.rmtree(source / tag, ignore_errors=True)   # the converted copy; the run's own checkpoints follow
+    log.warning("resumed elastically from %s (step %d), written by world size %d x data.workers %d, now %d x %d; "
+                "global batch %d (train.grad_accum_steps %d); the data epoch continues with fresh streams "
+                "(docs/running.md, elastic resume)", root / tag, state["step"], plan.world, plan.workers, world,
+                cfg.data.workers, plan.global_batch if cfg.checkpoint.elastic_batch == "keep" else
+                cfg.data.batch_size * cfg.train.grad_accum_steps * world, cfg.train.grad_accum_steps)
+    return state
+
+
+class _Field:
+    """``states[r][key]``, loaded when indexed."""
+
+    def __init__(self, states, key: str):
+        self.states, self.key = states, key
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, r: int):
+        return self.states[r].get(self.key)
 
 
 def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
@@ -371,13 +450,15 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     logging.getLogger("trainer").warning("rank %d/%d on %s (launcher: %s, device: %s)", le.rank, le.world_size,
                                          os.environ.get("SLURMD_NODENAME", hostname()), le.launcher, device)
     out = Path(cfg.output_dir)
+    plan = decided_plan(cfg, le.world_size)
+    apply_plan(cfg, plan)   # the global batch the checkpoint trained at (checkpoint.elastic_batch)
     ds_config = build_ds_config(cfg, le.world_size)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if le.rank == 0:
         write_run_files(config_yaml, ds_config, out)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     attach_method(model, cfg)
-    inherited = load_init(model, cfg)   # checkpoint.init: weights in before ZeRO flattens or partitions them
+    inherited = load_init(model, cfg, resuming=plan is not None)   # checkpoint.init: weights in before ZeRO flattens or partitions them
     engine, optimizer_name = build_engine(cfg, model, ds_config)
     method = build_method(cfg, engine)
     terms = build_terms(cfg.loss, loss_terms(cfg))
@@ -390,7 +471,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
 
     ckpt = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last)
     seed_rank(cfg.seed, le.rank)   # a resume then restores each rank's own saved generators
-    state = resume_state(cfg, ckpt, engine, method, inherited)
+    state = resume_state(cfg, ckpt, engine, method, inherited, plan, le.world_size)
     if state["step"] > 0 and stop.anywhere():   # loading can take minutes of SLURM's grace time
         log.warning("stop requested by signal while resuming: step %d's checkpoint is still the latest; re-run "
                     "the same command to resume", state["step"])

@@ -139,14 +139,17 @@ def load_trained_model(cfg: Config, root: Path, tag: str, tokenizer) -> ClipTrai
     return model.float().eval()
 
 
-def load_init(model: torch.nn.Module, cfg: Config) -> Inherited | None:
+def load_init(model: torch.nn.Module, cfg: Config, resuming: bool | None = None) -> Inherited | None:
     """On a fresh start with ``checkpoint.init``: load its weights into ``model`` (strictly, but for
     the method copies the run adds) and return what the methods inherit after the engine is built
-    (``method.inherit(init)``). None when there is no init, or the run resumes its own checkpoint.
+    (``method.inherit(init)``). None when there is no init, or the run resumes its own checkpoint
+    (``resuming``: the run's decision, made on rank 0; None reads the file system here).
 
     Rank 0 alone reads the weights (consolidating a ZeRO checkpoint reads every rank's optimizer
     partition) and broadcasts them; every rank of a process group calls this."""
-    if not cfg.checkpoint.init or resume_source(cfg) is not None:
+    if resuming is None:
+        resuming = resume_source(cfg) is not None
+    if not cfg.checkpoint.init or resuming:
         return None
     pretrained = pretrained_init(cfg)
     if pretrained is not None:   # transformers / open_clip weights: the student only

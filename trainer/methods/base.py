@@ -178,6 +178,14 @@ class Method:
             raise RuntimeError(f"checkpoint {where} has no '{self.name}' state: it was written with the method off")
         self.load_state_dict(trainer_state.pop(self.name))
 
+    def restore_elastic(self, states, where, workers: int, step: int) -> None:
+        """Resume from a checkpoint written at another world size or worker count: ``states[r]``
+        is old rank ``r``'s trainer state (``len(states)`` ranks, ``workers`` loader workers each;
+        loaded when indexed), ``step`` the checkpoint's step. The default takes rank 0's entry,
+        which is right for state that is the same on every rank whatever the layout (ECL's
+        rounds); a method whose state is per rank (teacher slices, a data stream) overrides it."""
+        self.restore(dict(states[0]), where)
+
     def inherit(self, init: "Inherited") -> None:
         """A fresh run started from a trained or grown model (``checkpoint.init``), after the
         engine is built: ``init.weights`` holds the source's method copies under their prefixes
@@ -244,6 +252,10 @@ class Methods(Method):
     def restore(self, trainer_state: dict, where) -> None:
         for m in self.methods:
             m.restore(trainer_state, where)
+
+    def restore_elastic(self, states, where, workers: int, step: int) -> None:
+        for m in self.methods:
+            m.restore_elastic(states, where, workers, step)
 
     def inherit(self, init: "Inherited") -> None:
         for m in self.methods:

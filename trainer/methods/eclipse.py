@@ -53,7 +53,7 @@ from ..flops import global_batch, similarity_flops, vision_flops, vision_tokens
 from ..model import preset_shape
 from ..sources import grown_weights, is_grown
 from .base import Inherited, Method, MethodSpec, schedule_view
-from .ema import ShadowTeacher, shadow_state_dict
+from .ema import ShadowTeacher, assemble_shadows, shadow_state_dict
 from .evit import default_drop_layers, install, keep_rate_at, kept_patches, set_keep_rate
 
 PREFIX = "teacher."
@@ -190,6 +190,10 @@ class Eclipse(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.teacher.load_state_dict(state)
+
+    def restore_elastic(self, states, where, workers: int, step: int) -> None:
+        """Another world size: the full teacher from the old ranks' shadow slices, sliced anew."""
+        self.teacher.load_full(assemble_shadows(states, PREFIX, where, pick=lambda st: st[self.name]))
 
     def inherit(self, init: Inherited) -> None:
         teacher = {k[len(PREFIX):]: v for k, v in init.weights.items() if k.startswith(PREFIX)}

@@ -213,13 +213,31 @@ def shadow_state_dict(root: Path, tag: str, pick: Callable[[dict], dict | None],
     files = sorted((where / "trainer_state").glob("rank_*.pt"))
     if not files:
         raise ConfigError(f"checkpoint {where} has no trainer_state/rank_*.pt files")
-    parts: dict[str, list] = {}
+    states = []
     for f in files:
         state = pick(torch.load(f, map_location="cpu", weights_only=False))
         if state is None:
             raise ConfigError(f"checkpoint {where} has {absent}")
+        states.append(state)
+    return assemble_shadows(states, prefix, where)
+
+
+def assemble_shadows(states, prefix: str, where, pick: Callable[[dict], dict] = lambda st: st
+                     ) -> dict[str, torch.Tensor]:
+    """The full fp32 teacher (student names) from every rank's ``ShadowTeacher.state_dict()``
+    (``pick(states[r])``; ``states`` a sequence, indexed in order). A teacher each rank holds
+    whole (``kind`` ``full``) is read from the first alone.
+
+        full = assemble_shadows(rank_states, "teacher.", where, pick=lambda st: st["eclipse"])
+        teacher.load_full(full)   # each rank of another world size takes its own slices
+    """
+    parts: dict[str, list] = {}
+    for i in range(len(states)):
+        state = pick(states[i])
         for name, slot in state["slots"].items():
             parts.setdefault(name, []).append(slot)
+        if state.get("kind") == "full":
+            break
     out = {}
     for name, slots in parts.items():
         shape = tuple(slots[0]["shape"])

@@ -53,7 +53,7 @@ from ..model import preset_shape
 from ..sources import grown_weights, is_grown
 from .base import Inherited, MethodSpec, Method, schedule_view
 from .eclipse import TeacherTower
-from .ema import ShadowTeacher, shadow_state_dict
+from .ema import ShadowTeacher, assemble_shadows, shadow_state_dict
 
 log = logging.getLogger("trainer")
 PREFIX = "psd_teacher."
@@ -197,6 +197,15 @@ class Psd(Method):
                 raise RuntimeError("checkpoint has no PSD teacher state: it was written with another psd.teacher")
             self.teacher.load_state_dict(state["teacher"])
             self.inherited = bool(state.get("inherited", False))
+
+    def restore_elastic(self, states, where, workers: int, step: int) -> None:
+        """Another world size: the full teacher from the old ranks' shadow slices, sliced anew."""
+        if self.teacher is None:
+            return
+        if "teacher" not in states[0].get(self.name, {}):
+            raise RuntimeError("checkpoint has no PSD teacher state: it was written with another psd.teacher")
+        self.teacher.load_full(assemble_shadows(states, PREFIX, where, pick=lambda st: st[self.name]["teacher"]))
+        self.inherited = bool(states[0][self.name].get("inherited", False))
 
     def inherit(self, init: Inherited) -> None:
         """``checkpoint.init`` with a PSD teacher of the same kind of copy (a grow directory's is
