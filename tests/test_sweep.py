@@ -313,38 +313,47 @@ def test_rerun_skips_finished_runs_and_regenerates_reports(sweep):
     # not a wall-clock ratio that a loaded machine can break
 
 
-def test_changed_variant_refuses_existing_run_dir(sweep, tmp_path):
-    """A variant whose config changed would mix two configs in one directory: exit 2, nothing touched."""
+def test_changed_variant_refuses_existing_run_dir(sweep, tmp_path, capsys):
+    """A variant whose config changed would mix two configs in one directory: exit 2, nothing touched.
+    In process through trainer.cli.main (the code `python -m trainer` runs; test_config_cli shows
+    a real process turns the same ConfigError into exit 2 and one line)."""
+    from trainer.cli import main
+
     out = sweep["out"]
     variants = write_variants(tmp_path / "changed.yaml", {**VARIANTS, "lowlr": {"optim.lr": 3.0e-4}})
     meta = out / "runs" / "lowlr" / "seed0" / "sweep.json"
     before = meta.stat().st_mtime_ns
-    proc = run_trainer(sweep_args(variants, out, sweep["data"]))
-    text = check(proc, 2)
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: run directory ") and str(out / "runs" / "lowlr" / "seed0") in line, text[-2000:]
+    capsys.readouterr()
+    assert main(sweep_args(variants, out, sweep["data"])) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: run directory ") and str(out / "runs" / "lowlr" / "seed0") in line, err[-2000:]
     assert "optim.lr" in line and "0.0002" in line and "0.0003" in line
     assert meta.stat().st_mtime_ns == before
     # The launch is part of the config: other ranks per run, other global batch.
-    proc = run_trainer(sweep_args(sweep["variants"], out, sweep["data"], nproc=2))
-    assert proc.returncode == 2 and "launch.nproc: 1 there, 2 now" in proc.stderr
+    assert main(sweep_args(sweep["variants"], out, sweep["data"], nproc=2)) == 2
+    assert "launch.nproc: 1 there, 2 now" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- sweeps of their own
 
-def test_bad_key_fails_before_anything_runs(demo_data, tmp_path):
+def test_bad_key_fails_before_anything_runs(demo_data, tmp_path, capsys):
+    """In process through trainer.cli.main, like test_changed_variant_refuses_existing_run_dir."""
+    from trainer.cli import main
+
     variants = write_variants(tmp_path / "bad.yaml", {"baseline": {}, "typo": {"optim.lrr": 1.0e-4}})
     out = tmp_path / "out"
-    proc = run_trainer(sweep_args(variants, out, demo_data))
-    check(proc, 2)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
+    capsys.readouterr()
+    assert main(sweep_args(variants, out, demo_data)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
     assert errors[0].startswith("error: variant 'typo': unknown config key 'optim.lrr'"), errors
     assert not out.exists()  # no sweep directory, so no run directory either
     # A key of the right name but a bad value names the variant too, and nothing is created.
     variants = write_variants(tmp_path / "bad2.yaml", {"baseline": {}, "big": {"model": {"preset": "huge"}}})
-    proc = run_trainer(sweep_args(variants, out, demo_data))
-    assert proc.returncode == 2 and "error: variant 'big': config key 'model.preset' must be one of" in proc.stderr
+    assert main(sweep_args(variants, out, demo_data)) == 2
+    assert "error: variant 'big': config key 'model.preset' must be one of" in capsys.readouterr().err
     assert not out.exists()
 
 

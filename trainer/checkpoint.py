@@ -294,6 +294,28 @@ class RankStates(Sequence):
             self._cache[r] = torch.load(self.where / f"rank_{r}.pt", map_location="cpu", weights_only=False)
         return self._cache[r]
 
+    def field(self, *keys: str) -> "Sequence":
+        """``view[r]`` is ``states[r][keys[0]][keys[1]]...`` (None where a key is absent), loaded
+        when indexed: one part of every old rank's state, for ``data.elastic_position``.
+
+            old_positions = states.field("text_lm", "position")
+        """
+        return _Field(self, keys)
+
+
+class _Field(Sequence):
+    def __init__(self, states: RankStates, keys: tuple[str, ...]):
+        self.states, self.keys = states, keys
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, r: int):
+        value = self.states[r]
+        for k in self.keys:
+            value = None if value is None else value.get(k)
+        return value
+
 
 def restore_frozen(engine, root: Path, tag: str, skip: tuple[str, ...] = ()) -> None:
     """Frozen weights (``model.lock_*``) after a universal load, which restores only what the

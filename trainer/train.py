@@ -414,7 +414,7 @@ def elastic_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, 
     first = states[0]
     state = {**fresh_state(), **{k: first[k] for k in ("step", "bad_total", "bad_streak", "injected") if k in first}}
     urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
-    state["data"] = D.elastic_position(_Field(states, "data"), plan.workers, this_rank(), world, cfg.data.workers,
+    state["data"] = D.elastic_position(states.field("data"), plan.workers, this_rank(), world, cfg.data.workers,
                                        urls=urls, seed=cfg.seed, key=state["step"])
     seed_rank(cfg.seed, this_rank(), state["step"])
     method.restore_elastic(states, root / tag, plan.workers, state["step"])
@@ -427,19 +427,6 @@ def elastic_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, 
                 cfg.data.workers, plan.global_batch if cfg.checkpoint.elastic_batch == "keep" else
                 cfg.data.batch_size * cfg.train.grad_accum_steps * world, cfg.train.grad_accum_steps)
     return state
-
-
-class _Field:
-    """``states[r][key]``, loaded when indexed."""
-
-    def __init__(self, states, key: str):
-        self.states, self.key = states, key
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __getitem__(self, r: int):
-        return self.states[r].get(self.key)
 
 
 def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:

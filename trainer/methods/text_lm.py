@@ -195,26 +195,13 @@ class TextLm(Method):
         (``data.elastic_position``: carried buffers and open shards, then fresh draws)."""
         if self.name not in states[0]:
             raise RuntimeError(f"checkpoint {where} has no '{self.name}' state: it was written with the method off")
-        old = _Positions(states, self.name)
+        old = states.field(self.name, "position")
         self.position = D.elastic_position(old, workers, self.rank, self.world, self.cfg.data.workers,
                                            urls=self.urls, seed=self.cfg.seed, stream_id="text", key=step)
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
-
-
-class _Positions:
-    """``states[r][name]["position"]``, loaded when indexed."""
-
-    def __init__(self, states, name: str):
-        self.states, self.name = states, name
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __getitem__(self, r: int):
-        return self.states[r][self.name]["position"]
 
 
 @functools.lru_cache(maxsize=8)
