@@ -413,7 +413,7 @@ def elastic_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, 
         restore_frozen(engine, root, tag, skip=prefixes())
     first = states[0]
     state = {**fresh_state(), **{k: first[k] for k in ("step", "bad_total", "bad_streak", "injected") if k in first}}
-    urls = D.expand_shards(cfg.data.train_shards, "data.train_shards")
+    urls = D.shard_list(cfg.data.train_shards, "data.train_shards")   # rank 0 globs; the loader reuses it
     state["data"] = D.elastic_position(states.field("data"), plan.workers, this_rank(), world, cfg.data.workers,
                                        urls=urls, seed=cfg.seed, key=state["step"])
     seed_rank(cfg.seed, this_rank(), state["step"])
