@@ -52,7 +52,7 @@ def count(case: dict, started: list) -> dict:
     tokenizer, engine, method = build_engine_and_method(cfg, le)
     data, terms = build_stream(cfg, tokenizer, le)
     state = fresh_state()
-    args = (engine, data.next, terms, cfg, case["step"], state, GradGuard(engine.module),
+    args = (engine, data.next, terms, cfg, case["step"], state, GradGuard(engine),
             NanInjector([], "loss", le.rank, []), lambda: 0.0, method)
     counter = FlopCounterMode(display=False)
     try:

@@ -37,7 +37,7 @@ def main(out: str, stage: str, scale_power: str, min_scale: str, steps: str, *ov
     ds["fp16"].update(initial_scale_power=int(scale_power), min_loss_scale=float(min_scale), hysteresis=1)
     tokenizer, engine, method = build_engine_and_method(cfg, le, ds)
     data, terms = build_stream(cfg, tokenizer, le)
-    guard = GradGuard(engine.module)
+    guard = GradGuard(engine)
     state = fresh_state()
     probe = engine.module.text_projection.weight
 

@@ -3,7 +3,7 @@ themselves (tests/teacher_probe.py, tests/fp16_probe.py, tests/flops_probe.py).
 
     tokenizer, engine, method = build_engine_and_method(cfg, le)          # or ds_config=...
     data, terms = build_stream(cfg, tokenizer, le)                         # or data_state=...
-    T.train_step(engine, data.next, terms, cfg, step, fresh_state(), GradGuard(engine.module), ...)
+    T.train_step(engine, data.next, terms, cfg, step, fresh_state(), GradGuard(engine), ...)
 """
 from trainer import data as D
 from trainer import methods

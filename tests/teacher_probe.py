@@ -118,7 +118,7 @@ def main(out: str, config: str, *args: str) -> None:
     state = T.resume_state(cfg, ckpt, engine, method, None)
     expected = torch.load(closed_form) if state["step"] else masters()
     data, terms = build_stream(cfg, tokenizer, le, state["data"])
-    guard = GradGuard(module)
+    guard = GradGuard(engine)
     inject = NanInjector([], "loss", le.rank, [])
     rows = []
     for step in range(state["step"] + 1, cfg.max_steps + 1):

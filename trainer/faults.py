@@ -6,11 +6,11 @@ Two places a step can go non-finite:
   ``train_step`` keeps a device flag per micro-batch and runs the backward anyway (every rank
   enters the same collectives); at the accumulation boundary the ranks agree on the flags, skip
   the poisoned update and run the good micro-batches again in place of the dropped one;
-- the gradients of a finite loss (an overflow inside the backward): :class:`GradGuard` watches
-  every parameter's gradient as autograd produces it, and at the accumulation boundary all ranks
-  agree (the same all-reduce) whether to apply the step; if not, :func:`skip_update` lets DeepSpeed
-  finish its step bookkeeping (gradients cleared, partitions untouched) without the optimizer
-  moving a weight or a moment, as its own fp16 overflow path does.
+- the gradients of a finite loss (an overflow inside the backward): :class:`GradGuard` checks
+  the step's reduced gradients in DeepSpeed's flat partitions once, at the accumulation
+  boundary, and all ranks agree (the same all-reduce) whether to apply the step; if not,
+  :func:`skip_update` lets DeepSpeed finish its step bookkeeping (gradients cleared, partitions
+  untouched) without the optimizer moving a weight or a moment, as its own fp16 overflow path does.
 
 DeepSpeed only checks gradients itself for some stages and precisions (ZeRO-1/2 bf16, or fp32
 with clipping; the bf16 optimizer of stage 0), never for ZeRO-3 in bf16/fp32; the guard makes
@@ -22,10 +22,9 @@ fp16 a non-finite scaled gradient is a fault only when the scale is already at i
 (:func:`fp16_loss_scale`); above it, the step is skipped and counted as an overflow, not as bad
 micro-batches. A non-finite *loss* is a fault in every precision (it is computed unscaled).
 
-    guard = GradGuard(engine.module)
-    guard.reset()                      # at the start of each optimizer step
-    ... engine.backward(loss) ...      # each micro-batch: no host sync
-    if all_reduce(guard.flag(device), "max").item():   # once, at the boundary
+    guard = GradGuard(engine)
+    ... engine.backward(loss) ...      # each micro-batch: no check, no host sync
+    if all_reduce(guard.flag(), "max").item():   # once, at the boundary
         with skip_update(engine):
             engine.step()
 
@@ -45,33 +44,61 @@ class StopRequested(Exception):
 
 
 class GradGuard:
-    """Records, without a host sync, whether any parameter received a non-finite gradient.
+    """Whether this step's reduced gradients hold a NaN or an infinity: checked once per optimizer
+    step, at the accumulation boundary, on the buffers DeepSpeed reduced them into, as its own fp16
+    overflow check does; kept on the device (the caller reduces the flag across ranks with the
+    step's other flags, its one host read).
 
-    One kernel per parameter gradient as autograd produces it (its sum, in float32: a NaN or an
-    infinity anywhere makes the sum non-finite; finite float32/bf16/fp16 gradients would need
-    elements near 1e38 to overflow it), kept on the device; :meth:`flag` reduces them once per
-    step (earlier: isfinite, all, not, or: four kernels per parameter per micro-batch).
-    The hooks must see each micro-batch's gradient before ZeRO-2/3 reduce and free it, so the
-    check stays per parameter; what is once per step is the reduction and the host read."""
+    Where the gradients are after the boundary's backward (its reduction included):
 
-    def __init__(self, module: torch.nn.Module):
-        self._sums: list[torch.Tensor] = []
-        for p in module.parameters():
-            if p.requires_grad:
-                p.register_hook(self._check)
+    - ZeRO-3: this rank's partition of every gradient, one flat buffer
+      (``grad_partitions_flat_buffer``, accumulated over the micro-batches): one kernel;
+    - ZeRO-1/2: this rank's reduced partition per parameter group (``averaged_gradients``);
+    - ZeRO-0: the all-reduced ``.grad`` of every parameter.
 
-    def _check(self, grad: torch.Tensor) -> None:
-        self._sums.append(grad.sum(dtype=torch.float32))
+    A NaN or an infinity on any rank survives the reduction (it sums into the owner's partition),
+    so each rank checks only its partition and the ranks' flags together cover every gradient.
+    Before: a hook per parameter summed each micro-batch's gradient as autograd produced it, a
+    kernel per parameter per micro-batch (four, before that).
 
-    def reset(self) -> None:
-        self._sums = []
+        guard = GradGuard(engine)
+        ... engine.backward(loss) ...      # the last micro-batch's backward reduces
+        bad = all_reduce(guard.flag(), "max").item()   # once, at the boundary
+    """
 
-    def flag(self, device) -> torch.Tensor:
-        """1.0 if a non-finite gradient was seen since :meth:`reset`, as a device scalar (no sync)."""
-        if not self._sums:
-            return torch.zeros((), device=device)
-        total = torch.stack([s.to(device) for s in self._sums]).sum()
-        return (~torch.isfinite(total)).to(torch.float32)
+    def __init__(self, engine):
+        self._engine = engine
+
+    def reduced_grads(self) -> list[torch.Tensor]:
+        """The tensors that hold this rank's share of the step's reduced gradients (see the class)."""
+        opt, stage = self._engine.optimizer, self._engine.zero_optimization_stage()
+        if stage == 3:
+            return [opt.grad_partitions_flat_buffer]
+        if stage in (1, 2):
+            groups = getattr(opt, "averaged_gradients", None) or {}
+            if len(groups) != len(opt.bit16_groups) or any(g is None for g in groups.values()):
+                raise RuntimeError(f"ZeRO-{stage}: DeepSpeed has not reduced the gradients into its partitions "
+                                   "(averaged_gradients); GradGuard.flag() belongs after the boundary's backward")
+            return [g for group in groups.values() for g in group if g is not None]
+        return [p.grad for p in self._engine.module.parameters() if p.grad is not None]
+
+    def flag(self) -> torch.Tensor:
+        """1.0 if a reduced gradient is non-finite, as a float32 device scalar (no host sync)."""
+        return non_finite(self.reduced_grads(), self._engine.device)
+
+
+def non_finite(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """1.0 if any element of ``tensors`` is NaN or infinite, else 0.0: a float32 scalar on ``device``.
+
+    Each tensor's L1 norm, accumulated in float32 whatever the tensor's dtype (torch's multi-tensor
+    ``_foreach_norm``, as its gradient clipping uses: one launch for many tensors on CUDA), then their
+    sum: a NaN propagates through every sum, and an infinity of either sign adds as +inf. Finite
+    gradients would need an L1 norm near 3e38 to overflow it; fp16's 65504 is not a limit."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(tensors, 1, dtype=torch.float32)
+    total = torch.stack([n.to(device) for n in norms]).sum()
+    return (~torch.isfinite(total)).to(torch.float32)
 
 
 def fp16_loss_scale(engine) -> tuple[float, float] | None:

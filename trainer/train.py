@@ -119,7 +119,6 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
     replay: list[_Micro] = []   # good micro-batches of a failed attempt, to run again first
     rng_after = None            # the random state after the failed attempt's last forward
     while True:
-        guard.reset()
         sums: dict[str, torch.Tensor] = {}
         ran: list[tuple[_Micro, torch.Tensor]] = []
         for n in range(k_steps):
@@ -155,7 +154,7 @@ def train_step(engine, next_batch, terms, cfg: Config, step: int, state: dict, g
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if n < k_steps - 1:
                 engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
-        flags = torch.stack([*(bad.float() for _, bad in ran), guard.flag(engine.device),
+        flags = torch.stack([*(bad.float() for _, bad in ran), guard.flag(),
                              torch.full((), stop_flag(), device=engine.device)])
         *loss_bad, grads_bad, stop_now = all_reduce(flags, "max").tolist()   # the step's host read
         if any(loss_bad):
@@ -217,8 +216,8 @@ def _boundary(engine, grads_bad: float, method: Method, cfg: Config, step: int, 
     scale = fp16_loss_scale(engine)
     if not grads_bad:
         engine.step()
-        # fp16: DeepSpeed's own check (after its reduction) may still find an overflow the
-        # per-parameter guard did not see; it skipped the update, so the step starts over.
+        # fp16: DeepSpeed's own check may still find an overflow (the guard read the same reduced
+        # gradients; belt and braces): it skipped the update, so the step starts over.
         if scale is None or engine.was_step_applied():
             method.update(step)
             return True
@@ -256,7 +255,6 @@ def cached_negatives_step(engine, next_batch, terms, cfg: Config, step: int, sta
     sizes = (k_steps * b,) * engine.dp_world_size
     cuda = engine.device.type == "cuda"
     t_data = 0.0
-    guard.reset()
     method.prepare(step)
     while True:
         inputs, rngs, images, texts = [], [], [], []
@@ -291,12 +289,11 @@ def cached_negatives_step(engine, next_batch, terms, cfg: Config, step: int, sta
             if k < k_steps - 1:
                 engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
         state["bad_streak"] = 0
-        flags = torch.stack([guard.flag(engine.device), torch.full((), stop_flag(), device=engine.device)])
+        flags = torch.stack([guard.flag(), torch.full((), stop_flag(), device=engine.device)])
         grads_bad, stop_now = all_reduce(flags, "max").tolist()
         if _boundary(engine, grads_bad, method, cfg, step, state, k_steps):
             return ({"loss": total.detach().float(), **{n: v.detach().float() for n, v in parts.items()}}, t_data,
                     bool(stop_now))
-        guard.reset()
 
 
 def _count_bad(state: dict, n: int, cfg: Config, what: str) -> None:
@@ -477,7 +474,7 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
                                           **method.checkpoint_state()}, config_yaml,
                   kill_before_latest=cfg.debug.kill_during_save_step == state["step"])
 
-    guard = GradGuard(engine.module)
+    guard = GradGuard(engine)
     inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, state["injected"])
     progress = _progress(cfg, le.rank, state["step"])
     flops = train_flops(cfg, state["step"], le.world_size)   # analytic, cumulative (trainer/flops.py)

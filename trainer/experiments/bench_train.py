@@ -441,7 +441,7 @@ def _build_ours(cfg, tokenizer, shape, device, le, data, phases):
     engine, optimizer_name = build_engine(cfg, model, ds_config)
     method = build_method(cfg, engine)
     terms = build_terms(cfg.loss, loss_terms(cfg))
-    guard = GradGuard(engine.module)
+    guard = GradGuard(engine)
     inject = NanInjector(cfg.debug.inject_nan_steps, cfg.debug.inject_nan_where, le.rank, [])
     state = T.fresh_state()
     stop = T.StopRequest()
@@ -596,7 +596,7 @@ def _instrument() -> Suspects:
             return "finite_item" if "isfinite" in _caller_line(frame) else "term_item"
         return "guard_item" if name == "flag" and frame.f_code.co_filename == faults.__file__ else None
     torch.Tensor.item = s.wrap(torch.Tensor.item, item_label)
-    faults.GradGuard._check = s.wrap(faults.GradGuard._check, lambda f: "guard_hooks")
+    faults.non_finite = s.wrap(faults.non_finite, lambda f: "guard_check")
     T._window_metrics = s.wrap(T._window_metrics, lambda f: "window")
     return s
 
