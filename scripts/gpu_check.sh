@@ -72,6 +72,13 @@ step bench-train 150 210 gpu,mod:deepspeed,mod:webdataset,step:demo-data -- "$PY
   --tag vitb32_bf16 model.preset=vit-b-32 model.context_length=77 deepspeed.precision=bf16 \
   data.batch_size=256 data.workers=8 "${DATA_ARGS[@]}"
 
+# Host syncs per optimizer step on the GPU (issue "Ready for a thousand GPUs" §6): the tensor reads
+# by caller and the synchronizing CUDA calls torch's sync-debug mode reports, tiny preset, bf16,
+# accumulation 4 (bench/results/host_syncs.md has the CPU count to compare with).
+step host-syncs 30 90 gpu,mod:deepspeed,mod:webdataset,step:demo-data -- "$PY" -m trainer bench train \
+  --config trainer/configs/demo.yaml --nproc 1 --impls ours --profile timers --steps 4 --warmup 2 --out "$OUT" \
+  --tag host_syncs_accum4 deepspeed.precision=bf16 train.grad_accum_steps=4 log.every_steps=2 "${DATA_ARGS[@]}"
+
 # 2 ranks over NCCL end to end: bf16, ZeRO-3, the Triton loss, checkpoints, the final evaluation
 # (eval.json), then export-hf.
 step nccl-train 90 150 gpu2,mod:deepspeed,mod:webdataset,step:demo-data -- "$PY" -m torch.distributed.run \

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import PY, ROOT, budget
 
-STEPS = ("env", "kernels", "bench-loss", "demo-data", "bench-train", "nccl-train", "nccl-export")
+STEPS = ("env", "kernels", "bench-loss", "demo-data", "bench-train", "host-syncs", "nccl-train", "nccl-export")
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
