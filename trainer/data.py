@@ -469,8 +469,7 @@ class _Resume:
         self.record, self.counter, self.restored = record, counter, False
         self.buffer = _buffer_of(record)
         # The worker's shards: those carried over by an elastic resume, then its own draws (no I/O).
-        self.drawn = [c["url"] for c in carry] + [shard_rng.choice(urls)
-                                                  for _ in range(int(record["draw"]) + 1 - len(carry))]
+        self.drawn = _shards_opened(urls, shard_rng, [c["url"] for c in carry], int(record["draw"]) + 1)
 
     def _handler(self, exn: Exception) -> bool:
         """Errors met again while restoring are in the saved count; after it, the current shard's count."""
@@ -673,7 +672,14 @@ def _drawn_shards(urls: list[str], seed: int, epoch: int, rank: int, worker: int
     """The first ``n`` shards a recorded stream's worker opened (its carried ones, then its draws)."""
     carry = [c["url"] for c in stream.get("carry", {}).get(str(worker), [])]
     rng = random.Random(_seed("shards", *_stream_base(seed, epoch, rank, worker, stream_id, stream.get("elastic"))))
-    return (carry + [rng.choice(urls) for _ in range(max(0, n - len(carry)))])[:n]
+    return _shards_opened(urls, rng, carry, n)[:n]
+
+
+def _shards_opened(urls: list[str], shard_rng: random.Random, carried: list[str], n: int) -> list[str]:
+    """A worker's shards up to its ``n``-th: those carried over by an elastic resume (all of them,
+    even past ``n``), then draws from ``shard_rng`` (advanced by them: a live stream keeps drawing
+    from it afterwards)."""
+    return carried + [shard_rng.choice(urls) for _ in range(max(0, n - len(carried)))]
 
 
 def elastic_position(old: list[dict | None], old_workers: int, rank: int, world: int, workers: int, *,
