@@ -115,7 +115,7 @@ def main(out: str, config: str, *args: str) -> None:
         m_at = lambda step: 0.0 if step % every == 0 else 1.0   # noqa: E731
     ckpt = CheckpointManager(Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.keep_last)
     closed_form = Path(cfg.output_dir) / "probe_closed_form.pt"
-    state = T.resume_state(cfg, ckpt, engine, method, None)
+    state = T.resume_state(cfg, ckpt, engine, method, None, T.decided_plan(cfg, le.world_size))
     expected = torch.load(closed_form) if state["step"] else masters()
     data, terms = build_stream(cfg, tokenizer, le, state["data"])
     guard = GradGuard(engine)

@@ -167,7 +167,10 @@ def saved_layout(where: Path) -> tuple[int, int | None, int | None, int | None]:
     wrote the checkpoint ``where`` (None: its config.yaml does not say)."""
     world = len(list((where / "trainer_state").glob("rank_*.pt")))
     raw = (yaml.safe_load((where / "config.yaml").read_text()) or {}) if (where / "config.yaml").is_file() else {}
-    get = lambda section, key: (lambda v: None if v is None else int(v))(raw.get(section, {}).get(key))  # noqa: E731
+
+    def get(section: str, key: str) -> int | None:
+        value = raw.get(section, {}).get(key)
+        return None if value is None else int(value)
     return world, get("data", "workers"), get("data", "batch_size"), get("train", "grad_accum_steps")
 
 

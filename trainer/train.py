@@ -358,18 +358,13 @@ def universal_load(cfg: Config, plan: ResumePlan | None, world: int) -> bool:
     return plan is not None and plan.world != world and cfg.deepspeed.zero_stage >= 1
 
 
-_DECIDE = object()
-
-
 def resume_state(cfg: Config, ckpt: CheckpointManager, engine, method: Method, inherited: Inherited | None,
-                 plan=_DECIDE, world: int | None = None) -> dict:
-    """Load the checkpoint of ``plan`` (:func:`decided_plan`; decided here when not given) into
-    the engine; return the trainer state. A fresh start from ``checkpoint.init`` has its weights
+                 plan: ResumePlan | None, world: int | None = None) -> dict:
+    """Load the checkpoint of ``plan`` (:func:`decided_plan`, None: a fresh start) into the
+    engine; return the trainer state. A fresh start from ``checkpoint.init`` has its weights
     in the model already (``inherited``). A plan at another world size or worker count resumes
     elastically (:func:`elastic_state`)."""
     world = engine.dp_world_size if world is None else world
-    if plan is _DECIDE:
-        plan = decided_plan(cfg, world)
     if plan is None:
         if inherited is not None:
             method.inherit(inherited)
