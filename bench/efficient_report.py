@@ -37,13 +37,14 @@ REGIMES = [  # (name, sweep directory, what it is)
 # The staged pipelines (scripts/efficient_staged.sh) of each regime, collected by bench/staged_report.py:
 # (label in the tables, directory under bench/results/staged/ per regime name)
 STAGED = [("staged all four", {"(a) noisy": "noisy", "(b) memorise": "memorise", "(c) clean": "clean"}),
-          ("staged, growth only", {"(a) noisy": "growth-only-noisy"})]
+          ("staged, growth only", {"(a) noisy": "growth-only-noisy"}),
+          ("staged, no ECLIPSE", {"(a) noisy": "noeclipse-noisy"})]
 # Sweeps at the staged runs' budget (1.18e13 FLOPs): {regime: [(sweep, {variant: label in the tables})]}
 CONTROLS = {"(a) noisy": [("bench/results/sweep-efficient-staged-controls",
                            {"plain": "plain @ 1.18e13", "no-growth-two-rounds": "no growth, two rounds @ 1.18e13"})],
             "(c) clean": [("bench/results/sweep-plain-clean-1.18e13", {"plain": "plain @ 1.18e13"})]}
 COLORS = {"plain @ 1.18e13": "black", "no growth, two rounds @ 1.18e13": "tab:cyan", "staged all four": "tab:purple",
-          "staged, growth only": "tab:olive"}
+          "staged, growth only": "tab:olive", "staged, no ECLIPSE": "tab:green"}
 BASE = "plain"
 # The one-stage variant: all-but-growth (bench/sweeps/efficient.yaml); the first (a) sweep named it all-four.
 ONE_STAGE = ("all-but-growth", "all-four")
