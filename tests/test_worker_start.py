@@ -59,6 +59,7 @@ def churn_lib(tmp_path_factory) -> Path:
     return d / "libchurn.so"
 
 
+@pytest.mark.full   # ~25-40 s (the churning thread takes the GIL); the fast tier checks that workers come from the server
 def test_forkserver_workers_start_beside_a_thread_that_hangs_plain_forks(demo_data, churn_lib, tmp_path):
     (url,) = D.expand_shards(str(demo_data / "val"), "k")
     script = SCRIPT.format(root=str(Path(__file__).resolve().parents[1]), lib=str(churn_lib),
