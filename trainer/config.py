@@ -62,6 +62,8 @@ class DataConfig:
     train_num_samples: int = _f(10000, "samples per training epoch (the data stream is reseeded each epoch)", min=1)
     batch_size: int = _f(64, "per-rank micro-batch size (pairs)", min=1)
     workers: int = _f(2, "data loader worker processes per rank", min=0)
+    worker_start: str = _f("forkserver", "how loader workers start: forkserver (forked from one single-threaded server per rank; safe beside the rank's communication threads), spawn, or fork (quickest, but on Python < 3.12 a fork can hang when it races another thread)",
+                           choices=("forkserver", "spawn", "fork"))
     shuffle_buffer: int = _f(1000, "samples in the shuffle buffer of each worker", min=1)
     crop_scale_min: float = _f(0.9, "RandomResizedCrop lower scale bound for training images", min=0.05, max=1.0)
     image_mean: list = _f([0.48145466, 0.4578275, 0.40821073], "per-channel normalisation mean (CLIP's)")

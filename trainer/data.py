@@ -27,11 +27,16 @@ import io
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
+import select
 import signal
 import tarfile
+import threading
+import time
+from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 from typing import Iterator
 
@@ -44,7 +49,7 @@ from webdataset import tariterators
 
 from .config import ConfigError
 from .dist import from_rank0, launch_env, world_size
-from .model import preset_shape
+from .shapes import preset_shape
 
 log = logging.getLogger("trainer.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -793,19 +798,109 @@ def dummy_batch(decoder: "SampleDecoder", image_size: int) -> dict:
             "label": torch.tensor([-1])}
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+WORKER_STARTS = ("forkserver", "spawn", "fork")
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """Loader-worker init: SLURM signals every process of a job step, loader workers included;
     torch's worker handler would die on a SIGTERM that is not from its parent and take the rank
     down before it can checkpoint. Only the main process acts on USR1/TERM/INT."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _worker_init(rank_pid: int, worker_id: int) -> None:
+    """Loader-worker init: ignore the stop signals (:func:`ignore_stop_signals`) and end with the
+    rank. A worker started by ``forkserver`` is the server's child, and torch's own watchdog only
+    asks whether the worker's parent changed, so a rank killed outright (SIGKILL, an OOM kill) would
+    leave its workers, and through them the server, running for ever, holding the job's output
+    pipes open. A thread waits on the rank's pidfd instead."""
+    ignore_stop_signals(worker_id)
+    if rank_pid != os.getppid():
+        threading.Thread(target=_exit_with, args=(rank_pid,), name="rank-watch", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except OSError:   # no pidfd (Linux < 5.3): poll
+        while _alive(pid):
+            time.sleep(1.0)
+        os._exit(0)
+    select.select([fd], [], [])
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _worker_context(start: str, *made_of) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context loader workers start from (``data.worker_start``).
+
+    ``forkserver`` (the default): a rank runs other threads (gloo's or NCCL's, the training
+    loader's queue feeders), and forking a multi-threaded process can hang the child in CPython
+    3.11's after-fork clean-up when another thread held the interpreter's thread-state lock at that
+    instant (seen once in ~80 evaluation forks beside gloo). The server is one single-threaded
+    process per rank, started at the first loader (or :func:`prestart_workers`) with the modules of
+    ``made_of`` (the dataset, its decoder) and of the tokenizer preloaded, so each worker forks from
+    it in milliseconds; a dataset of another module pays that module's import in each worker. The
+    server starts with the stop signals blocked, which it and its workers inherit: a SLURM signal to
+    every process of the step must not kill it, or its workers (whose parent it is) would exit under
+    a rank that is checkpointing. ``spawn`` and ``forkserver`` run a script's main module again in
+    each worker, so a script that starts loaders needs the ``if __name__ == "__main__":`` guard."""
+    if start not in WORKER_STARTS:
+        raise ConfigError(f"config key 'data.worker_start' must be one of {', '.join(WORKER_STARTS)}; got {start!r}")
+    ctx = multiprocessing.get_context(start)
+    if start == "forkserver":
+        made_of += tuple(getattr(o, "tokenizer", None) for o in made_of)
+        modules = {__name__} | {(o if isinstance(o, type) else type(o)).__module__ for o in made_of}
+        ctx.set_forkserver_preload(sorted(modules - {"builtins", "__main__"}))
+        # The resource tracker first: its own start unblocks SIGINT and SIGTERM when it is done.
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            forkserver.ensure_running()   # a no-op while this process's server is alive
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return ctx
+
+
+def prestart_workers(start: str, dataset_type: type, decoder) -> None:
+    """Start the loader workers' server now (``forkserver``: it imports torch and the data pipeline,
+    seconds), so that it overlaps the model's and the engine's construction."""
+    _worker_context(start, dataset_type, decoder)
+
+
+def worker_loader(dataset: torch.utils.data.IterableDataset, workers: int, start: str = "forkserver",
+                  **loader_kw) -> Iterator:
+    """Iterate ``dataset`` (which yields whole batches) through ``workers`` loader processes
+    (0: in this one), started by ``start`` (:func:`_worker_context`); the workers ignore SLURM's
+    stop signals and end with this process (:func:`_worker_init`).
+
+        batches = worker_loader(EvalStream(urls, decoder, 64, rank, world), workers=2)
+    """
+    if workers == 0:
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0, **loader_kw))
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                            worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                                            multiprocessing_context=_worker_context(start, dataset, getattr(dataset, "decoder", None)),
+                                            **loader_kw))
 
 
 class ResumableStream:
     """Micro-batches for one rank, epoch after epoch, with a position that resumes exactly.
 
         stream = ResumableStream(urls, SampleDecoder(...), batch_size=64, num_samples=10000,
-                                 seed=0, rank=r, world=w, workers=2, shuffle_buffer=1000)
+                                 seed=0, rank=r, world=w, workers=2, shuffle_buffer=1000,
+                                 worker_start="forkserver")   # data.worker_start
         batch = stream.next()            # {"image"?, "input_ids", "attention_mask", "keys", ...}
         state["data"] = stream.position  # a plain dict: checkpoint it, pass it back as position=
 
@@ -816,8 +911,9 @@ class ResumableStream:
 
     def __init__(self, urls, decoder, *, batch_size: int, num_samples: int, seed: int, rank: int, world: int,
                  workers: int, shuffle_buffer: int, manifest=None, position: dict | None = None,
-                 stream_id: str = "pairs"):
+                 stream_id: str = "pairs", worker_start: str = "forkserver"):
         self.urls, self.decoder, self.rank, self.world = list(urls), decoder, rank, world
+        self.worker_start = worker_start
         self.batch_size, self.seed, self.workers, self.shuffle_buffer = batch_size, seed, workers, shuffle_buffer
         self.manifest, self.stream_id = manifest, stream_id
         self.per_epoch = max(1, num_samples // (batch_size * world))
@@ -835,10 +931,8 @@ class ResumableStream:
                              shuffle_buffer=self.shuffle_buffer, manifest=self.manifest,
                              resume=self.position["stream"] or None, stream_id=self.stream_id)
         # Pinned batches (on a GPU machine): the step's copies to the device are asynchronous.
-        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
-                                                worker_init_fn=ignore_stop_signals,
-                                                prefetch_factor=4 if self.workers else None,
-                                                pin_memory=torch.cuda.is_available()))
+        return worker_loader(stream, self.workers, self.worker_start, prefetch_factor=4 if self.workers else None,
+                             pin_memory=torch.cuda.is_available())
 
     def close(self) -> None:
         """Shut the loader's worker processes down now (the run is over or failing)."""
@@ -963,15 +1057,12 @@ class EvalStream(torch.utils.data.IterableDataset):
 
 
 def eval_batches(urls: list[str], decoder: SampleDecoder, batch_size: int, rank: int,
-                 world: int, workers: int = 0) -> Iterator[dict]:
+                 world: int, workers: int = 0, start: str = "forkserver") -> Iterator[dict]:
     """This rank's share of the validation set as batches with ``label`` (:class:`EvalStream`),
-    decoded in ``workers`` loader processes (0: in this one). Every sample is in exactly one
-    rank's share; with ``workers`` the order of the batches is the workers' round robin."""
-    stream = EvalStream(urls, decoder, batch_size, rank, world)
-    if workers == 0:
-        return iter(stream)
-    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                            worker_init_fn=ignore_stop_signals))
+    decoded in ``workers`` loader processes started by ``start`` (0: in this one; see
+    :func:`worker_loader`). Every sample is in exactly one rank's share; with ``workers`` the order
+    of the batches is the workers' round robin."""
+    return worker_loader(EvalStream(urls, decoder, batch_size, rank, world), workers, start)
 
 
 def load_tokenizer(path: str | None):

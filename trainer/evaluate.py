@@ -302,7 +302,7 @@ def evaluate(model, cfg: Config, tokenizer, rank: int, world: int, device, shoul
     dtype = next(model.parameters()).dtype
     try:
         img, txt, labels, scale = embed_split(model, D.eval_batches(urls, decoder, cfg.eval.batch_size, rank, world,
-                                                                   cfg.data.workers),
+                                                                   cfg.data.workers, cfg.data.worker_start),
                                               D.dummy_batch(decoder, shape["image_size"]), device, dtype, should_stop,
                                               D.model_pixels(cfg))
         extra: dict = {}

@@ -95,7 +95,7 @@ def main(args) -> int:
         mine = share(units, rank, world)
         n = score_units(models, urls, mine, decoder, out, source=source, device=device, dtype=dtype, subset=subset,
                         batch_size=args.batch_size, score=score, workers=cfg.data.workers,
-                        pixels=D.model_pixels(cfg))
+                        worker_start=cfg.data.worker_start, pixels=D.model_pixels(cfg))
         log.warning("select: rank %d/%d scored %d unit(s) (%d of its %d were done already)",
                     rank, world, n, len(mine) - n, len(mine))
     meta = {"checkpoints": names, **score.describe(), "scores_from": [str(c.dir) for c in carried], "manifest_in": args.manifest,

@@ -79,7 +79,7 @@ class TrainData(D.ResumableStream):
         d = cfg.data
         urls = D.shard_list(d.train_shards, "data.train_shards")
         super().__init__(urls, decoder, batch_size=d.batch_size, num_samples=d.train_num_samples, seed=cfg.seed,
-                         rank=rank, world=world, workers=d.workers, shuffle_buffer=d.shuffle_buffer,
+                         rank=rank, world=world, workers=d.workers, worker_start=d.worker_start, shuffle_buffer=d.shuffle_buffer,
                          manifest=D.read_manifest(manifest or d.manifest, urls, d.key_manifest_max_mb, d.train_shards),
                          position=position)
 
@@ -435,6 +435,9 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if le.rank == 0:
         write_run_files(config_yaml, ds_config, out)
+    decoder = D.train_decoder(cfg, tokenizer)
+    if cfg.data.workers:   # the loader workers' server (data.worker_start) imports while the engine is built
+        D.prestart_workers(cfg.data.worker_start, D.TrainStream, decoder)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     attach_method(model, cfg)
     inherited = load_init(model, cfg, resuming=plan is not None)   # checkpoint.init: weights in before ZeRO flattens or partitions them
@@ -458,7 +461,6 @@ def run(cfg: Config, le: LaunchEnv, tokenizer) -> int:
         shutdown()
         return EXIT_PREEMPTED
 
-    decoder = D.train_decoder(cfg, tokenizer)
     train_data = TrainData(cfg, decoder, le.rank, le.world_size, state["data"], manifest=method.data_manifest())
     metrics_log = MetricsLogger(out, tensorboard=cfg.log.tensorboard, enabled=le.rank == 0, resume_step=state["step"])
     global_batch = ds_config["train_batch_size"]

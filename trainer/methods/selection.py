@@ -209,16 +209,16 @@ class UnitStream(torch.utils.data.IterableDataset):
 
 
 def _unit_events(urls: list[str], units: list[Unit], decoder: D.SampleDecoder, subset, batch_size: int,
-                 done: Callable[[Unit], bool], workers: int = 0) -> Iterator[tuple]:
+                 done: Callable[[Unit], bool], workers: int = 0, start: str = "forkserver") -> Iterator[tuple]:
     """``("batch", records, positions, batch)`` to score, then ``("done", unit, records, skipped,
     seconds)`` once per unit (after all of its batches were scored; ``seconds``: the unit's wall
     time, reading, decoding and scoring). Units already done are passed over. Reading and
-    decoding run in ``workers`` loader processes (0: in this one); units of several workers
+    decoding run in ``workers`` loader processes started by ``start`` (0: in this one;
+    ``D.worker_loader``); units of several workers
     interleave, each unit's events in order."""
     todo = [u for u in units if not done(u)]
     stream = UnitStream(urls, todo, decoder, subset, batch_size)
-    messages = iter(stream) if workers == 0 or not todo else iter(torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=min(workers, len(todo)), worker_init_fn=D.ignore_stop_signals))
+    messages = D.worker_loader(stream, min(workers, len(todo)), start)
     records: dict[int, list[dict]] = {}
     for msg in messages:
         mine = records.setdefault(msg["unit"], [])
@@ -363,7 +363,7 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
                 source: str, device, dtype=torch.float32, subset=None, batch_size: int = 256,
                 lockstep: bool = False, dummy: dict | None = None, on_unit: Callable[[Unit], None] | None = None,
                 score: Score = Score("cosine"), should_stop: Callable[[], bool] | None = None,
-                workers: int = 0, pixels=D.to_model_pixels) -> int:
+                workers: int = 0, worker_start: str = "forkserver", pixels=D.to_model_pixels) -> int:
     """Score this process's ``units`` into ``out/parts/UNIT.jsonl``; returns the units written.
     ``pixels``: how a batch's images become the model's input (``D.model_pixels(cfg)`` for the
     uint8 images of ``D.eval_decoder``).
@@ -373,7 +373,8 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
     forwards (a rank out of work runs ``dummy``), as ZeRO-3's parameter gathering needs, and
     ``should_stop()`` true on any rank raises ``StopRequested`` on every rank at the same forward
     (the units written so far are kept and not scored again). ``workers``: loader processes that
-    read and decode the units (0: this process), so the scoring process only runs the models."""
+    read and decode the units (0: this process; ``worker_start``: ``data.worker_start``), so the
+    scoring process only runs the models."""
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if _part_source(parts, u) != source]
@@ -382,7 +383,7 @@ def score_units(models: list, urls: list[str], units: list[Unit], decoder: D.Sam
     pool = candidate_pool(urls, decoder, subset, score.pool, batch_size) if score.kind == "selfconf" else ()
     scorer = Scorer(models, score, device, dtype, pool, pixels)
     events = _unit_events(urls, units, decoder, subset, batch_size, lambda u: _part_source(parts, u) == source,
-                          workers)
+                          workers, worker_start)
     written = 0
     while True:
         ev = next(events, None)
@@ -1123,7 +1124,8 @@ class Selection(Method):
                             device=device, dtype=dtype, subset=subset, batch_size=self.cfg.select.batch_size,
                             lockstep=True, dummy=D.dummy_batch(decoder, preset_shape(self.cfg.model)["image_size"]),
                             on_unit=self._on_unit(step), score=self.score, should_stop=should_stop,
-                            workers=self.cfg.data.workers, pixels=D.model_pixels(self.cfg))
+                            workers=self.cfg.data.workers, worker_start=self.cfg.data.worker_start,
+                            pixels=D.model_pixels(self.cfg))
             finally:
                 model.train(was_training)
             barrier()

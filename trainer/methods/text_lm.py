@@ -146,7 +146,7 @@ class TextLm(Method):
             self.stream = D.ResumableStream(self.urls, self.decoder, batch_size=t.batch_size,
                                             num_samples=t.num_samples, seed=self.cfg.seed, rank=self.rank,
                                             world=self.world, workers=d.workers, shuffle_buffer=t.shuffle_buffer,
-                                            position=self.position, stream_id="text")
+                                            position=self.position, stream_id="text", worker_start=d.worker_start)
         return self.stream.next()
 
     def prepare(self, step: int) -> None:
