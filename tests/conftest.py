@@ -68,12 +68,8 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 def data_overrides(data: Path, out: Path) -> list[str]:
-    # Loader workers start by fork here: the default's server (data.worker_start=forkserver) costs
-    # each rank seconds of imports, too much for the many short runs on 2 cores (so do the sweep,
-    # staged-pipeline and bench tests). The default is run by tests/test_worker_start.py,
-    # tests/test_train_e2e.py (kills, signals, resumes) and tests/test_slurm.py (SLURM's signals).
     return [f"output_dir={out}", f"data.train_shards={data}/train", f"data.val_shards={data}/val",
-            f"tokenizer.path={data}/tokenizer", f"eval.zeroshot={data}/zeroshot.json", "data.worker_start=fork"]
+            f"tokenizer.path={data}/tokenizer", f"eval.zeroshot={data}/zeroshot.json"]
 
 
 def trainer_env(**extra) -> dict:

@@ -20,7 +20,7 @@ CONFIG = "trainer/configs/demo.yaml"
 STEPS, WARMUP, BATCH, WORLD = 6, 2, 16, 2
 # A gentle lr: the loss falls from the initial logit scale's over-confident start without the
 # spike a 2e-3 peak gives in the first steps.
-FAST = [f"data.batch_size={BATCH}", "data.workers=1", "data.worker_start=fork", "data.shuffle_buffer=64", "optim.warmup_steps=3",
+FAST = [f"data.batch_size={BATCH}", "data.workers=1", "data.shuffle_buffer=64", "optim.warmup_steps=3",
         "optim.lr=5e-4", "model.context_length=24"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

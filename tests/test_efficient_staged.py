@@ -27,7 +27,7 @@ TERMS = ("clip", "teacher_kl", "self_distill", "text_lm")
 STEPS = (4, 3, 2)   # stage 1's round at step 2, stage 2's at step 2, none in stage 3 (select.max_rounds 2)
 # stage-1 overrides for a tiny run (the grown stages inherit them through the grown config.yaml)
 TINY = ["data.batch_size=16", "data.train_num_samples=768", "data.shuffle_buffer=64", "data.workers=1",
-        "data.worker_start=fork", "optim.warmup_steps=1", "log.every_steps=1", "log.progress=false", "eval.batch_size=48",
+        "optim.warmup_steps=1", "log.every_steps=1", "log.progress=false", "eval.batch_size=48",
         "select.batch_size=64", "text_lm.batch_size=4", "text_lm.num_samples=40", "dist.timeout_s=300"]
 
 
