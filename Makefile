@@ -36,14 +36,14 @@ demo: venv
 # The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
 # (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-07 on a
 # clean clone by .ci/run (a fresh venv, CI's environment, real SLURM daemons), 2 idle cores:
-# 477 tests in 12 min 58 s, 15 min 1 s with the install (commit c182dbc).
+# 481 tests in 15 min 52 s, 18 min 16 s with the install (commit 92e0f60).
 test: venv
 	$(PY) -m pytest -q -rs -m "not full" --durations=15 tests
 
 # Everything: the fast tier and the `full` tests (ZeRO 0/2 variants, compile matrix, benchmarks, ...).
 # Measured 2026-12-06 on a clean clone of the tiers' branch (commit bb18e00: 450 of the then 468 tests):
 # 44 min 50 s on 2 cores while another full test run shared the machine (load 5-6), so an upper bound;
-# today's 609 tests (132 full) were not timed together.
+# today's 614 tests (133 full) were not timed together.
 test-all: venv
 	$(PY) -m pytest -q -rs --durations=25 tests
 
