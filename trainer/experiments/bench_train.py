@@ -591,10 +591,9 @@ def _instrument() -> Suspects:
     T.all_reduce = s.wrap(T.all_reduce, flag_label)
 
     def item_label(frame):
-        name = frame.f_code.co_name
-        if name == "train_step":
+        if frame.f_code.co_name == "train_step":
             return "finite_item" if "isfinite" in _caller_line(frame) else "term_item"
-        return "guard_item" if name == "flag" and frame.f_code.co_filename == faults.__file__ else None
+        return None
     torch.Tensor.item = s.wrap(torch.Tensor.item, item_label)
     faults.non_finite = s.wrap(faults.non_finite, lambda f: "guard_check")
     T._window_metrics = s.wrap(T._window_metrics, lambda f: "window")
