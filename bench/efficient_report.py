@@ -43,6 +43,10 @@ STAGED = [("staged all four", {"(a) noisy": "noisy", "(b) memorise": "memorise",
 CONTROLS = {"(a) noisy": [("bench/results/sweep-efficient-staged-controls",
                            {"plain": "plain @ 1.18e13", "no-growth-two-rounds": "no growth, two rounds @ 1.18e13"})],
             "(c) clean": [("bench/results/sweep-plain-clean-1.18e13", {"plain": "plain @ 1.18e13"})]}
+# The ablation sweeps (bench/sweeps/efficient-ablation.yaml) of the regimes at 1x; (a) at 4x keeps its
+# ablation variants in its headline sweep (bench/sweeps/efficient-4x-ablation.yaml).
+ABLATIONS = {"(a) noisy": "bench/results/sweep-efficient-ablation",
+             "(b) memorise": "bench/results/sweep-efficient-memorise-ablation"}
 COLORS = {"plain @ 1.18e13": "black", "no growth, two rounds @ 1.18e13": "tab:cyan", "staged all four": "tab:purple",
           "staged, growth only": "tab:olive", "staged, no ECLIPSE": "tab:green"}
 BASE = "plain"
@@ -170,21 +174,27 @@ def headline(regimes) -> list[str]:
 
 
 def ablation(regimes) -> list[str]:
-    """Every variant of each regime's sweep (bench/sweeps/efficient-ablation.yaml), against plain."""
-    L = ["| regime | variant | n | steps | zero-shot top-1 % | Δ vs plain (pt) | I→T R@1 % | val loss (end) |",
-         "|---|---|--:|--:|--:|--:|--:|--:|"]
+    """Every variant of each regime's ablation sweep (bench/sweeps/efficient-ablation.yaml), against
+    plain CLIP of the same sweep: mean ± std, seed range, and whether the ranges are apart."""
+    L = ["| regime | variant | n | steps | zero-shot top-1 % | (seed range) | Δ vs plain (pt) | I→T R@1 % | "
+         "val loss (end) | best val loss (step) |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for name, _, _, by in regimes:
         by = {v: rs for v, rs in by.items() if v not in variants(by)[2:]}   # the sweep's own variants
         if len(by) <= 2:
             continue
-        base = statistics.mean(r["zeroshot_top1"] * 100 for r in by.get(BASE, [])) if by.get(BASE) else None
+        base = [r["zeroshot_top1"] * 100 for r in by.get(BASE, [])]
         for v, rs in by.items():
-            zs = mean_std([r["zeroshot_top1"] * 100 for r in rs])
-            r1 = mean_std([r["i2t_r1"] * 100 for r in rs])
-            vl = mean_std([r["val_loss"] for r in rs])
-            d = f"{zs[0] - base:+.1f}" if base is not None and v != BASE else "—"
-            L.append(f"| {name} | `{v}` | {len(rs)} | {rs[0]['steps']} | {zs[0]:.1f} ± {zs[1]:.1f} | {d} | "
-                     f"{r1[0]:.1f} ± {r1[1]:.1f} | {vl[0]:.2f} ± {vl[1]:.2f} |")
+            zsv = [r["zeroshot_top1"] * 100 for r in rs]
+            zs, r1 = mean_std(zsv), mean_std([r["i2t_r1"] * 100 for r in rs])
+            vl, bv = mean_std([r["val_loss"] for r in rs]), mean_std([r["best_val_loss"] for r in rs])
+            d = "—"
+            if base and v != BASE:
+                apart = min(zsv) > max(base) or max(zsv) < min(base)
+                d = f"{zs[0] - statistics.mean(base):+.1f}" + (" (apart)" if apart and len(rs) > 1 else "")
+            steps = ", ".join(str(s) for s in sorted({r["best_val_step"] for r in rs}))
+            L.append(f"| {name} | `{v}` | {len(rs)} | {rs[0]['steps']} | {zs[0]:.1f} ± {zs[1]:.1f} | "
+                     f"{min(zsv):.1f}–{max(zsv):.1f} | {d} | {r1[0]:.1f} ± {r1[1]:.1f} | {vl[0]:.2f} ± {vl[1]:.2f} | "
+                     f"{bv[0]:.2f} ({steps}) |")
     return L if len(L) > 2 else []
 
 
@@ -326,9 +336,13 @@ def main() -> None:
          "| regime | sweep | data and budget |", "|---|---|---|"]
     L += [f"| {n} | `{d}` | {what} |" for n, d, what, _ in regimes]
     L += ["", "## Headline (mean ± sample std over seeds)", ""] + headline(regimes)
-    abl = ablation(regimes)
+    abl = ablation([(n, d, "", load(ROOT / d)) for n, d in ABLATIONS.items() if (ROOT / d / "results.jsonl").is_file()]
+                   + regimes)
     if abl:
-        L += ["", "## Ablation (each variant at the same budget; seeds as run so far)", ""] + abl
+        L += ["", "## Ablation (each variant at the same budget; seeds as run so far)", "",
+              "Sweeps: " + ", ".join(f"{n} `{d}`" for n, d in ABLATIONS.items()) + "; (a) at 4x: its headline sweep. "
+              "Δ: zero-shot against plain CLIP of the same sweep, marked (apart) where the seed ranges do not "
+              "overlap.", ""] + abl
     L += ["", "![against FLOPs](" + out.name + ".png)", "",
           "## Why: the teacher, the soft-target weight and the student", "",
           "Zero-shot top-1 of the student as trained, its EMA teacher and the expedited student at its "
