@@ -68,11 +68,12 @@ def _check_precision(cfg) -> None:
     if cfg.deepspeed.precision == "fp16" and not acc.is_fp16_supported():
         raise ConfigError(f"config key 'deepspeed.precision' is fp16, which DeepSpeed's {acc.device_name()} "
                           "accelerator does not support; use bf16 or fp32")
-    if cfg.deepspeed.precision == "bf16" and acc.device_name() == "cpu":
+    if cfg.deepspeed.precision in ("bf16", "fp16") and acc.device_name() == "cpu":
         import logging
         logging.getLogger("trainer").warning(
-            "deepspeed.precision=bf16 on CPU: without bf16 units (most CPUs) its matmuls run far slower "
-            "than fp32; trainer/configs/demo.yaml uses fp32")
+            f"deepspeed.precision={cfg.deepspeed.precision} on CPU: a CPU's half-precision matmuls and DeepSpeed's "
+            "loss scaling run far slower than fp32; "
+            "trainer/configs/demo.yaml uses fp32")
 
 
 def _make_demo_data(args) -> int:
