@@ -36,7 +36,7 @@ demo: venv
 # The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
 # (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-07 on a
 # clean clone by .ci/run (a fresh venv, CI's environment, real SLURM daemons), 2 idle cores:
-# 481 tests in 15 min 52 s, 18 min 16 s with the install (commit 92e0f60).
+# 481 tests in 15 min 18 s, 17 min 45 s with the install (commit 7cb8edd).
 test: venv
 	$(PY) -m pytest -q -rs -m "not full" --durations=15 tests
 
