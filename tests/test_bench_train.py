@@ -150,7 +150,7 @@ def test_profile_timers_book_each_suspect_where_it_happens(demo_data, tmp_path):
                                  "train.grad_accum_steps=2", steps=2, warmup=1), timeout=300))
     rows = read_rows(tmp_path / "train_t.jsonl")
     ours, bare = rows["ours"]["suspects"], rows["bare"]["suspects"]
-    for key in ("finite_item", "finite_flag", "guard_item", "stop_flag"):   # the last two: before the speed work
+    for key in ("finite_item", "finite_flag"):
         assert ours[key]["calls_per_step"] == 0, key
     assert ours["guard_flag"]["calls_per_step"] == 1
     assert ours["layout"]["calls_per_step"] == 2 and bare["layout"]["calls_per_step"] == 2   # one per micro-batch

@@ -14,9 +14,7 @@ SUSPECTS = {
     "finite_flag": "finite-loss check: all_reduce (per micro-batch before the boundary flags)",
     "term_item": ".item() per loss term after backward",
     "guard_check": "GradGuard.flag(): one multi-tensor check of the reduced gradient partitions",
-    "guard_item": "GradGuard.flag(): .item() at the boundary (before the speed work; the flag now rides with guard_flag)",
     "guard_flag": "boundary all_reduce: loss flags + GradGuard flag + stop signal (one call)",
-    "stop_flag": "run(): stop-signal all_reduce (before the speed work; now rides with guard_flag)",
     "window": "run(): window metrics at log steps (all-reduce, logit scale)",
 }
 
