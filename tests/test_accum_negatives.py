@@ -11,7 +11,8 @@ from conftest import check, data_overrides, read_metrics, run_trainer
 
 CONFIG = "trainer/configs/demo.yaml"
 B, K, STEPS = 8, 3, 4
-FAST = ["model.context_length=24", "data.workers=1", "data.shuffle_buffer=64", "data.train_num_samples=192",
+# No loader workers (not what this tests; tests/test_worker_start.py and the e2e tests run them).
+FAST = ["model.context_length=24", "data.workers=0", "data.shuffle_buffer=64", "data.train_num_samples=192",
         "optim.warmup_steps=1", "optim.lr=2e-3", "log.every_steps=1", "log.progress=false", "eval.batch_size=48",
         f"max_steps={STEPS}", f"checkpoint.every_steps={STEPS}", "eval.every_steps=0"]
 

@@ -16,7 +16,9 @@ from conftest import (FULL_STAGES, LazyRuns, check, data_overrides, kill_group, 
 CONFIG = "trainer/configs/eclipse.yaml"
 M = 0.8   # a fast EMA so that a few steps move the teacher well away from its start
 STEPS = 6
-FAST = ["model.context_length=24", "data.batch_size=16", "data.workers=1", "data.shuffle_buffer=64",
+# No loader workers: not what these tests are about, and each rank's worker server imports
+# torch and the data pipeline again (~3 s of CPU); tests/test_worker_start.py and the e2e tests run them.
+FAST = ["model.context_length=24", "data.batch_size=16", "data.workers=0", "data.shuffle_buffer=64",
         "data.train_num_samples=192", "optim.warmup_steps=2", "optim.lr=2e-3", "log.every_steps=1",
         "log.progress=false", "eval.batch_size=48", f"eclipse.momentum={M}", "eclipse.keep_warmup_steps=1",
         "checkpoint.every_steps=1", f"checkpoint.keep_last={STEPS}", f"max_steps={STEPS}"]

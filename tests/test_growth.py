@@ -138,7 +138,7 @@ def source(demo_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grow-source") / "small"
     check(run_trainer(["train", "--config", CONFIG, *data_overrides(demo_data, out), *FAST,
                        f"max_steps={SOURCE_STEPS}", "deepspeed.zero_stage=3", "eclipse.enabled=true",
-                       "data.workers=1"], nproc=2))
+                       "data.workers=0"], nproc=2))
     return out
 
 

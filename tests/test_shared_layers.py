@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from conftest import ROOT, check, data_overrides, read_metrics, run_trainer, trainer_cmd, trainer_env
-from test_train_e2e import CONFIG, FAST
+from test_train_e2e import CONFIG, FAST as E2E_FAST
+
+# Without loader workers: tied layers are not about the data path (tests/test_train_e2e.py runs two).
+FAST = [*E2E_FAST, "data.workers=0"]
 
 from trainer.config import ConfigError, load_config
 from trainer.model import ClipTrainModel, build_clip_config, build_model, preset_shape

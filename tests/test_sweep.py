@@ -21,8 +21,8 @@ import yaml
 from conftest import ROOT, capture_figures, check, kill_group, read_metrics, run_trainer, start_trainer
 
 CONFIG = "trainer/configs/demo.yaml"
-# FAST of tests/test_train_e2e.py with one loader worker: small and quick.
-FAST = ["model.context_length=24", "data.batch_size=16", "data.workers=1", "data.shuffle_buffer=64",
+# FAST of tests/test_train_e2e.py without loader workers: small and quick.
+FAST = ["model.context_length=24", "data.batch_size=16", "data.workers=0", "data.shuffle_buffer=64",
         "data.train_num_samples=192", "optim.warmup_steps=3", "optim.lr=2e-3", "log.every_steps=1",
         "log.progress=false", "eval.batch_size=32"]
 STEPS = 4

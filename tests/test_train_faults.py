@@ -15,7 +15,7 @@ FAST = ["model.context_length=24", "data.batch_size=16", "data.workers=1", "data
 
 def nan_run(demo_data, out, *extra):
     return run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, out),
-                        *FAST, "max_steps=5", "debug.inject_nan_steps=[3]", *extra], nproc=2)
+                        *FAST, "max_steps=5", "debug.inject_nan_steps=[3]", "data.workers=0", *extra], nproc=2)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_renamed_key_is_a_clear_error(demo_data, tmp_path):
 
 def test_too_many_consecutive_bad_microbatches_stop_the_run_with_a_message(demo_data, tmp_path):
     proc = run_trainer(["train", "--config", "trainer/configs/demo.yaml", *data_overrides(demo_data, tmp_path / "s"),
-                        *FAST, "max_steps=8", "debug.inject_nan_steps=[2]", "train.max_bad_microbatches=1"], nproc=1)
+                        *FAST, "max_steps=8", "debug.inject_nan_steps=[2]", "train.max_bad_microbatches=1",
+                        "data.workers=0"], nproc=1)
     assert proc.returncode == 1
     assert ("stopping: 1 consecutive micro-batches dropped for a non-finite loss or gradient "
             "(train.max_bad_microbatches=1)") in proc.stderr
