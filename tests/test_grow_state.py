@@ -174,7 +174,10 @@ def noisy(tmp_path_factory) -> Path:
     return out
 
 
+# select.score=cosine: the carried-scores test recomputes each score as the cosine of the grown model
+# (ECL's default score became the self-confidence, select.score, after this test was written).
 COMMON = [*FAST, "data.workers=0", "data.val_shards=null", "checkpoint.every_steps=100", "select.batch_size=64",
+          "select.score=cosine",
           "psd.enabled=true", "psd.teacher=momentum", "psd.momentum=0.5", "psd.schedule=constant",
           "psd.teacher_tau=1.0"]
 
