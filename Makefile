@@ -40,9 +40,10 @@ demo: venv
 	bash scripts/demo.sh $(DEMO_DIR) $(DEMO_OUT) $(NPROC)
 
 # The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
-# (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-08 on
-# 2 cores (CI's environment, real SLURM daemons): 481 tests in 14 min 11 s on 2 workers (commit 9929771),
-# against 18 min 09 s in one process on the same machine that day.
+# (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-08 on a
+# clean clone by .ci/run (a fresh venv, CI's environment, real SLURM daemons), 2 cores, 2 workers:
+# 481 tests in 14 min 38 s, 17 min 32 s with the install (commit f36b100); 18 min 09 s in one
+# process on the same machine that day.
 test: venv
 	$(PY) -m pytest -q -rs -m "not full" $(XDIST) --durations=15 tests
 
