@@ -42,8 +42,8 @@ demo: venv
 # The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
 # (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-08 on a
 # clean clone by .ci/run (a fresh venv, CI's environment, real SLURM daemons), 2 cores, 2 workers:
-# 481 tests in 14 min 38 s, 17 min 32 s with the install (commit f36b100); 18 min 09 s in one
-# process on the same machine that day.
+# 481 tests in 14 min 38 s, 17 min 32 s with the install (commit f36b100), and 15 min 13 s in a second
+# run (f753819); 18 min 09 s in one process on the same machine that day.
 test: venv
 	$(PY) -m pytest -q -rs -m "not full" $(XDIST) --durations=15 tests
 
