@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 from harness import build_engine_and_method, build_stream, fresh_state
 from trainer import train as T
 from trainer.config import load_config
-from trainer.dist import init_distributed, launch_env, shutdown
+from trainer.dist import exit_process, init_distributed, launch_env, shutdown
 from trainer.faults import GradGuard, NanInjector
 
 aten = torch.ops.aten
@@ -73,8 +73,9 @@ def main(out: str, cases: str) -> None:
     started: list = []
     result = {case["name"]: count(case, started) for case in json.loads(Path(cases).read_text())}
     Path(out).write_text(json.dumps(result, indent=1))
-    shutdown()   # else gloo's threads can abort the exit (SIGABRT; trainer.dist.shutdown)
+    shutdown()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)   # gloo's threads can abort a finalizing interpreter (trainer.dist.exit_process)

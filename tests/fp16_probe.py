@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from harness import build_engine_and_method, build_stream, fresh_state
 from trainer import train as T
 from trainer.config import load_config
-from trainer.dist import init_distributed, launch_env, shutdown
+from trainer.dist import exit_process, init_distributed, launch_env, shutdown
 from trainer.engine import build_ds_config
 from trainer.faults import GradGuard, NanInjector, fp16_loss_scale
 
@@ -65,8 +65,9 @@ def main(out: str, stage: str, scale_power: str, min_scale: str, steps: str, *ov
         Path(out).write_text(json.dumps({"rows": rows, "stopped": stopped, "bad_total": state["bad_total"],
                                          "fp16_overflows": state.get("fp16_overflows", 0),
                                          "scale": fp16_loss_scale(engine)}, indent=1))
-    shutdown()   # else gloo's threads can abort the exit (SIGABRT; trainer.dist.shutdown)
+    shutdown()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)   # gloo's threads can abort a finalizing interpreter (trainer.dist.exit_process)

@@ -16,7 +16,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from trainer.config import load_config
-from trainer.dist import all_gather_object, all_reduce, init_distributed, launch_env, shutdown
+from trainer.dist import all_gather_object, all_reduce, exit_process, init_distributed, launch_env, shutdown
 from trainer.engine import build_ds_config, build_engine
 from trainer.faults import GradGuard, skip_update
 
@@ -79,8 +79,9 @@ def main(out: str, config: str) -> None:
     if le.rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
-    shutdown()   # else gloo's threads can abort the exit (SIGABRT; trainer.dist.shutdown)
+    shutdown()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)   # gloo's threads can abort a finalizing interpreter (trainer.dist.exit_process)

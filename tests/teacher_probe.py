@@ -43,7 +43,7 @@ from trainer import methods
 from trainer import train as T
 from trainer.checkpoint import CheckpointManager
 from trainer.config import load_config, to_dict
-from trainer.dist import init_distributed, launch_env, shutdown
+from trainer.dist import exit_process, init_distributed, launch_env, shutdown
 from trainer.faults import GradGuard, NanInjector
 from trainer.methods.ema import ShadowTeacher
 
@@ -158,8 +158,9 @@ def main(out: str, config: str, *args: str) -> None:
     method.close()
     if le.rank == 0:
         Path(out).write_text(json.dumps(rows, indent=1))
-    shutdown()   # else gloo's threads can abort the exit (SIGABRT; trainer.dist.shutdown)
+    shutdown()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)   # gloo's threads can abort a finalizing interpreter (trainer.dist.exit_process)
