@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
+from trainer.dist import exit_process
 from trainer.methods import selection as S
 
 # ----------------------------------------------------------------------------- synthetic parts
@@ -239,6 +240,7 @@ def _gloo_ranks(rank: int, world: int, port: int, root: str, cases: list[str], k
             _merge_case(Path(root) / name, name)
     finally:
         dist.destroy_process_group()
+    exit_process(0)   # gloo's threads can abort a finalizing interpreter (trainer.dist.exit_process)
 
 
 def spawn(root: Path, cases: list[str], kill_after: int | None = None) -> None:
