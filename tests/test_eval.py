@@ -7,6 +7,7 @@ agree to the last bit.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -305,14 +306,20 @@ def test_evaluate_scores_in_row_blocks(demo_data, tmp_path, monkeypatch):
 
 def tiny_run(demo_data: Path, tmp_path_factory) -> Path:
     """A 2-rank, 4-step run with an eval every 2 steps and a checkpoint at step 4; made once per
-    session (tests/test_export.py uses it too)."""
-    out = tmp_path_factory.getbasetemp() / "tiny-eval-run"
+    session (tests/test_export.py, test_eval_sets.py, test_clip_benchmark.py and test_startio.py use
+    it too), and once for all pytest-xdist workers: under xdist each worker's base temp is a folder
+    of the session's, and the first worker to take the lock makes the run the others read."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "tiny-eval-run"
     done = out / "tiny-run-complete"
-    if not done.is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        check(run_trainer(["train", "--config", CONFIG, *data_overrides(demo_data, out), *FAST,
-                           f"max_steps={TINY_STEPS}", "eval.every_steps=2", "checkpoint.every_steps=4"], nproc=2))
-        done.write_text("ok\n")
+    with open(shared / "tiny-eval-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        if not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            check(run_trainer(["train", "--config", CONFIG, *data_overrides(demo_data, out), *FAST,
+                               f"max_steps={TINY_STEPS}", "eval.every_steps=2", "checkpoint.every_steps=4"], nproc=2))
+            done.write_text("ok\n")
     return out
 
 
