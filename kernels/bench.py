@@ -364,4 +364,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # No interpreter finalization after gloo/NCCL: a communicator thread that wants the GIL then
+        # aborts the process (SIGABRT) after the rows are written (trainer.dist.exit_process says more).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    raise SystemExit(status)

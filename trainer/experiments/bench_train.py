@@ -77,7 +77,8 @@ from .. import data as D
 from .. import faults
 from .. import train as T
 from ..config import ConfigError, check_world, load_config
-from ..dist import all_reduce, all_reduce_flags, barrier, init_distributed, launch_env, select_device, shutdown
+from ..dist import (all_reduce, all_reduce_flags, barrier, exit_process, init_distributed, launch_env,
+                    select_device, shutdown)
 from ..engine import build_ds_config, build_engine
 from ..faults import GradGuard, NanInjector
 from ..losses import build_terms
@@ -614,9 +615,10 @@ def _write_pstats(profiler, path: Path, args) -> None:
 # ============================================================================ results
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # each rank of a --worker child (torchrun -m trainer.experiments.bench_train)
     try:
-        raise SystemExit(main())
+        status = main()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+        status = 2
+    exit_process(status)   # after gloo, interpreter finalization can abort (trainer.dist.exit_process)
