@@ -42,14 +42,15 @@ demo: venv
 # The fast tier (CI: .ci/run): every feature end to end at least once; tests marked `full`
 # (pytest.ini) are left to `make test-all`. -rs prints why anything skipped. Measured 2026-12-08 on a
 # clean clone by .ci/run (a fresh venv, CI's environment, real SLURM daemons), 2 cores, 2 workers:
-# 481 tests in 14 min 38 s, 17 min 32 s with the install (commit f36b100), and 15 min 13 s in a second
-# run (f753819); 18 min 09 s in one process on the same machine that day.
+# 481 tests in 13 min 18 s, 15 min 59 s with the install (commit fb5e810); earlier clean clones that day
+# 14 min 38 s (f36b100) and 15 min 13 s (f753819); 18 min 09 s in one process on the same machine.
 test: venv
 	$(PY) -m pytest -q -rs -m "not full" $(XDIST) --durations=15 tests
 
 # Everything: the fast tier and the `full` tests (ZeRO 0/2 variants, compile matrix, benchmarks, ...),
-# in one process: on 2 workers (2026-12-08, 2 cores) the full tests took 46 min and two failed, a SLURM
-# sweep's 400 s wait for its requeued job's checkpoint and tests/test_grow_state.py's carried ECL scores.
+# in one process: on 2 workers (2026-12-08, 2 cores, commit fb5e810) the 133 full tests took 43 min 39 s
+# and tests/test_sweep.py's SLURM requeue test failed ("no checkpoint within 400 s" while the other
+# worker trained; alone it passes in 46 s).
 # Measured 2026-12-06 on a clean clone of the tiers' branch (commit bb18e00: 450 of the then 468 tests):
 # 44 min 50 s on 2 cores while another full test run shared the machine (load 5-6), so an upper bound;
 # today's 614 tests (133 full) were not timed together.
