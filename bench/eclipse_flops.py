@@ -2,8 +2,9 @@
 
 The ratio the step time can at best reach: the trainer's own FLOP counts (``trainer.flops``, the
 ones ``metrics.jsonl`` and ``bench train`` report), the student's keep rate held at each value
-(``eclipse.keep_schedule=constant``), every other setting from the preset's shipped config (``trainer/configs/eclipse.yaml`` for tiny,
-``vit-b-32.yaml`` and ``vit-b-16.yaml`` with ECLIPSE's defaults switched on).
+(``eclipse.keep_schedule=constant``), every other setting from the preset's shipped config
+(``trainer/configs/eclipse.yaml`` for tiny, ``vit-b-32.yaml`` and ``vit-b-16.yaml`` with ECLIPSE's
+defaults switched on).
 The break-even keep rate is where the student's saving (forward and backward of the dropped
 tokens) equals the teacher's forward of every token.
 
@@ -45,11 +46,11 @@ def break_even(preset: str) -> float | None:
 
 
 def main(out: str) -> None:
-    lines = ["# ECLIPSE's training FLOPs per step / plain CLIP's, by keep rate (closed form)", "",
-             f"`.venv/bin/python bench/eclipse_flops.py {out}` (the trainer's FLOP counts, `trainer/flops.py` and "
-          "`trainer/methods/eclipse.py: step_flops`; each preset's shipped config, ECLIPSE's defaults, "
-          f"the keep rate held from the first step; {WORLD} ranks). A step time at or under 1.0x plain CLIP's "
-          "needs a ratio under 1.0 here: the rest is how fast each FLOP runs.", "",
+    how = (f"`.venv/bin/python bench/eclipse_flops.py {out}` (the trainer's FLOP counts, `trainer/flops.py` and "
+           "`trainer/methods/eclipse.py: step_flops`; each preset's shipped config, ECLIPSE's defaults, "
+           f"the keep rate held from the first step; {WORLD} ranks). A step time at or under 1.0x plain CLIP's "
+           "needs a ratio under 1.0 here: the rest is how fast each FLOP runs.")
+    lines = ["# ECLIPSE's training FLOPs per step / plain CLIP's, by keep rate (closed form)", "", how, "",
              "| preset | " + " | ".join(f"keep {k}" for k in KEEPS) + " | break-even keep rate |",
              "|---|" + "--:|" * (len(KEEPS) + 1)]
     for preset in RUNS:
